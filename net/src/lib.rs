@@ -1,0 +1,1 @@
+//! Host-side networking for microvm: TAP, bridges, NAT rules, DHCP. No KVM here.

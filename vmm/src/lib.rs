@@ -1,0 +1,1 @@
+//! The microvm VMM library.
