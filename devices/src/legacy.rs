@@ -1,0 +1,1 @@
+//! Legacy devices: 8250 serial, i8042, the exit-status device.

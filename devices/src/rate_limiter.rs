@@ -1,0 +1,1 @@
+//! Token-bucket rate limiter (bytes/s and ops/s).
