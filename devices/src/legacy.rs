@@ -1,1 +1,0 @@
-//! Legacy devices: 8250 serial, i8042, the exit-status device.

@@ -1,1 +1,0 @@
-//! Token-bucket rate limiter (bytes/s and ops/s).
