@@ -1,0 +1,416 @@
+//! One virtio-blk request: parsing a descriptor chain and executing it on the disk image.
+//!
+//! Accepted layout (what Linux sends): a device-readable header descriptor of at least 16
+//! bytes (`type: le32, reserved: le32, sector: le64`), zero or more data descriptors, and a
+//! final device-writable status descriptor whose last byte receives the status.
+//!
+//! Guest mistakes come in two kinds:
+//! * the chain cannot carry a status (broken chain, no writable last descriptor):
+//!   [`parse`] returns `Err` and the chain is returned with a used length of 0;
+//! * anything else: the request fails with `VIRTIO_BLK_S_IOERR` (or `_UNSUPP`).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
+    ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
+};
+
+use super::{
+    REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain is empty or stops early (bad `next` index, loop, unreadable descriptor).
+    #[error("descriptor chain is empty or broken")]
+    BrokenChain,
+    /// The last descriptor cannot hold a status byte.
+    #[error("last descriptor is not a device-writable status byte")]
+    NoStatus,
+    /// Only a status descriptor.
+    #[error("request has no header")]
+    MissingHeader,
+    /// The header descriptor is device-writable.
+    #[error("request header descriptor is device-writable")]
+    HeaderWritable,
+    /// The header descriptor is shorter than 16 bytes.
+    #[error("request header descriptor too short: {0} bytes")]
+    HeaderTooShort(u32),
+    /// A data descriptor has the wrong direction for the request type.
+    #[error("data descriptor has the wrong direction for this request")]
+    DataDirection,
+    /// IN/OUT data length not a multiple of 512.
+    #[error("data length {0} is not a multiple of 512")]
+    DataLenUnaligned(u64),
+    /// The request touches sectors beyond the end of the disk.
+    #[error("sector {sector} + {len} bytes is beyond the disk ({nsectors} sectors)")]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Data length.
+        len: u64,
+        /// Disk size in sectors.
+        nsectors: u64,
+    },
+    /// OUT on a read-only disk.
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    /// Guest memory could not be accessed.
+    #[error("guest memory access failed")]
+    GuestMemory(#[from] GuestMemoryError),
+    /// Host I/O on the image failed.
+    #[error("disk image I/O failed")]
+    Io(#[source] io::Error),
+    /// Unknown request type.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+}
+
+impl RequestError {
+    /// Status byte to report, or `None` when no status can be written.
+    pub fn status(&self) -> Option<u8> {
+        match self {
+            RequestError::BrokenChain | RequestError::NoStatus => None,
+            RequestError::Unsupported(_) => Some(VIRTIO_BLK_S_UNSUPP),
+            _ => Some(VIRTIO_BLK_S_IOERR),
+        }
+    }
+}
+
+/// The backing image, shared by the device and its data plane.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    nsectors: u64,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl Disk {
+    /// `disk_len` bytes of `file` are exposed (rounded down to whole sectors). `id` is the
+    /// GET_ID answer, truncated to 20 bytes.
+    pub fn new(file: File, disk_len: u64, read_only: bool, id: &str) -> Self {
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = id.len().min(VIRTIO_BLK_ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Disk {
+            file,
+            nsectors: disk_len >> SECTOR_SHIFT,
+            read_only,
+            id: id_bytes,
+        }
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn nsectors(&self) -> u64 {
+        self.nsectors
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The GET_ID answer.
+    pub fn id(&self) -> &[u8; VIRTIO_BLK_ID_BYTES] {
+        &self.id
+    }
+}
+
+/// Request type, from the header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    /// Read from the disk.
+    In,
+    /// Write to the disk.
+    Out,
+    /// Flush the host cache.
+    Flush,
+    /// Device id string.
+    GetId,
+    /// Anything else.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            t => RequestType::Unsupported(t),
+        }
+    }
+}
+
+/// A parsed request.
+#[derive(Debug)]
+pub struct Request {
+    /// Request type.
+    pub req_type: RequestType,
+    /// First sector (IN/OUT).
+    pub sector: u64,
+    /// Data descriptors, in order.
+    pub data: Vec<Descriptor>,
+    /// Total data length.
+    pub data_len: u64,
+}
+
+/// Where the status goes, and the request (or why it is invalid).
+#[derive(Debug)]
+pub struct ParsedChain {
+    /// Address of the status byte.
+    pub status_addr: GuestAddress,
+    /// The request, or the error to report through the status byte.
+    pub request: Result<Request, RequestError>,
+}
+
+/// Parses a chain. `Err` means no status byte can be written (drop the chain).
+pub fn parse(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<ParsedChain, RequestError> {
+    // The chain iterator stops at QUEUE_SIZE descriptors (loops) and on bad indexes; a last
+    // descriptor still flagged NEXT means the chain was cut.
+    let descs: Vec<Descriptor> = chain.collect();
+    let last = descs.last().ok_or(RequestError::BrokenChain)?;
+    if last.has_next() {
+        return Err(RequestError::BrokenChain);
+    }
+    if !last.is_write_only() || last.len() == 0 {
+        return Err(RequestError::NoStatus);
+    }
+    let status_addr = last
+        .addr()
+        .checked_add(u64::from(last.len()) - 1)
+        .ok_or(RequestError::NoStatus)?;
+    Ok(ParsedChain {
+        status_addr,
+        request: parse_request(mem, &descs[..descs.len() - 1]),
+    })
+}
+
+/// Parses header + data descriptors (the chain without its status descriptor).
+fn parse_request(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<Request, RequestError> {
+    let (header, data) = descs.split_first().ok_or(RequestError::MissingHeader)?;
+    if header.is_write_only() {
+        return Err(RequestError::HeaderWritable);
+    }
+    if header.len() < REQUEST_HEADER_SIZE {
+        return Err(RequestError::HeaderTooShort(header.len()));
+    }
+    let mut raw = [0u8; REQUEST_HEADER_SIZE as usize];
+    mem.read_slice(&mut raw, header.addr())?;
+    let (t, rest) = raw.split_at(4);
+    let mut t4 = [0u8; 4];
+    t4.copy_from_slice(t);
+    let mut s8 = [0u8; 8];
+    s8.copy_from_slice(&rest[4..12]);
+    let req_type = RequestType::from(u32::from_le_bytes(t4));
+    let sector = u64::from_le_bytes(s8);
+
+    let writable = match req_type {
+        RequestType::In | RequestType::GetId => Some(true),
+        RequestType::Out => Some(false),
+        // Flush carries no data; anything present is ignored.
+        RequestType::Flush => None,
+        RequestType::Unsupported(t) => return Err(RequestError::Unsupported(t)),
+    };
+    if let Some(w) = writable {
+        if data.iter().any(|d| d.is_write_only() != w) {
+            return Err(RequestError::DataDirection);
+        }
+    }
+    let data_len = data.iter().map(|d| u64::from(d.len())).sum();
+    Ok(Request {
+        req_type,
+        sector,
+        data: data.to_vec(),
+        data_len,
+    })
+}
+
+impl Request {
+    /// Bytes charged to the bandwidth rate limiter.
+    pub fn cost_bytes(&self) -> u64 {
+        match self.req_type {
+            RequestType::In | RequestType::Out => self.data_len,
+            _ => 0,
+        }
+    }
+
+    /// Runs the request; returns the number of bytes written into guest data buffers.
+    pub fn execute(&self, mem: &GuestMemoryMmap, disk: &Disk) -> Result<u32, RequestError> {
+        match self.req_type {
+            RequestType::In | RequestType::Out => {
+                self.check_range(disk)?;
+                let write = self.req_type == RequestType::Out;
+                if write && disk.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                let mut file = FileAt {
+                    file: &disk.file,
+                    // check_range ensures this cannot overflow.
+                    offset: self.sector << SECTOR_SHIFT,
+                };
+                for d in &self.data {
+                    if write {
+                        guest_to_file(mem, d.addr(), d.len() as usize, &mut file)?;
+                    } else {
+                        file_to_guest(mem, d.addr(), d.len() as usize, &mut file)?;
+                    }
+                }
+                // A chain is at most 2^32 - 1 bytes long (checked by virtio-queue).
+                Ok(if write { 0 } else { self.data_len as u32 })
+            }
+            RequestType::Flush => {
+                disk.file.sync_data().map_err(RequestError::Io)?;
+                Ok(0)
+            }
+            RequestType::GetId => {
+                let mut id: &[u8] = &disk.id;
+                let mut written = 0u32;
+                for d in &self.data {
+                    if id.is_empty() {
+                        break;
+                    }
+                    let n = id.len().min(d.len() as usize);
+                    mem.write_slice(&id[..n], d.addr())?;
+                    id = &id[n..];
+                    written += n as u32;
+                }
+                Ok(written)
+            }
+            RequestType::Unsupported(t) => Err(RequestError::Unsupported(t)),
+        }
+    }
+
+    fn check_range(&self, disk: &Disk) -> Result<(), RequestError> {
+        if self.data_len % SECTOR_SIZE != 0 {
+            return Err(RequestError::DataLenUnaligned(self.data_len));
+        }
+        let end = self.sector.checked_add(self.data_len >> SECTOR_SHIFT);
+        match end {
+            Some(end) if end <= disk.nsectors => Ok(()),
+            _ => Err(RequestError::OutOfRange {
+                sector: self.sector,
+                len: self.data_len,
+                nsectors: disk.nsectors,
+            }),
+        }
+    }
+}
+
+/// Copies `len` bytes of the image at `file.offset` into guest memory (pread, no bounce).
+fn file_to_guest(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    file: &mut FileAt<'_>,
+) -> Result<(), RequestError> {
+    for slice in mem.get_slices(addr, len, Permissions::Write)? {
+        file.read_exact_volatile(&mut slice?).map_err(volatile_to_request)?;
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes of guest memory into the image at `file.offset` (pwrite, no bounce).
+fn guest_to_file(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    file: &mut FileAt<'_>,
+) -> Result<(), RequestError> {
+    for slice in mem.get_slices(addr, len, Permissions::Read)? {
+        file.write_all_volatile(&slice?).map_err(volatile_to_request)?;
+    }
+    Ok(())
+}
+
+fn volatile_to_request(e: VolatileMemoryError) -> RequestError {
+    match e {
+        VolatileMemoryError::IOError(e) => RequestError::Io(e),
+        other => RequestError::GuestMemory(GuestMemoryError::from(other)),
+    }
+}
+
+/// A file cursor doing positioned I/O (pread/pwrite) straight into/out of guest memory.
+struct FileAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl FileAt<'_> {
+    fn off(&self) -> Result<libc::off64_t, VolatileMemoryError> {
+        libc::off64_t::try_from(self.offset).map_err(|_| {
+            VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput))
+        })
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let off = self.off()?;
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the fd is valid for the life of `self.file`; `guard` points to `buf.len()`
+        // bytes of mapped guest memory, valid for writes while the guard lives (VolatileSlice
+        // invariant). pread writes at most `buf.len()` bytes there.
+        let ret = unsafe {
+            libc::pread64(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                off,
+            )
+        };
+        if ret < 0 {
+            buf.bitmap().mark_dirty(0, buf.len());
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        }
+        // ret is in 0..=buf.len().
+        let n = ret as usize;
+        buf.bitmap().mark_dirty(0, n);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let off = self.off()?;
+        let guard = buf.ptr_guard();
+        // SAFETY: the fd is valid for the life of `self.file`; `guard` points to `buf.len()`
+        // bytes of mapped guest memory, valid for reads while the guard lives. pwrite only
+        // reads from it.
+        let ret = unsafe {
+            libc::pwrite64(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                off,
+            )
+        };
+        if ret < 0 {
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        }
+        let n = ret as usize;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
