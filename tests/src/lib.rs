@@ -1,1 +1,116 @@
-//! Shared helpers for the integration tests (paths to the microvm binary and the guest).
+//! Shared helpers for the integration tests: where the microvm binary and the test guest
+//! are, tiny hand-assembled guest payloads, and running microvm with a timeout.
+
+pub mod payload;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The microvm binary: `$MICROVM_BIN`, or the workspace's debug build (built on first use,
+/// so `cargo test` alone works).
+pub fn microvm_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MICROVM_BIN") {
+            return PathBuf::from(p);
+        }
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-q", "-p", "vmm", "--bin", "microvm"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building microvm failed");
+        workspace_root().join("target/debug/microvm")
+    })
+    .clone()
+}
+
+/// The test guest built by tools/build-guest: (vmlinux, rootfs.ext4).
+/// Panics with a clear message when it is missing: guest tests are never skipped.
+pub fn guest() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("MICROVM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/guest"));
+    let kernel = dir.join("vmlinux");
+    let rootfs = dir.join("rootfs.ext4");
+    assert!(
+        kernel.exists() && rootfs.exists(),
+        "test guest missing in {}: run tools/build-guest (tools/test does)",
+        dir.display()
+    );
+    (kernel, rootfs)
+}
+
+/// A fresh scratch directory under the target dir, removed by the caller when done.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = workspace_root()
+        .join("target/test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// Result of one microvm run.
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.unwrap_or(-1)
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs microvm with `args`, stdin closed, killing it after `timeout`.
+pub fn run_microvm(args: &[&str], timeout: Duration) -> Run {
+    let start = Instant::now();
+    let child = Command::new(microvm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn microvm");
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return;
+            }
+        }
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out: Output = child.wait_with_output().expect("wait for microvm");
+    let _ = killer.join();
+    Run {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}

@@ -1,1 +1,20 @@
-//! The microvm VMM library.
+//! The microvm VMM library: KVM VM, guest memory, vCPUs, direct Linux boot, the device
+//! buses, and the event loop. The `microvm` binary (main.rs) is a thin CLI over `vm::run`.
+
+pub mod boot;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod disk;
+pub mod exit;
+pub mod guestcmd;
+pub mod layout;
+pub mod memory;
+pub mod quirks;
+pub mod terminal;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;

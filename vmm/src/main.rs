@@ -1,1 +1,50 @@
-fn main() {}
+//! `microvm`: parse the command line, run the VM, exit with its status.
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::Cli;
+use vmm::exit::code;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    let result = cli
+        .into_config()
+        .map_err(vmm::vm::VmError::from)
+        .and_then(|config| vmm::vm::run(&config));
+    let status = match result {
+        Ok(status) => status,
+        Err(e) => {
+            vmm::terminal::restore_now();
+            eprintln!("microvm: error: {}", one_line(&e));
+            if e.is_usage() {
+                code::USAGE
+            } else {
+                code::VM_FAILURE
+            }
+        }
+    };
+    // The vCPU threads may still be inside KVM_RUN: leave without joining them.
+    std::process::exit(status)
+}
+
+/// The error and its causes on one line: "outer: cause: root cause".
+fn one_line(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}

@@ -1,0 +1,92 @@
+//! Fast tests: microvm runs tiny hand-assembled payloads (no Linux), so the vCPU loop,
+//! COM1 output, the exit-status device and MMIO dispatch are checked in milliseconds.
+
+use std::time::Duration;
+
+use microvm_tests::payload::{write_elf, Asm, FIRST_VIRTIO};
+use microvm_tests::{run_microvm, scratch_dir};
+
+const T: Duration = Duration::from_secs(60);
+
+fn payload(name: &str, asm: Asm) -> std::path::PathBuf {
+    let dir = scratch_dir(name);
+    let p = dir.join("payload.elf");
+    write_elf(&p, &asm.code);
+    p
+}
+
+#[test]
+fn serial_output_and_exit_status() {
+    let k = payload("serial", Asm::default().print("hello from ring 0\n").exit(42).halt());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
+    assert_eq!(r.code(), 42, "{r:?}");
+    assert!(r.stdout.contains("hello from ring 0"), "{r:?}");
+}
+
+#[test]
+fn exit_status_zero_and_255() {
+    for status in [0u32, 255] {
+        let k = payload(&format!("exit{status}"), Asm::default().exit(status).halt());
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--cpus", "2"], T);
+        assert_eq!(r.code(), status as i32, "{r:?}");
+    }
+}
+
+#[test]
+fn virtio_mmio_window_answers_with_its_magic() {
+    let dir = scratch_dir("mmio");
+    let disk = dir.join("d.img");
+    let k = dir.join("payload.elf");
+    let asm = Asm::default()
+        .if_mmio_eq(FIRST_VIRTIO, 0x7472_6976, "magic ok\n", "magic bad\n")
+        // Device ID register: 2 = block.
+        .if_mmio_eq(FIRST_VIRTIO + 8, 2, "blk ok\n", "blk bad\n")
+        .exit(3)
+        .halt();
+    write_elf(&k, &asm.code);
+    let spec = format!("{},size=1M", disk.display());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", &spec], T);
+    assert_eq!(r.code(), 3, "{r:?}");
+    assert!(r.stdout.contains("magic ok") && r.stdout.contains("blk ok"), "{r:?}");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn unclaimed_mmio_reads_all_ones() {
+    let k = payload(
+        "unclaimed",
+        Asm::default()
+            .if_mmio_eq(0xc000_0000, 0xffff_ffff, "ones\n", "not ones\n")
+            .exit(0)
+            .halt(),
+    );
+    let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("ones\n") && !r.stdout.contains("not ones"), "{r:?}");
+}
+
+#[test]
+fn i8042_reset_exits_zero() {
+    // mov al, 0xfe; out 0x64, al
+    let k = payload("reset", Asm::default().print("resetting\n").bytes(&[0xb0, 0xfe, 0xe6, 0x64]).halt());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("resetting"), "{r:?}");
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    let k = payload("sigterm", Asm::default().print("up\n").halt());
+    let mut child = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(["--kernel", k.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}

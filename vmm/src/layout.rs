@@ -1,0 +1,50 @@
+//! Guest physical memory map (x86_64).
+//!
+//! ```text
+//! 0x0000_0500  GDT            0x0000_7000  boot_params (zero page)
+//! 0x0000_9000  PML4           0x0000_a000  PDPT, 0xb000.. 4 page directories (identity 4 GiB)
+//! 0x0002_0000  kernel command line
+//! 0x0009_fc00  MP table (top of the 640 KiB base memory, reserved in e820)
+//! 0x0010_0000  kernel (bzImage protected-mode part; an ELF vmlinux loads at its own p_paddr)
+//! ...          initrd near the top of low RAM
+//! 0xc000_0000  MMIO gap: 0xd000_0000 exit device, 0xd000_1000.. virtio-mmio windows
+//!              0xfec0_0000 IOAPIC, 0xfee0_0000 LAPIC
+//! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
+//! ```
+
+pub const GDT_START: u64 = 0x500;
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const ZERO_PAGE_START: u64 = 0x7000;
+pub const PML4_START: u64 = 0x9000;
+pub const PDPT_START: u64 = 0xa000;
+pub const PD_START: u64 = 0xb000;
+pub const CMDLINE_START: u64 = 0x2_0000;
+pub const EBDA_START: u64 = 0x9_fc00;
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole; RAM stops here and continues at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+
+/// The exit-status device: a 32-bit write of S here makes microvm exit with status S & 0xff.
+pub const EXIT_DEVICE_ADDR: u64 = 0xd000_0000;
+pub const EXIT_DEVICE_SIZE: u64 = 0x1000;
+
+/// virtio-mmio windows follow the exit device, one page each.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_1000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// GSIs for virtio devices: 5.. up to the IOAPIC's 24 pins.
+pub const VIRTIO_IRQ_START: u32 = 5;
+pub const IOAPIC_PINS: u32 = 24;
+pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_IRQ_START) as usize;
+
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const APIC_ADDR: u64 = 0xfee0_0000;
+/// KVM needs three pages for the TSS just below the IOAPIC window... any free hole works.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+/// i8042 command/status port (data at 0x60).
+pub const I8042_PORT: u16 = 0x60;

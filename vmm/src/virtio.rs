@@ -1,0 +1,108 @@
+//! The one way any virtio device joins the VM: a virtio-mmio window on the MMIO bus, an
+//! ioeventfd per queue (QueueNotify with datamatch = queue index), an irqfd for its GSI,
+//! and a `virtio_mmio.device=` entry on the kernel command line.
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::mmio::{MmioError, MmioTransport};
+use devices::virtio::{EventEndpoint, VirtioDevice};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use thiserror::Error;
+
+use crate::bus::{Bus, BusError};
+use crate::config::VmConfig;
+use crate::disk::{self, DiskError};
+use crate::layout::{MAX_VIRTIO_DEVICES, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::memory::GuestMemoryMmap;
+
+/// Offset of QueueNotify in the virtio-mmio register window.
+const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+#[derive(Debug, Error)]
+pub enum VirtioError {
+    #[error("no virtio-mmio slot left (at most {MAX_VIRTIO_DEVICES} devices)")]
+    NoSlot,
+    #[error("cannot create the virtio-mmio transport")]
+    Transport(#[source] MmioError),
+    #[error("cannot register {what} with KVM")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("cannot create the block device for '{path}'")]
+    Block {
+        path: std::path::PathBuf,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+}
+
+impl VirtioError {
+    pub fn is_usage(&self) -> bool {
+        matches!(self, VirtioError::Disk(_) | VirtioError::NoSlot)
+    }
+}
+
+/// Hands out MMIO windows and GSIs, and remembers the command-line entries.
+pub struct VirtioSlots<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    endpoint: EventEndpoint,
+    attached: Vec<(u64, u32)>,
+}
+
+impl<'a> VirtioSlots<'a> {
+    pub fn new(vm: &'a VmFd, mem: &'a GuestMemoryMmap, endpoint: EventEndpoint) -> Self {
+        VirtioSlots { vm, mem, endpoint, attached: Vec::new() }
+    }
+
+    pub fn endpoint(&self) -> EventEndpoint {
+        self.endpoint.clone()
+    }
+
+    /// Attaches any virtio device; devices appear to the guest in attach order.
+    pub fn attach(&mut self, bus: &mut Bus, device: Box<dyn VirtioDevice>) -> Result<(), VirtioError> {
+        let index = self.attached.len();
+        if index >= MAX_VIRTIO_DEVICES {
+            return Err(VirtioError::NoSlot);
+        }
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_IRQ_START + index as u32;
+        let transport = MmioTransport::new(self.mem.clone(), device).map_err(VirtioError::Transport)?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            self.vm
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
+                .map_err(|source| VirtioError::Kvm { what: "queue ioeventfd", source })?;
+        }
+        self.vm
+            .register_irqfd(transport.irq_evt(), gsi)
+            .map_err(|source| VirtioError::Kvm { what: "irqfd", source })?;
+        bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.attached.push((base, gsi));
+        Ok(())
+    }
+
+    /// `virtio_mmio.device=4K@0xd0001000:5` for each attached device.
+    pub fn cmdline_entries(&self) -> Vec<String> {
+        self.attached
+            .iter()
+            .map(|(base, gsi)| format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+            .collect()
+    }
+}
+
+/// Attaches the configured disks (vda, vdb, ... in order) and NICs.
+pub fn attach_all(slots: &mut VirtioSlots, bus: &mut Bus, config: &VmConfig) -> Result<(), VirtioError> {
+    for d in &config.disks {
+        let opened = disk::open(d)?;
+        let device = crate::devices::block_device(d, opened, slots.endpoint())
+            .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
+        slots.attach(bus, device)?;
+    }
+    Ok(())
+}
