@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-/// Largest vCPU count we describe in the MP table (and the guest recipe's NR_CPUS is 8,
-/// but other kernels may take more). Bounded by the 8-bit APIC ID space we use.
-pub const MAX_VCPUS: u32 = 64;
+/// Largest vCPU count: the MP table for 32 vCPUs just fits the 1 KiB below 640 KiB.
+pub const MAX_VCPUS: u32 = 32;
 /// Smallest useful guest: the kernel, its page tables and an initramfs must fit.
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Upper bound on guest memory, to reject typos (e.g. bytes given instead of MiB).
