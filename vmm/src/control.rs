@@ -2,7 +2,7 @@
 //! exit eventfd that wakes the loop when the VM must stop.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::SerialDevice;
@@ -106,15 +106,17 @@ impl Control {
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: RawFd| {
+        for fd in [self.signals.as_raw_fd(), self.exit.eventfd().as_raw_fd()] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 tracing::error!("cannot watch fd {fd}: {e:?}");
             }
-        };
-        add(self.signals.as_raw_fd());
-        add(self.exit.eventfd().as_raw_fd());
+        }
+        // A regular file or /dev/null on stdin can't be polled (EPERM): then there is
+        // simply no console input.
         if self.stdin {
-            add(libc::STDIN_FILENO);
+            if let Err(e) = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN)) {
+                tracing::debug!("stdin is not pollable, no console input: {e:?}");
+            }
         }
     }
 
