@@ -12,6 +12,9 @@ pub mod event_handler;
 pub mod handler;
 pub mod request;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 
 pub use device::{Block, BlockConfig};
