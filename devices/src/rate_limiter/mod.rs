@@ -254,7 +254,10 @@ mod tests {
             RateLimiter::new(cfg),
             Err(RateLimiterError::InvalidBucket(TokenType::Bytes))
         ));
-        assert_eq!(RateLimiterConfig::simple(0, 0), RateLimiterConfig::default());
+        assert_eq!(
+            RateLimiterConfig::simple(0, 0),
+            RateLimiterConfig::default()
+        );
     }
 
     #[test]

@@ -20,9 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::status::{
-    ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
-};
+use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{ActivateContext, IrqKind, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
@@ -207,7 +205,10 @@ impl MmioTransport {
             // No shared memory regions: length (and base) read as all ones.
             REG_SHM_LEN_LOW..=REG_SHM_BASE_HIGH => u32::MAX,
             _ => {
-                debug!(offset, "virtio-mmio: read of unknown or write-only register");
+                debug!(
+                    offset,
+                    "virtio-mmio: read of unknown or write-only register"
+                );
                 0
             }
         }
@@ -220,13 +221,20 @@ impl MmioTransport {
 
     fn with_queue(&mut self, reg: u64, f: impl FnOnce(&mut Queue, &mut u8)) {
         if !self.queue_config_allowed() {
-            warn!(reg, status = self.status, "virtio-mmio: queue write in wrong state, ignored");
+            warn!(
+                reg,
+                status = self.status,
+                "virtio-mmio: queue write in wrong state, ignored"
+            );
             return;
         }
         let i = self.queue_sel as usize;
         match (self.queues.get_mut(i), self.queue_errors.get_mut(i)) {
             (Some(q), Some(err)) => f(q, err),
-            _ => warn!(queue = i, "virtio-mmio: write to non-existent queue, ignored"),
+            _ => warn!(
+                queue = i,
+                "virtio-mmio: write to non-existent queue, ignored"
+            ),
         }
     }
 
@@ -235,11 +243,16 @@ impl MmioTransport {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES => {
                 if self.status & (DRIVER | FEATURES_OK | FAILED) != DRIVER {
-                    warn!(status = self.status, "virtio-mmio: driver features write in wrong state");
+                    warn!(
+                        status = self.status,
+                        "virtio-mmio: driver features write in wrong state"
+                    );
                     return;
                 }
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
                     1 => {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -254,7 +267,11 @@ impl MmioTransport {
                 match u16::try_from(v).ok().map(|s| q.try_set_size(s)) {
                     Some(Ok(())) => *err &= !BAD_SIZE,
                     _ => {
-                        warn!(size = v, max = q.max_size(), "virtio-mmio: invalid queue size");
+                        warn!(
+                            size = v,
+                            max = q.max_size(),
+                            "virtio-mmio: invalid queue size"
+                        );
                         *err |= BAD_SIZE;
                     }
                 }
@@ -283,7 +300,11 @@ impl MmioTransport {
             REG_INTERRUPT_ACK => self.irq.ack(v),
             REG_STATUS => self.set_status(v),
             REG_SHM_SEL => {}
-            _ => debug!(offset, value = v, "virtio-mmio: write to unknown or read-only register"),
+            _ => debug!(
+                offset,
+                value = v,
+                "virtio-mmio: write to unknown or read-only register"
+            ),
         }
     }
 
@@ -303,7 +324,11 @@ impl MmioTransport {
         let valid_step = (1..=STATUS_STEPS.len())
             .any(|n| STATUS_STEPS[..n].iter().fold(0, |a, b| a | b) == wanted);
         if !valid_step || wanted & current != current || self.status & FAILED != 0 {
-            warn!(status = self.status, wanted = v, "virtio-mmio: invalid status transition");
+            warn!(
+                status = self.status,
+                wanted = v,
+                "virtio-mmio: invalid status transition"
+            );
             return;
         }
         for step in STATUS_STEPS {
@@ -311,11 +336,7 @@ impl MmioTransport {
                 continue;
             }
             match step {
-                FEATURES_OK => {
-                    if !self.negotiate_features() {
-                        return;
-                    }
-                }
+                FEATURES_OK if !self.negotiate_features() => return,
                 DRIVER_OK => {
                     self.status |= DRIVER_OK;
                     self.activate();
@@ -332,7 +353,10 @@ impl MmioTransport {
         let avail = self.device.avail_features();
         let unknown = self.driver_features & !avail;
         if unknown != 0 {
-            warn!(unknown, "virtio-mmio: driver acked features not offered, masked");
+            warn!(
+                unknown,
+                "virtio-mmio: driver acked features not offered, masked"
+            );
         }
         let acked = self.driver_features & avail;
         if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
@@ -364,8 +388,7 @@ impl MmioTransport {
             if q.ready() && (self.queue_errors[i] != 0 || !q.is_valid(&self.mem)) {
                 return Err(format!("queue {i} is invalid"));
             }
-            let mut copy =
-                Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?;
+            let mut copy = Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?;
             copy.set_event_idx(event_idx);
             queues.push(copy);
         }
@@ -447,10 +470,14 @@ impl BusDevice for MmioTransport {
             data.fill(0);
         } else if offset >= CONFIG_SPACE_OFFSET {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
-            debug!(offset, len = data.len(), "virtio-mmio: bad register read size");
+            debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: bad register read size"
+            );
             data.fill(0);
         }
     }
@@ -467,7 +494,11 @@ impl BusDevice for MmioTransport {
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         } else {
-            debug!(offset, len = data.len(), "virtio-mmio: bad register write size");
+            debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: bad register write size"
+            );
         }
     }
 }

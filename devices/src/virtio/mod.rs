@@ -243,7 +243,10 @@ pub fn register_subscriber(
 
 /// Removes a handler from the event manager (its fds are unregistered) and drops the manager's
 /// reference to it. Blocks like [`register_subscriber`].
-pub fn unregister_subscriber(endpoint: &EventEndpoint, id: SubscriberId) -> Result<(), ActivateError> {
+pub fn unregister_subscriber(
+    endpoint: &EventEndpoint,
+    id: SubscriberId,
+) -> Result<(), ActivateError> {
     endpoint
         .call_blocking(move |ops| ops.remove_subscriber(id).map(drop))
         .map_err(ActivateError::EventManager)

@@ -83,7 +83,7 @@ impl Block {
                 return Err(BlockError::InvalidBlockSize(bs));
             }
         }
-        if disk_len % SECTOR_SIZE != 0 {
+        if !disk_len.is_multiple_of(SECTOR_SIZE) {
             warn!(
                 path = %config.path.display(),
                 disk_len,
@@ -185,7 +185,11 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(offset, len = data.len(), "virtio-blk: config space is read-only, write ignored");
+        warn!(
+            offset,
+            len = data.len(),
+            "virtio-blk: config space is read-only, write ignored"
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -44,7 +44,11 @@ impl MutEventSubscriber for BlockHandler {
             }
             // While throttled, the timer event will resume processing.
             self.process_queue();
-        } else if self.rate_limiter.as_ref().is_some_and(|rl| rl.as_raw_fd() == fd) {
+        } else if self
+            .rate_limiter
+            .as_ref()
+            .is_some_and(|rl| rl.as_raw_fd() == fd)
+        {
             if let Some(rl) = self.rate_limiter.as_mut() {
                 if let Err(e) = rl.event_handler() {
                     error!(error = %e, "virtio-blk: rate limiter timer error");

@@ -85,7 +85,9 @@ impl BlockHandler {
 
     /// True while the rate limiter waits for its timer.
     pub fn is_throttled(&self) -> bool {
-        self.rate_limiter.as_ref().is_some_and(RateLimiter::is_blocked)
+        self.rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
     }
 
     /// Processes every available request (until the rate limiter says stop), then raises the

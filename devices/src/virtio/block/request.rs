@@ -296,7 +296,7 @@ impl Request {
     }
 
     fn check_range(&self, disk: &Disk) -> Result<(), RequestError> {
-        if self.data_len % SECTOR_SIZE != 0 {
+        if !self.data_len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::DataLenUnaligned(self.data_len));
         }
         let end = self.sector.checked_add(self.data_len >> SECTOR_SHIFT);
@@ -319,7 +319,8 @@ fn file_to_guest(
     file: &mut FileAt<'_>,
 ) -> Result<(), RequestError> {
     for slice in mem.get_slices(addr, len, Permissions::Write)? {
-        file.read_exact_volatile(&mut slice?).map_err(volatile_to_request)?;
+        file.read_exact_volatile(&mut slice?)
+            .map_err(volatile_to_request)?;
     }
     Ok(())
 }
@@ -332,7 +333,8 @@ fn guest_to_file(
     file: &mut FileAt<'_>,
 ) -> Result<(), RequestError> {
     for slice in mem.get_slices(addr, len, Permissions::Read)? {
-        file.write_all_volatile(&slice?).map_err(volatile_to_request)?;
+        file.write_all_volatile(&slice?)
+            .map_err(volatile_to_request)?;
     }
     Ok(())
 }
@@ -352,9 +354,8 @@ struct FileAt<'a> {
 
 impl FileAt<'_> {
     fn off(&self) -> Result<libc::off64_t, VolatileMemoryError> {
-        libc::off64_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput))
-        })
+        libc::off64_t::try_from(self.offset)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput)))
     }
 }
 

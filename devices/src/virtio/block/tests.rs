@@ -226,23 +226,31 @@ fn end_to_end_through_mmio_and_event_manager() {
 
     let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
     driver_init(&mut t, &vq);
-    assert_eq!(r(&mut t, 0x70), ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(
+        r(&mut t, 0x70),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+    );
     assert!(t.device().is_activated());
 
     // Write 1 KiB at sector 3, kicking through the notify register.
-    mem.write_slice(&[0x5a; 1024], GuestAddress(0x10_1000)).unwrap();
+    mem.write_slice(&[0x5a; 1024], GuestAddress(0x10_1000))
+        .unwrap();
     submit(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 3, false);
     w(&mut t, 0x50, 0);
     assert!(wait_readable(t.irq_evt()), "no interrupt after OUT");
     assert_eq!(r(&mut t, 0x60) & 1, 1);
     w(&mut t, 0x64, 1);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_3000)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x10_3000)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     let disk = std::fs::read(tmp.as_path()).unwrap();
     assert!(disk[3 * 512..5 * 512].iter().all(|&b| b == 0x5a));
     assert!(disk[..3 * 512].iter().all(|&b| b == 0));
 
     // Read it back, kicking the eventfd directly like KVM's ioeventfd would.
-    mem.write_slice(&[0u8; 1024], GuestAddress(0x10_1000)).unwrap();
+    mem.write_slice(&[0u8; 1024], GuestAddress(0x10_1000))
+        .unwrap();
     submit(&mem, &vq, 3, VIRTIO_BLK_T_IN, 3, true);
     t.queue_evts()[0].write(1).unwrap();
     assert!(wait_readable(t.irq_evt()), "no interrupt after IN");
@@ -279,6 +287,9 @@ fn activation_without_ready_queue_fails() {
     w(&mut t, 0x20, 1);
     w(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     w(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-    assert_ne!(r(&mut t, 0x70) & crate::virtio::status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(
+        r(&mut t, 0x70) & crate::virtio::status::DEVICE_NEEDS_RESET,
+        0
+    );
     assert!(!t.device().is_activated());
 }

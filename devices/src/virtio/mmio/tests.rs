@@ -201,13 +201,17 @@ fn assert_activation_fails(t: &mut MmioTransport, shared: &Arc<Mutex<Shared>>) {
     w(t, REG_STATUS, ALL_OK);
     assert_eq!(r(t, REG_STATUS), ALL_OK | DEVICE_NEEDS_RESET);
     assert_eq!(shared.lock().unwrap().activations, 0);
-    assert_eq!(r(t, REG_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(
+        r(t, REG_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG,
+        VIRTIO_MMIO_INT_CONFIG
+    );
     assert_eq!(t.irq_evt().read().unwrap(), 1);
 }
 
 #[test]
 fn invalid_queue_config_fails_activation() {
-    let bad: [(&str, &dyn Fn(&mut MmioTransport)); 7] = [
+    type Case<'a> = (&'a str, &'a dyn Fn(&mut MmioTransport));
+    let bad: [Case; 7] = [
         ("size not power of 2", &|t| w(t, REG_QUEUE_NUM, 100)),
         ("size above max", &|t| w(t, REG_QUEUE_NUM, 512)),
         ("size 0", &|t| w(t, REG_QUEUE_NUM, 0)),
@@ -331,7 +335,10 @@ fn reset_restores_initial_state() {
     assert_eq!(r(&mut t, REG_STATUS), 0);
     assert_eq!(r(&mut t, REG_QUEUE_READY), 0);
     assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0);
-    assert!(t.queue_evts()[0].read().is_err(), "stale notification drained");
+    assert!(
+        t.queue_evts()[0].read().is_err(),
+        "stale notification drained"
+    );
     // Second life: the queue got its max size back.
     negotiate(&mut t, FEATURES);
     w(&mut t, REG_QUEUE_SEL, 0);

@@ -44,7 +44,9 @@ impl Harness {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let tmp = TempFile::new().unwrap();
         let mut file = tmp.as_file().try_clone().unwrap();
-        let pattern: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i / 512) as u8 + 1).collect();
+        let pattern: Vec<u8> = (0..DISK_SECTORS * 512)
+            .map(|i| (i / 512) as u8 + 1)
+            .collect();
         file.write_all(&pattern).unwrap();
         Harness {
             mem,
@@ -144,7 +146,12 @@ fn run_one(h: &Harness, descs: &[D], read_only: bool) -> (u8, u32, BlockHandler)
 fn read_two_segments() {
     let h = Harness::new();
     h.header(HDR, VIRTIO_BLK_T_IN, 1);
-    let descs = [hdr(), (DATA, 512, true), (DATA + 0x1000, 1024, true), status_desc()];
+    let descs = [
+        hdr(),
+        (DATA, 512, true),
+        (DATA + 0x1000, 1024, true),
+        status_desc(),
+    ];
     let (status, len, handler) = run_one(&h, &descs, false);
     assert_eq!(status, VIRTIO_BLK_S_OK);
     assert_eq!(len, 1536 + 1);
@@ -152,9 +159,14 @@ fn read_two_segments() {
     h.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
     assert!(buf.iter().all(|&b| b == 2), "sector 1 holds 2s");
     let mut buf = [0u8; 1024];
-    h.mem.read_slice(&mut buf, GuestAddress(DATA + 0x1000)).unwrap();
+    h.mem
+        .read_slice(&mut buf, GuestAddress(DATA + 0x1000))
+        .unwrap();
     assert!(buf[..512].iter().all(|&b| b == 3) && buf[512..].iter().all(|&b| b == 4));
-    assert_eq!(handler.irq.status() & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(
+        handler.irq.status() & VIRTIO_MMIO_INT_VRING,
+        VIRTIO_MMIO_INT_VRING
+    );
     assert_eq!(handler.irq.evt().read().unwrap(), 1);
 }
 
@@ -162,7 +174,9 @@ fn read_two_segments() {
 fn write_then_disk_changed() {
     let mut h = Harness::new();
     h.header(HDR, VIRTIO_BLK_T_OUT, 2);
-    h.mem.write_slice(&[0xabu8; 1024], GuestAddress(DATA)).unwrap();
+    h.mem
+        .write_slice(&[0xabu8; 1024], GuestAddress(DATA))
+        .unwrap();
     let descs = [hdr(), (DATA, 1024, false), status_desc()];
     let (status, len, _) = run_one(&h, &descs, false);
     assert_eq!(status, VIRTIO_BLK_S_OK);
@@ -178,7 +192,9 @@ fn write_refused_on_read_only() {
     let mut h = Harness::new();
     let before = h.disk_bytes();
     h.header(HDR, VIRTIO_BLK_T_OUT, 0);
-    h.mem.write_slice(&[0xabu8; 512], GuestAddress(DATA)).unwrap();
+    h.mem
+        .write_slice(&[0xabu8; 512], GuestAddress(DATA))
+        .unwrap();
     let descs = [hdr(), (DATA, 512, false), status_desc()];
     let (status, len, _) = run_one(&h, &descs, true);
     assert_eq!(status, VIRTIO_BLK_S_IOERR);
@@ -218,17 +234,20 @@ fn unsupported_type() {
 fn out_of_range_and_unaligned() {
     let h = Harness::new();
     for (sector, len) in [
-        (DISK_SECTORS, 512),     // starts at the end
+        (DISK_SECTORS, 512),      // starts at the end
         (DISK_SECTORS - 1, 1024), // straddles the end
-        (u64::MAX, 512),         // sector + len overflows
-        (u64::MAX >> 9, 512),    // byte offset would overflow
-        (0, 100),                // not a multiple of 512
+        (u64::MAX, 512),          // sector + len overflows
+        (u64::MAX >> 9, 512),     // byte offset would overflow
+        (0, 100),                 // not a multiple of 512
     ] {
         for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
             h.header(HDR, t, sector);
             let write = t == VIRTIO_BLK_T_IN;
             let (status, _, _) = run_one(&h, &[hdr(), (DATA, len, write), status_desc()], false);
-            assert_eq!(status, VIRTIO_BLK_S_IOERR, "type {t} sector {sector} len {len}");
+            assert_eq!(
+                status, VIRTIO_BLK_S_IOERR,
+                "type {t} sector {sector} len {len}"
+            );
         }
     }
     // The last sector itself is fine.
@@ -243,12 +262,30 @@ fn malformed_requests_get_ioerr() {
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
     let cases: Vec<(&str, Vec<D>)> = vec![
         ("no header", vec![status_desc()]),
-        ("header too short", vec![(HDR, 8, false), (DATA, 512, true), status_desc()]),
-        ("header writable", vec![(HDR, 16, true), (DATA, 512, true), status_desc()]),
-        ("IN data readable", vec![hdr(), (DATA, 512, false), status_desc()]),
-        ("header outside memory", vec![(MEM_SIZE as u64, 16, false), status_desc()]),
-        ("data outside memory", vec![hdr(), (MEM_SIZE as u64 - 256, 512, true), status_desc()]),
-        ("data address wraps", vec![hdr(), (u64::MAX - 100, 512, true), status_desc()]),
+        (
+            "header too short",
+            vec![(HDR, 8, false), (DATA, 512, true), status_desc()],
+        ),
+        (
+            "header writable",
+            vec![(HDR, 16, true), (DATA, 512, true), status_desc()],
+        ),
+        (
+            "IN data readable",
+            vec![hdr(), (DATA, 512, false), status_desc()],
+        ),
+        (
+            "header outside memory",
+            vec![(MEM_SIZE as u64, 16, false), status_desc()],
+        ),
+        (
+            "data outside memory",
+            vec![hdr(), (MEM_SIZE as u64 - 256, 512, true), status_desc()],
+        ),
+        (
+            "data address wraps",
+            vec![hdr(), (u64::MAX - 100, 512, true), status_desc()],
+        ),
     ];
     for (name, descs) in cases {
         let (status, len, _) = run_one(&h, &descs, false);
@@ -267,8 +304,14 @@ fn chains_without_status_are_dropped() {
     let cases: Vec<(&str, Vec<D>)> = vec![
         ("only header", vec![hdr()]),
         ("last is readable", vec![hdr(), (DATA, 512, false)]),
-        ("status len 0", vec![hdr(), (DATA, 512, true), (STATUS, 0, true)]),
-        ("status outside memory", vec![hdr(), (MEM_SIZE as u64 + 10, 1, true)]),
+        (
+            "status len 0",
+            vec![hdr(), (DATA, 512, true), (STATUS, 0, true)],
+        ),
+        (
+            "status outside memory",
+            vec![hdr(), (MEM_SIZE as u64 + 10, 1, true)],
+        ),
     ];
     for (name, descs) in cases {
         let (status, len, _) = run_one(&h, &descs, false);
@@ -294,7 +337,10 @@ fn broken_chains_are_dropped() {
         // self loop
         ("self loop", vec![raw(HDR, 16, n, 0)]),
         // total length overflows u32
-        ("length overflow", vec![raw(HDR, u32::MAX, n, 1), raw(STATUS, 16, w, 0)]),
+        (
+            "length overflow",
+            vec![raw(HDR, u32::MAX, n, 1), raw(STATUS, 16, w, 0)],
+        ),
     ];
     for (name, descs) in cases {
         h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
@@ -381,7 +427,12 @@ fn rate_limited_requests_resume_on_timer() {
     };
     // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
     assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2000) }, 1);
-    handler.rate_limiter.as_mut().unwrap().event_handler().unwrap();
+    handler
+        .rate_limiter
+        .as_mut()
+        .unwrap()
+        .event_handler()
+        .unwrap();
     let stats = handler.process_queue();
     assert_eq!(stats.completed, 1);
     assert_eq!(used_idx(&vq), 2);
