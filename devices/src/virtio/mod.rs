@@ -27,6 +27,18 @@
 //!
 //! Devices keep a typed `Arc<Mutex<Handler>>` clone of what they registered, so they can get
 //! state (e.g. a rate limiter, a tap) back on reset.
+//!
+//! # Writing a device (virtio-net follows virtio-blk)
+//!
+//! 1. `new(config, host resources..., endpoint: EventEndpoint)`; state `Inactive`.
+//! 2. `activate(ctx)`: check `ctx.queues.len()`/readiness, build the handler from `ctx` (it owns
+//!    the queues, the queue eventfds, `ctx.irq`, a clone of `ctx.mem`), wrap it in
+//!    `Arc<Mutex<_>>`, [`register_subscriber`] a `Subscriber` clone of it, keep the typed `Arc`
+//!    and the returned `SubscriberId`.
+//! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`); `process` reads
+//!    the fired eventfd, runs the queue, and calls `irq.trigger(IrqKind::Vring)` when it put
+//!    buffers in a used ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
+//! 4. `reset()`: [`unregister_subscriber`], take back what must survive, state `Inactive`.
 
 pub mod block;
 pub mod mmio;
@@ -140,8 +152,10 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the data plane.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
-    /// Stops the data plane and goes back to the inactive state. Returns false if the device
-    /// does not support reset (the transport then marks the device FAILED).
+    /// Stops the data plane and goes back to the inactive state, forgetting acked features.
+    /// Called on every guest reset (status 0), activated or not: on an inactive device it must
+    /// succeed. Returns false if the device cannot be reset (the transport then marks it
+    /// FAILED).
     fn reset(&mut self) -> bool;
     /// True between a successful `activate` and `reset`.
     fn is_activated(&self) -> bool;
