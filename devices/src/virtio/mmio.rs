@@ -21,7 +21,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
-use super::{ActivateContext, IrqKind, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, ActivateError, IrqKind, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::bus::BusDevice;
 
 /// "virt" in little endian.
@@ -76,7 +78,8 @@ const BAD_DEVICE: u8 = 8;
 /// The status values a driver walks through, in order (virtio 1.x 3.1.1).
 const STATUS_STEPS: [u32; 4] = [ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK];
 
-/// Errors creating a transport.
+/// Errors creating a transport, or activating its device (the latter are logged and turned
+/// into DEVICE_NEEDS_RESET, never returned to the guest).
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     /// The device declared an invalid maximum queue size.
@@ -93,6 +96,27 @@ pub enum MmioError {
     /// Creating an eventfd failed.
     #[error("creating an eventfd failed")]
     EventFd(#[source] io::Error),
+    /// DRIVER_OK on a device that is already active.
+    #[error("device is already activated")]
+    AlreadyActivated,
+    /// A ready queue has a bad size or addresses (misaligned, outside guest memory).
+    #[error("queue {0} is ready but invalid")]
+    InvalidQueue(usize),
+    /// Copying a queue for the device failed.
+    #[error("queue {index}: cannot copy its state")]
+    QueueState {
+        /// Queue index.
+        index: usize,
+        /// Why virtio-queue refused the state.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Duplicating a queue eventfd for the device failed.
+    #[error("cloning a queue eventfd failed")]
+    CloneEventFd(#[source] io::Error),
+    /// The device refused to activate.
+    #[error("device activation failed")]
+    Activate(#[source] ActivateError),
 }
 
 /// A virtio device behind a virtio-mmio register window.
@@ -368,8 +392,8 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        if let Err(reason) = self.try_activate() {
-            error!(reason = %reason, "virtio-mmio: activation failed, device needs reset");
+        if let Err(e) = self.try_activate() {
+            error!(reason = %error_chain(&e), "virtio-mmio: activation failed, device needs reset");
             self.status |= DEVICE_NEEDS_RESET;
             if let Err(e) = self.irq.trigger(IrqKind::Config) {
                 error!(error = %e, "virtio-mmio: config interrupt failed");
@@ -377,18 +401,19 @@ impl MmioTransport {
         }
     }
 
-    fn try_activate(&mut self) -> Result<(), String> {
+    fn try_activate(&mut self) -> Result<(), MmioError> {
         if self.device.is_activated() {
-            return Err("device already activated".into());
+            return Err(MmioError::AlreadyActivated);
         }
         let acked = self.driver_features & self.device.avail_features();
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && (self.queue_errors[i] != 0 || !q.is_valid(&self.mem)) {
-                return Err(format!("queue {i} is invalid"));
+                return Err(MmioError::InvalidQueue(i));
             }
-            let mut copy = Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?;
+            let mut copy = Queue::try_from(q.state())
+                .map_err(|source| MmioError::QueueState { index: i, source })?;
             copy.set_event_idx(event_idx);
             queues.push(copy);
         }
@@ -397,7 +422,7 @@ impl MmioTransport {
             .iter()
             .map(EventFd::try_clone)
             .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| format!("cloning queue eventfds: {e}"))?;
+            .map_err(MmioError::CloneEventFd)?;
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             queues,
@@ -405,7 +430,7 @@ impl MmioTransport {
             irq: self.irq.clone(),
             acked_features: acked,
         };
-        self.device.activate(ctx).map_err(|e| error_chain(&e))
+        self.device.activate(ctx).map_err(MmioError::Activate)
     }
 
     fn reset(&mut self) {

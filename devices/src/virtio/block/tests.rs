@@ -293,3 +293,39 @@ fn activation_without_ready_queue_fails() {
     );
     assert!(!t.device().is_activated());
 }
+
+#[test]
+fn throttled_queue_resumes_from_the_event_loop() {
+    let ev = EventLoop::start();
+    let cfg = BlockConfig {
+        rate_limiter: Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::rate_limiter::BucketConfig {
+                rate: 20,
+                size: Some(1),
+                one_time_burst: None,
+            }),
+        }),
+        ..Default::default()
+    };
+    let (_tmp, b) = block(cfg, &ev);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut t = MmioTransport::new(mem.clone(), Box::new(b)).unwrap();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
+    driver_init(&mut t, &vq);
+    submit(&mem, &vq, 0, VIRTIO_BLK_T_IN, 0, true);
+    submit(&mem, &vq, 3, VIRTIO_BLK_T_IN, 1, true);
+    submit(&mem, &vq, 6, VIRTIO_BLK_T_FLUSH, 0, true);
+    let start = std::time::Instant::now();
+    w(&mut t, 0x50, 0);
+    // One kick; the limiter's timer brings the rest through (1 op per 50 ms).
+    while vq.used().idx().load() < 3 {
+        assert!(
+            wait_readable(t.irq_evt()),
+            "stalled at {}",
+            vq.used().idx().load()
+        );
+    }
+    assert!(start.elapsed() >= std::time::Duration::from_millis(90));
+    w(&mut t, 0x70, 0);
+}
