@@ -1,1 +1,40 @@
-//! Host-side networking for microvm: TAP, bridges, NAT rules, DHCP. No KVM here.
+//! Host-side networking for microvm: TAP devices, bridges, NAT rules, DHCP. No KVM here.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), net::NetError> {
+//! net::cleanup_stale()?;
+//! let spec: net::NetSpec = "nat:lab,subnet=10.77.0.0/24,rate=50Mbit".parse()?;
+//! spec.validate()?;
+//! let att = net::attach(&spec, "vm-1234", 0)?;
+//! let _fd = att.tap_fd(); // readv/writev with a 12-byte virtio_net_hdr_v1
+//! att.set_offload(net::TUN_F_CSUM | net::TUN_F_TSO4)?;
+//! drop(att); // TAP deleted; the network too if this was its last user
+//! # Ok(()) }
+//! ```
+//!
+//! State shared by microvm processes lives under `$MICROVM_RUN_DIR` (default
+//! `/run/microvm`), per network namespace; see [`state`](crate::state) docs in the source.
+
+mod attach;
+mod bridge;
+mod caps;
+mod dhcp;
+mod error;
+mod network;
+mod nft;
+mod spec;
+mod state;
+mod tap;
+
+pub use attach::{attach, Attachment};
+pub use bridge::BridgeError;
+pub use dhcp::{server_running as dhcp_server_running, DhcpError, LEASE_SECS};
+pub use error::NetError;
+pub use network::{cleanup_stale, teardown_all, NetworkError};
+pub use nft::{NftError, TABLE as NFT_TABLE};
+pub use spec::{
+    MacAddr, NetMode, NetSpec, RateSpec, SpecError, Subnet, BRIDGE_PREFIX, DEFAULT_NETWORK, MAX_NETWORK_NAME,
+    TAP_PREFIX,
+};
+pub use state::{StateError, RUN_DIR_ENV};
+pub use tap::{TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};

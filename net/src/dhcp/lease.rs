@@ -1,0 +1,220 @@
+//! DHCP leases of one network, shared by all microvm processes on it through the file
+//! `<state>/net/NAME/leases` (flock'ed while read-modify-written).
+//!
+//! Text format, one lease per line: `MAC IP EXPIRES_UNIX_SECS`.
+//! A MAC keeps its address for as long as the network exists (stable addresses across VM
+//! restarts); an expired lease is only reclaimed for another MAC when the .2-.254 pool is
+//! otherwise full.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::spec::{MacAddr, Subnet};
+
+/// First and last host number handed out (.1 is the gateway).
+pub(crate) const POOL_FIRST: u8 = 2;
+pub(crate) const POOL_LAST: u8 = 254;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+    pub expires: u64,
+}
+
+/// All leases of a network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LeaseTable {
+    pub leases: Vec<Lease>,
+}
+
+impl LeaseTable {
+    /// Parses the file, skipping malformed lines, addresses outside the pool and duplicates
+    /// (first wins), so a damaged file never yields two MACs on one address.
+    pub fn parse(text: &str, subnet: Subnet) -> LeaseTable {
+        let mut table = LeaseTable::default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(mac), Some(ip), Some(exp)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let (Ok(mac), Ok(ip), Ok(expires)) = (mac.parse::<MacAddr>(), ip.parse::<Ipv4Addr>(), exp.parse::<u64>())
+            else {
+                continue;
+            };
+            if !in_pool(subnet, ip) || table.leases.iter().any(|l| l.ip == ip || l.mac == mac) {
+                continue;
+            }
+            table.leases.push(Lease { mac, ip, expires });
+        }
+        table
+    }
+
+    pub fn render(&self) -> String {
+        self.leases.iter().map(|l| format!("{} {} {}\n", l.mac, l.ip, l.expires)).collect()
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, mac: MacAddr) -> Option<Ipv4Addr> {
+        self.leases.iter().find(|l| l.mac == mac).map(|l| l.ip)
+    }
+
+    /// The MAC's address, renewed until `now + lease_secs`; a new one if it has none:
+    /// the lowest free pool address, else the address of the longest-expired lease.
+    /// `None` when every address is leased and unexpired.
+    pub fn allocate(&mut self, mac: MacAddr, subnet: Subnet, now: u64, lease_secs: u64) -> Option<Ipv4Addr> {
+        let expires = now.saturating_add(lease_secs);
+        if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
+            l.expires = expires;
+            return Some(l.ip);
+        }
+        let free = (POOL_FIRST..=POOL_LAST)
+            .map(|n| subnet.host(n))
+            .find(|ip| !self.leases.iter().any(|l| l.ip == *ip));
+        if let Some(ip) = free {
+            self.leases.push(Lease { mac, ip, expires });
+            return Some(ip);
+        }
+        let oldest = self
+            .leases
+            .iter_mut()
+            .filter(|l| l.expires <= now)
+            .min_by_key(|l| l.expires)?;
+        oldest.mac = mac;
+        oldest.expires = expires;
+        Some(oldest.ip)
+    }
+}
+
+fn in_pool(subnet: Subnet, ip: Ipv4Addr) -> bool {
+    subnet.contains(ip) && (POOL_FIRST..=POOL_LAST).contains(&ip.octets()[3])
+}
+
+/// The shared lease file of one network.
+#[derive(Clone, Debug)]
+pub(crate) struct LeaseFile {
+    path: PathBuf,
+    subnet: Subnet,
+    lease_secs: u64,
+}
+
+impl LeaseFile {
+    pub fn new(path: PathBuf, subnet: Subnet, lease_secs: u64) -> LeaseFile {
+        LeaseFile { path, subnet, lease_secs }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Allocates (or renews) the MAC's lease under the file lock.
+    pub fn allocate(&self, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs))
+    }
+
+    /// Current table (read under the lock).
+    #[cfg(test)]
+    pub fn read(&self) -> io::Result<LeaseTable> {
+        self.update(|t| t.clone())
+    }
+
+    /// Read-modify-write under an exclusive flock. Written in place (not rename) because the
+    /// lock lives on this inode.
+    fn update<T>(&self, f: impl FnOnce(&mut LeaseTable) -> T) -> io::Result<T> {
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&self.path)?;
+        file.lock()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let mut table = LeaseTable::parse(&text, self.subnet);
+        let out = f(&mut table);
+        let new = table.render();
+        if new != text {
+            file.seek(SeekFrom::Start(0))?;
+            file.set_len(0)?;
+            file.write_all(new.as_bytes())?;
+            file.sync_data()?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u16) -> MacAddr {
+        let b = n.to_be_bytes();
+        MacAddr([0x52, 0x54, 0, 0, b[0], b[1]])
+    }
+
+    fn subnet() -> Subnet {
+        Subnet::from_octets(10, 200, 0)
+    }
+
+    #[test]
+    fn stable_and_unique() {
+        let mut t = LeaseTable::default();
+        let a = t.allocate(mac(1), subnet(), 100, 3600).unwrap();
+        let b = t.allocate(mac(2), subnet(), 100, 3600).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 200, 0, 3));
+        assert_eq!(t.allocate(mac(1), subnet(), 5000, 3600), Some(a), "same MAC, same IP");
+        assert_eq!(t.leases[0].expires, 8600, "renewed");
+        let reparsed = LeaseTable::parse(&t.render(), subnet());
+        assert_eq!(reparsed, t);
+    }
+
+    #[test]
+    fn pool_exhaustion_and_reclaim() {
+        let mut t = LeaseTable::default();
+        for n in 0..253 {
+            assert!(t.allocate(mac(n), subnet(), 100, 10).is_some());
+        }
+        let ips: std::collections::HashSet<_> = t.leases.iter().map(|l| l.ip).collect();
+        assert_eq!(ips.len(), 253);
+        assert!(ips.iter().all(|ip| (2..=254).contains(&ip.octets()[3])));
+        // Full and nothing expired yet.
+        assert_eq!(t.allocate(mac(999), subnet(), 105, 10), None);
+        // After expiry the oldest lease is reused.
+        t.leases[17].expires = 50;
+        let ip = t.allocate(mac(999), subnet(), 200, 10).unwrap();
+        assert_eq!(ip, t.leases[17].ip);
+        assert_eq!(t.get(mac(17)), None);
+        assert_eq!(t.get(mac(999)), Some(ip));
+    }
+
+    #[test]
+    fn parse_drops_bad_lines() {
+        let text = "52:54:00:00:00:01 10.200.0.2 10\n\
+                    garbage\n\
+                    52:54:00:00:00:02 10.200.0.2 10\n\
+                    52:54:00:00:00:01 10.200.0.9 10\n\
+                    52:54:00:00:00:03 10.200.0.1 10\n\
+                    52:54:00:00:00:04 10.9.0.5 10\n\
+                    52:54:00:00:00:05 10.200.0.255 10\n\
+                    52:54:00:00:00:06 10.200.0.6 x\n\
+                    52:54:00:00:00:07 10.200.0.7 10\n";
+        let t = LeaseTable::parse(text, subnet());
+        let macs: Vec<u8> = t.leases.iter().map(|l| l.mac.0[5]).collect();
+        assert_eq!(macs, vec![1, 7]);
+    }
+
+    #[test]
+    fn file_round_trip() {
+        let dir = std::env::temp_dir().join(format!("mvnet-lease-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lf = LeaseFile::new(dir.join("leases"), subnet(), 3600);
+        let a = lf.allocate(mac(1)).unwrap().unwrap();
+        let b = lf.allocate(mac(2)).unwrap().unwrap();
+        assert_ne!(a, b);
+        // A second handle (another process) sees the same leases.
+        let lf2 = LeaseFile::new(dir.join("leases"), subnet(), 3600);
+        assert_eq!(lf2.allocate(mac(1)).unwrap(), Some(a));
+        assert_eq!(lf2.read().unwrap().leases.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! DHCP for named networks: one responder thread per (process, network), answering only
+//! for the MACs this process's attachments own. Packets are encoded and decoded with
+//! `dhcproto`; the decisions live in [`packet`] (pure), leases in [`lease`].
+//!
+//! Options offered: subnet mask, router (= gateway .1), lease time 1 h (T1 30 min, T2
+//! 52.5 min), server id (= gateway), and DNS servers:
+//! * NAT networks: the host's IPv4 nameservers from /etc/resolv.conf, skipping 127.x
+//!   (local stubs are unreachable from a guest); if that leaves none (e.g. systemd-resolved's
+//!   127.0.0.53), those of /run/systemd/resolve/resolv.conf; if still none, no DNS option
+//!   (we do not offer the gateway: no DNS server listens there).
+//! * host-only networks: no DNS option (the guest cannot reach anything beyond the host).
+
+pub(crate) mod lease;
+pub(crate) mod packet;
+mod server;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use crate::spec::{MacAddr, Subnet};
+use lease::LeaseFile;
+use packet::ServerParams;
+use server::OwnedMacs;
+
+/// Lease time offered to guests.
+pub const LEASE_SECS: u32 = 3600;
+
+/// DHCP server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpError {
+    #[error("cannot open the DHCP server socket on {bridge}")]
+    Socket {
+        bridge: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the DHCP server thread for network {network}")]
+    Spawn {
+        network: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a network's DHCP server needs.
+#[derive(Clone, Debug)]
+pub(crate) struct DhcpNetwork {
+    pub name: String,
+    pub bridge: String,
+    pub subnet: Subnet,
+    pub lease_path: PathBuf,
+    pub offer_dns: bool,
+}
+
+struct Running {
+    macs: OwnedMacs,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn servers() -> &'static Mutex<HashMap<String, Running>> {
+    static SERVERS: OnceLock<Mutex<HashMap<String, Running>>> = OnceLock::new();
+    SERVERS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// While alive, this process's DHCP server on the network answers for `mac`.
+#[derive(Debug)]
+pub(crate) struct DhcpRegistration {
+    network: String,
+    mac: MacAddr,
+}
+
+/// Starts the network's server in this process if needed and adds `mac` to its MACs.
+pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistration, DhcpError> {
+    let mut map = servers().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(running) = map.get(&net.name) {
+        *running.macs.lock().unwrap_or_else(|e| e.into_inner()).entry(mac).or_insert(0) += 1;
+        return Ok(DhcpRegistration { network: net.name.clone(), mac });
+    }
+    let sock = server::open_socket(&net.bridge)?;
+    let params = ServerParams {
+        subnet: net.subnet,
+        dns: if net.offer_dns { host_dns() } else { Vec::new() },
+        lease_secs: LEASE_SECS,
+    };
+    let leases = LeaseFile::new(net.lease_path.clone(), net.subnet, u64::from(LEASE_SECS));
+    let macs: OwnedMacs = Arc::new(Mutex::new(HashMap::from([(mac, 1)])));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (m, s, name) = (macs.clone(), stop.clone(), net.name.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("dhcp-{}", net.name))
+        .spawn(move || server::serve(sock, name, params, leases, m, s))
+        .map_err(|source| DhcpError::Spawn { network: net.name.clone(), source })?;
+    map.insert(net.name.clone(), Running { macs, stop, thread: Some(thread) });
+    Ok(DhcpRegistration { network: net.name.clone(), mac })
+}
+
+impl Drop for DhcpRegistration {
+    /// Removes the MAC; the last registration on a network stops and joins its thread.
+    fn drop(&mut self) {
+        let mut map = servers().lock().unwrap_or_else(|e| e.into_inner());
+        let Some(running) = map.get_mut(&self.network) else {
+            return;
+        };
+        let now_empty = {
+            let mut macs = running.macs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = macs.get_mut(&self.mac) {
+                *count -= 1;
+                if *count == 0 {
+                    macs.remove(&self.mac);
+                }
+            }
+            macs.is_empty()
+        };
+        if now_empty {
+            running.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = running.thread.take() {
+                if t.join().is_err() {
+                    tracing::warn!(network = %self.network, "DHCP server thread panicked");
+                }
+            }
+            map.remove(&self.network);
+        }
+    }
+}
+
+/// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
+pub fn server_running(network: &str) -> bool {
+    servers().lock().unwrap_or_else(|e| e.into_inner()).contains_key(network)
+}
+
+/// DNS servers to offer NAT guests (see the module docs).
+pub(crate) fn host_dns() -> Vec<Ipv4Addr> {
+    for path in ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let found = parse_resolv_conf(&text);
+            if !found.is_empty() {
+                return found;
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// IPv4 `nameserver` lines, without loopback/unspecified ones, at most 3 (resolv.conf's limit).
+pub(crate) fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if it.next() != Some("nameserver") {
+            continue;
+        }
+        if let Some(Ok(ip)) = it.next().map(str::parse::<Ipv4Addr>) {
+            if !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&ip) && out.len() < 3 {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# comment\nnameserver 127.0.0.53\nnameserver 9.9.9.9\nsearch x\n\
+                    nameserver ::1\nnameserver 1.1.1.1 \n nameserver 9.9.9.9\nnameserver 0.0.0.0\n\
+                    nameserver 8.8.8.8\nnameserver 8.8.4.4\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![Ipv4Addr::new(9, 9, 9, 9), Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)]
+        );
+        assert!(parse_resolv_conf("nameserver 127.0.0.53\n").is_empty());
+        assert!(parse_resolv_conf("").is_empty());
+    }
+}

@@ -1,0 +1,135 @@
+//! Teardown of named networks and cleanup after crashed microvm processes.
+
+use std::collections::HashSet;
+
+use super::bridge_name;
+use crate::bridge::Rtnl;
+use crate::nft;
+use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX};
+use crate::state::{StateRoot, UserEntry};
+use crate::tap::pid_from_tap_name;
+use crate::NetError;
+
+/// Drops users whose process is gone (deleting their TAPs if still present) and returns
+/// the live ones. Caller holds the state lock.
+pub(crate) fn prune_users(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Result<Vec<UserEntry>, NetError> {
+    let users = root.read_users(name)?;
+    let (live, dead): (Vec<_>, Vec<_>) = users.into_iter().partition(UserEntry::alive);
+    if dead.is_empty() {
+        return Ok(live);
+    }
+    for u in &dead {
+        tracing::info!(network = name, pid = u.pid, tap = %u.tap, "dropping user whose process is gone");
+        delete_tap(rtnl, &u.tap);
+    }
+    root.write_users(name, &live)?;
+    Ok(live)
+}
+
+/// Deletes a TAP (only a tun/tap device of that name). Logs failures.
+fn delete_tap(rtnl: &Rtnl, tap: &str) {
+    let res = match rtnl.link(tap) {
+        Ok(Some(l)) if l.is_tun() => rtnl.delete_link(l.index, tap),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = res {
+        tracing::warn!(tap, error = %e, "cannot delete TAP device");
+    }
+}
+
+/// Removes network `name`: bridge, nft rules, state directory, and the nft table if no
+/// network remains. ip_forward is left as is. Best effort; failures are logged. Caller
+/// holds the state lock.
+pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) {
+    let bridge = bridge_name(name);
+    match rtnl.link(&bridge) {
+        Ok(Some(l)) if l.is_bridge() => {
+            if let Err(e) = rtnl.delete_link(l.index, &bridge) {
+                tracing::warn!(bridge, error = %e, "cannot delete bridge");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(bridge, error = %e, "cannot look up bridge"),
+    }
+    nft::remove_network(name, &bridge);
+    if let Err(e) = root.remove_network(name) {
+        tracing::warn!(network = name, error = %e, "cannot remove network state");
+    }
+    match root.networks() {
+        Ok(left) if left.is_empty() => {
+            if let Err(e) = nft::delete_table() {
+                tracing::warn!(error = %e, "cannot delete nftables table");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot list networks"),
+    }
+    tracing::info!(network = name, "network torn down");
+}
+
+/// Startup cleanup for this network namespace: for every named network, forget users
+/// whose process died (deleting their TAPs) and tear the network down if none is left;
+/// delete `mvtap-*` devices no live process owns and `mvbr-*` bridges without state.
+pub fn cleanup_stale() -> Result<(), NetError> {
+    let root = StateRoot::open()?;
+    let _lock = root.lock()?;
+    let rtnl = Rtnl::new()?;
+    let mut owned_taps = HashSet::new();
+    for name in root.networks()? {
+        let live = prune_users(&root, &rtnl, &name)?;
+        if live.is_empty() {
+            tracing::info!(network = %name, "tearing down network without live users");
+            teardown_network(&root, &rtnl, &name);
+        }
+        owned_taps.extend(live.into_iter().map(|u| u.tap));
+    }
+    let networks: HashSet<String> = root.networks()?.into_iter().map(|n| bridge_name(&n)).collect();
+    for link in rtnl.links()? {
+        if link.name.starts_with(TAP_PREFIX) && link.is_tun() && !owned_taps.contains(&link.name) {
+            // Our generated names carry the creator's pid; keep TAPs of running processes
+            // (e.g. bridge= attachments, which have no users record).
+            let owner_alive = pid_from_tap_name(&link.name)
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !owner_alive {
+                tracing::info!(tap = %link.name, "deleting orphan TAP device");
+                delete_tap(&rtnl, &link.name);
+            }
+        } else if link.name.starts_with(BRIDGE_PREFIX) && link.is_bridge() && !networks.contains(&link.name) {
+            tracing::info!(bridge = %link.name, "deleting orphan bridge");
+            if let Err(e) = rtnl.delete_link(link.index, &link.name) {
+                tracing::warn!(bridge = %link.name, error = %e, "cannot delete bridge");
+            }
+        }
+    }
+    if root.networks()?.is_empty() {
+        nft::delete_table()?;
+    }
+    Ok(())
+}
+
+/// Tears down every named network of this network namespace, whoever uses it, plus all
+/// `mvtap-*`/`mvbr-*` devices and the nft table. Meant for tests and manual recovery:
+/// running VMs lose their networking.
+pub fn teardown_all() -> Result<(), NetError> {
+    let root = StateRoot::open()?;
+    let _lock = root.lock()?;
+    let rtnl = Rtnl::new()?;
+    for name in root.networks()? {
+        for u in root.read_users(&name)? {
+            delete_tap(&rtnl, &u.tap);
+        }
+        teardown_network(&root, &rtnl, &name);
+    }
+    for link in rtnl.links()? {
+        if link.name.starts_with(TAP_PREFIX) && link.is_tun() {
+            delete_tap(&rtnl, &link.name);
+        } else if link.name.starts_with(BRIDGE_PREFIX) && link.is_bridge() {
+            if let Err(e) = rtnl.delete_link(link.index, &link.name) {
+                tracing::warn!(bridge = %link.name, error = %e, "cannot delete bridge");
+            }
+        }
+    }
+    nft::delete_table()?;
+    Ok(())
+}

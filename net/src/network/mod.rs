@@ -1,0 +1,389 @@
+//! Named networks (`nat:NAME`, `host-only:NAME`): the bridge, its gateway address, NAT
+//! rules, DHCP, and the shared, refcounted state that lets several microvm processes use one
+//! network. Everything runs under the namespace-wide state lock.
+
+mod cleanup;
+mod pick;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use cleanup::{cleanup_stale, teardown_all};
+
+use crate::bridge::{Link, Rtnl};
+use crate::dhcp::{self, DhcpNetwork, DhcpRegistration};
+use crate::nft::{self, NftNetwork};
+use crate::spec::{MacAddr, NetMode, NetSpec, Subnet, BRIDGE_PREFIX};
+use crate::state::{self, NetKind, NetworkRecord, StateRoot, UserEntry};
+use crate::tap::{self, Tap, TapError};
+use crate::{BridgeError, NetError};
+use pick::Taken;
+
+/// Errors setting up a named network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("subnet {subnet} for network {name} collides with {with}")]
+    SubnetInUse { name: String, subnet: Subnet, with: String },
+    #[error("no free subnet in 10.200.0.0/16 for network {name}; pass subnet=A.B.C.0/24")]
+    NoFreeSubnet { name: String },
+    #[error("network {name}: the host has no IPv4 default route to masquerade through; pass uplink=IFACE")]
+    NoDefaultRoute { name: String },
+    #[error("network {name} already exists as {existing}, not {requested}")]
+    ModeMismatch { name: String, existing: &'static str, requested: &'static str },
+    #[error("network {name} already exists with subnet {existing}, not {requested}")]
+    SubnetMismatch { name: String, existing: Subnet, requested: Subnet },
+    #[error("network {name} already exists with uplink {existing}, not {requested}")]
+    UplinkMismatch { name: String, existing: String, requested: String },
+    #[error("network {name} is in use but its bridge {bridge} is gone; stop its VMs or delete {bridge}'s state")]
+    BridgeMissing { name: String, bridge: String },
+    #[error("cannot enable IPv4 forwarding (net.ipv4.ip_forward)")]
+    IpForward(#[source] io::Error),
+}
+
+impl NetworkError {
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, NetworkError::BridgeMissing { .. } | NetworkError::IpForward(_))
+    }
+}
+
+/// Name of the bridge of network `name`.
+pub(crate) fn bridge_name(name: &str) -> String {
+    format!("{BRIDGE_PREFIX}{name}")
+}
+
+fn need_net_admin(mode: &'static str) -> Result<(), NetError> {
+    if crate::caps::has_net_admin() {
+        Ok(())
+    } else {
+        Err(NetError::NotPermitted { mode })
+    }
+}
+
+/// Read-only checks behind [`NetSpec::validate`].
+pub(crate) fn preflight(spec: &NetSpec) -> Result<(), NetError> {
+    match &spec.mode {
+        NetMode::None => Ok(()),
+        NetMode::Tap { name } => {
+            let rtnl = Rtnl::new()?;
+            check_existing_tap(&rtnl, name)
+        }
+        NetMode::Bridge { bridge } => {
+            need_net_admin("bridge=BR")?;
+            Rtnl::new()?.existing_bridge(bridge)?;
+            Ok(())
+        }
+        NetMode::Nat { uplink, tap, .. } => {
+            need_net_admin("nat")?;
+            let rtnl = Rtnl::new()?;
+            if let Some(u) = uplink {
+                if rtnl.link(u)?.is_none() {
+                    return Err(BridgeError::NoSuchInterface { name: u.clone() }.into());
+                }
+            }
+            check_free_name(&rtnl, tap.as_deref())
+        }
+        NetMode::HostOnly { tap, .. } => {
+            need_net_admin("host-only")?;
+            check_free_name(&Rtnl::new()?, tap.as_deref())
+        }
+    }
+}
+
+fn check_free_name(rtnl: &Rtnl, tap: Option<&str>) -> Result<(), NetError> {
+    match tap {
+        Some(t) if rtnl.link(t)?.is_some() => Err(TapError::NameTaken { name: t.to_string() }.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The existing TAP `name`, or NotFound / NotTap.
+pub(crate) fn check_existing_tap(rtnl: &Rtnl, name: &str) -> Result<(), NetError> {
+    match rtnl.link(name)? {
+        Some(l) if l.is_tun() => Ok(()),
+        Some(_) => Err(TapError::NotTap { name: name.to_string() }.into()),
+        None => Err(TapError::NotFound { name: name.to_string() }.into()),
+    }
+}
+
+/// Deletes a TAP we created if it still exists after its fd closed (e.g. the fd leaked
+/// into another process). Runs on drop.
+#[derive(Debug)]
+pub(crate) struct TapCleanup {
+    pub name: String,
+}
+
+impl Drop for TapCleanup {
+    fn drop(&mut self) {
+        let res = Rtnl::new().and_then(|r| match r.link(&self.name)? {
+            Some(l) if l.is_tun() => r.delete_link(l.index, &self.name),
+            _ => Ok(()),
+        });
+        if let Err(e) = res {
+            tracing::warn!(tap = %self.name, error = %e, "cannot delete TAP device");
+        }
+    }
+}
+
+static TAP_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Creates a TAP: `explicit` name or a fresh `mvtap-<pid>-<n>`; refuses names in use.
+pub(crate) fn create_tap(rtnl: &Rtnl, explicit: Option<&str>) -> Result<(Tap, TapCleanup), NetError> {
+    let name = match explicit {
+        Some(n) => {
+            check_free_name(rtnl, Some(n))?;
+            n.to_string()
+        }
+        None => {
+            let pid = std::process::id();
+            let mut found = None;
+            for _ in 0..1000 {
+                let n = TAP_COUNTER.fetch_add(1, Ordering::Relaxed);
+                let candidate = tap::tap_name_for(pid, n);
+                if candidate.len() <= 15 && rtnl.link(&candidate)?.is_none() {
+                    found = Some(candidate);
+                    break;
+                }
+            }
+            found.ok_or(TapError::NoFreeName)?
+        }
+    };
+    let tap = Tap::create(&name)?;
+    Ok((tap, TapCleanup { name }))
+}
+
+/// This process's membership in a named network. Dropping it removes the user entry and
+/// tears the network down if no live user remains.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    root: StateRoot,
+    name: String,
+    entry: UserEntry,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let res = (|| -> Result<(), NetError> {
+            let _lock = self.root.lock()?;
+            let rtnl = Rtnl::new()?;
+            let mut users = self.root.read_users(&self.name)?;
+            users.retain(|u| u != &self.entry);
+            self.root.write_users(&self.name, &users)?;
+            let live = cleanup::prune_users(&self.root, &rtnl, &self.name)?;
+            if live.is_empty() {
+                cleanup::teardown_network(&self.root, &rtnl, &self.name);
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            tracing::warn!(network = %self.name, error = %e, "cannot release network");
+        }
+    }
+}
+
+/// Undoes a network created by this call unless committed.
+struct NewNetworkGuard<'a> {
+    root: &'a StateRoot,
+    rtnl: &'a Rtnl,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for NewNetworkGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(network = %self.name, "rolling back network setup");
+            cleanup::teardown_network(self.root, self.rtnl, &self.name);
+        }
+    }
+}
+
+/// Everything `attach` gets from joining a named network, in drop order.
+#[derive(Debug)]
+pub(crate) struct Joined {
+    pub dhcp: DhcpRegistration,
+    pub tap: Tap,
+    pub tap_cleanup: TapCleanup,
+    pub membership: Membership,
+    pub subnet: Subnet,
+    pub bridge: String,
+}
+
+/// What the spec asks of a named network.
+pub(crate) struct JoinRequest<'a> {
+    pub kind: NetKind,
+    pub name: &'a str,
+    pub subnet: Option<Subnet>,
+    pub uplink: Option<&'a str>,
+    pub tap: Option<&'a str>,
+    pub mac: MacAddr,
+    pub vm_id: &'a str,
+}
+
+/// Joins (creating if needed) a named network and plugs a new TAP into it.
+pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
+    need_net_admin(req.kind.as_str())?;
+    let rtnl = Rtnl::new()?;
+    let root = StateRoot::open()?;
+    let _lock = root.lock()?;
+    let bridge = bridge_name(req.name);
+
+    let live = cleanup::prune_users(&root, &rtnl, req.name)?;
+    if live.is_empty() && root.read_record(req.name).ok().flatten().is_some() {
+        tracing::info!(network = req.name, "removing leftovers of a network without live users");
+        cleanup::teardown_network(&root, &rtnl, req.name);
+    }
+    let mut guard = NewNetworkGuard { root: &root, rtnl: &rtnl, name: req.name.to_string(), armed: false };
+    let (record, br) = match root.read_record(req.name)? {
+        Some(rec) => {
+            check_same(req, &rec)?;
+            let br = match rtnl.link(&bridge)? {
+                Some(l) if l.is_bridge() => l,
+                _ => return Err(NetworkError::BridgeMissing { name: req.name.to_string(), bridge }.into()),
+            };
+            (rec, br)
+        }
+        None => {
+            guard.armed = true;
+            create_network(&root, &rtnl, req, &bridge)?
+        }
+    };
+
+    let (tap, tap_cleanup) = create_tap(&rtnl, req.tap)?;
+    rtnl.set_master(tap.index(), tap.name(), br.index)?;
+    let dhcp = dhcp::register(
+        &DhcpNetwork {
+            name: req.name.to_string(),
+            bridge: bridge.clone(),
+            subnet: record.subnet,
+            lease_path: root.net_dir(req.name).join("leases"),
+            offer_dns: record.kind == NetKind::Nat,
+        },
+        req.mac,
+    )?;
+    let (pid, start) = state::self_identity();
+    let entry = UserEntry { pid, start, tap: tap.name().to_string(), vm_id: req.vm_id.to_string() };
+    let mut users = root.read_users(req.name)?;
+    users.push(entry.clone());
+    root.write_users(req.name, &users)?;
+    guard.armed = false;
+    drop(guard);
+    tracing::info!(network = req.name, tap = tap.name(), mac = %req.mac, subnet = %record.subnet, "joined network");
+    Ok(Joined {
+        dhcp,
+        tap,
+        tap_cleanup,
+        membership: Membership { root: root.clone(), name: req.name.to_string(), entry },
+        subnet: record.subnet,
+        bridge,
+    })
+}
+
+/// An existing network must match what the spec asks for explicitly.
+fn check_same(req: &JoinRequest<'_>, rec: &NetworkRecord) -> Result<(), NetworkError> {
+    let name = req.name.to_string();
+    if rec.kind != req.kind {
+        return Err(NetworkError::ModeMismatch { name, existing: rec.kind.as_str(), requested: req.kind.as_str() });
+    }
+    if let Some(s) = req.subnet.filter(|s| *s != rec.subnet) {
+        return Err(NetworkError::SubnetMismatch { name, existing: rec.subnet, requested: s });
+    }
+    if let (Some(want), Some(have)) = (req.uplink, rec.uplink.as_deref()) {
+        if want != have {
+            return Err(NetworkError::UplinkMismatch { name, existing: have.to_string(), requested: want.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Creates bridge, gateway address, forwarding, nft rules and the state record.
+/// On error the caller's guard tears down whatever exists.
+fn create_network(
+    root: &StateRoot,
+    rtnl: &Rtnl,
+    req: &JoinRequest<'_>,
+    bridge: &str,
+) -> Result<(NetworkRecord, Link), NetError> {
+    // A bridge without a state record is a leftover of a crash: recreate it from scratch.
+    if let Some(old) = rtnl.link(bridge)? {
+        if old.is_bridge() {
+            tracing::warn!(bridge, "deleting stale bridge without state");
+            rtnl.delete_link(old.index, bridge)?;
+        } else {
+            return Err(BridgeError::NameInUse { name: bridge.to_string() }.into());
+        }
+    }
+    let taken = taken_space(root, rtnl, req.name)?;
+    let subnet = match req.subnet {
+        Some(s) => {
+            if let Some(hit) = pick::collision(s, &taken) {
+                return Err(NetworkError::SubnetInUse { name: req.name.to_string(), subnet: s, with: hit.what.clone() }.into());
+            }
+            s
+        }
+        None => pick::pick(&taken).ok_or_else(|| NetworkError::NoFreeSubnet { name: req.name.to_string() })?,
+    };
+    let uplink = match req.kind {
+        NetKind::HostOnly => None,
+        NetKind::Nat => Some(find_uplink(rtnl, req)?),
+    };
+    let record = NetworkRecord { kind: req.kind, subnet, uplink: uplink.clone() };
+    // Write the record first so a crash mid-setup leaves something cleanup can find.
+    root.write_record(req.name, &record)?;
+    let index = rtnl.create_bridge(bridge)?;
+    rtnl.add_address(index, bridge, subnet.gateway(), Subnet::PREFIX_LEN)?;
+    rtnl.set_up(index, bridge)?;
+    if record.kind == NetKind::Nat {
+        // Not reverted at teardown: other software may rely on it and we cannot know
+        // whether it was on before.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetworkError::IpForward)?;
+    }
+    nft::add_network(&NftNetwork { name: req.name.to_string(), bridge: bridge.to_string(), subnet, uplink })?;
+    let link = rtnl
+        .link(bridge)?
+        .ok_or_else(|| NetworkError::BridgeMissing { name: req.name.to_string(), bridge: bridge.to_string() })?;
+    tracing::info!(network = req.name, bridge, %subnet, kind = record.kind.as_str(), "created network");
+    Ok((record, link))
+}
+
+/// The uplink: `uplink=` (must exist) or the default route's interface.
+fn find_uplink(rtnl: &Rtnl, req: &JoinRequest<'_>) -> Result<String, NetError> {
+    if let Some(u) = req.uplink {
+        return match rtnl.link(u)? {
+            Some(_) => Ok(u.to_string()),
+            None => Err(BridgeError::NoSuchInterface { name: u.to_string() }.into()),
+        };
+    }
+    let oif = rtnl
+        .default_route_oif()?
+        .ok_or_else(|| NetworkError::NoDefaultRoute { name: req.name.to_string() })?;
+    let link = rtnl
+        .link_by_index(oif)?
+        .ok_or_else(|| NetworkError::NoDefaultRoute { name: req.name.to_string() })?;
+    // Kernel names may hold characters we refuse to put in nft rules.
+    crate::spec::check_ifname("uplink", &link.name)?;
+    Ok(link.name)
+}
+
+/// Address space used on the host: routes, addresses, and other microvm networks.
+fn taken_space(root: &StateRoot, rtnl: &Rtnl, own: &str) -> Result<Vec<Taken>, NetError> {
+    let links = rtnl.links()?;
+    let name_of = |idx: Option<u32>| {
+        idx.and_then(|i| links.iter().find(|l| l.index == i)).map_or_else(|| "?".to_string(), |l| l.name.clone())
+    };
+    let mut taken = Vec::new();
+    for r in rtnl.ipv4_routes()? {
+        taken.push(Taken { net: r.dst, what: format!("route {} dev {}", r.dst, name_of(r.oif)) });
+    }
+    for (idx, net) in rtnl.ipv4_addresses()? {
+        taken.push(Taken { net: net.trunc(), what: format!("address {net} on {}", name_of(Some(idx))) });
+    }
+    for other in root.networks()? {
+        if other == own {
+            continue;
+        }
+        if let Ok(Some(rec)) = root.read_record(&other) {
+            taken.push(Taken { net: rec.subnet.as_net(), what: format!("microvm network {other}") });
+        }
+    }
+    Ok(taken)
+}

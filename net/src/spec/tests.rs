@@ -1,0 +1,123 @@
+use super::*;
+
+fn p(s: &str) -> Result<NetSpec, SpecError> {
+    s.parse()
+}
+
+#[test]
+fn nat_full() {
+    let spec = p("nat:lab,subnet=10.77.0.0/24,mac=52:54:00:12:34:56,rate=50Mbit").unwrap();
+    assert_eq!(
+        spec.mode,
+        NetMode::Nat {
+            name: "lab".into(),
+            subnet: Some("10.77.0.0/24".parse().unwrap()),
+            uplink: None,
+            tap: None
+        }
+    );
+    assert_eq!(spec.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+    assert_eq!(spec.rate.bytes_per_sec, Some(6_250_000));
+    assert_eq!(spec.rate.ops_per_sec, None);
+    assert_eq!(spec.network_name(), Some("lab"));
+}
+
+#[test]
+fn defaults() {
+    let spec = p("nat").unwrap();
+    assert_eq!(spec.network_name(), Some(DEFAULT_NETWORK));
+    assert!(spec.rate.is_unlimited());
+    let spec = p("host-only").unwrap();
+    assert!(matches!(spec.mode, NetMode::HostOnly { ref name, .. } if name == "default"));
+    assert!(p("none").unwrap().is_none());
+}
+
+#[test]
+fn other_modes() {
+    let spec = p("bridge=br0,pps=1000").unwrap();
+    assert_eq!(spec.mode, NetMode::Bridge { bridge: "br0".into() });
+    assert_eq!(spec.rate.ops_per_sec, Some(1000));
+    let spec = p("tap=tap0,mac=02:00:00:00:00:01,rate=5MB").unwrap();
+    assert_eq!(spec.mode, NetMode::Tap { name: "tap0".into() });
+    assert_eq!(spec.rate.bytes_per_sec, Some(5_000_000));
+    let spec = p("nat:x,uplink=eth0,tap=mytap").unwrap();
+    assert_eq!(
+        spec.mode,
+        NetMode::Nat { name: "x".into(), subnet: None, uplink: Some("eth0".into()), tap: Some("mytap".into()) }
+    );
+    let spec = p("host-only:h1,subnet=192.168.50.0/24,tap=t").unwrap();
+    assert!(matches!(spec.mode, NetMode::HostOnly { tap: Some(_), subnet: Some(_), .. }));
+}
+
+#[test]
+fn errors() {
+    assert_eq!(p(""), Err(SpecError::Empty));
+    assert!(matches!(p("foo"), Err(SpecError::UnknownMode { .. })));
+    assert!(matches!(p("nat=x"), Err(SpecError::UnknownMode { .. })));
+    assert!(matches!(p("bridge"), Err(SpecError::UnknownMode { .. })));
+    assert!(matches!(p("bridge:br0"), Err(SpecError::UnknownMode { .. })));
+    assert!(matches!(p("none:x"), Err(SpecError::UnknownMode { .. })));
+    assert!(matches!(p("none,mac=52:54:00:00:00:01"), Err(SpecError::UnknownOption { .. })));
+    assert!(matches!(p("host-only,uplink=eth0"), Err(SpecError::UnknownOption { .. })));
+    assert!(matches!(p("bridge=br0,subnet=10.1.2.0/24"), Err(SpecError::UnknownOption { .. })));
+    assert!(matches!(p("nat,colour=red"), Err(SpecError::UnknownOption { .. })));
+    assert!(matches!(p("nat,rate=1Mbit,rate=2Mbit"), Err(SpecError::DuplicateOption { .. })));
+    assert!(matches!(p("nat,rate="), Err(SpecError::MissingValue { .. })));
+    assert!(matches!(p("nat,rate"), Err(SpecError::MissingValue { .. })));
+    assert!(matches!(p("nat:"), Err(SpecError::InvalidNetworkName { .. })));
+    assert!(matches!(p("nat:elevenchars"), Err(SpecError::InvalidNetworkName { .. })));
+    assert!(matches!(p("nat:a b"), Err(SpecError::InvalidNetworkName { .. })));
+    assert!(matches!(p("nat:-x"), Err(SpecError::InvalidNetworkName { .. })));
+    assert!(matches!(p("bridge="), Err(SpecError::InvalidIfName { .. })));
+    assert!(matches!(p("tap=sixteen_chars_xx"), Err(SpecError::InvalidIfName { .. })));
+    assert!(matches!(p("nat,uplink=e\"th0"), Err(SpecError::InvalidIfName { .. })));
+    assert!(matches!(p("nat,mac=01:00:00:00:00:01"), Err(SpecError::InvalidMac { .. })));
+    assert!(matches!(p("nat,subnet=10.0.0.0/8"), Err(SpecError::InvalidSubnet { .. })));
+    assert!(matches!(p("nat,rate=fast"), Err(SpecError::InvalidRate { .. })));
+    assert!(matches!(p("nat,pps=0"), Err(SpecError::InvalidPps { .. })));
+}
+
+#[test]
+fn ten_char_name_fits() {
+    let spec = p("nat:abcdefghij").unwrap();
+    let bridge = format!("{BRIDGE_PREFIX}{}", spec.network_name().unwrap());
+    assert_eq!(bridge.len(), 15);
+}
+
+#[test]
+fn messages_are_one_line_and_helpful() {
+    let e = p("foo").unwrap_err().to_string();
+    assert!(e.contains("nat[:NAME]") && !e.contains('\n'), "{e}");
+    let e = p("host-only,uplink=eth0").unwrap_err().to_string();
+    assert!(e.contains("uplink") && e.contains("host-only") && e.contains("subnet"), "{e}");
+}
+
+#[test]
+fn display_round_trips() {
+    for s in [
+        "nat:lab,subnet=10.77.0.0/24,mac=52:54:00:12:34:56,rate=50Mbit,pps=100",
+        "nat,uplink=eth0,tap=t0",
+        "host-only:h,tap=t1",
+        "bridge=br0,rate=1GB",
+        "tap=tap0",
+        "none",
+    ] {
+        let spec = p(s).unwrap();
+        assert_eq!(p(&spec.to_string()).unwrap(), spec, "{s} -> {spec}");
+    }
+}
+
+#[test]
+fn mac_for_uses_explicit_or_derived() {
+    let spec = p("nat").unwrap();
+    assert_eq!(spec.mac_for("vm1", 0), MacAddr::derived("vm1", 0));
+    let spec = p("nat,mac=02:00:00:00:00:09").unwrap();
+    assert_eq!(spec.mac_for("vm1", 0), MacAddr([2, 0, 0, 0, 0, 9]));
+}
+
+#[test]
+fn no_panic_on_garbage() {
+    for s in [",", ",,,", "nat,,", "nat:,", "=", ":", "nat:x:y", "tap=,", "bridge==", "\u{00e9}", "nat,=x"] {
+        let _ = p(s);
+    }
+}

@@ -1,0 +1,313 @@
+//! Shared on-disk state of named networks, for several microvm processes on one host.
+//!
+//! ```text
+//! $MICROVM_RUN_DIR (default /run/microvm)/<netns inode>/
+//!     lock                 flock'ed around every network setup/teardown (never deleted)
+//!     net/NAME/network     mode, subnet, uplink
+//!     net/NAME/users       one line per attached NIC: pid starttime tap vm_id
+//!     net/NAME/leases      DHCP leases (see dhcp::lease), flock'ed on its own
+//! ```
+//! The network-namespace inode keeps namespaces apart: /run is shared by all of them.
+//! One lock for the whole namespace (not one per network) because subnet picking looks at
+//! every network, and because a lock file inside a directory that teardown deletes would
+//! let a waiter lock a deleted file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::spec::Subnet;
+
+/// Environment variable overriding `/run/microvm`.
+pub const RUN_DIR_ENV: &str = "MICROVM_RUN_DIR";
+const DEFAULT_RUN_DIR: &str = "/run/microvm";
+
+/// State-file errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state file {} is corrupt (line '{line}'); remove it or run microvm's stale cleanup", path.display())]
+    Corrupt { path: PathBuf, line: String },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {
+    move |source| StateError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The state directory of the calling thread's network namespace.
+#[derive(Clone, Debug)]
+pub(crate) struct StateRoot {
+    dir: PathBuf,
+}
+
+/// Holds the namespace-wide lock; released on drop (closing the fd drops the flock).
+#[derive(Debug)]
+pub(crate) struct StateLock {
+    _file: File,
+}
+
+impl StateRoot {
+    /// `$MICROVM_RUN_DIR/<netns inode>`, created if missing.
+    pub fn open() -> Result<StateRoot, StateError> {
+        let base = std::env::var_os(RUN_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
+        let ns = Path::new("/proc/self/ns/net");
+        let ino = fs::metadata(ns).map_err(io_err("identify the network namespace via", ns))?.ino();
+        let dir = base.join(ino.to_string());
+        let nets = dir.join("net");
+        fs::create_dir_all(&nets).map_err(io_err("create state directory", &nets))?;
+        Ok(StateRoot { dir })
+    }
+
+    /// Takes the namespace-wide lock (blocking).
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open lock file", &path))?;
+        file.lock().map_err(io_err("lock", &path))?;
+        Ok(StateLock { _file: file })
+    }
+
+    pub fn net_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("net").join(name)
+    }
+
+    /// Names of all networks with a state directory.
+    pub fn networks(&self) -> Result<Vec<String>, StateError> {
+        let nets = self.dir.join("net");
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&nets) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("list", &nets)(e)),
+        };
+        for entry in rd.flatten() {
+            if let Some(name) = entry.file_name().to_str() {
+                if crate::spec::check_network_name(name).is_ok() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn read_record(&self, name: &str) -> Result<Option<NetworkRecord>, StateError> {
+        let path = self.net_dir(name).join("network");
+        match read_opt(&path)? {
+            None => Ok(None),
+            Some(text) => NetworkRecord::parse(&text)
+                .map(Some)
+                .map_err(|line| StateError::Corrupt { path, line }),
+        }
+    }
+
+    pub fn write_record(&self, name: &str, rec: &NetworkRecord) -> Result<(), StateError> {
+        let dir = self.net_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err("create state directory", &dir))?;
+        write_atomic(&dir.join("network"), &rec.render())
+    }
+
+    pub fn read_users(&self, name: &str) -> Result<Vec<UserEntry>, StateError> {
+        let path = self.net_dir(name).join("users");
+        let text = read_opt(&path)?.unwrap_or_default();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match UserEntry::parse(line) {
+                Some(u) => out.push(u),
+                None => tracing::warn!(path = %path.display(), line, "ignoring corrupt users line"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn write_users(&self, name: &str, users: &[UserEntry]) -> Result<(), StateError> {
+        let dir = self.net_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err("create state directory", &dir))?;
+        let text: String = users.iter().map(|u| u.render() + "\n").collect();
+        write_atomic(&dir.join("users"), &text)
+    }
+
+    /// Removes a network's state directory (gone already is fine).
+    pub fn remove_network(&self, name: &str) -> Result<(), StateError> {
+        let dir = self.net_dir(name);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("remove", &dir)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, StateError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
+/// Write to a temp file then rename, so a crash never leaves a truncated file.
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), StateError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, text).map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("replace", path))
+}
+
+/// Kind of a named network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NetKind {
+    Nat,
+    HostOnly,
+}
+
+impl NetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetKind::Nat => "nat",
+            NetKind::HostOnly => "host-only",
+        }
+    }
+}
+
+/// The `network` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NetworkRecord {
+    pub kind: NetKind,
+    pub subnet: Subnet,
+    pub uplink: Option<String>,
+}
+
+impl NetworkRecord {
+    pub fn render(&self) -> String {
+        let mut s = format!("mode={}\nsubnet={}\n", self.kind.as_str(), self.subnet);
+        if let Some(u) = &self.uplink {
+            s += &format!("uplink={u}\n");
+        }
+        s
+    }
+
+    /// Parses the file; `Err(line)` names the offending line.
+    pub fn parse(text: &str) -> Result<NetworkRecord, String> {
+        let (mut kind, mut subnet, mut uplink) = (None, None, None);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line.split_once('=').ok_or_else(|| line.to_string())?;
+            match k {
+                "mode" if v == "nat" => kind = Some(NetKind::Nat),
+                "mode" if v == "host-only" => kind = Some(NetKind::HostOnly),
+                "subnet" => subnet = Some(v.parse::<Subnet>().map_err(|_| line.to_string())?),
+                "uplink" => {
+                    crate::spec::check_ifname("uplink", v).map_err(|_| line.to_string())?;
+                    uplink = Some(v.to_string());
+                }
+                _ => return Err(line.to_string()),
+            }
+        }
+        match (kind, subnet) {
+            (Some(kind), Some(subnet)) => Ok(NetworkRecord { kind, subnet, uplink }),
+            _ => Err("(missing mode or subnet)".to_string()),
+        }
+    }
+}
+
+/// One attached NIC of one process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UserEntry {
+    pub pid: u32,
+    /// Process start time (clock ticks since boot, /proc/PID/stat field 22): tells a live
+    /// owner from a new process that reused its pid.
+    pub start: u64,
+    pub tap: String,
+    pub vm_id: String,
+}
+
+impl UserEntry {
+    pub fn render(&self) -> String {
+        let vm: String = self.vm_id.chars().map(|c| if c.is_whitespace() { '_' } else { c }).collect();
+        format!("{} {} {} {}", self.pid, self.start, self.tap, if vm.is_empty() { "-" } else { &vm })
+    }
+
+    pub fn parse(line: &str) -> Option<UserEntry> {
+        let mut it = line.split_whitespace();
+        let pid = it.next()?.parse().ok()?;
+        let start = it.next()?.parse().ok()?;
+        let tap = it.next()?.to_string();
+        crate::spec::check_ifname("tap", &tap).ok()?;
+        let vm_id = it.next().unwrap_or("-").to_string();
+        Some(UserEntry { pid, start, tap, vm_id })
+    }
+
+    /// Whether the owning process still runs.
+    pub fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start)
+    }
+}
+
+/// Start time of `pid` from /proc/PID/stat, or `None` if there is no such process.
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of /proc/PID/stat. The command name (field 2) may contain spaces and
+/// parentheses, so count from the last ')'.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process's (pid, start time).
+pub(crate) fn self_identity() -> (u32, u64) {
+    let pid = std::process::id();
+    (pid, process_start_time(pid).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip() {
+        let r = NetworkRecord { kind: NetKind::Nat, subnet: Subnet::from_octets(10, 200, 3), uplink: Some("eth0".into()) };
+        assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
+        let r = NetworkRecord { kind: NetKind::HostOnly, subnet: Subnet::from_octets(10, 200, 4), uplink: None };
+        assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
+        assert!(NetworkRecord::parse("mode=nat\n").is_err());
+        assert!(NetworkRecord::parse("mode=weird\nsubnet=10.1.1.0/24").is_err());
+        assert!(NetworkRecord::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn user_round_trip() {
+        let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "vm 1".into() };
+        let parsed = UserEntry::parse(&u.render()).unwrap();
+        assert_eq!(parsed.vm_id, "vm_1");
+        assert_eq!(parsed.tap, u.tap);
+        assert!(UserEntry::parse("x 1 t").is_none());
+        assert!(UserEntry::parse("1 2").is_none());
+        assert!(UserEntry::parse("1 2 bad/name").is_none());
+    }
+
+    #[test]
+    fn start_time_parsing() {
+        let stat = "1234 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 20 21";
+        assert_eq!(parse_start_time(stat), Some(424242));
+        assert_eq!(parse_start_time("garbage"), None);
+        let (pid, start) = self_identity();
+        assert!(start > 0);
+        assert!(UserEntry { pid, start, tap: "t".into(), vm_id: "v".into() }.alive());
+        assert!(!UserEntry { pid, start: start + 1, tap: "t".into(), vm_id: "v".into() }.alive());
+    }
+}
