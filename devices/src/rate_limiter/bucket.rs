@@ -6,6 +6,9 @@
 use std::time::{Duration, Instant};
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
+/// Longest delay the bucket ever computes (~136 years): keeps `Instant` arithmetic and timer
+/// values far from overflow whatever the token counts.
+const MAX_DELAY_NS: u128 = (1u128 << 32) * NANOS_PER_SEC;
 
 /// Configuration of one [`TokenBucket`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +142,7 @@ impl TokenBucket {
             // Oversized request on a full bucket: allow it, then owe the excess.
             let debt_ns = u128::from(tokens - self.size) * NANOS_PER_SEC / u128::from(self.rate);
             self.budget = 0;
-            self.last_update = now + nanos_to_duration(debt_ns);
+            self.last_update = now.checked_add(nanos_to_duration(debt_ns)).unwrap_or(now);
             return BucketReduction::Success;
         }
         BucketReduction::Failure(self.time_until(tokens.min(self.size), now))
@@ -161,11 +164,12 @@ impl TokenBucket {
         let missing = tokens.saturating_sub(self.budget);
         // Round up so the timer never fires before the tokens are there.
         let ns = (u128::from(missing) * NANOS_PER_SEC).div_ceil(u128::from(self.rate));
-        pending + nanos_to_duration(ns)
+        pending.saturating_add(nanos_to_duration(ns))
     }
 }
 
 fn nanos_to_duration(ns: u128) -> Duration {
+    let ns = ns.min(MAX_DELAY_NS);
     let secs = u64::try_from(ns / NANOS_PER_SEC).unwrap_or(u64::MAX);
     // The remainder is < 1e9 and fits in u32.
     Duration::new(secs, (ns % NANOS_PER_SEC) as u32)
@@ -272,6 +276,30 @@ mod tests {
         assert_eq!(
             b.reduce_at(5000, t0),
             BucketReduction::Failure(Duration::from_millis(1))
+        );
+    }
+
+    #[test]
+    fn huge_values_do_not_overflow() {
+        let t0 = Instant::now();
+        let mut b = bucket(1, u64::MAX, 0, t0);
+        assert_eq!(b.reduce_at(u64::MAX, t0), BucketReduction::Success);
+        assert!(matches!(
+            b.reduce_at(u64::MAX, t0),
+            BucketReduction::Failure(_)
+        ));
+        let mut b = bucket(1, 1, 0, t0);
+        assert_eq!(b.reduce_at(u64::MAX, t0), BucketReduction::Success);
+        match b.reduce_at(1, t0) {
+            BucketReduction::Failure(d) => assert!(d.as_secs() >= 1 << 32),
+            BucketReduction::Success => panic!("debt ignored"),
+        }
+        let mut b = bucket(u64::MAX, u64::MAX, u64::MAX, t0);
+        assert_eq!(b.reduce_at(u64::MAX, t0), BucketReduction::Success);
+        assert_eq!(b.reduce_at(u64::MAX, t0), BucketReduction::Success);
+        assert_eq!(
+            b.reduce_at(1, t0 + Duration::from_secs(1000)),
+            BucketReduction::Success
         );
     }
 

@@ -339,6 +339,14 @@ mod tests {
     }
 
     #[test]
+    fn huge_request_arms_a_valid_timer() {
+        let mut rl = RateLimiter::new(RateLimiterConfig::simple(1, 0)).unwrap();
+        assert!(rl.consume(u64::MAX, TokenType::Bytes));
+        assert!(!rl.consume(u64::MAX, TokenType::Bytes));
+        assert!(rl.is_blocked(), "timer armed despite the huge delay");
+    }
+
+    #[test]
     fn ops_limit() {
         let t0 = Instant::now();
         let mut rl = RateLimiter::new_at(RateLimiterConfig::simple(0, 5), t0).unwrap();
