@@ -164,6 +164,10 @@ impl Drop for Membership {
     fn drop(&mut self) {
         let res = (|| -> Result<(), NetError> {
             let _lock = self.root.lock()?;
+            if self.root.read_record(&self.name)?.is_none() {
+                // Already torn down (teardown_all, or cleanup by another process).
+                return Ok(());
+            }
             let rtnl = Rtnl::new()?;
             let mut users = self.root.read_users(&self.name)?;
             users.retain(|u| u != &self.entry);

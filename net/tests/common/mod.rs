@@ -1,0 +1,172 @@
+//! Helpers for namespaced integration tests.
+//!
+//! Safety model: every link, address, route, nft rule and packet these tests create lives in
+//! network namespaces the test itself creates (`mvtest-<random>-<tag>`) and deletes on drop,
+//! even when the test fails. Code under test runs in a child process started with
+//! `ip netns exec NS <this test binary> --exact <inner test>`; inner tests refuse to run
+//! unless `MVTEST_INNER=1` is set AND they are outside the initial network namespace.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const INNER_ENV: &str = "MVTEST_INNER";
+
+fn unique() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{:x}{:x}", std::process::id() % 0xffff, nanos % 0xfffff)
+}
+
+/// A network namespace deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("mvtest-{}-{tag}", unique());
+        sh(&format!("ip netns add {name}"));
+        let ns = Netns { name };
+        ns.sh("ip link set lo up");
+        ns
+    }
+
+    /// Runs `sh -c cmd` inside the namespace; panics on failure.
+    pub fn sh(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
+    }
+
+    /// Like `sh` but returns success instead of panicking.
+    pub fn try_sh(&self, cmd: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs the inner test `test` of this binary inside the namespace, with `envs`.
+    pub fn run_inner(&self, test: &str, envs: &[(&str, &str)]) {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(&exe)
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(INNER_ENV, "1");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = wait_timeout(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"), 120);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("--- inner {test} stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+        assert!(out.status.success(), "inner test {test} failed");
+        assert!(stdout.contains("1 passed"), "inner test {test} did not run");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A temporary directory removed on drop (used as MICROVM_RUN_DIR).
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("mvtest-{}", unique()));
+        std::fs::create_dir_all(&path).expect("mkdir");
+        TempDir { path }
+    }
+
+    pub fn str(&self) -> &str {
+        self.path.to_str().expect("utf8 path")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Runs `sh -c cmd` in the current namespace; panics with its output on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("run sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `sh -c cmd` success, output ignored.
+pub fn try_sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Waits up to `secs` for the child, killing it on timeout.
+pub fn wait_timeout(mut child: Child, secs: u64) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn ns_inode(path: &str) -> u64 {
+    std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
+}
+
+/// For inner tests: `false` (skip) unless started by `run_inner`. Panics if asked to run
+/// in the initial network namespace.
+pub fn inner() -> bool {
+    if std::env::var(INNER_ENV).as_deref() != Ok("1") {
+        return false;
+    }
+    let own = ns_inode("/proc/self/ns/net");
+    let init = ns_inode("/proc/1/ns/net");
+    assert!(own != 0 && own != init, "refusing to run a namespaced test in the initial network namespace");
+    true
+}
+
+/// Whether interface `name` exists in the current namespace.
+pub fn link_exists(name: &str) -> bool {
+    try_sh(&format!("ip link show dev {name}"))
+}
+
+/// Polls `f` for up to `secs`.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

@@ -1,0 +1,340 @@
+//! Namespaced integration tests: real bridges, TAPs, nft rules and DHCP traffic, all inside
+//! network namespaces created (and deleted) by each test. See `common` for the safety model.
+//!
+//! Outer tests (`nat_end_to_end`, ...) build namespaces and run an `inner_*` test of this
+//! binary inside them; `inner_*` tests do nothing when run directly.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
+
+fn env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
+}
+
+fn nft_table_exists() -> bool {
+    try_sh("nft list table ip microvm")
+}
+
+fn master_of(link: &str) -> String {
+    let out = sh(&format!("ip -o link show dev {link}"));
+    out.split_whitespace()
+        .skip_while(|w| *w != "master")
+        .nth(1)
+        .unwrap_or("")
+        .to_string()
+}
+
+fn state_dir_of(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    Path::new(&env("MICROVM_RUN_DIR")).join(ino.to_string()).join("net").join(name)
+}
+
+/// Gives a namespace a default route through a veth to an "internet" namespace.
+fn wire_internet(host: &Netns, inet: &Netns) {
+    host.sh(&format!("ip link add up0 type veth peer name down0 netns {}", inet.name));
+    host.sh("ip addr add 198.51.100.2/24 dev up0 && ip link set up0 up && ip route add default via 198.51.100.1");
+    inet.sh("ip addr add 198.51.100.1/24 dev down0 && ip link set down0 up");
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn nat_end_to_end() {
+    let host = Netns::new("host");
+    let inet = Netns::new("inet");
+    let guest = Netns::new("guest");
+    let run = TempDir::new();
+    wire_internet(&host, &inet);
+    host.run_inner(
+        "inner_nat_end_to_end",
+        &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_GUEST_NS", &guest.name), ("MVTEST_TMP", run.str())],
+    );
+}
+
+#[test]
+fn inner_nat_end_to_end() {
+    if !inner() {
+        return;
+    }
+    let guest_ns = env("MVTEST_GUEST_NS");
+    let tmp = env("MVTEST_TMP");
+    net::cleanup_stale().unwrap();
+
+    let spec: net::NetSpec = "nat:t1,rate=50Mbit".parse().unwrap();
+    spec.validate().unwrap();
+    let att = net::attach(&spec, "vm-e2e", 0).unwrap();
+    let tap = att.tap_name().to_string();
+    let subnet = att.subnet().unwrap();
+    assert_eq!(subnet.to_string(), "10.200.0.0/24", "first free auto subnet");
+    assert!(link_exists("mvbr-t1"));
+    assert_eq!(master_of(&tap), "mvbr-t1");
+    assert!(tap.starts_with("mvtap-") && tap.len() <= 15, "{tap}");
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).unwrap();
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 0x5002, 0x5002, "IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, got {flags:#x}");
+    att.set_offload(net::TUN_F_CSUM | net::TUN_F_TSO4 | net::TUN_F_TSO6).unwrap();
+    assert!(sh("ip -o -4 addr show dev mvbr-t1").contains("10.200.0.1/24"));
+    let rules = sh("nft list table ip microvm");
+    assert!(rules.contains("masquerade") && rules.contains("up0"), "{rules}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "1");
+    assert!(net::dhcp_server_running("t1"));
+
+    // Fake guest: a veth plugged into the bridge, the other end in the guest namespace
+    // carrying the attachment's MAC, so our DHCP server answers it.
+    let mac = net::MacAddr(att.mac()).to_string();
+    sh(&format!("ip link add gv0 type veth peer name gv1 netns {guest_ns}"));
+    sh("ip link set gv0 master mvbr-t1 && ip link set gv0 up");
+    sh(&format!("ip -n {guest_ns} link set gv1 address {mac} && ip -n {guest_ns} link set gv1 up"));
+    let script = format!("{tmp}/udhcpc.sh");
+    let out = format!("{tmp}/udhcpc.out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 ip=$ip subnet=$subnet router=$router dns=$dns\" >> {out}\n\
+             if [ \"$1\" = bound ]; then ip addr add $ip/24 dev $interface; ip route add default via $router; fi\n"
+        ),
+    )
+    .unwrap();
+    sh(&format!("chmod +x {script}"));
+    let dhcp = Command::new("ip")
+        .args(["netns", "exec", &guest_ns, "busybox", "udhcpc", "-i", "gv1", "-f", "-q", "-n", "-t", "5", "-T", "2", "-s", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dhcp = common::wait_timeout(dhcp, 60);
+    println!("udhcpc: {}{}", String::from_utf8_lossy(&dhcp.stdout), String::from_utf8_lossy(&dhcp.stderr));
+    assert!(dhcp.status.success(), "udhcpc got no lease");
+    let result = std::fs::read_to_string(&out).unwrap();
+    let bound = result.lines().find(|l| l.starts_with("bound")).expect("bound line");
+    let ip: std::net::Ipv4Addr = bound.split_whitespace().nth(1).unwrap().trim_start_matches("ip=").parse().unwrap();
+    assert!(subnet.contains(ip) && ip.octets()[3] >= 2, "{bound}");
+    assert!(bound.contains("subnet=255.255.255.0") && bound.contains("router=10.200.0.1"), "{bound}");
+    let leases = std::fs::read_to_string(state_dir_of("t1").join("leases")).unwrap();
+    assert!(leases.contains(&mac) && leases.contains(&ip.to_string()), "{leases}");
+
+    // Traffic: guest -> gateway, and guest -> "internet" through the masquerade (the
+    // internet namespace has no route back to 10.200.0.0/24, so a reply proves NAT).
+    sh(&format!("ip netns exec {guest_ns} busybox ping -c 1 -W 2 10.200.0.1"));
+    sh(&format!("ip netns exec {guest_ns} busybox ping -c 1 -W 2 198.51.100.1"));
+
+    drop(att);
+    assert!(!net::dhcp_server_running("t1"));
+    assert!(!link_exists("mvbr-t1"), "bridge left behind");
+    assert!(!link_exists(&tap), "TAP left behind");
+    assert!(!nft_table_exists(), "nft table left behind");
+    assert!(!state_dir_of("t1").exists(), "state left behind");
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn shared_network_refcount() {
+    let host = Netns::new("share");
+    let inet = Netns::new("sinet");
+    let run = TempDir::new();
+    wire_internet(&host, &inet);
+    host.run_inner("inner_shared_network_refcount", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
+}
+
+/// Holds an attachment of MVTEST_SPEC until MVTEST_TMP/release exists (started as a child
+/// process by other inner tests, inside their namespace).
+#[test]
+fn inner_hold() {
+    if !inner() {
+        return;
+    }
+    let tmp = env("MVTEST_TMP");
+    let spec: net::NetSpec = env("MVTEST_SPEC").parse().unwrap();
+    let att = net::attach(&spec, "vm-holder", 0).unwrap();
+    std::fs::write(format!("{tmp}/ready"), att.tap_name()).unwrap();
+    let released = wait_until(60, || Path::new(&format!("{tmp}/release")).exists());
+    assert!(released);
+    drop(att);
+}
+
+fn spawn_holder(spec: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "inner_hold", "--nocapture", "--test-threads=1"])
+        .env("MVTEST_SPEC", spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn inner_shared_network_refcount() {
+    if !inner() {
+        return;
+    }
+    let tmp = env("MVTEST_TMP");
+    let a = net::attach(&"nat:sh,subnet=10.99.0.0/24".parse().unwrap(), "vm-a", 0).unwrap();
+    let b = net::attach(&"nat:sh".parse().unwrap(), "vm-b", 0).unwrap();
+    assert_eq!(b.subnet(), a.subnet());
+    assert_ne!(a.tap_name(), b.tap_name());
+    assert_ne!(a.mac(), b.mac());
+    assert_eq!(master_of(b.tap_name()), "mvbr-sh");
+
+    // Mismatching requests for an existing network are bad input, and change nothing.
+    let e = net::attach(&"host-only:sh".parse().unwrap(), "vm-c", 0).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("already exists"), "{e}");
+    let e = net::attach(&"nat:sh,subnet=10.98.0.0/24".parse().unwrap(), "vm-c", 0).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+
+    // A subnet colliding with a host route is refused, leaving nothing behind.
+    let e = net::attach(&"nat:clash,subnet=198.51.100.0/24".parse().unwrap(), "vm-c", 0).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("198.51.100.0/24"), "{e}");
+    assert!(!link_exists("mvbr-clash") && !state_dir_of("clash").exists());
+    // ...and so is one colliding with another microvm network.
+    let e = net::attach(&"host-only:clash,subnet=10.99.0.0/24".parse().unwrap(), "vm-c", 0).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+
+    // A second network picks the first free auto subnet and is isolated from the first.
+    let other = net::attach(&"host-only:other".parse().unwrap(), "vm-d", 0).unwrap();
+    assert_eq!(other.subnet().unwrap().to_string(), "10.200.0.0/24");
+    let rules = sh("nft list table ip microvm");
+    assert!(rules.contains("from-sh") && rules.contains("from-other"), "{rules}");
+
+    // Another process joins the same network.
+    let child = spawn_holder("nat:sh");
+    assert!(wait_until(30, || Path::new(&format!("{tmp}/ready")).exists()), "holder not ready");
+    let users = std::fs::read_to_string(state_dir_of("sh").join("users")).unwrap();
+    assert_eq!(users.lines().count(), 3, "{users}");
+
+    drop(a);
+    drop(b);
+    assert!(link_exists("mvbr-sh"), "torn down while another process still uses it");
+    assert!(sh("nft list table ip microvm").contains("from-sh"));
+
+    drop(other);
+    assert!(!link_exists("mvbr-other"));
+    let rules = sh("nft list table ip microvm");
+    assert!(!rules.contains("from-other") && rules.contains("from-sh"), "{rules}");
+
+    std::fs::write(format!("{tmp}/release"), "").unwrap();
+    let out = common::wait_timeout(child, 30);
+    assert!(out.status.success(), "holder failed");
+    assert!(!link_exists("mvbr-sh"), "last user left but bridge remains");
+    assert!(!nft_table_exists());
+    assert!(!state_dir_of("sh").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn stale_cleanup_after_kill() {
+    let host = Netns::new("stale");
+    let run = TempDir::new();
+    host.run_inner("inner_stale_cleanup_after_kill", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
+}
+
+#[test]
+fn inner_stale_cleanup_after_kill() {
+    if !inner() {
+        return;
+    }
+    let tmp = env("MVTEST_TMP");
+    let mut child = spawn_holder("host-only:st");
+    assert!(wait_until(30, || Path::new(&format!("{tmp}/ready")).exists()), "holder not ready");
+    let tap = std::fs::read_to_string(format!("{tmp}/ready")).unwrap();
+    assert!(link_exists(&tap) && link_exists("mvbr-st"));
+    child.kill().unwrap(); // SIGKILL: no Drop runs
+    child.wait().unwrap();
+    // The TAP was never persistent, so it died with its fd; the network is stale.
+    assert!(wait_until(5, || !link_exists(&tap)));
+    assert!(link_exists("mvbr-st") && nft_table_exists() && state_dir_of("st").exists());
+
+    // An orphan persistent TAP whose encoded pid is not running, and an orphan bridge.
+    sh("ip tuntap add mvtap-zzzzz-0 mode tap");
+    sh("ip link add mvbr-orphan type bridge");
+    net::cleanup_stale().unwrap();
+    assert!(!link_exists("mvbr-st") && !state_dir_of("st").exists());
+    assert!(!nft_table_exists());
+    assert!(!link_exists("mvtap-zzzzz-0") && !link_exists("mvbr-orphan"));
+
+    // The network can be created again afterwards.
+    let att = net::attach(&"host-only:st".parse().unwrap(), "vm-again", 0).unwrap();
+    assert!(link_exists("mvbr-st"));
+    net::teardown_all().unwrap();
+    assert!(!link_exists("mvbr-st") && !nft_table_exists());
+    drop(att);
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn bridge_and_tap_modes() {
+    let host = Netns::new("modes");
+    let run = TempDir::new();
+    host.run_inner("inner_bridge_and_tap_modes", &[("MICROVM_RUN_DIR", run.str())]);
+}
+
+#[test]
+fn inner_bridge_and_tap_modes() {
+    if !inner() {
+        return;
+    }
+    // bridge=BR
+    let e = net::attach(&"bridge=nosuch".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("nosuch"), "{e}");
+    sh("ip link add notbr type veth peer name notbr-p");
+    let e = "bridge=notbr".parse::<net::NetSpec>().unwrap().validate().unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("not a bridge"), "{e}");
+    sh("ip link add br0 type bridge");
+    let att = net::attach(&"bridge=br0,mac=02:00:00:00:00:07".parse().unwrap(), "vm", 0).unwrap();
+    assert_eq!(att.mac(), [2, 0, 0, 0, 0, 7]);
+    let tap = att.tap_name().to_string();
+    assert_eq!(master_of(&tap), "br0");
+    assert!(att.subnet().is_none());
+    assert!(!nft_table_exists(), "bridge= must not add firewall rules");
+    drop(att);
+    assert!(!link_exists(&tap) && link_exists("br0"));
+
+    // tap=NAME
+    let e = net::attach(&"tap=nosuch".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+    let e = net::attach(&"tap=notbr".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("not a TAP"), "{e}");
+    sh("ip tuntap add mytap0 mode tap");
+    let att = net::attach(&"tap=mytap0".parse().unwrap(), "vm", 1).unwrap();
+    assert_eq!(att.tap_name(), "mytap0");
+    assert!(att.tap_fd() >= 0);
+    att.set_offload(net::TUN_F_CSUM).unwrap();
+    let flags = std::fs::read_to_string("/sys/class/net/mytap0/tun_flags").unwrap();
+    assert!(u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap() & 0x4000 != 0);
+    drop(att);
+    assert!(link_exists("mytap0"), "an existing TAP must be left alone");
+
+    // Explicit TAP name for a named network; a taken name is refused.
+    let e = net::attach(&"host-only:h,tap=mytap0".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+    assert!(!link_exists("mvbr-h"));
+    let att = net::attach(&"host-only:h,tap=vmnic0".parse().unwrap(), "vm", 0).unwrap();
+    assert_eq!(master_of("vmnic0"), "mvbr-h");
+    let rules = sh("nft list table ip microvm");
+    assert!(!rules.contains("masquerade"), "host-only must not masquerade: {rules}");
+    drop(att);
+    assert!(!link_exists("vmnic0") && !link_exists("mvbr-h"));
+
+    // nat without a default route: a clear bad-input error, nothing left behind.
+    let e = net::attach(&"nat:nr".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input() && e.to_string().contains("default route"), "{e}");
+    assert!(!link_exists("mvbr-nr") && !nft_table_exists() && !state_dir_of("nr").exists());
+    let e = net::attach(&"nat:nr,uplink=nosuch0".parse().unwrap(), "vm", 0).unwrap_err();
+    assert!(e.is_bad_input(), "{e}");
+    // With an explicit uplink it works.
+    sh("ip link add up9 type veth peer name up9-p");
+    let att = net::attach(&"nat:nr,uplink=up9".parse().unwrap(), "vm", 0).unwrap();
+    assert!(sh("nft list table ip microvm").contains("\"up9\""));
+    drop(att);
+    assert!(!nft_table_exists());
+
+    std::thread::sleep(Duration::from_millis(10));
+}
