@@ -140,20 +140,30 @@ fn one_line(stderr: &[u8]) -> String {
 
 /// Whether `table ip microvm` exists.
 pub(crate) fn table_exists() -> Result<bool, NftError> {
-    let out = Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
+    succeeds(&["list", "table", "ip", TABLE])
+}
+
+/// Runs `nft ARGS` quietly and reports whether it succeeded.
+fn succeeds(args: &[&str]) -> Result<bool, NftError> {
+    let status = Command::new("nft")
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map_err(NftError::Spawn)?;
-    Ok(out.success())
+    Ok(status.success())
+}
+
+/// Whether chain `chain` exists in our table.
+fn chain_exists(chain: &str) -> Result<bool, NftError> {
+    succeeds(&["list", "chain", "ip", TABLE, chain])
 }
 
 /// Installs one network's rules (and the table on first use) in one transaction.
 pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
     // Leftovers of a crashed process would make `add element` fail: clear them first.
     let exists = table_exists()?;
-    if exists {
+    if exists && chain_exists(&format!("from-{}", net.name))? {
         remove_network(&net.name, &net.bridge);
     }
     let mut script = String::new();
@@ -167,7 +177,8 @@ pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
 /// Removes one network's rules. Best effort: tries one atomic transaction, then each command
 /// alone (so leftovers of a partial setup still go away). Never fails; problems are logged.
 pub(crate) fn remove_network(name: &str, bridge: &str) {
-    match table_exists() {
+    // The add transaction is atomic: no from-NAME chain means nothing of this network.
+    match table_exists().and_then(|t| Ok(t && chain_exists(&format!("from-{name}"))?)) {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
@@ -176,9 +187,11 @@ pub(crate) fn remove_network(name: &str, bridge: &str) {
         }
     }
     let action = format!("remove firewall rules of network {name}");
-    let all = remove_commands(name, bridge, true).join("\n");
-    if run(&action, &all).is_ok() {
-        return;
+    // NAT networks have a nat_net element, host-only ones do not.
+    for with_nat in [true, false] {
+        if run(&action, &remove_commands(name, bridge, with_nat).join("\n")).is_ok() {
+            return;
+        }
     }
     for cmd in remove_commands(name, bridge, true) {
         // Absent pieces fail here, which is expected.

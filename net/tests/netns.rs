@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
+use common::{cli_message, inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
 
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
@@ -90,9 +90,20 @@ fn inner_nat_end_to_end() {
     let mac = net::MacAddr(att.mac()).to_string();
     sh(&format!("ip link add gv0 type veth peer name gv1 netns {guest_ns}"));
     sh("ip link set gv0 master mvbr-t1 && ip link set gv0 up");
-    sh(&format!("ip -n {guest_ns} link set gv1 address {mac} && ip -n {guest_ns} link set gv1 up"));
+    sh(&format!("ip -n {guest_ns} link set gv1 up"));
     let script = format!("{tmp}/udhcpc.sh");
     let out = format!("{tmp}/udhcpc.out");
+    let udhcpc = |tries: &str| {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &guest_ns, "busybox", "udhcpc", "-i", "gv1", "-f", "-q", "-n", "-t", tries, "-T", "1", "-s", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let res = common::wait_timeout(child, 60);
+        println!("udhcpc: {}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+        res.status.success()
+    };
     std::fs::write(
         &script,
         format!(
@@ -102,15 +113,11 @@ fn inner_nat_end_to_end() {
     )
     .unwrap();
     sh(&format!("chmod +x {script}"));
-    let dhcp = Command::new("ip")
-        .args(["netns", "exec", &guest_ns, "busybox", "udhcpc", "-i", "gv1", "-f", "-q", "-n", "-t", "5", "-T", "2", "-s", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let dhcp = common::wait_timeout(dhcp, 60);
-    println!("udhcpc: {}{}", String::from_utf8_lossy(&dhcp.stdout), String::from_utf8_lossy(&dhcp.stderr));
-    assert!(dhcp.status.success(), "udhcpc got no lease");
+    // A MAC no attachment owns gets no answer (several processes share one bridge).
+    sh(&format!("ip -n {guest_ns} link set gv1 address 02:00:00:00:00:99"));
+    assert!(!udhcpc("2"), "DHCP answered a foreign MAC");
+    sh(&format!("ip -n {guest_ns} link set gv1 address {mac}"));
+    assert!(udhcpc("5"), "udhcpc got no lease");
     let result = std::fs::read_to_string(&out).unwrap();
     let bound = result.lines().find(|l| l.starts_with("bound")).expect("bound line");
     let ip: std::net::Ipv4Addr = bound.split_whitespace().nth(1).unwrap().trim_start_matches("ip=").parse().unwrap();
@@ -190,6 +197,7 @@ fn inner_shared_network_refcount() {
 
     // A subnet colliding with a host route is refused, leaving nothing behind.
     let e = net::attach(&"nat:clash,subnet=198.51.100.0/24".parse().unwrap(), "vm-c", 0).unwrap_err();
+    println!("{}", cli_message(&e));
     assert!(e.is_bad_input() && e.to_string().contains("198.51.100.0/24"), "{e}");
     assert!(!link_exists("mvbr-clash") && !state_dir_of("clash").exists());
     // ...and so is one colliding with another microvm network.
@@ -283,6 +291,7 @@ fn inner_bridge_and_tap_modes() {
     }
     // bridge=BR
     let e = net::attach(&"bridge=nosuch".parse().unwrap(), "vm", 0).unwrap_err();
+    println!("{}", cli_message(&e));
     assert!(e.is_bad_input() && e.to_string().contains("nosuch"), "{e}");
     sh("ip link add notbr type veth peer name notbr-p");
     let e = "bridge=notbr".parse::<net::NetSpec>().unwrap().validate().unwrap_err();
@@ -299,6 +308,7 @@ fn inner_bridge_and_tap_modes() {
 
     // tap=NAME
     let e = net::attach(&"tap=nosuch".parse().unwrap(), "vm", 0).unwrap_err();
+    println!("{}", cli_message(&e));
     assert!(e.is_bad_input(), "{e}");
     let e = net::attach(&"tap=notbr".parse().unwrap(), "vm", 0).unwrap_err();
     assert!(e.is_bad_input() && e.to_string().contains("not a TAP"), "{e}");
@@ -325,6 +335,7 @@ fn inner_bridge_and_tap_modes() {
 
     // nat without a default route: a clear bad-input error, nothing left behind.
     let e = net::attach(&"nat:nr".parse().unwrap(), "vm", 0).unwrap_err();
+    println!("{}", cli_message(&e));
     assert!(e.is_bad_input() && e.to_string().contains("default route"), "{e}");
     assert!(!link_exists("mvbr-nr") && !nft_table_exists() && !state_dir_of("nr").exists());
     let e = net::attach(&"nat:nr,uplink=nosuch0".parse().unwrap(), "vm", 0).unwrap_err();
@@ -337,4 +348,33 @@ fn inner_bridge_and_tap_modes() {
     assert!(!nft_table_exists());
 
     std::thread::sleep(Duration::from_millis(10));
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn not_permitted_is_bad_input() {
+    let host = Netns::new("noperm");
+    let run = TempDir::new();
+    host.run_inner_via(
+        &["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"],
+        "inner_not_permitted",
+        &[("MICROVM_RUN_DIR", run.str())],
+    );
+}
+
+#[test]
+fn inner_not_permitted() {
+    if !inner() {
+        return;
+    }
+    for spec in ["nat:np", "host-only:np", "bridge=br0"] {
+        let spec: net::NetSpec = spec.parse().unwrap();
+        let e = spec.validate().unwrap_err();
+        println!("{}", cli_message(&e));
+        assert!(matches!(e, net::NetError::NotPermitted { .. }) && e.is_bad_input(), "{e}");
+        let e = net::attach(&spec, "vm", 0).unwrap_err();
+        assert!(matches!(e, net::NetError::NotPermitted { .. }), "{e}");
+    }
+    assert!(!link_exists("mvbr-np"));
 }

@@ -52,9 +52,15 @@ impl Netns {
 
     /// Runs the inner test `test` of this binary inside the namespace, with `envs`.
     pub fn run_inner(&self, test: &str, envs: &[(&str, &str)]) {
+        self.run_inner_via(&[], test, envs)
+    }
+
+    /// Like `run_inner`, with the test binary started through `wrapper` (e.g. setpriv ...).
+    pub fn run_inner_via(&self, wrapper: &[&str], test: &str, envs: &[(&str, &str)]) {
         let exe = std::env::current_exe().expect("current exe");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
+            .args(wrapper)
             .arg(&exe)
             .args(["--exact", test, "--nocapture", "--test-threads=1"])
             .env(INNER_ENV, "1");
@@ -169,4 +175,15 @@ pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// `error: e: source: source...` as the CLI prints it.
+pub fn cli_message(e: &dyn std::error::Error) -> String {
+    let mut msg = format!("error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg += &format!(": {s}");
+        src = s.source();
+    }
+    msg
 }
