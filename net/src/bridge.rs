@@ -132,9 +132,20 @@ pub(crate) struct Route {
 }
 
 /// A netlink route socket plus the runtime that drives it. Cheap enough to make per call site.
+/// Also usable when the caller itself runs inside a tokio runtime: requests are then driven
+/// from a scoped helper thread (tokio forbids nested `block_on`), and the runtime is shut
+/// down in the background on drop (dropping it in an async context would panic).
 pub(crate) struct Rtnl {
-    rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
     handle: rtnetlink::Handle,
+}
+
+impl Drop for Rtnl {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Rtnl {
@@ -149,23 +160,36 @@ impl Rtnl {
             rtnetlink::new_connection().map_err(BridgeError::Connect)?
         };
         rt.spawn(conn);
-        Ok(Rtnl { rt, handle })
+        Ok(Rtnl { rt: Some(rt), handle })
+    }
+
+    /// Runs a netlink request to completion.
+    fn run<T: Send>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, rtnetlink::Error>> + Send,
+    ) -> Result<T, rtnetlink::Error> {
+        let Some(rt) = self.rt.as_ref() else {
+            return Err(rtnetlink::Error::RequestFailed);
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return rt.block_on(fut);
+        }
+        std::thread::scope(|s| match s.spawn(|| rt.block_on(fut)).join() {
+            Ok(res) => res,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
     }
 
     /// All links.
     pub fn links(&self) -> Result<Vec<Link>, BridgeError> {
-        let msgs: Vec<LinkMessage> = self
-            .rt
-            .block_on(self.handle.link().get().execute().try_collect())
+        let msgs: Vec<LinkMessage> = self.run(self.handle.link().get().execute().try_collect())
             .map_err(op("list", "links"))?;
         Ok(msgs.iter().map(Link::from_msg).collect())
     }
 
     /// The link called `name`, if any.
     pub fn link(&self, name: &str) -> Result<Option<Link>, BridgeError> {
-        let res: Result<Vec<LinkMessage>, _> = self
-            .rt
-            .block_on(self.handle.link().get().match_name(name.to_string()).execute().try_collect());
+        let res: Result<Vec<LinkMessage>, _> = self.run(self.handle.link().get().match_name(name.to_string()).execute().try_collect());
         match res {
             Ok(msgs) => Ok(msgs.first().map(Link::from_msg)),
             Err(rtnetlink::Error::NetlinkError(m))
@@ -194,8 +218,7 @@ impl Rtnl {
     /// Creates bridge `name` (up) and returns its index.
     pub fn create_bridge(&self, name: &str) -> Result<u32, BridgeError> {
         let msg = LinkBridge::new(name).build();
-        self.rt
-            .block_on(self.handle.link().add(msg).execute())
+        self.run(self.handle.link().add(msg).execute())
             .map_err(|e| match e {
                 rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EEXIST => {
                     BridgeError::NameInUse { name: name.to_string() }
@@ -209,30 +232,27 @@ impl Rtnl {
 
     /// Adds `addr/prefix` to link `index` (named `name` for messages).
     pub fn add_address(&self, index: u32, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), BridgeError> {
-        self.rt
-            .block_on(self.handle.address().add(index, IpAddr::V4(addr), prefix).execute())
+        self.run(self.handle.address().add(index, IpAddr::V4(addr), prefix).execute())
             .map_err(op("add an address to", name))
     }
 
     /// Sets link `index` up.
     pub fn set_up(&self, index: u32, name: &str) -> Result<(), BridgeError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.rt
-            .block_on(self.handle.link().change(msg).execute())
+        self.run(self.handle.link().change(msg).execute())
             .map_err(op("bring up", name))
     }
 
     /// Makes link `index` a port of bridge `master`.
     pub fn set_master(&self, index: u32, name: &str, master: u32) -> Result<(), BridgeError> {
         let msg = LinkUnspec::new_with_index(index).controller(master).build();
-        self.rt
-            .block_on(self.handle.link().change(msg).execute())
+        self.run(self.handle.link().change(msg).execute())
             .map_err(op("attach to its bridge", name))
     }
 
     /// Deletes link `index`. A link that is already gone is not an error.
     pub fn delete_link(&self, index: u32, name: &str) -> Result<(), BridgeError> {
-        match self.rt.block_on(self.handle.link().del(index).execute()) {
+        match self.run(self.handle.link().del(index).execute()) {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => Ok(()),
             Err(e) => Err(op("delete interface", name)(e)),
@@ -241,9 +261,7 @@ impl Rtnl {
 
     /// IPv4 routes of every table but `local`, without default routes.
     pub fn ipv4_routes(&self) -> Result<Vec<Route>, BridgeError> {
-        let msgs: Vec<RouteMessage> = self
-            .rt
-            .block_on(
+        let msgs: Vec<RouteMessage> = self.run(
                 self.handle
                     .route()
                     .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -256,9 +274,7 @@ impl Rtnl {
 
     /// Interface of the main table's default route with the lowest metric.
     pub fn default_route_oif(&self) -> Result<Option<u32>, BridgeError> {
-        let msgs: Vec<RouteMessage> = self
-            .rt
-            .block_on(
+        let msgs: Vec<RouteMessage> = self.run(
                 self.handle
                     .route()
                     .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -293,9 +309,7 @@ impl Rtnl {
 
     /// Every IPv4 address as (link index, address/prefix).
     pub fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Net)>, BridgeError> {
-        let msgs: Vec<_> = self
-            .rt
-            .block_on(self.handle.address().get().execute().try_collect())
+        let msgs: Vec<_> = self.run(self.handle.address().get().execute().try_collect())
             .map_err(op("list", "addresses"))?;
         let mut out = Vec::new();
         for msg in &msgs {

@@ -347,7 +347,23 @@ fn inner_bridge_and_tap_modes() {
     drop(att);
     assert!(!nft_table_exists());
 
+    // Callers inside a tokio runtime must not hit "cannot block_on inside a runtime".
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let att = net::attach(&"bridge=br0".parse().unwrap(), "vm", 2).unwrap();
+        assert_eq!(master_of(att.tap_name()), "br0");
+        drop(att);
+        net::cleanup_stale().unwrap();
+    });
+    drop(rt);
     std::thread::sleep(Duration::from_millis(10));
+}
+
+#[test]
+fn attachment_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<net::Attachment>();
+    assert_send::<net::NetError>();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -368,6 +384,8 @@ fn inner_not_permitted() {
     if !inner() {
         return;
     }
+    // Nothing to clean up without the capability: a quiet no-op, not an error.
+    net::cleanup_stale().unwrap();
     for spec in ["nat:np", "host-only:np", "bridge=br0"] {
         let spec: net::NetSpec = spec.parse().unwrap();
         let e = spec.validate().unwrap_err();

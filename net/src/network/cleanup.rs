@@ -71,7 +71,14 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) {
 /// Startup cleanup for this network namespace: for every named network, forget users
 /// whose process died (deleting their TAPs) and tear the network down if none is left;
 /// delete `mvtap-*` devices no live process owns and `mvbr-*` bridges without state.
+///
+/// Without CAP_NET_ADMIN there is nothing this process could remove, so it returns Ok
+/// without doing anything (an unprivileged `--net tap=...` or `none` run still starts).
 pub fn cleanup_stale() -> Result<(), NetError> {
+    if !crate::caps::has_net_admin() {
+        tracing::debug!("skipping stale network cleanup: no CAP_NET_ADMIN");
+        return Ok(());
+    }
     let root = StateRoot::open()?;
     let _lock = root.lock()?;
     let rtnl = Rtnl::new()?;
