@@ -43,7 +43,7 @@ impl Attachment {
         self.mac.0
     }
 
-    /// TUNSETOFFLOAD with `TUN_F_*` flags (see [`crate::tap`]).
+    /// TUNSETOFFLOAD with [`TUN_F_CSUM`](crate::TUN_F_CSUM), [`TUN_F_TSO4`](crate::TUN_F_TSO4), ... flags.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         self.tap.set_offload(flags)
     }

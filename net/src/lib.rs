@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), net::NetError> {
-//! net::cleanup_stale()?;
+//! net::cleanup_stale()?; // at startup: forget networks of crashed microvm processes
 //! let spec: net::NetSpec = "nat:lab,subnet=10.77.0.0/24,rate=50Mbit".parse()?;
 //! spec.validate()?;
 //! let att = net::attach(&spec, "vm-1234", 0)?;
@@ -12,8 +12,16 @@
 //! # Ok(()) }
 //! ```
 //!
-//! State shared by microvm processes lives under `$MICROVM_RUN_DIR` (default
-//! `/run/microvm`), per network namespace; see [`state`](crate::state) docs in the source.
+//! * `--net` syntax and rate units: [`NetSpec`] (module docs of `spec`).
+//! * Named networks (`nat:NAME`, `host-only:NAME`) get bridge `mvbr-NAME` with the gateway
+//!   `.1/24`, rules in nftables `table ip microvm` (NAT: masquerade out of the uplink;
+//!   isolation between networks; host-only: no forwarding), and a DHCP responder thread per
+//!   process answering for that process's MACs (leases `.2`-`.254`, stable per MAC).
+//! * Several microvm processes share a network through state under `$MICROVM_RUN_DIR`
+//!   (default `/run/microvm`)`/<netns inode>/net/NAME/` (flock'ed); the last user to leave
+//!   tears it down. `net.ipv4.ip_forward` is set for NAT and never reverted.
+//! * Errors: [`NetError`], one line each, causes via `source()`;
+//!   [`NetError::is_bad_input`] separates user errors from runtime failures.
 
 mod attach;
 mod bridge;

@@ -174,6 +174,16 @@ pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
     run(&format!("add firewall rules for network {}", net.name), &script)
 }
 
+/// Re-installs a network's rules if they are missing (e.g. someone flushed the ruleset
+/// while the network was in use).
+pub(crate) fn ensure_network(net: &NftNetwork) -> Result<(), NftError> {
+    if table_exists()? && chain_exists(&format!("from-{}", net.name))? {
+        return Ok(());
+    }
+    tracing::warn!(network = %net.name, "firewall rules missing; re-installing");
+    add_network(net)
+}
+
 /// Removes one network's rules. Best effort: tries one atomic transaction, then each command
 /// alone (so leftovers of a partial setup still go away). Never fails; problems are logged.
 pub(crate) fn remove_network(name: &str, bridge: &str) {

@@ -210,6 +210,16 @@ fn inner_shared_network_refcount() {
     let rules = sh("nft list table ip microvm");
     assert!(rules.contains("from-sh") && rules.contains("from-other"), "{rules}");
 
+    // Rules flushed behind our back are re-installed when the next user joins.
+    sh("nft delete table ip microvm");
+    let e = net::attach(&"host-only:other".parse().unwrap(), "vm-e", 0).unwrap();
+    let rules = sh("nft list table ip microvm");
+    assert!(rules.contains("from-other") && !rules.contains("masquerade"), "{rules}");
+    drop(e);
+    let sh_att = net::attach(&"nat:sh".parse().unwrap(), "vm-f", 0).unwrap();
+    assert!(sh("nft list table ip microvm").contains("from-sh"));
+    drop(sh_att);
+
     // Another process joins the same network.
     let child = spawn_holder("nat:sh");
     assert!(wait_until(30, || Path::new(&format!("{tmp}/ready")).exists()), "holder not ready");

@@ -244,6 +244,12 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
                 Some(l) if l.is_bridge() => l,
                 _ => return Err(NetworkError::BridgeMissing { name: req.name.to_string(), bridge }.into()),
             };
+            nft::ensure_network(&NftNetwork {
+                name: req.name.to_string(),
+                bridge: bridge.clone(),
+                subnet: rec.subnet,
+                uplink: rec.uplink.clone(),
+            })?;
             (rec, br)
         }
         None => {

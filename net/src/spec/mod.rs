@@ -7,7 +7,12 @@
 //! tap=NAME[,mac=..][,rate=..][,pps=..]       use an existing TAP as is
 //! none
 //! ```
-//! `NAME` defaults to `default`; see [`rate`] for `rate=` units.
+//! `NAME` defaults to `default` (at most 10 of `[A-Za-z0-9_-]`, so `mvbr-NAME` fits 15).
+//! `subnet=` must be a /24; without it the first free `10.200.X.0/24` is used.
+//! `rate=` is a bandwidth: bits/s with `bit`/`kbit`/`Mbit`/`Gbit` (SI), or bytes/s with
+//! `B`/`KB`/`MB`/`GB` (SI) or `KiB`/`MiB`/`GiB`; `rate=5MB` means 5,000,000 bytes/s.
+//! Both become [`RateSpec::bytes_per_sec`]. `pps=N` is packets/s ([`RateSpec::ops_per_sec`]).
+//! The default MAC is `52:54:xx:xx:xx:xx` hashed from (vm_id, nic_index).
 
 mod mac;
 pub(crate) mod rate;
