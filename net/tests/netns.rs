@@ -49,11 +49,17 @@ fn nat_end_to_end() {
     let host = Netns::new("host");
     let inet = Netns::new("inet");
     let guest = Netns::new("guest");
+    let guest2 = Netns::new("guest2");
     let run = TempDir::new();
     wire_internet(&host, &inet);
     host.run_inner(
         "inner_nat_end_to_end",
-        &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_GUEST_NS", &guest.name), ("MVTEST_TMP", run.str())],
+        &[
+            ("MICROVM_RUN_DIR", run.str()),
+            ("MVTEST_GUEST_NS", &guest.name),
+            ("MVTEST_GUEST2_NS", &guest2.name),
+            ("MVTEST_TMP", run.str()),
+        ],
     );
 }
 
@@ -131,6 +137,25 @@ fn inner_nat_end_to_end() {
     sh(&format!("ip netns exec {guest_ns} busybox ping -c 1 -W 2 10.200.0.1"));
     sh(&format!("ip netns exec {guest_ns} busybox ping -c 1 -W 2 198.51.100.1"));
 
+    // Isolation: a host-only network next to it, with a statically configured guest.
+    let guest2 = env("MVTEST_GUEST2_NS");
+    let iso = net::attach(&"host-only:iso".parse().unwrap(), "vm-iso", 0).unwrap();
+    assert_eq!(iso.subnet().unwrap().to_string(), "10.200.1.0/24");
+    sh(&format!("ip link add gw0 type veth peer name gw1 netns {guest2}"));
+    sh("ip link set gw0 master mvbr-iso && ip link set gw0 up");
+    sh(&format!(
+        "ip -n {guest2} link set gw1 up && ip -n {guest2} addr add 10.200.1.2/24 dev gw1 && \
+         ip -n {guest2} route add default via 10.200.1.1"
+    ));
+    let ping = |ns: &str, ip: &str| try_sh(&format!("ip netns exec {ns} busybox ping -c 1 -W 1 {ip}"));
+    assert!(ping(&guest2, "10.200.1.1"), "host-only guest must reach the host");
+    assert!(!ping(&guest_ns, "10.200.1.2"), "networks must be isolated (nat -> host-only)");
+    assert!(!ping(&guest2, "10.200.0.2"), "networks must be isolated (host-only -> nat)");
+    assert!(!ping(&guest2, "198.51.100.1"), "host-only must not forward outside");
+    assert!(ping(&guest_ns, "198.51.100.1"), "nat still works");
+    drop(iso);
+    assert!(!link_exists("mvbr-iso") && nft_table_exists());
+
     drop(att);
     assert!(!net::dhcp_server_running("t1"));
     assert!(!link_exists("mvbr-t1"), "bridge left behind");
@@ -158,18 +183,24 @@ fn inner_hold() {
         return;
     }
     let tmp = env("MVTEST_TMP");
+    let id = std::env::var("MVTEST_ID").unwrap_or_default();
     let spec: net::NetSpec = env("MVTEST_SPEC").parse().unwrap();
-    let att = net::attach(&spec, "vm-holder", 0).unwrap();
-    std::fs::write(format!("{tmp}/ready"), att.tap_name()).unwrap();
+    let att = net::attach(&spec, &format!("vm-holder{id}"), 0).unwrap();
+    std::fs::write(format!("{tmp}/ready{id}"), att.tap_name()).unwrap();
     let released = wait_until(60, || Path::new(&format!("{tmp}/release")).exists());
     assert!(released);
     drop(att);
 }
 
 fn spawn_holder(spec: &str) -> std::process::Child {
+    spawn_holder_id(spec, "")
+}
+
+fn spawn_holder_id(spec: &str, id: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "inner_hold", "--nocapture", "--test-threads=1"])
         .env("MVTEST_SPEC", spec)
+        .env("MVTEST_ID", id)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -242,6 +273,40 @@ fn inner_shared_network_refcount() {
     assert!(!link_exists("mvbr-sh"), "last user left but bridge remains");
     assert!(!nft_table_exists());
     assert!(!state_dir_of("sh").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_first_attach() {
+    let host = Netns::new("race");
+    let run = TempDir::new();
+    host.run_inner("inner_concurrent_first_attach", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
+}
+
+#[test]
+fn inner_concurrent_first_attach() {
+    if !inner() {
+        return;
+    }
+    let tmp = env("MVTEST_TMP");
+    // Several processes create the same new network at once: the state lock serializes
+    // them, so exactly one creates it and the others join.
+    let ids = ["a", "b", "c", "d"];
+    let children: Vec<_> = ids.iter().map(|id| spawn_holder_id("host-only:race", id)).collect();
+    let all_ready = || ids.iter().all(|id| Path::new(&format!("{tmp}/ready{id}")).exists());
+    assert!(wait_until(30, all_ready), "not all holders attached");
+    let users = std::fs::read_to_string(state_dir_of("race").join("users")).unwrap();
+    assert_eq!(users.lines().count(), ids.len(), "{users}");
+    for id in ids {
+        let tap = std::fs::read_to_string(format!("{tmp}/ready{id}")).unwrap();
+        assert_eq!(master_of(&tap), "mvbr-race");
+    }
+    std::fs::write(format!("{tmp}/release"), "").unwrap();
+    for child in children {
+        assert!(common::wait_timeout(child, 30).status.success());
+    }
+    assert!(!link_exists("mvbr-race") && !nft_table_exists() && !state_dir_of("race").exists());
 }
 
 // ---------------------------------------------------------------------------------------
