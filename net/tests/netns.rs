@@ -46,6 +46,9 @@ fn wire_internet(host: &Netns, inet: &Netns) {
 
 #[test]
 fn nat_end_to_end() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("host");
     let inet = Netns::new("inet");
     let guest = Netns::new("guest");
@@ -168,6 +171,9 @@ fn inner_nat_end_to_end() {
 
 #[test]
 fn shared_network_refcount() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("share");
     let inet = Netns::new("sinet");
     let run = TempDir::new();
@@ -279,6 +285,9 @@ fn inner_shared_network_refcount() {
 
 #[test]
 fn concurrent_first_attach() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("race");
     let run = TempDir::new();
     host.run_inner("inner_concurrent_first_attach", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
@@ -313,6 +322,9 @@ fn inner_concurrent_first_attach() {
 
 #[test]
 fn stale_cleanup_after_kill() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("stale");
     let run = TempDir::new();
     host.run_inner("inner_stale_cleanup_after_kill", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
@@ -354,6 +366,9 @@ fn inner_stale_cleanup_after_kill() {
 
 #[test]
 fn bridge_and_tap_modes() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("modes");
     let run = TempDir::new();
     host.run_inner("inner_bridge_and_tap_modes", &[("MICROVM_RUN_DIR", run.str())]);
@@ -445,6 +460,9 @@ fn attachment_is_send() {
 
 #[test]
 fn not_permitted_is_bad_input() {
+    if !common::outer() {
+        return;
+    }
     let host = Netns::new("noperm");
     let run = TempDir::new();
     host.run_inner_via(

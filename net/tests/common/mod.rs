@@ -144,6 +144,21 @@ pub fn wait_timeout(mut child: Child, secs: u64) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// For outer tests: `false` (skip, with a note) when not root, since creating network
+/// namespaces needs it. As root, missing tools are a failure, not a skip.
+pub fn outer() -> bool {
+    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    if euid != 0 {
+        eprintln!("skipping namespaced test: needs root (network namespaces, TAPs, nftables)");
+        return false;
+    }
+    for (tool, args) in [("ip", "-V"), ("nft", "--version"), ("busybox", "--help"), ("setpriv", "--version")] {
+        let ok = Command::new(tool).arg(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+        assert!(ok, "namespaced tests need `{tool}` (packages: iproute2, nftables, busybox-static, util-linux)");
+    }
+    true
+}
+
 fn ns_inode(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
 }
