@@ -437,6 +437,16 @@ fn inner_bridge_and_tap_modes() {
     drop(att);
     assert!(!nft_table_exists());
 
+    // A failure after the bridge, rules and TAP exist rolls all of it back: occupy the
+    // DHCP port without SO_REUSEADDR so the server socket cannot bind.
+    let blocker = std::net::UdpSocket::bind("0.0.0.0:67").unwrap();
+    let e = net::attach(&"host-only:rb".parse().unwrap(), "vm", 0).unwrap_err();
+    println!("{}", cli_message(&e));
+    assert!(!e.is_bad_input() && matches!(e, net::NetError::Dhcp(_)), "{e}");
+    assert!(!link_exists("mvbr-rb") && !nft_table_exists() && !state_dir_of("rb").exists());
+    assert!(!sh("ip -o link").contains("mvtap-"), "TAP left behind after rollback");
+    drop(blocker);
+
     // Callers inside a tokio runtime must not hit "cannot block_on inside a runtime".
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
