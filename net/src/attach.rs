@@ -22,7 +22,8 @@ pub struct Attachment {
     _tap_cleanup: Option<TapCleanup>,
     _membership: Option<Membership>,
     mac: MacAddr,
-    network: Option<(String, Subnet, String)>,
+    network: Option<(String, Subnet)>,
+    bridge: Option<String>,
 }
 
 impl Attachment {
@@ -50,12 +51,12 @@ impl Attachment {
 
     /// The named network (`nat`/`host-only`), if any.
     pub fn network(&self) -> Option<&str> {
-        self.network.as_ref().map(|(n, _, _)| n.as_str())
+        self.network.as_ref().map(|(n, _)| n.as_str())
     }
 
     /// Subnet of the named network.
     pub fn subnet(&self) -> Option<Subnet> {
-        self.network.as_ref().map(|(_, s, _)| *s)
+        self.network.as_ref().map(|(_, s)| *s)
     }
 
     /// Gateway (host) address of the named network, which is also its DHCP server.
@@ -65,7 +66,7 @@ impl Attachment {
 
     /// Bridge the TAP is plugged into (`mvbr-NAME` or `bridge=BR`).
     pub fn bridge(&self) -> Option<&str> {
-        self.network.as_ref().map(|(_, _, b)| b.as_str())
+        self.bridge.as_deref()
     }
 }
 
@@ -85,7 +86,7 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
         NetMode::None => Err(SpecError::NothingToAttach.into()),
         NetMode::Tap { name } => {
             let tap = Tap::open_existing(name)?;
-            Ok(Attachment { _dhcp: None, tap, _tap_cleanup: None, _membership: None, mac, network: None })
+            Ok(Attachment { _dhcp: None, tap, _tap_cleanup: None, _membership: None, mac, network: None, bridge: None })
         }
         NetMode::Bridge { bridge } => {
             let rtnl = Rtnl::new()?;
@@ -100,6 +101,7 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
                 _membership: None,
                 mac,
                 network: None,
+                bridge: Some(bridge.clone()),
             })
         }
         NetMode::Nat { name, subnet, uplink, tap } => join(NetKind::Nat, name, *subnet, uplink.as_deref(), tap.as_deref(), mac, vm_id),
@@ -123,6 +125,7 @@ fn join(
         _tap_cleanup: Some(j.tap_cleanup),
         _membership: Some(j.membership),
         mac,
-        network: Some((name.to_string(), j.subnet, j.bridge)),
+        network: Some((name.to_string(), j.subnet)),
+        bridge: Some(j.bridge),
     })
 }

@@ -81,6 +81,8 @@ fn inner_nat_end_to_end() {
     let tap = att.tap_name().to_string();
     let subnet = att.subnet().unwrap();
     assert_eq!(subnet.to_string(), "10.200.0.0/24", "first free auto subnet");
+    assert_eq!((att.network(), att.bridge()), (Some("t1"), Some("mvbr-t1")));
+    assert_eq!(att.gateway(), Some(std::net::Ipv4Addr::new(10, 200, 0, 1)));
     assert!(link_exists("mvbr-t1"));
     assert_eq!(master_of(&tap), "mvbr-t1");
     assert!(tap.starts_with("mvtap-") && tap.len() <= 15, "{tap}");
@@ -391,6 +393,7 @@ fn inner_bridge_and_tap_modes() {
     assert_eq!(att.mac(), [2, 0, 0, 0, 0, 7]);
     let tap = att.tap_name().to_string();
     assert_eq!(master_of(&tap), "br0");
+    assert_eq!(att.bridge(), Some("br0"));
     assert!(att.subnet().is_none());
     assert!(!nft_table_exists(), "bridge= must not add firewall rules");
     drop(att);

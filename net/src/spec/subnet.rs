@@ -50,13 +50,13 @@ impl Subnet {
     }
 
     /// Whether this subnet and `other` share any address.
-    pub fn overlaps(&self, other: &Ipv4Net) -> bool {
+    pub(crate) fn overlaps(&self, other: &Ipv4Net) -> bool {
         let other = other.trunc();
         self.0.contains(&other.network()) || other.contains(&self.0.network())
     }
 
     /// As an `ipnet` network.
-    pub fn as_net(&self) -> Ipv4Net {
+    pub(crate) fn as_net(&self) -> Ipv4Net {
         self.0
     }
 }
