@@ -42,6 +42,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

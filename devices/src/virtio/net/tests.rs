@@ -1,0 +1,1 @@
+//! Device-level tests.
