@@ -45,4 +45,4 @@ pub use spec::{
     TAP_PREFIX,
 };
 pub use state::{StateError, RUN_DIR_ENV};
-pub use tap::{TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+pub use tap::{set_offload as set_tap_offload, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};

@@ -138,17 +138,11 @@ impl Tap {
 
     /// TUNSETOFFLOAD: which offloads (TUN_F_CSUM, TUN_F_TSO4, ...) the guest side accepts.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes the flags by value (as the ioctl argument); the fd is
-        // a TUN/TAP fd owned by `self.dev`.
-        let rc = unsafe { libc::ioctl(self.fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
-        if rc < 0 {
-            return Err(TapError::Offload {
-                name: self.name.clone(),
-                flags,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        set_offload(self.fd(), flags).map_err(|source| TapError::Offload {
+            name: self.name.clone(),
+            flags,
+            source,
+        })
     }
 
     /// Current interface index (0 if the kernel does not know the name).
@@ -217,4 +211,16 @@ mod tests {
         assert_eq!(pid_from_tap_name("eth0"), None);
         assert_eq!(pid_from_tap_name("mvtap-!-1"), None);
     }
+}
+
+/// TUNSETOFFLOAD on any TAP fd (also a dup of an [`Attachment`](crate::Attachment)'s fd, which
+/// shares its file description).
+pub fn set_offload(fd: RawFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes the flags by value (as the ioctl argument) and touches no
+    // memory of ours; on a non-TUN fd it fails with an error, nothing else.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod guestcmd;
 pub mod layout;
 pub mod memory;
+pub mod nics;
 pub mod quirks;
 pub mod terminal;
 pub mod vcpu;

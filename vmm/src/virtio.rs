@@ -34,6 +34,8 @@ pub enum VirtioError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Nic(#[from] crate::nics::NicError),
     #[error("cannot create the block device for '{path}'")]
     Block {
         path: std::path::PathBuf,
@@ -44,7 +46,11 @@ pub enum VirtioError {
 
 impl VirtioError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, VirtioError::Disk(_) | VirtioError::NoSlot)
+        match self {
+            VirtioError::Disk(_) | VirtioError::NoSlot => true,
+            VirtioError::Nic(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }
 
@@ -96,13 +102,43 @@ impl<'a> VirtioSlots<'a> {
     }
 }
 
-/// Attaches the configured disks (vda, vdb, ... in order) and NICs.
-pub fn attach_all(slots: &mut VirtioSlots, bus: &mut Bus, config: &VmConfig) -> Result<(), VirtioError> {
+/// Attaches the configured disks (vda, vdb, ... in order) and NICs (eth0, eth1, ...).
+/// Returns the NICs' host attachments: keep them for the VM's life; dropping them tears
+/// down the TAPs (and networks whose last user this VM was).
+pub fn attach_all(
+    slots: &mut VirtioSlots,
+    bus: &mut Bus,
+    config: &VmConfig,
+) -> Result<Vec<net::Attachment>, VirtioError> {
+    // Check every --net spec before creating anything.
+    let nets = crate::nics::parse_specs(&config.nets)?;
     for d in &config.disks {
         let opened = disk::open(d)?;
         let device = crate::devices::block_device(d, opened, slots.endpoint())
             .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
         slots.attach(bus, device)?;
     }
-    Ok(())
+    let mut attachments = Vec::new();
+    if !nets.is_empty() {
+        // A network left behind by a microvm that was SIGKILLed is repaired or removed here.
+        net::cleanup_stale().map_err(crate::nics::NicError::from)?;
+    }
+    let vm_id = vm_id(config);
+    for (i, spec) in nets.iter().enumerate() {
+        let (att, device) = crate::nics::create(spec, &vm_id, i as u32, slots.endpoint())?;
+        attachments.push(att);
+        slots.attach(bus, device)?;
+    }
+    Ok(attachments)
+}
+
+/// What identifies this VM for its default MACs: the first disk's canonical path (so the
+/// same VM gets the same MACs, hence the same DHCP leases, across runs), else the pid.
+fn vm_id(config: &VmConfig) -> String {
+    config
+        .disks
+        .first()
+        .and_then(|d| std::fs::canonicalize(&d.path).ok())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }

@@ -115,7 +115,8 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
+    // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
+    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
 
     let mut cmdline = vec!["console=ttyS0".to_string(), "reboot=k".into(), "panic=-1".into()];
     if !config.disks.is_empty() && !user_sets(config, "root=") {

@@ -1,0 +1,103 @@
+//! Guest NICs: the host side comes from the `net` crate (TAP on a bridge/network), the
+//! guest side is devices' virtio-net; this module joins them.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use devices::virtio::net::{Net, NetBackend, NetConfig};
+use devices::virtio::{EventEndpoint, VirtioDevice};
+use thiserror::Error;
+
+use crate::config::RateLimit;
+
+#[derive(Debug, Error)]
+pub enum NicError {
+    #[error(transparent)]
+    Host(#[from] net::NetError),
+    #[error("cannot duplicate the TAP fd")]
+    Dup(#[source] io::Error),
+    #[error("cannot create the virtio-net device")]
+    Device(#[from] devices::virtio::net::NetError),
+}
+
+impl NicError {
+    pub fn is_usage(&self) -> bool {
+        matches!(self, NicError::Host(e) if e.is_bad_input())
+    }
+}
+
+/// The guest side's view of a TAP: a duplicate of the attachment's fd (same open file), so
+/// the `Attachment` itself stays with the VM and is torn down when the VM exits.
+struct TapBackend(OwnedFd);
+
+impl AsRawFd for TapBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl NetBackend for TapBackend {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of buf.len() bytes for the whole call.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn write_frame(&mut self, iovs: &[IoSlice]) -> io::Result<usize> {
+        // SAFETY: IoSlice is ABI-compatible with iovec, and every slice is valid for reads
+        // during the call; the count is the slice's length.
+        let n = unsafe { libc::writev(self.0.as_raw_fd(), iovs.as_ptr().cast(), iovs.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn set_offload(&mut self, tun_flags: u32) -> io::Result<()> {
+        net::set_tap_offload(self.0.as_raw_fd(), tun_flags)
+    }
+}
+
+/// Parses and checks every `--net` spec before anything is created.
+pub fn parse_specs(specs: &[String]) -> Result<Vec<net::NetSpec>, NicError> {
+    specs
+        .iter()
+        .map(|s| {
+            let spec: net::NetSpec = s.parse().map_err(net::NetError::from)?;
+            spec.validate()?;
+            Ok(spec)
+        })
+        .filter(|r: &Result<net::NetSpec, NicError>| !matches!(r, Ok(s) if s.is_none()))
+        .collect()
+}
+
+/// Host side + device for NIC `index`. The attachment must outlive the VM's run: dropping
+/// it deletes the TAP (and the network, for its last user).
+pub fn create(
+    spec: &net::NetSpec,
+    vm_id: &str,
+    index: u32,
+    endpoint: EventEndpoint,
+) -> Result<(net::Attachment, Box<dyn VirtioDevice>), NicError> {
+    let att = net::attach(spec, vm_id, index)?;
+    // SAFETY: dup of a valid fd the attachment owns; the new fd is owned by OwnedFd alone.
+    let fd = unsafe { libc::fcntl(att.tap_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(NicError::Dup(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let backend = TapBackend(unsafe { OwnedFd::from_raw_fd(fd) });
+    let rate = RateLimit { bytes_per_sec: spec.rate.bytes_per_sec, ops_per_sec: spec.rate.ops_per_sec };
+    let config = NetConfig { mac: att.mac(), rx_rate: rate.limiter(), tx_rate: rate.limiter() };
+    let device = Net::new(config, Box::new(backend), endpoint)?;
+    eprintln!(
+        "microvm: eth{index}: TAP {} on {} (MAC {})",
+        att.tap_name(),
+        att.bridge().unwrap_or("no bridge"),
+        net::MacAddr(att.mac())
+    );
+    Ok((att, Box::new(device)))
+}
