@@ -4,13 +4,12 @@
 //! Outer tests (`nat_end_to_end`, ...) build namespaces and run an `inner_*` test of this
 //! binary inside them; `inner_*` tests do nothing when run directly.
 
-mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{cli_message, inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
+use microvm_tests::netns::{cli_message, inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
 
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
@@ -46,7 +45,7 @@ fn wire_internet(host: &Netns, inet: &Netns) {
 
 #[test]
 fn nat_end_to_end() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("host");
@@ -67,10 +66,9 @@ fn nat_end_to_end() {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_nat_end_to_end() {
-    if !inner() {
-        return;
-    }
+    inner();
     let guest_ns = env("MVTEST_GUEST_NS");
     let tmp = env("MVTEST_TMP");
     net::cleanup_stale().unwrap();
@@ -111,7 +109,7 @@ fn inner_nat_end_to_end() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let res = common::wait_timeout(child, 60);
+        let res = microvm_tests::netns::wait_timeout(child, 60);
         println!("udhcpc: {}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
         res.status.success()
     };
@@ -173,7 +171,7 @@ fn inner_nat_end_to_end() {
 
 #[test]
 fn shared_network_refcount() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("share");
@@ -186,10 +184,9 @@ fn shared_network_refcount() {
 /// Holds an attachment of MVTEST_SPEC until MVTEST_TMP/release exists (started as a child
 /// process by other inner tests, inside their namespace).
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_hold() {
-    if !inner() {
-        return;
-    }
+    inner();
     let tmp = env("MVTEST_TMP");
     let id = std::env::var("MVTEST_ID").unwrap_or_default();
     let spec: net::NetSpec = env("MVTEST_SPEC").parse().unwrap();
@@ -206,7 +203,7 @@ fn spawn_holder(spec: &str) -> std::process::Child {
 
 fn spawn_holder_id(spec: &str, id: &str) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "inner_hold", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "inner_hold", "--include-ignored", "--nocapture", "--test-threads=1"])
         .env("MVTEST_SPEC", spec)
         .env("MVTEST_ID", id)
         .stdout(Stdio::null())
@@ -216,10 +213,9 @@ fn spawn_holder_id(spec: &str, id: &str) -> std::process::Child {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_shared_network_refcount() {
-    if !inner() {
-        return;
-    }
+    inner();
     let tmp = env("MVTEST_TMP");
     let a = net::attach(&"nat:sh,subnet=10.99.0.0/24".parse().unwrap(), "vm-a", 0).unwrap();
     let b = net::attach(&"nat:sh".parse().unwrap(), "vm-b", 0).unwrap();
@@ -276,7 +272,7 @@ fn inner_shared_network_refcount() {
     assert!(!rules.contains("from-other") && rules.contains("from-sh"), "{rules}");
 
     std::fs::write(format!("{tmp}/release"), "").unwrap();
-    let out = common::wait_timeout(child, 30);
+    let out = microvm_tests::netns::wait_timeout(child, 30);
     assert!(out.status.success(), "holder failed");
     assert!(!link_exists("mvbr-sh"), "last user left but bridge remains");
     assert!(!nft_table_exists());
@@ -287,7 +283,7 @@ fn inner_shared_network_refcount() {
 
 #[test]
 fn concurrent_first_attach() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("race");
@@ -296,10 +292,9 @@ fn concurrent_first_attach() {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_concurrent_first_attach() {
-    if !inner() {
-        return;
-    }
+    inner();
     let tmp = env("MVTEST_TMP");
     // Several processes create the same new network at once: the state lock serializes
     // them, so exactly one creates it and the others join.
@@ -315,7 +310,7 @@ fn inner_concurrent_first_attach() {
     }
     std::fs::write(format!("{tmp}/release"), "").unwrap();
     for child in children {
-        assert!(common::wait_timeout(child, 30).status.success());
+        assert!(microvm_tests::netns::wait_timeout(child, 30).status.success());
     }
     assert!(!link_exists("mvbr-race") && !nft_table_exists() && !state_dir_of("race").exists());
 }
@@ -324,7 +319,7 @@ fn inner_concurrent_first_attach() {
 
 #[test]
 fn stale_cleanup_after_kill() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("stale");
@@ -333,10 +328,9 @@ fn stale_cleanup_after_kill() {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_stale_cleanup_after_kill() {
-    if !inner() {
-        return;
-    }
+    inner();
     let tmp = env("MVTEST_TMP");
     let mut child = spawn_holder("host-only:st");
     assert!(wait_until(30, || Path::new(&format!("{tmp}/ready")).exists()), "holder not ready");
@@ -368,7 +362,7 @@ fn inner_stale_cleanup_after_kill() {
 
 #[test]
 fn bridge_and_tap_modes() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("modes");
@@ -377,10 +371,9 @@ fn bridge_and_tap_modes() {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_bridge_and_tap_modes() {
-    if !inner() {
-        return;
-    }
+    inner();
     // bridge=BR
     let e = net::attach(&"bridge=nosuch".parse().unwrap(), "vm", 0).unwrap_err();
     println!("{}", cli_message(&e));
@@ -473,7 +466,7 @@ fn attachment_is_send() {
 
 #[test]
 fn not_permitted_is_bad_input() {
-    if !common::outer() {
+    if !microvm_tests::netns::outer() {
         return;
     }
     let host = Netns::new("noperm");
@@ -486,10 +479,9 @@ fn not_permitted_is_bad_input() {
 }
 
 #[test]
+#[ignore = "started by its outer test inside a test namespace"]
 fn inner_not_permitted() {
-    if !inner() {
-        return;
-    }
+    inner();
     // Nothing to clean up without the capability: a quiet no-op, not an error.
     net::cleanup_stale().unwrap();
     for spec in ["nat:np", "host-only:np", "bridge=br0"] {

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: where the microvm binary and the test guest
 //! are, tiny hand-assembled guest payloads, and running microvm with a timeout.
 
+pub mod netns;
 pub mod payload;
 
 use std::path::{Path, PathBuf};

@@ -6,8 +6,6 @@
 //! `ip netns exec NS <this test binary> --exact <inner test>`; inner tests refuse to run
 //! unless `MVTEST_INNER=1` is set AND they are outside the initial network namespace.
 
-#![allow(dead_code)]
-
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -62,7 +60,7 @@ impl Netns {
         cmd.args(["netns", "exec", &self.name])
             .args(wrapper)
             .arg(&exe)
-            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .args(["--exact", test, "--include-ignored", "--nocapture", "--test-threads=1"])
             .env(INNER_ENV, "1");
         for (k, v) in envs {
             cmd.env(k, v);
@@ -144,14 +142,11 @@ pub fn wait_timeout(mut child: Child, secs: u64) -> Output {
     child.wait_with_output().expect("wait")
 }
 
-/// For outer tests: `false` (skip, with a note) when not root, since creating network
-/// namespaces needs it. As root, missing tools are a failure, not a skip.
+/// For outer tests: checks the test can create its namespaces. Not being root, or a
+/// missing tool, is a failure, never a skip.
 pub fn outer() -> bool {
     let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
-    if euid != 0 {
-        eprintln!("skipping namespaced test: needs root (network namespaces, TAPs, nftables)");
-        return false;
-    }
+    assert_eq!(euid, 0, "namespaced tests need root (network namespaces, TAPs, nftables)");
     for (tool, args) in [("ip", "-V"), ("nft", "--version"), ("busybox", "--help"), ("setpriv", "--version")] {
         let ok = Command::new(tool).arg(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
         assert!(ok, "namespaced tests need `{tool}` (packages: iproute2, nftables, busybox-static, util-linux)");
@@ -163,12 +158,14 @@ fn ns_inode(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
 }
 
-/// For inner tests: `false` (skip) unless started by `run_inner`. Panics if asked to run
-/// in the initial network namespace.
+/// For inner tests (marked `#[ignore]`, run only by `run_inner`): panics unless started by
+/// `run_inner`, and if asked to run in the initial network namespace.
 pub fn inner() -> bool {
-    if std::env::var(INNER_ENV).as_deref() != Ok("1") {
-        return false;
-    }
+    assert_eq!(
+        std::env::var(INNER_ENV).as_deref(),
+        Ok("1"),
+        "inner tests run only inside a test namespace, started by their outer test"
+    );
     let own = ns_inode("/proc/self/ns/net");
     let init = ns_inode("/proc/1/ns/net");
     assert!(own != 0 && own != init, "refusing to run a namespaced test in the initial network namespace");
