@@ -21,7 +21,7 @@
 
 mod rx;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tx;
 
 use std::collections::VecDeque;

@@ -90,8 +90,11 @@ impl NetHandler {
             if !frame.charged {
                 let payload = (frame.len - VNET_HDR_LEN) as u64;
                 if let Some(rl) = self.rx_limiter.as_mut() {
+                    let was_blocked = rl.is_blocked();
                     if !rl.consume_request(payload) {
-                        self.stats.rx_throttled += 1;
+                        if !was_blocked {
+                            self.stats.rx_throttled += 1;
+                        }
                         stats.throttled = true;
                         self.rx_pending = Some(frame);
                         break;
@@ -256,8 +259,9 @@ impl NetHandler {
             let written = write_chain(&self.mem, &chain, &self.rx_buf[off..len]);
             off += written;
             // written <= capacity <= u32::MAX (checked by the chain iterator).
-            add_used(&mut self.rx_queue, &self.mem, chain.head, written as u32);
-            stats.completed += 1;
+            if add_used(&mut self.rx_queue, &self.mem, chain.head, written as u32) {
+                stats.completed += 1;
+            }
         }
         Delivery::Delivered
     }
@@ -279,8 +283,9 @@ impl NetHandler {
             Err(e) => {
                 warn!(head, error = %e, "virtio-net: returning malformed RX chain unused");
                 self.stats.rx_bad_chains += 1;
-                add_used(&mut self.rx_queue, &self.mem, head, 0);
-                stats.completed += 1;
+                if add_used(&mut self.rx_queue, &self.mem, head, 0) {
+                    stats.completed += 1;
+                }
                 Pop::Invalid
             }
         }
@@ -347,9 +352,14 @@ fn write_chain(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
     off
 }
 
-/// Puts a chain in the used ring; a failure (head index out of range) is only logged.
-pub(super) fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
-    if let Err(e) = queue.add_used(mem, head, len) {
-        error!(head, error = %e, "virtio-net: cannot return chain to the used ring");
+/// Puts a chain in the used ring. A failure (head index out of range) is logged and returns
+/// false: nothing was added.
+pub(super) fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            error!(head, error = %e, "virtio-net: cannot return chain to the used ring");
+            false
+        }
     }
 }

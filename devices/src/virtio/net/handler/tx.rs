@@ -112,8 +112,9 @@ impl NetHandler {
                     }
                 }
             }
-            add_used(&mut self.tx_queue, &self.mem, head, 0);
-            stats.completed += 1;
+            if add_used(&mut self.tx_queue, &self.mem, head, 0) {
+                stats.completed += 1;
+            }
             *budget -= 1;
         }
     }
