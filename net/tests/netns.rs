@@ -1,15 +1,14 @@
 //! Namespaced integration tests: real bridges, TAPs, nft rules and DHCP traffic, all inside
-//! network namespaces created (and deleted) by each test. See `common` for the safety model.
+//! network namespaces created (and deleted) by each test. See `microvm_tests::netns` for the safety model.
 //!
 //! Outer tests (`nat_end_to_end`, ...) build namespaces and run an `inner_*` test of this
-//! binary inside them; `inner_*` tests do nothing when run directly.
-
+//! binary inside them; `inner_*` tests are #[ignore]d: only their outer test runs them.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use microvm_tests::netns::{cli_message, inner, link_exists, sh, try_sh, wait_until, Netns, TempDir};
+use microvm_tests::netns::{cli_message, inner, link_exists, sh, try_sh, wait_until, wire_internet, Netns, TempDir};
 
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
@@ -32,13 +31,6 @@ fn state_dir_of(name: &str) -> std::path::PathBuf {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
     Path::new(&env("MICROVM_RUN_DIR")).join(ino.to_string()).join("net").join(name)
-}
-
-/// Gives a namespace a default route through a veth to an "internet" namespace.
-fn wire_internet(host: &Netns, inet: &Netns) {
-    host.sh(&format!("ip link add up0 type veth peer name down0 netns {}", inet.name));
-    host.sh("ip addr add 198.51.100.2/24 dev up0 && ip link set up0 up && ip route add default via 198.51.100.1");
-    inet.sh("ip addr add 198.51.100.1/24 dev down0 && ip link set down0 up");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod payload;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

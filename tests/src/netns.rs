@@ -199,3 +199,16 @@ pub fn cli_message(e: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+/// The "internet" side of a test world: gives `host` a default route through a veth to
+/// `inet` (198.51.100.2 -> 198.51.100.1, a documentation range).
+pub const HOST_UPLINK_ADDR: &str = "198.51.100.2";
+pub const INTERNET_ADDR: &str = "198.51.100.1";
+
+pub fn wire_internet(host: &Netns, inet: &Netns) {
+    host.sh(&format!("ip link add up0 type veth peer name down0 netns {}", inet.name));
+    host.sh(&format!(
+        "ip addr add {HOST_UPLINK_ADDR}/24 dev up0 && ip link set up0 up && ip route add default via {INTERNET_ADDR}"
+    ));
+    inet.sh(&format!("ip addr add {INTERNET_ADDR}/24 dev down0 && ip link set down0 up"));
+}

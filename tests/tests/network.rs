@@ -1,0 +1,251 @@
+//! Guest networking end to end, with real guests, inside namespaces each test creates
+//! (see microvm_tests::world). Boots are expensive here, so one test runs five guests at
+//! once: sharing (NAT), interconnection (same network), isolation (other network,
+//! host-only), and bridged mode, then checks that nothing is left behind.
+
+use std::time::Duration;
+
+use microvm_tests::netns::{HOST_UPLINK_ADDR, INTERNET_ADDR};
+use microvm_tests::payload::{write_elf, Asm};
+use microvm_tests::scratch_dir;
+use microvm_tests::world::World;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| l.trim().strip_prefix(key))
+}
+
+#[test]
+fn guests_share_isolate_and_interconnect() {
+    let world = World::new();
+    // Bridged mode: a bridge the "admin" made, with its own DHCP server (busybox udhcpd).
+    world.host.sh("ip link add brx type bridge && ip addr add 192.0.2.1/24 dev brx && ip link set brx up");
+    let udhcpd = world.run_dir.path.join("udhcpd.conf");
+    std::fs::write(
+        &udhcpd,
+        format!(
+            "start 192.0.2.100\nend 192.0.2.120\ninterface brx\nlease_file {}\noption subnet 255.255.255.0\noption router 192.0.2.1\n",
+            world.run_dir.path.join("udhcpd.leases").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(world.run_dir.path.join("udhcpd.leases"), "").unwrap();
+    let mut udhcpd = std::process::Command::new("ip")
+        .args(["netns", "exec", &world.host.name, "busybox", "udhcpd", "-f"])
+        .arg(&udhcpd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let lease = "echo LEASE=$(ip -4 -o addr show eth0 | awk '{print $4}')";
+    let inet = format!(
+        "wget -q -T 10 -O - http://{INTERNET_ADDR}/hello.txt && wget -q -T 10 -O - http://{INTERNET_ADDR}/cgi-bin/who"
+    );
+    // A and B share network t1; B serves TCP on a fixed extra address until A says quit.
+    let a = world.spawn_guest(
+        "a",
+        &["nat:t1,subnet=10.123.1.0/24"],
+        &format!(
+            "{lease}; ping -c 1 -W 5 10.123.1.1 >/dev/null && echo GW_OK; {inet}; \
+             for i in $(seq 120); do ping -c 1 -W 1 10.123.1.200 >/dev/null && break; sleep 1; done; \
+             ping -c 2 -W 2 10.123.1.200 >/dev/null && echo PING_B_OK; \
+             echo hello | nc -w 5 10.123.1.200 7000; \
+             sleep 45; echo quit | nc -w 5 10.123.1.200 7000; exit 0"
+        ),
+    );
+    let b = world.spawn_guest(
+        "b",
+        &["nat:t1,subnet=10.123.1.0/24"],
+        "ip addr add 10.123.1.200/24 dev eth0; end=$(( $(cut -d. -f1 /proc/uptime) + 400 )); \
+         while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
+           m=$(echo TCP_FROM_B | nc -l -p 7000); echo GOT=$m; [ \"$m\" = quit ] && exit 0; done; exit 1",
+    );
+    // C is on another network: it must not reach B (it tries for 60 s), but has internet.
+    let c = world.spawn_guest(
+        "c",
+        &["nat:t2,subnet=10.123.2.0/24"],
+        &format!(
+            "{lease}; {inet}; r=ISOLATED; for i in $(seq 30); do \
+               if ping -c 1 -W 1 10.123.1.200 >/dev/null || echo x | nc -w 1 10.123.1.200 7000 >/dev/null; then r=REACHED_B; break; fi; \
+               sleep 1; done; echo $r; exit 0"
+        ),
+    );
+    // D is host-only: the host bridge yes, the internet no.
+    let d = world.spawn_guest(
+        "d",
+        &["host-only:h1,subnet=10.123.3.0/24"],
+        &format!(
+            "{lease}; ping -c 1 -W 5 10.123.3.1 >/dev/null && echo GW_OK; \
+             wget -q -T 5 -O - http://{INTERNET_ADDR}/hello.txt || echo INET_BLOCKED; exit 0"
+        ),
+    );
+    // E is bridged on brx and gets its address from the test's DHCP server there.
+    let e = world.spawn_guest(
+        "e",
+        &["bridge=brx"],
+        &format!("{lease}; ping -c 1 -W 5 192.0.2.1 >/dev/null && echo GW_OK; exit 0"),
+    );
+
+    let runs: Vec<_> = [a, b, c, d, e].into_iter().map(|g| (g.name.clone(), g.wait(BOOT_TIMEOUT))).collect();
+    let _ = udhcpd.kill();
+    let _ = udhcpd.wait();
+    for (name, run) in &runs {
+        println!("===== guest {name}: {run:?}");
+    }
+    let get = |n: &str| &runs.iter().find(|(name, _)| name == n).unwrap().1;
+    let (a, b, c, d, e) = (get("a"), get("b"), get("c"), get("d"), get("e"));
+    for (name, run) in &runs {
+        assert_eq!(run.code(), 0, "guest {name} failed: {run:?}");
+    }
+    // NAT: a lease in the subnet, the gateway, the internet through the host's address.
+    assert!(field(&a.stdout, "LEASE=").is_some_and(|l| l.starts_with("10.123.1.") && l.ends_with("/24")), "{a:?}");
+    assert!(a.stdout.contains("GW_OK") && a.stdout.contains("hello-internet"), "{a:?}");
+    assert!(a.stdout.contains(&format!("REMOTE={HOST_UPLINK_ADDR}")), "server saw a non-masqueraded source: {a:?}");
+    // Same network: ping and TCP both ways.
+    assert!(a.stdout.contains("PING_B_OK") && a.stdout.contains("TCP_FROM_B"), "{a:?}");
+    assert!(b.stdout.contains("GOT=hello") && b.stdout.contains("GOT=quit"), "{b:?}");
+    // Other network: isolated from t1, but online.
+    assert!(field(&c.stdout, "LEASE=").is_some_and(|l| l.starts_with("10.123.2.")), "{c:?}");
+    assert!(c.stdout.contains("hello-internet"), "{c:?}");
+    assert!(c.stdout.contains("ISOLATED") && !c.stdout.contains("REACHED_B"), "{c:?}");
+    // Host-only.
+    assert!(field(&d.stdout, "LEASE=").is_some_and(|l| l.starts_with("10.123.3.")), "{d:?}");
+    assert!(d.stdout.contains("GW_OK") && d.stdout.contains("INET_BLOCKED"), "{d:?}");
+    assert!(!d.stdout.contains("hello-internet"), "{d:?}");
+    // Bridged: the address came from the test's own DHCP server.
+    assert!(field(&e.stdout, "LEASE=").is_some_and(|l| l.starts_with("192.0.2.1")), "{e:?}");
+    assert!(e.stdout.contains("GW_OK"), "{e:?}");
+
+    // Nothing of microvm's is left; the admin's bridge is untouched (and has no ports left).
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+    assert!(world.host.try_sh("ip link show dev brx"));
+    assert_eq!(world.host.sh("ip -o link show master brx").trim(), "");
+}
+
+/// Rate limit: a NIC limited to 4 Mbit/s (500,000 B/s) sends a bulk transfer within ±15%
+/// of that; an unlimited NIC on the same network, sending at the same time, is not held
+/// back by it.
+#[test]
+fn rate_limit_holds_and_neighbour_is_unaffected() {
+    let world = World::new();
+    let mut sinks = Vec::new();
+    for port in [5001, 5002] {
+        sinks.push(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &world.host.name, "sh", "-c"])
+                .arg(format!("while true; do busybox nc -l -p {port} >/dev/null; done"))
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // Warm up (ARP, and drain the bucket's one-second burst), then time 5 MB.
+    let bulk = |port: u16| {
+        format!(
+            "dd if=/dev/zero bs=64k count=8 2>/dev/null | nc -w 10 10.123.9.1 {port}; \
+             s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero bs=64k count=80 2>/dev/null | nc -w 10 10.123.9.1 {port}; \
+             e=$(cut -d' ' -f1 /proc/uptime); echo BYTES=$((64*1024*80)) START=$s END=$e; exit 0"
+        )
+    };
+    let limited = world.spawn_guest("limited", &["nat:r1,subnet=10.123.9.0/24,rate=4Mbit"], &bulk(5001));
+    let free = world.spawn_guest("free", &["nat:r1,subnet=10.123.9.0/24"], &bulk(5002));
+    let (limited, free) = (limited.wait(BOOT_TIMEOUT), free.wait(BOOT_TIMEOUT));
+    for mut s in sinks {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    world.host.try_sh("pkill -f 'busybox nc -l -p 500'");
+    let rate = |run: &microvm_tests::Run| -> f64 {
+        let line = run.stdout.lines().find(|l| l.contains("BYTES=")).unwrap_or_else(|| panic!("no result: {run:?}"));
+        let num = |k: &str| -> f64 {
+            line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap()
+        };
+        num("BYTES=") / (num("END=") - num("START="))
+    };
+    let (lr, fr) = (rate(&limited), rate(&free));
+    println!("limited NIC: {lr:.0} B/s (limit 500000), unlimited NIC: {fr:.0} B/s");
+    assert!((425_000.0..=575_000.0).contains(&lr), "limited NIC ran at {lr:.0} B/s: {limited:?}");
+    assert!(fr > 2.0 * 500_000.0, "unlimited NIC ran at {fr:.0} B/s only: {free:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+}
+
+fn payload(name: &str, asm: Asm) -> String {
+    let p = scratch_dir(name).join("k.elf");
+    write_elf(&p, &asm.code);
+    p.display().to_string()
+}
+
+fn args(kernel: &str, extra: &[&str]) -> Vec<String> {
+    std::iter::once("--kernel").chain(std::iter::once(kernel)).chain(extra.iter().copied()).map(String::from).collect()
+}
+
+/// A SIGKILLed microvm leaves its network behind; the next microvm start cleans it up.
+#[test]
+fn killed_vm_network_is_cleaned_on_next_start() {
+    let world = World::new();
+    let forever = payload("k9-forever", Asm::default().halt());
+    let quick = payload("k9-quick", Asm::default().exit(0).halt());
+    let g = world.spawn("k9", &args(&forever, &["--net", "nat:k9"]), scratch_dir("k9"));
+    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-k9"));
+    assert!(up, "network never came up: {}", g.stderr_now());
+    // SAFETY: kill(2) on our child (the `ip netns exec` execs microvm itself).
+    unsafe { libc::kill(g.child.id() as i32, libc::SIGKILL) };
+    let _ = g.wait(Duration::from_secs(10));
+    assert!(world.leftovers().iter().any(|l| l == "mvbr-k9"), "nothing was left to clean: {:?}", world.leftovers());
+    let r = world.run("k9-next", &args(&quick, &["--net", "nat:other"]), Duration::from_secs(60));
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+}
+
+/// SIGTERM while running: the TAP and network are torn down before microvm exits.
+#[test]
+fn sigterm_tears_the_network_down() {
+    let world = World::new();
+    let forever = payload("term-forever", Asm::default().halt());
+    let g = world.spawn("term", &args(&forever, &["--net", "nat:term", "--net", "host-only:term2"]), scratch_dir("term"));
+    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-term2"));
+    assert!(up, "network never came up: {}", g.stderr_now());
+    assert_eq!(world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count(), 2);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(g.child.id() as i32, libc::SIGTERM) };
+    let r = g.wait(Duration::from_secs(30));
+    assert_eq!(r.code(), 128 + libc::SIGTERM, "{r:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+}
+
+/// Bad --net input: one line, exit 2, nothing left behind.
+#[test]
+fn bad_net_input_exits_2_and_leaves_nothing() {
+    let world = World::new();
+    let k = payload("badnet", Asm::default().exit(0).halt());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--net", "carrier-pigeon"], "carrier-pigeon"),
+        (&["--net", "nat,mac=zz:00:00:00:00:01"], "zz:00:00:00:00:01"),
+        (&["--net", "bridge=nosuchbr0"], "nosuchbr0"),
+        (&["--net", "nat:clash,subnet=198.51.100.0/24"], "collides"),
+        // A good NIC first, then a bad one: the first must be undone.
+        (&["--net", "nat:ok1", "--net", "bridge=nosuchbr1"], "nosuchbr1"),
+    ];
+    for (extra, needle) in cases {
+        let r = world.run("badnet-case", &args(&k, extra), Duration::from_secs(60));
+        assert_eq!(r.code(), 2, "{extra:?}: {r:?}");
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() == 1 && lines[0].contains(needle), "{extra:?}: want one line with '{needle}': {r:?}");
+        assert_eq!(world.leftovers(), Vec::<String>::new(), "{extra:?} left things behind");
+    }
+    // Without CAP_NET_ADMIN (root, but the capability dropped from the bounding set).
+    let mut a = vec!["--bounding-set".to_string(), "-net_admin".into(), microvm_tests::microvm_bin().display().to_string()];
+    a.extend(args(&k, &["--net", "nat"]));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &world.host.name, "setpriv"])
+        .args(&a)
+        .env("MICROVM_RUN_DIR", &world.run_dir.path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("CAP_NET_ADMIN") || stderr.contains("root"), "{stderr}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+}
