@@ -51,7 +51,8 @@ impl SeqpacketBackend {
         self.offload.clone()
     }
 
-    /// Sends one message on a seqpacket socket (e.g. the peer end).
+    /// Sends one message on a seqpacket socket (e.g. the peer end) without blocking:
+    /// `Err(WouldBlock)` when the receiver's queue is full.
     pub fn send(fd: &impl AsRawFd, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: `frame` is a valid readable buffer of `frame.len()` bytes for the duration of
         // the call.
@@ -60,7 +61,7 @@ impl SeqpacketBackend {
                 fd.as_raw_fd(),
                 frame.as_ptr().cast(),
                 frame.len(),
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         cvt(ret)

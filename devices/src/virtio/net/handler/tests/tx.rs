@@ -135,8 +135,11 @@ fn tx_hostile_chains_are_dropped() {
     }
 }
 
-/// Writes raw descriptors (index, addr, len, flags, next) and publishes head 0.
-fn raw_chain(s: &Setup, descs: &[(u16, u64, u32, u32, u16)]) {
+/// A raw descriptor: (index, addr, len, flags, next).
+type RawD = (u16, u64, u32, u32, u16);
+
+/// Writes raw descriptors and publishes head 0.
+fn raw_chain(s: &Setup, descs: &[RawD]) {
     for &(i, addr, len, flags, next) in descs {
         raw_desc(&s.txq, i, addr, len, flags, next);
     }
@@ -147,7 +150,7 @@ fn raw_chain(s: &Setup, descs: &[(u16, u64, u32, u32, u16)]) {
 fn tx_broken_chains_are_dropped() {
     let mem = mem();
     let n = VRING_DESC_F_NEXT;
-    let cases: Vec<(&str, Vec<(u16, u64, u32, u32, u16)>)> = vec![
+    let cases: Vec<(&str, Vec<RawD>)> = vec![
         ("next out of range", vec![(0, BUF, 100, n, 200)]),
         ("loop", vec![(0, BUF, 100, n, 1), (1, BUF, 100, n, 0)]),
         ("self loop", vec![(0, BUF, 100, n, 0)]),
