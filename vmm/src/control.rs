@@ -13,7 +13,7 @@ use crate::exit::{ExitReason, ExitSignal};
 
 /// Ctrl-A: the escape key; Ctrl-A x quits microvm, Ctrl-A Ctrl-A sends one Ctrl-A.
 const ESCAPE: u8 = 0x01;
-const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
 /// Blocks the termination signals in the calling thread (and every thread it spawns after)
 /// and returns a signalfd that reports them.
@@ -46,6 +46,8 @@ pub struct Control {
     /// Forward stdin to the guest (false when stdin is closed or not wanted).
     stdin: bool,
     escape_pending: bool,
+    /// The vCPU threads, to kick for a register dump.
+    vcpus: Vec<libc::pthread_t>,
 }
 
 impl Control {
@@ -56,7 +58,12 @@ impl Control {
             signals,
             stdin,
             escape_pending: false,
+            vcpus: Vec::new(),
         }
+    }
+
+    pub fn set_vcpu_threads(&mut self, threads: Vec<libc::pthread_t>) {
+        self.vcpus = threads;
     }
 
     fn handle_stdin(&mut self, ops: &mut EventOps) {
@@ -98,7 +105,13 @@ impl Control {
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: the buffer is `size` writable bytes owned by `info`.
         let n = unsafe { libc::read(self.signals.as_raw_fd(), &mut info as *mut _ as *mut libc::c_void, size) };
-        if n == size as isize {
+        if n != size as isize {
+            return;
+        }
+        if info.ssi_signo as i32 == libc::SIGUSR1 {
+            // Not a stop request: print every vCPU's registers (see debug.rs).
+            crate::debug::request_dump(&self.vcpus);
+        } else {
             self.exit.set(ExitReason::Signal(info.ssi_signo as i32));
         }
     }

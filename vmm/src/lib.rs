@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod cpuid;
+pub mod debug;
 pub mod devices;
 pub mod disk;
 pub mod exit;

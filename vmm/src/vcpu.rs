@@ -108,6 +108,7 @@ impl Vcpu {
         exit: Arc<ExitSignal>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
+        crate::debug::install_kick_handler();
         std::thread::Builder::new()
             .name(format!("vcpu-{index}"))
             .spawn(move || self.run(&mem, &pio, &mmio, &exit))
@@ -116,6 +117,9 @@ impl Vcpu {
 
     fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal) {
         while !exit.is_set() {
+            if crate::debug::take_dump_request(self.index) {
+                crate::debug::print_state(self.index, &self.fd);
+            }
             let result = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     pio.read(u64::from(port), data);

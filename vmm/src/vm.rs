@@ -138,15 +138,18 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
 
     let raw_terminal = crate::terminal::RawTerminal::enable();
     // stdin is always forwarded; at EOF (e.g. </dev/null) the loop stops watching it.
-    let control = Control::new(serial, exit.clone(), signals, true);
-    event_manager.add_subscriber(Arc::new(Mutex::new(control)));
+    let mut control = Control::new(serial, exit.clone(), signals, true);
 
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
+    let mut threads = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone())?;
+        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone())?;
+        threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
     }
+    control.set_vcpu_threads(threads);
+    event_manager.add_subscriber(Arc::new(Mutex::new(control)));
 
     let reason = loop {
         if let Some(reason) = exit.get() {

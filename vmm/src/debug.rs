@@ -1,0 +1,53 @@
+//! `kill -USR1 <microvm pid>` prints every vCPU's registers to stderr: the way to tell a
+//! slow guest from a hung one (map RIP through the guest's System.map). The main thread
+//! flags each vCPU and kicks its thread with SIGRTMIN, which makes KVM_RUN return EINTR;
+//! the vCPU thread then prints its own state (only it may use its vCPU fd).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+use kvm_ioctls::VcpuFd;
+
+/// Bit N set: vCPU N should print its state.
+static DUMP_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) SIGRTMIN handler whose only job is to interrupt KVM_RUN.
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler) {
+            tracing::warn!("no vCPU kick handler, SIGUSR1 dumps won't work: {e}");
+        }
+    });
+}
+
+pub fn request_dump(threads: &[libc::pthread_t]) {
+    for (i, t) in threads.iter().enumerate().take(64) {
+        DUMP_REQUESTS.fetch_or(1 << i, Ordering::SeqCst);
+        // SAFETY: `t` is a live vCPU thread of this process (they run until exit).
+        unsafe { libc::pthread_kill(*t, vmm_sys_util::signal::SIGRTMIN()) };
+    }
+}
+
+pub fn take_dump_request(index: u8) -> bool {
+    let bit = 1u64 << index.min(63);
+    DUMP_REQUESTS.fetch_and(!bit, Ordering::SeqCst) & bit != 0
+}
+
+pub fn print_state(index: u8, fd: &VcpuFd) {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => eprintln!(
+            "microvm: vcpu-{index}: RIP={:#018x} RSP={:#018x} RFLAGS={:#x} CPL={} CR3={:#x} RAX={:#x} RCX={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cs.selector & 3,
+            s.cr3,
+            r.rax,
+            r.rcx
+        ),
+        (Err(e), _) | (_, Err(e)) => eprintln!("microvm: vcpu-{index}: cannot read registers: {e}"),
+    }
+}
