@@ -107,3 +107,31 @@ fn int3_in_ring0_is_reported() {
         assert_eq!(r.code(), 0, "{r:?}");
     }
 }
+
+/// SIGUSR1 makes every vCPU print its registers (the guest keeps running).
+#[test]
+fn sigusr1_dumps_vcpu_registers() {
+    // A tight loop at a known address: jmp $ (eb fe) right after the print.
+    let asm = Asm::default().print("spinning\n");
+    let spin_at = microvm_tests::payload::LOAD_ADDR + asm.code.len() as u64;
+    let k = payload("usr1", asm.bytes(&[0xeb, 0xfe]));
+    let mut child = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(["--kernel", k.to_str().unwrap(), "--cpus", "2"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(stderr.contains(&format!("vcpu-0: RIP={spin_at:#018x}")), "{stderr}");
+    // vCPU 1 never got a startup IPI: it is parked in the kernel, but still answers.
+    assert!(stderr.contains("vcpu-1: RIP="), "{stderr}");
+}
