@@ -101,3 +101,20 @@ pub fn write_elf(path: &Path, code: &[u8]) {
     f.extend_from_slice(code);
     std::fs::write(path, f).expect("write payload ELF");
 }
+
+/// Writes `code` as a minimal bzImage: a 5-sector real-mode setup part carrying the boot
+/// protocol header, then the "protected-mode kernel" whose 64-bit entry point (offset 0x200)
+/// is `code`. microvm loads it at code32_start = LOAD_ADDR and enters at LOAD_ADDR + 0x200.
+pub fn write_bzimage(path: &Path, code: &[u8]) {
+    const SETUP_SECTS: u8 = 4;
+    let mut f = vec![0u8; (SETUP_SECTS as usize + 1) * 512];
+    f[0x1f1] = SETUP_SECTS;
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // boot protocol 2.15
+    f[0x211] = 1; // loadflags: LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&(LOAD_ADDR as u32).to_le_bytes()); // code32_start
+    f.extend_from_slice(&[0xf4; 0x200]); // 32-bit entry area: hlt (never run)
+    f.extend_from_slice(code);
+    std::fs::write(path, f).expect("write payload bzImage");
+}

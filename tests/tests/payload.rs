@@ -135,3 +135,14 @@ fn sigusr1_dumps_vcpu_registers() {
     // vCPU 1 never got a startup IPI: it is parked in the kernel, but still answers.
     assert!(stderr.contains("vcpu-1: RIP="), "{stderr}");
 }
+
+/// The bzImage path: setup header parsed, protected-mode part loaded, 64-bit entry used.
+#[test]
+fn bzimage_payload_boots() {
+    let dir = scratch_dir("bzimage");
+    let k = dir.join("bzImage");
+    microvm_tests::payload::write_bzimage(&k, &Asm::default().print("bzimage entry\n").exit(11).halt().code);
+    let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
+    assert_eq!(r.code(), 11, "{r:?}");
+    assert!(r.stdout.contains("bzimage entry"), "{r:?}");
+}
