@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use devices::rate_limiter::{BucketConfig, RateLimiterConfig};
 use thiserror::Error;
 
 /// Largest vCPU count: the MP table for 32 vCPUs just fits the 1 KiB below 640 KiB.
@@ -30,19 +31,6 @@ pub enum ConfigError {
     TooManyDevices { max: usize, got: usize },
 }
 
-/// Token-bucket limits for one device direction. `None` means unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RateLimit {
-    pub bytes_per_sec: Option<u64>,
-    pub ops_per_sec: Option<u64>,
-}
-
-impl RateLimit {
-    pub fn is_unlimited(&self) -> bool {
-        self.bytes_per_sec.is_none() && self.ops_per_sec.is_none()
-    }
-}
-
 /// One `--disk PATH[,size=SIZE][,readonly][,bw=BYTES/s][,iops=N]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -50,7 +38,8 @@ pub struct DiskConfig {
     /// Create the file sparse with this length if missing; grow it if shorter.
     pub size: Option<u64>,
     pub read_only: bool,
-    pub rate: RateLimit,
+    /// `bw=` (bytes/s) and `iops=` token buckets; the default is unlimited.
+    pub rate: RateLimiterConfig,
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -70,13 +59,13 @@ impl std::str::FromStr for DiskConfig {
             path: PathBuf::from(path),
             size: None,
             read_only: false,
-            rate: RateLimit::default(),
+            rate: RateLimiterConfig::default(),
         };
         for opt in parts {
             match opt.split_once('=') {
                 Some(("size", v)) => disk.size = Some(parse_size(v)?),
-                Some(("bw", v)) => disk.rate.bytes_per_sec = Some(parse_rate(v)?),
-                Some(("iops", v)) => disk.rate.ops_per_sec = Some(parse_rate(v)?),
+                Some(("bw", v)) => disk.rate.bandwidth = Some(BucketConfig::new(parse_rate(v)?)),
+                Some(("iops", v)) => disk.rate.ops = Some(BucketConfig::new(parse_rate(v)?)),
                 None if opt == "readonly" || opt == "ro" => disk.read_only = true,
                 _ => {
                     return Err(bad(&format!(
@@ -197,8 +186,7 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("a.img"));
         assert_eq!(d.size, Some(1 << 30));
         assert!(d.read_only);
-        assert_eq!(d.rate.bytes_per_sec, Some(1_000_000));
-        assert_eq!(d.rate.ops_per_sec, Some(100));
+        assert_eq!(d.rate, RateLimiterConfig::simple(1_000_000, 100));
         assert!("".parse::<DiskConfig>().is_err());
         assert!("a.img,size=big".parse::<DiskConfig>().is_err());
         assert!("a.img,colour=red".parse::<DiskConfig>().is_err());

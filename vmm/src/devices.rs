@@ -5,16 +5,12 @@ use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::{EventEndpoint, VirtioDevice};
 
-use crate::config::{DiskConfig, RateLimit};
+use crate::config::DiskConfig;
 use crate::disk::OpenDisk;
 
-impl RateLimit {
-    /// The device-side limiter config, `None` when unlimited.
-    pub fn limiter(&self) -> Option<RateLimiterConfig> {
-        (!self.is_unlimited()).then(|| {
-            RateLimiterConfig::simple(self.bytes_per_sec.unwrap_or(0), self.ops_per_sec.unwrap_or(0))
-        })
-    }
+/// `None` for an unlimited config, so devices don't run a limiter for nothing.
+pub fn limiter(config: RateLimiterConfig) -> Option<RateLimiterConfig> {
+    (config != RateLimiterConfig::default()).then_some(config)
 }
 
 pub fn block_device(
@@ -25,7 +21,7 @@ pub fn block_device(
     let config = BlockConfig {
         path: cfg.path.clone(),
         read_only: cfg.read_only,
-        rate_limiter: cfg.rate.limiter(),
+        rate_limiter: limiter(cfg.rate),
         ..Default::default()
     };
     Ok(Box::new(Block::new(config, disk.file, disk.len, endpoint)?))

@@ -92,11 +92,11 @@ fn resize(file: &File, path: &Path, size: u64) -> Result<(), DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RateLimit;
+    use devices::rate_limiter::RateLimiterConfig;
     use std::os::unix::fs::MetadataExt;
 
     fn cfg(path: &Path, size: Option<u64>, read_only: bool) -> DiskConfig {
-        DiskConfig { path: path.to_path_buf(), size, read_only, rate: RateLimit::default() }
+        DiskConfig { path: path.to_path_buf(), size, read_only, rate: RateLimiterConfig::default() }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use devices::virtio::net::{Net, NetBackend, NetConfig};
 use devices::virtio::{EventEndpoint, VirtioDevice};
 use thiserror::Error;
 
-use crate::config::RateLimit;
+use devices::rate_limiter::RateLimiterConfig;
 
 #[derive(Debug, Error)]
 pub enum NicError {
@@ -90,8 +90,12 @@ pub fn create(
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let backend = TapBackend(unsafe { OwnedFd::from_raw_fd(fd) });
-    let rate = RateLimit { bytes_per_sec: spec.rate.bytes_per_sec, ops_per_sec: spec.rate.ops_per_sec };
-    let config = NetConfig { mac: att.mac(), rx_rate: rate.limiter(), tx_rate: rate.limiter() };
+    // The same limits apply to each direction separately.
+    let rate = crate::devices::limiter(RateLimiterConfig::simple(
+        spec.rate.bytes_per_sec.unwrap_or(0),
+        spec.rate.ops_per_sec.unwrap_or(0),
+    ));
+    let config = NetConfig { mac: att.mac(), rx_rate: rate, tx_rate: rate };
     let device = Net::new(config, Box::new(backend), endpoint)?;
     eprintln!(
         "microvm: eth{index}: TAP {} on {} (MAC {})",
