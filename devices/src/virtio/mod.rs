@@ -30,26 +30,35 @@
 //!
 //! # Writing a device (virtio-net follows virtio-blk)
 //!
-//! 1. `new(config, host resources..., endpoint: EventEndpoint)`; state `Inactive`.
-//! 2. `activate(ctx)`: check `ctx.queues.len()`/readiness, build the handler from `ctx` (it owns
-//!    the queues, the queue eventfds, `ctx.irq`, a clone of `ctx.mem`), wrap it in
-//!    `Arc<Mutex<_>>`, [`register_subscriber`] a `Subscriber` clone of it, keep the typed `Arc`
-//!    and the returned `SubscriberId`.
-//! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`); `process` reads
-//!    the fired eventfd, runs the queue, and calls `irq.trigger(IrqKind::Vring)` when it put
-//!    buffers in a used ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
-//! 4. `reset()`: [`unregister_subscriber`], take back what must survive, state `Inactive`.
+//! The common parts live in `device_base::DeviceBase` (features, read-only config space,
+//! handler registration) and `device_base::take_queues`.
+//!
+//! 1. `new(config, host resources..., endpoint: EventEndpoint)`: a `DeviceBase` with the
+//!    offered features and the config space; inactive.
+//! 2. `activate(ctx)`: `take_queues` checks the queue count and readiness; build the handler
+//!    from `ctx` (it owns the queues, the queue eventfds, `ctx.irq`, a clone of `ctx.mem`),
+//!    wrap it in `Arc<Mutex<_>>` and `DeviceBase::start` it ([`register_subscriber`], then
+//!    [`DataPlane::take_registration_error`]); on failure take back what it was lent.
+//! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`) and records a
+//!    failure for [`DataPlane::take_registration_error`]; `process` reads the fired eventfd,
+//!    runs the queue, and calls `irq.trigger(IrqKind::Vring)` when it put buffers in a used
+//!    ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
+//! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
+//!    back what must survive.
 
 pub mod block;
+mod device_base;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint, SubscriberId};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -84,6 +93,13 @@ pub mod status {
 pub const VIRTIO_MMIO_INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration (or device status) changed.
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// A device's data-plane handler, as the device registers it with the event manager.
+pub trait DataPlane: MutEventSubscriber + Send + 'static {
+    /// Takes the error recorded by `init` (which cannot return one) if registering one of the
+    /// handler's fds failed.
+    fn take_registration_error(&mut self) -> Option<event_manager::Error>;
+}
 
 /// What the VMM's event manager holds: any data-plane handler.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -236,6 +252,15 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Pops the next available chain of `queue`: `Ok(None)` when there is none, `Err` when the
+/// queue is broken (e.g. the driver moved avail.idx more than a queue size ahead).
+pub(crate) fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
 }
 
 /// Locks a mutex, recovering the data if a previous holder panicked.

@@ -5,9 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use event_manager::SubscriberId;
-use tracing::{error, info, warn};
-use virtio_queue::QueueT;
+use tracing::{info, warn};
 
 use super::handler::BlockHandler;
 use super::request::Disk;
@@ -16,9 +14,10 @@ use super::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::virtio::device_base::{take_queues, DeviceBase};
 use crate::virtio::{
-    lock, read_config_bytes, register_subscriber, unregister_subscriber, ActivateContext,
-    ActivateError, EventEndpoint, Subscriber, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    lock, ActivateContext, ActivateError, EventEndpoint, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Size of the config space we expose: capacity, size_max, seg_max, geometry, blk_size.
@@ -44,28 +43,13 @@ pub struct BlockConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// Lifecycle of the device.
-enum State {
-    /// Not activated, or reset.
-    Inactive,
-    /// The handler is registered with the event manager.
-    Activated {
-        handler: Arc<Mutex<BlockHandler>>,
-        id: SubscriberId,
-    },
-}
-
 /// A virtio-blk device backed by an image file.
 pub struct Block {
     config: BlockConfig,
     disk: Arc<Disk>,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SPACE_SIZE],
+    base: DeviceBase<BlockHandler>,
     /// Lives here while inactive, in the handler while active.
     rate_limiter: Option<RateLimiter>,
-    endpoint: EventEndpoint,
-    state: State,
 }
 
 impl Block {
@@ -123,12 +107,8 @@ impl Block {
         Ok(Block {
             config,
             disk,
-            avail_features,
-            acked_features: 0,
-            config_space,
+            base: DeviceBase::new("virtio-blk", avail_features, &config_space, endpoint),
             rate_limiter,
-            endpoint,
-            state: State::Inactive,
         })
     }
 
@@ -144,15 +124,12 @@ impl Block {
 
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.base.acked_features()
     }
 
     /// The data-plane handler while activated (e.g. for inspection in tests).
     pub fn handler(&self) -> Option<&Arc<Mutex<BlockHandler>>> {
-        match &self.state {
-            State::Activated { handler, .. } => Some(handler),
-            State::Inactive => None,
-        }
+        self.base.handler()
     }
 }
 
@@ -173,46 +150,25 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.base.avail_features()
     }
 
     fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features;
+        self.base.set_acked_features(acked);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
+        self.base.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-blk: config space is read-only, write ignored"
-        );
+        self.base.write_config(offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if matches!(self.state, State::Activated { .. }) {
-            return Err(ActivateError::AlreadyActivated);
-        }
-        let (queues, evts) = (ctx.queues.len(), ctx.queue_evts.len());
-        let (Some(queue), Some(queue_evt), 1, 1) = (
-            ctx.queues.into_iter().next(),
-            ctx.queue_evts.into_iter().next(),
-            queues,
-            evts,
-        ) else {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                queues,
-                evts,
-            });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        self.acked_features = ctx.acked_features & self.avail_features;
+        self.base.check_inactive()?;
+        let ([queue], [queue_evt]) = take_queues(ctx.queues, ctx.queue_evts)?;
+        self.base.set_acked_features(ctx.acked_features);
         let handler = Arc::new(Mutex::new(BlockHandler::new(
             ctx.mem,
             queue,
@@ -221,42 +177,26 @@ impl VirtioDevice for Block {
             self.disk.clone(),
             self.rate_limiter.take(),
         )));
-        let subscriber: Subscriber = handler.clone();
-        let id = match register_subscriber(&self.endpoint, subscriber) {
-            Ok(id) => id,
-            Err(e) => {
-                self.rate_limiter = lock(&handler).take_rate_limiter();
-                return Err(e);
-            }
-        };
-        let init_error = lock(&handler).take_registration_error();
-        if let Some(e) = init_error {
-            if let Err(e) = unregister_subscriber(&self.endpoint, id) {
-                error!(error = %e, "virtio-blk: cannot remove half-registered handler");
-            }
+        if let Err(e) = self.base.start(handler.clone()) {
             self.rate_limiter = lock(&handler).take_rate_limiter();
-            return Err(ActivateError::Register(e));
+            return Err(e);
         }
         info!(path = %self.config.path.display(), "virtio-blk: activated");
-        self.state = State::Activated { handler, id };
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let State::Activated { handler, id } = &self.state {
-            if let Err(e) = unregister_subscriber(&self.endpoint, *id) {
-                error!(error = %e, "virtio-blk: cannot remove handler from the event manager");
-                return false;
-            }
-            self.rate_limiter = lock(handler).take_rate_limiter();
+        let Ok(stopped) = self.base.reset() else {
+            return false;
+        };
+        if let Some(handler) = stopped {
+            self.rate_limiter = lock(&handler).take_rate_limiter();
             info!(path = %self.config.path.display(), "virtio-blk: reset");
         }
-        self.state = State::Inactive;
-        self.acked_features = 0;
         true
     }
 
     fn is_activated(&self) -> bool {
-        matches!(self.state, State::Activated { .. })
+        self.base.is_activated()
     }
 }

@@ -6,6 +6,13 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{error, warn};
 
 use super::handler::BlockHandler;
+use crate::virtio::DataPlane;
+
+impl DataPlane for BlockHandler {
+    fn take_registration_error(&mut self) -> Option<event_manager::Error> {
+        self.registration_error.take()
+    }
+}
 
 impl MutEventSubscriber for BlockHandler {
     /// Registers the queue eventfd and, if any, the rate limiter's timerfd. A failure is

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{self, Disk};
 use super::VIRTIO_BLK_S_OK;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::{IrqKind, IrqTrigger};
+use crate::virtio::{pop_chain, IrqKind, IrqTrigger};
 
 /// The data plane of one block device.
 #[derive(Debug)]
@@ -78,11 +78,6 @@ impl BlockHandler {
         self.rate_limiter.take()
     }
 
-    /// Takes the error recorded by `init`, if any.
-    pub fn take_registration_error(&mut self) -> Option<event_manager::Error> {
-        self.registration_error.take()
-    }
-
     /// True while the rate limiter waits for its timer.
     pub fn is_throttled(&self) -> bool {
         self.rate_limiter
@@ -123,11 +118,9 @@ impl BlockHandler {
     /// Runs available chains. Returns true if processing must stop (throttled or broken queue).
     fn drain(&mut self, stats: &mut ProcessStats) -> bool {
         loop {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut it) => match it.next() {
-                    Some(c) => c,
-                    None => return false,
-                },
+            let chain = match pop_chain(&mut self.queue, &self.mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return false,
                 Err(e) => {
                     // E.g. the driver moved avail.idx more than a queue size ahead.
                     error!(error = %e, "virtio-blk: request queue is broken, not processing it");

@@ -1,83 +1,19 @@
 //! Device-level tests: Block behind an MmioTransport, with a real EventManager running on its
 //! own thread (as in the VMM). No KVM: the test plays the guest driver through the register
-//! window and a MockSplitQueue.
+//! window and a TestQueue.
 
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-
-use event_manager::EventManager;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
-use crate::bus::BusDevice;
 use crate::rate_limiter::RateLimiterConfig;
-use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use crate::virtio::{MmioTransport, Subscriber, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::virtio::test_utils::{
+    driver_init, guest_memory, negotiate, r, w, wait_irq, EventLoop, TestQueue, ALL_OK,
+};
+use crate::virtio::{MmioTransport, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 const MEM_SIZE: usize = 0x20_0000;
 const SECTORS: u64 = 16;
-
-struct EventLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    endpoint: crate::virtio::EventEndpoint,
-}
-
-impl EventLoop {
-    fn start() -> Self {
-        let mut em: EventManager<Subscriber> = EventManager::new().unwrap();
-        let endpoint = em.remote_endpoint();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                em.run_with_timeout(20).unwrap();
-            }
-        });
-        EventLoop {
-            stop,
-            thread: Some(thread),
-            endpoint,
-        }
-    }
-}
-
-impl Drop for EventLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-fn wait_readable(evt: &EventFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: evt.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
-    let ret = unsafe { libc::poll(&mut pfd, 1, 5000) };
-    ret == 1 && evt.read().is_ok()
-}
 
 fn image() -> (TempFile, std::fs::File) {
     let tmp = TempFile::new().unwrap();
@@ -93,31 +29,14 @@ fn block(cfg: BlockConfig, ev: &EventLoop) -> (TempFile, Block) {
 }
 
 /// Brings the device up with the queue at `vq`.
-fn driver_init(t: &mut MmioTransport, vq: &MockSplitQueue<GuestMemoryMmap>) {
-    w(t, 0x70, 0);
-    w(t, 0x70, ACKNOWLEDGE);
-    w(t, 0x70, ACKNOWLEDGE | DRIVER);
-    w(t, 0x24, 1);
-    w(t, 0x20, 1); // VIRTIO_F_VERSION_1 is bit 32
-    w(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    w(t, 0x30, 0);
-    w(t, 0x38, u32::from(QUEUE_SIZE));
-    for (reg, addr) in [
-        (0x80, vq.desc_table_addr()),
-        (0x90, vq.avail_addr()),
-        (0xa0, vq.used_addr()),
-    ] {
-        w(t, reg, addr.0 as u32);
-        w(t, reg + 4, (addr.0 >> 32) as u32);
-    }
-    w(t, 0x44, 1);
-    w(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+fn init(t: &mut MmioTransport, vq: &TestQueue) {
+    driver_init(t, 1 << VIRTIO_F_VERSION_1, &[vq]);
 }
 
 /// Header at 0x10_0000, data at 0x10_1000, status at 0x10_3000; chain at descriptor `first`.
 fn submit(
     mem: &GuestMemoryMmap,
-    vq: &MockSplitQueue<GuestMemoryMmap>,
+    vq: &TestQueue,
     first: u16,
     req_type: u32,
     sector: u64,
@@ -127,21 +46,12 @@ fn submit(
     h[..4].copy_from_slice(&req_type.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_slice(&h, GuestAddress(0x10_0000)).unwrap();
-    let data_flags = if write_data { VRING_DESC_F_WRITE } else { 0 };
-    let n = VRING_DESC_F_NEXT;
     let descs = [
-        (0x10_0000, 16, n),
-        (0x10_1000, 1024, n | data_flags),
-        (0x10_3000, 1, VRING_DESC_F_WRITE),
+        (0x10_0000, 16, false),
+        (0x10_1000, 1024, write_data),
+        (0x10_3000, 1, true),
     ];
-    let raw: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(a, l, f))| {
-            RawDescriptor::from(SplitDescriptor::new(a, l, f as u16, first + i as u16 + 1))
-        })
-        .collect();
-    vq.add_desc_chains(&raw, first).unwrap();
+    vq.add_chain(first, &descs);
 }
 
 #[test]
@@ -219,17 +129,14 @@ fn end_to_end_through_mmio_and_event_manager() {
         ..Default::default()
     };
     let (tmp, b) = block(cfg, &ev);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut t = MmioTransport::new(mem.clone(), Box::new(b)).unwrap();
     assert_eq!(r(&mut t, 0x08), TYPE_BLOCK);
     assert_eq!(r(&mut t, 0x100), SECTORS as u32);
 
-    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
-    driver_init(&mut t, &vq);
-    assert_eq!(
-        r(&mut t, 0x70),
-        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-    );
+    let vq = TestQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
+    init(&mut t, &vq);
+    assert_eq!(r(&mut t, 0x70), ALL_OK);
     assert!(t.device().is_activated());
 
     // Write 1 KiB at sector 3, kicking through the notify register.
@@ -237,7 +144,7 @@ fn end_to_end_through_mmio_and_event_manager() {
         .unwrap();
     submit(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 3, false);
     w(&mut t, 0x50, 0);
-    assert!(wait_readable(t.irq_evt()), "no interrupt after OUT");
+    assert!(wait_irq(t.irq_evt()), "no interrupt after OUT");
     assert_eq!(r(&mut t, 0x60) & 1, 1);
     w(&mut t, 0x64, 1);
     assert_eq!(
@@ -253,22 +160,22 @@ fn end_to_end_through_mmio_and_event_manager() {
         .unwrap();
     submit(&mem, &vq, 3, VIRTIO_BLK_T_IN, 3, true);
     t.queue_evts()[0].write(1).unwrap();
-    assert!(wait_readable(t.irq_evt()), "no interrupt after IN");
+    assert!(wait_irq(t.irq_evt()), "no interrupt after IN");
     let mut back = [0u8; 1024];
     mem.read_slice(&mut back, GuestAddress(0x10_1000)).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
-    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(vq.used.idx(), 2);
 
     // Reset unregisters the handler; a second life works with a new queue.
     w(&mut t, 0x70, 0);
     assert!(!t.device().is_activated());
     assert_eq!(r(&mut t, 0x70), 0);
-    let vq2 = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), QUEUE_SIZE);
-    driver_init(&mut t, &vq2);
+    let vq2 = TestQueue::new(&mem, 0x8_0000, QUEUE_SIZE);
+    init(&mut t, &vq2);
     assert!(t.device().is_activated());
     submit(&mem, &vq2, 0, VIRTIO_BLK_T_GET_ID, 0, true);
     w(&mut t, 0x50, 0);
-    assert!(wait_readable(t.irq_evt()), "no interrupt after GET_ID");
+    assert!(wait_irq(t.irq_evt()), "no interrupt after GET_ID");
     let mut id = [0u8; 4];
     mem.read_slice(&mut id, GuestAddress(0x10_1000)).unwrap();
     assert_eq!(&id, b"e2e\0");
@@ -279,14 +186,10 @@ fn end_to_end_through_mmio_and_event_manager() {
 fn activation_without_ready_queue_fails() {
     let ev = EventLoop::start();
     let (_tmp, b) = block(BlockConfig::default(), &ev);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut t = MmioTransport::new(mem, Box::new(b)).unwrap();
-    w(&mut t, 0x70, ACKNOWLEDGE);
-    w(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
-    w(&mut t, 0x24, 1);
-    w(&mut t, 0x20, 1);
-    w(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    w(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+    w(&mut t, 0x70, ALL_OK);
     assert_ne!(
         r(&mut t, 0x70) & crate::virtio::status::DEVICE_NEEDS_RESET,
         0
@@ -309,22 +212,18 @@ fn throttled_queue_resumes_from_the_event_loop() {
         ..Default::default()
     };
     let (_tmp, b) = block(cfg, &ev);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut t = MmioTransport::new(mem.clone(), Box::new(b)).unwrap();
-    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
-    driver_init(&mut t, &vq);
+    let vq = TestQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
+    init(&mut t, &vq);
     submit(&mem, &vq, 0, VIRTIO_BLK_T_IN, 0, true);
     submit(&mem, &vq, 3, VIRTIO_BLK_T_IN, 1, true);
     submit(&mem, &vq, 6, VIRTIO_BLK_T_FLUSH, 0, true);
     let start = std::time::Instant::now();
     w(&mut t, 0x50, 0);
     // One kick; the limiter's timer brings the rest through (1 op per 50 ms).
-    while vq.used().idx().load() < 3 {
-        assert!(
-            wait_readable(t.irq_evt()),
-            "stalled at {}",
-            vq.used().idx().load()
-        );
+    while vq.used.idx() < 3 {
+        assert!(wait_irq(t.irq_evt()), "stalled at {}", vq.used.idx());
     }
     assert!(start.elapsed() >= std::time::Duration::from_millis(90));
     w(&mut t, 0x70, 0);

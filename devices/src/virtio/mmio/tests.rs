@@ -3,9 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-
 use super::*;
+use crate::virtio::test_utils::{configure_queue, guest_memory, negotiate, r, w, ALL_OK};
 use crate::virtio::{read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG};
 
 const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << 3) | (1 << 40);
@@ -75,7 +74,7 @@ impl VirtioDevice for Dummy {
 }
 
 fn transport(sizes: &[u16]) -> (MmioTransport, Arc<Mutex<Shared>>) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let shared = Arc::new(Mutex::new(Shared::default()));
     let dev = Dummy {
         sizes: sizes.to_vec(),
@@ -85,44 +84,11 @@ fn transport(sizes: &[u16]) -> (MmioTransport, Arc<Mutex<Shared>>) {
     (MmioTransport::new(mem, Box::new(dev)).unwrap(), shared)
 }
 
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// ACK, DRIVER, accept `driver_features`, FEATURES_OK.
-fn negotiate(t: &mut MmioTransport, driver_features: u64) {
-    w(t, REG_STATUS, ACKNOWLEDGE);
-    w(t, REG_STATUS, ACKNOWLEDGE | DRIVER);
-    w(t, REG_DRIVER_FEATURES_SEL, 0);
-    w(t, REG_DRIVER_FEATURES, driver_features as u32);
-    w(t, REG_DRIVER_FEATURES_SEL, 1);
-    w(t, REG_DRIVER_FEATURES, (driver_features >> 32) as u32);
-    w(t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-}
-
 /// Configures queue `idx` with `size` entries at a valid, aligned location.
 fn setup_queue(t: &mut MmioTransport, idx: u32, size: u32) {
     let base = 0x1_0000 * u64::from(idx + 1);
-    w(t, REG_QUEUE_SEL, idx);
-    w(t, REG_QUEUE_NUM, size);
-    for (lo, addr) in [
-        (REG_QUEUE_DESC_LOW, base),
-        (REG_QUEUE_DRIVER_LOW, base + 0x4000),
-        (REG_QUEUE_DEVICE_LOW, base + 0x8000),
-    ] {
-        w(t, lo, addr as u32);
-        w(t, lo + 4, (addr >> 32) as u32);
-    }
-    w(t, REG_QUEUE_READY, 1);
+    configure_queue(t, idx, size, [base, base + 0x4000, base + 0x8000]);
 }
-
-const ALL_OK: u32 = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
 
 #[test]
 fn identity_registers() {

@@ -2,23 +2,20 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::SubscriberId;
-use tracing::{error, info, warn};
-use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use tracing::{info, warn};
 
 use super::handler::NetHandler;
 use super::seqpacket::set_nonblocking;
 use super::{
-    tun_offload_flags, NetBackend, NetError, QUEUE_SIZES, RX_INDEX, TX_INDEX, VIRTIO_NET_F_CSUM,
+    tun_offload_flags, NetBackend, NetError, QUEUE_SIZES, VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::virtio::device_base::{take_queues, DeviceBase};
 use crate::virtio::{
-    lock, read_config_bytes, register_subscriber, unregister_subscriber, ActivateContext,
-    ActivateError, EventEndpoint, Subscriber, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    lock, ActivateContext, ActivateError, EventEndpoint, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 
 /// Config space: mac[6], status (le16), max_virtqueue_pairs (le16).
@@ -54,29 +51,14 @@ pub struct NetConfig {
     pub tx_rate: Option<RateLimiterConfig>,
 }
 
-/// Lifecycle of the device.
-enum State {
-    /// Not activated, or reset.
-    Inactive,
-    /// The handler is registered with the event manager.
-    Activated {
-        handler: Arc<Mutex<NetHandler>>,
-        id: SubscriberId,
-    },
-}
-
 /// A virtio-net device over a [`NetBackend`].
 pub struct Net {
     config: NetConfig,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SPACE_SIZE],
+    base: DeviceBase<NetHandler>,
     /// These live here while inactive, in the handler while active.
     backend: Option<Box<dyn NetBackend>>,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
-    endpoint: EventEndpoint,
-    state: State,
 }
 
 impl Net {
@@ -109,14 +91,10 @@ impl Net {
         );
         Ok(Net {
             config,
-            avail_features,
-            acked_features: 0,
-            config_space,
+            base: DeviceBase::new("virtio-net", avail_features, &config_space, endpoint),
             backend: Some(backend),
             rx_limiter,
             tx_limiter,
-            endpoint,
-            state: State::Inactive,
         })
     }
 
@@ -132,15 +110,12 @@ impl Net {
 
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.base.acked_features()
     }
 
     /// The data-plane handler while activated (e.g. for statistics or tests).
     pub fn handler(&self) -> Option<&Arc<Mutex<NetHandler>>> {
-        match &self.state {
-            State::Activated { handler, .. } => Some(handler),
-            State::Inactive => None,
-        }
+        self.base.handler()
     }
 
     /// Takes back what a handler borrowed (failed activation or reset).
@@ -163,26 +138,6 @@ fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Splits the transport's queues/eventfds into `[rx, tx]` and checks readiness.
-fn take_queues(ctx_queues: Vec<Queue>, ctx_evts: Vec<EventFd>) -> Result<QueuePair, ActivateError> {
-    let (queues, evts) = (ctx_queues.len(), ctx_evts.len());
-    let count_error = || ActivateError::QueueCount {
-        expected: QUEUE_SIZES.len(),
-        queues,
-        evts,
-    };
-    let qs: [Queue; 2] = ctx_queues.try_into().map_err(|_| count_error())?;
-    let es: [EventFd; 2] = ctx_evts.try_into().map_err(|_| count_error())?;
-    for (i, q) in [(RX_INDEX, &qs[RX_INDEX]), (TX_INDEX, &qs[TX_INDEX])] {
-        if !q.ready() {
-            return Err(ActivateError::QueueNotReady(i));
-        }
-    }
-    Ok((qs, es))
-}
-
-type QueuePair = ([Queue; 2], [EventFd; 2]);
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -193,32 +148,26 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.base.avail_features()
     }
 
     fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features;
+        self.base.set_acked_features(acked);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
+        self.base.read_config(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // virtio 1.x: mac is read-only for the driver without CTRL_MAC_ADDR (not offered).
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-net: config space is read-only, write ignored"
-        );
+        self.base.write_config(offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if matches!(self.state, State::Activated { .. }) {
-            return Err(ActivateError::AlreadyActivated);
-        }
+        self.base.check_inactive()?;
         let (queues, evts) = take_queues(ctx.queues, ctx.queue_evts)?;
-        let acked = ctx.acked_features & self.avail_features;
+        let acked = ctx.acked_features & self.base.avail_features();
         let mut backend = self
             .backend
             .take()
@@ -231,25 +180,13 @@ impl VirtioDevice for Net {
                 source,
             })));
         }
-        self.acked_features = acked;
+        self.base.set_acked_features(acked);
         let mut handler = NetHandler::new(ctx.mem, queues, evts, ctx.irq, backend, acked);
         handler.set_rate_limiters(self.rx_limiter.take(), self.tx_limiter.take());
         let handler = Arc::new(Mutex::new(handler));
-        let subscriber: Subscriber = handler.clone();
-        let id = match register_subscriber(&self.endpoint, subscriber) {
-            Ok(id) => id,
-            Err(e) => {
-                self.reclaim(&handler);
-                return Err(e);
-            }
-        };
-        let init_error = lock(&handler).take_registration_error();
-        if let Some(e) = init_error {
-            if let Err(e) = unregister_subscriber(&self.endpoint, id) {
-                error!(error = %e, "virtio-net: cannot remove half-registered handler");
-            }
+        if let Err(e) = self.base.start(handler.clone()) {
             self.reclaim(&handler);
-            return Err(ActivateError::Register(e));
+            return Err(e);
         }
         info!(
             mac = %format_mac(&self.config.mac),
@@ -257,17 +194,14 @@ impl VirtioDevice for Net {
             tun_offload = format_args!("{flags:#x}"),
             "virtio-net: activated"
         );
-        self.state = State::Activated { handler, id };
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let State::Activated { handler, id } = &self.state {
-            if let Err(e) = unregister_subscriber(&self.endpoint, *id) {
-                error!(error = %e, "virtio-net: cannot remove handler from the event manager");
-                return false;
-            }
-            let handler = handler.clone();
+        let Ok(stopped) = self.base.reset() else {
+            return false;
+        };
+        if let Some(handler) = stopped {
             self.reclaim(&handler);
             // Stop the TAP from queueing offloaded frames nobody agreed to any more.
             if let Some(b) = self.backend.as_mut() {
@@ -277,12 +211,10 @@ impl VirtioDevice for Net {
             }
             info!(mac = %format_mac(&self.config.mac), "virtio-net: reset");
         }
-        self.state = State::Inactive;
-        self.acked_features = 0;
         true
     }
 
     fn is_activated(&self) -> bool {
-        matches!(self.state, State::Activated { .. })
+        self.base.is_activated()
     }
 }

@@ -9,6 +9,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{error, warn};
 
 use super::handler::NetHandler;
+use crate::virtio::DataPlane;
 
 /// Which of our fds fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,12 @@ fn drain_evt(evt: &vmm_sys_util::eventfd::EventFd, name: &str) {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             error!(error = %e, "virtio-net: cannot read the {name} eventfd");
         }
+    }
+}
+
+impl DataPlane for NetHandler {
+    fn take_registration_error(&mut self) -> Option<event_manager::Error> {
+        self.registration_error.take()
     }
 }
 

@@ -203,11 +203,6 @@ impl NetHandler {
         self.backend.take()
     }
 
-    /// Takes the error recorded by `init`, if any.
-    pub fn take_registration_error(&mut self) -> Option<event_manager::Error> {
-        self.registration_error.take()
-    }
-
     /// Data-plane counters.
     pub fn stats(&self) -> NetStats {
         self.stats

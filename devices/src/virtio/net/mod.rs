@@ -161,10 +161,7 @@ pub enum NetError {
 #[cfg(test)]
 mod offload_tests {
     use super::*;
-
-    fn bits(list: &[u32]) -> u64 {
-        list.iter().fold(0, |a, &b| a | (1u64 << b))
-    }
+    use crate::virtio::test_utils::bits;
 
     #[test]
     fn offload_flags_follow_guest_features() {

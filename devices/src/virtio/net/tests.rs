@@ -5,107 +5,24 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use event_manager::EventManager;
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::handler::tests::{add_chain, frame, UsedRing};
+use super::handler::tests::{frame, with_num_buffers};
 use super::*;
-use crate::bus::BusDevice;
 use crate::rate_limiter::{BucketConfig, RateLimiterConfig};
-use crate::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
-use crate::virtio::{MmioTransport, Subscriber, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::virtio::status::DEVICE_NEEDS_RESET;
+use crate::virtio::test_utils::{
+    bits, driver_init, guest_memory, r, w, wait_irq, EventLoop, TestQueue, ALL_OK,
+};
+use crate::virtio::{MmioTransport, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 
 const MEM_SIZE: usize = 0x40_0000;
 const QSIZE: u16 = 16;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const BUF: u64 = 0x10_0000;
-
-struct EventLoop {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    endpoint: crate::virtio::EventEndpoint,
-    /// Kernel thread id of the loop, to read its CPU time.
-    tid: Arc<AtomicI32>,
-}
-
-impl EventLoop {
-    fn start() -> Self {
-        let mut em: EventManager<Subscriber> = EventManager::new().unwrap();
-        let endpoint = em.remote_endpoint();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let tid = Arc::new(AtomicI32::new(0));
-        let tid2 = tid.clone();
-        let thread = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tid2.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-            while !stop2.load(Ordering::SeqCst) {
-                em.run_with_timeout(20).unwrap();
-            }
-        });
-        EventLoop {
-            stop,
-            thread: Some(thread),
-            endpoint,
-            tid,
-        }
-    }
-
-    /// CPU time (user + system) the loop thread used so far, in clock ticks.
-    fn cpu_ticks(&self) -> u64 {
-        let tid = self.tid.load(Ordering::SeqCst);
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        // Fields after the ")" that ends the command name: state is field 3; utime, stime are
-        // fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    }
-}
-
-impl Drop for EventLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-fn poll_in(fd: RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
-}
-
-fn wait_irq(evt: &EventFd) -> bool {
-    poll_in(evt.as_raw_fd(), 5000) && evt.read().is_ok()
-}
-
-fn bits(list: &[u32]) -> u64 {
-    list.iter().fold(0, |a, &b| a | (1u64 << b))
-}
 
 fn config(rx_rate: Option<RateLimiterConfig>, tx_rate: Option<RateLimiterConfig>) -> NetConfig {
     NetConfig {
@@ -143,65 +60,35 @@ impl NetBackend for NoOffload {
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
     t: MmioTransport,
-    rxq: MockSplitQueue<'a, GuestMemoryMmap>,
-    txq: MockSplitQueue<'a, GuestMemoryMmap>,
-    rx_used: UsedRing<'a>,
-    tx_used: UsedRing<'a>,
+    rxq: TestQueue<'a>,
+    txq: TestQueue<'a>,
 }
 
 impl<'a> Guest<'a> {
-    /// Queues at `base` (RX) and `base + 0x1_0000` (TX); used rings 0x8000 after each.
+    /// Queues at `base` (RX) and `base + 0x1_0000` (TX).
     fn new(mem: &'a GuestMemoryMmap, net: Net, base: u64) -> Self {
         let t = MmioTransport::new(mem.clone(), Box::new(net)).unwrap();
         Guest {
             mem,
             t,
-            rxq: MockSplitQueue::create(mem, GuestAddress(base), QSIZE),
-            txq: MockSplitQueue::create(mem, GuestAddress(base + 0x1_0000), QSIZE),
-            rx_used: UsedRing::new(mem, base + 0x8000, QSIZE),
-            tx_used: UsedRing::new(mem, base + 0x1_8000, QSIZE),
+            rxq: TestQueue::new(mem, base, QSIZE),
+            txq: TestQueue::new(mem, base + 0x1_0000, QSIZE),
         }
     }
 
     /// Feature negotiation, both queues, DRIVER_OK.
     fn init(&mut self, features: u64) {
-        let t = &mut self.t;
-        w(t, 0x70, 0);
-        w(t, 0x70, ACKNOWLEDGE);
-        w(t, 0x70, ACKNOWLEDGE | DRIVER);
-        w(t, 0x24, 0);
-        w(t, 0x20, features as u32);
-        w(t, 0x24, 1);
-        w(t, 0x20, (features >> 32) as u32);
-        w(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        let queues = [
-            (&self.rxq, self.rx_used.addr),
-            (&self.txq, self.tx_used.addr),
-        ];
-        for (i, (vq, used)) in queues.into_iter().enumerate() {
-            w(t, 0x30, i as u32);
-            w(t, 0x38, u32::from(QSIZE));
-            for (reg, addr) in [
-                (0x80, vq.desc_table_addr()),
-                (0x90, vq.avail_addr()),
-                (0xa0, used),
-            ] {
-                w(t, reg, addr.0 as u32);
-                w(t, reg + 4, (addr.0 >> 32) as u32);
-            }
-            w(t, 0x44, 1);
-        }
-        w(t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        driver_init(&mut self.t, features, &[&self.rxq, &self.txq]);
     }
 
     fn send(&mut self, first: u16, f: &[u8], addr: u64) {
         self.mem.write_slice(f, GuestAddress(addr)).unwrap();
-        add_chain(&self.txq, QSIZE, first, &[(addr, f.len() as u32, false)]);
+        self.txq.add_chain(first, &[(addr, f.len() as u32, false)]);
         w(&mut self.t, 0x50, 1);
     }
 
     fn add_rx_buffer(&self, first: u16, addr: u64, len: u32) {
-        add_chain(&self.rxq, QSIZE, first, &[(addr, len, true)]);
+        self.rxq.add_chain(first, &[(addr, len, true)]);
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -229,12 +116,6 @@ fn linux_features() -> u64 {
 
 fn recv(peer: &OwnedFd) -> Option<Vec<u8>> {
     SeqpacketBackend::recv_timeout(peer, 5000).unwrap()
-}
-
-fn with_num_buffers(f: &[u8], n: u16) -> Vec<u8> {
-    let mut v = f.to_vec();
-    v[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2].copy_from_slice(&n.to_le_bytes());
-    v
 }
 
 /// Polls until `cond` holds (at most 5 s).
@@ -324,7 +205,7 @@ fn end_to_end_through_mmio_and_event_manager() {
         ev.endpoint.clone(),
     )
     .unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut g = Guest::new(&mem, net, 0);
     assert_eq!(r(&mut g.t, 0x08), TYPE_NET);
     assert_eq!(
@@ -332,10 +213,7 @@ fn end_to_end_through_mmio_and_event_manager() {
         u32::from_le_bytes([MAC[0], MAC[1], MAC[2], MAC[3]])
     );
     g.init(linux_features());
-    assert_eq!(
-        r(&mut g.t, 0x70),
-        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-    );
+    assert_eq!(r(&mut g.t, 0x70), ALL_OK);
     assert!(g.t.device().is_activated());
     assert_eq!(
         offload.load(Ordering::SeqCst),
@@ -347,15 +225,15 @@ fn end_to_end_through_mmio_and_event_manager() {
     g.send(0, &f, BUF);
     assert_eq!(recv(&peer).unwrap(), f);
     assert!(wait_irq(g.t.irq_evt()));
-    assert!(eventually(|| g.tx_used.idx() == 1));
-    assert_eq!(g.tx_used.entry(0), (0, 0));
+    assert!(eventually(|| g.txq.used.idx() == 1));
+    assert_eq!(g.txq.used.entry(0), (0, 0));
 
     // RX with a buffer posted: the backend fd wakes the loop.
     g.add_rx_buffer(0, BUF + 0x1_0000, 4096);
     let f = frame(0, 0, 1400, 2);
     SeqpacketBackend::send(&peer, &f).unwrap();
-    assert!(eventually(|| g.rx_used.idx() == 1));
-    assert_eq!(g.rx_used.entry(0), (0, f.len() as u32));
+    assert!(eventually(|| g.rxq.used.idx() == 1));
+    assert_eq!(g.rxq.used.entry(0), (0, f.len() as u32));
     assert_eq!(g.read(BUF + 0x1_0000, f.len()), with_num_buffers(&f, 1));
     assert!(wait_irq(g.t.irq_evt()));
 
@@ -363,13 +241,13 @@ fn end_to_end_through_mmio_and_event_manager() {
     let f = frame(0, 0, 3000, 3);
     SeqpacketBackend::send(&peer, &f).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(g.rx_used.idx(), 1);
+    assert_eq!(g.rxq.used.idx(), 1);
     g.add_rx_buffer(1, BUF + 0x2_0000, 2048);
     g.add_rx_buffer(2, BUF + 0x3_0000, 2048);
     g.t.queue_evts()[0].write(1).unwrap();
-    assert!(eventually(|| g.rx_used.idx() == 3));
-    assert_eq!(g.rx_used.entry(1), (1, 2048));
-    assert_eq!(g.rx_used.entry(2), (2, (f.len() - 2048) as u32));
+    assert!(eventually(|| g.rxq.used.idx() == 3));
+    assert_eq!(g.rxq.used.entry(1), (1, 2048));
+    assert_eq!(g.rxq.used.entry(2), (2, (f.len() - 2048) as u32));
     let mut got = g.read(BUF + 0x2_0000, 2048);
     got.extend(g.read(BUF + 0x3_0000, f.len() - 2048));
     assert_eq!(got, with_num_buffers(&f, 2));
@@ -379,10 +257,8 @@ fn end_to_end_through_mmio_and_event_manager() {
     w(&mut g.t, 0x70, 0);
     assert!(!g.t.device().is_activated());
     assert_eq!(offload.load(Ordering::SeqCst), 0);
-    g.rxq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), QSIZE);
-    g.txq = MockSplitQueue::create(&mem, GuestAddress(0x9_0000), QSIZE);
-    g.rx_used = UsedRing::new(&mem, 0x8_8000, QSIZE);
-    g.tx_used = UsedRing::new(&mem, 0x9_8000, QSIZE);
+    g.rxq = TestQueue::new(&mem, 0x8_0000, QSIZE);
+    g.txq = TestQueue::new(&mem, 0x9_0000, QSIZE);
     g.init(bits(&[VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX]));
     assert!(g.t.device().is_activated());
     assert_eq!(offload.load(Ordering::SeqCst), 0);
@@ -394,7 +270,7 @@ fn end_to_end_through_mmio_and_event_manager() {
     SeqpacketBackend::send(&peer, &frame(0, VIRTIO_NET_HDR_GSO_TCPV4 as u8, 100, 5)).unwrap();
     let f = frame(0, 0, 100, 6);
     SeqpacketBackend::send(&peer, &f).unwrap();
-    assert!(eventually(|| g.rx_used.idx() == 1));
+    assert!(eventually(|| g.rxq.used.idx() == 1));
     assert_eq!(g.read(BUF + 0x1_0000, f.len()), with_num_buffers(&f, 1));
     w(&mut g.t, 0x70, 0);
 }
@@ -409,7 +285,7 @@ fn failed_activation_keeps_the_backend() {
         ev.endpoint.clone(),
     )
     .unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut g = Guest::new(&mem, net, 0);
     g.init(linux_features());
     assert_ne!(r(&mut g.t, 0x70) & DEVICE_NEEDS_RESET, 0);
@@ -444,7 +320,7 @@ fn throttled_tx_resumes_from_the_event_loop() {
         ev.endpoint.clone(),
     )
     .unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     let mut g = Guest::new(&mem, net, 0);
     g.init(linux_features());
     let start = Instant::now();
@@ -452,12 +328,8 @@ fn throttled_tx_resumes_from_the_event_loop() {
         let f = frame(0, 0, 100, i as u8);
         mem.write_slice(&f, GuestAddress(BUF + u64::from(i) * 0x1000))
             .unwrap();
-        add_chain(
-            &g.txq,
-            QSIZE,
-            i,
-            &[(BUF + u64::from(i) * 0x1000, f.len() as u32, false)],
-        );
+        g.txq
+            .add_chain(i, &[(BUF + u64::from(i) * 0x1000, f.len() as u32, false)]);
     }
     // One kick; the limiter's timer brings the rest through.
     w(&mut g.t, 0x50, 1);
@@ -465,14 +337,14 @@ fn throttled_tx_resumes_from_the_event_loop() {
         assert_eq!(recv(&peer).unwrap(), frame(0, 0, 100, i));
     }
     assert!(start.elapsed() >= Duration::from_millis(90));
-    assert!(eventually(|| g.tx_used.idx() == 3));
+    assert!(eventually(|| g.txq.used.idx() == 3));
     w(&mut g.t, 0x70, 0);
 }
 
 #[test]
 fn flooded_devices_do_not_stall_others_or_spin() {
     let ev = EventLoop::start();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = guest_memory(MEM_SIZE);
     // A: tiny RX limit. C: no RX buffers at all. Both flooded by the host. B: normal.
     let (backend_a, peer_a) = SeqpacketBackend::pair().unwrap();
     let slow = RateLimiterConfig::simple(0, 5);
@@ -508,7 +380,7 @@ fn flooded_devices_do_not_stall_others_or_spin() {
     let f = frame(0, 0, 500, 7);
     let start = Instant::now();
     SeqpacketBackend::send(&peer_b, &f).unwrap();
-    assert!(eventually(|| gb.rx_used.idx() == 1));
+    assert!(eventually(|| gb.rxq.used.idx() == 1));
     let g = frame(0, 0, 500, 8);
     gb.send(0, &g, BUF + 0x21_0000);
     assert_eq!(recv(&peer_b).unwrap(), g);
@@ -518,11 +390,11 @@ fn flooded_devices_do_not_stall_others_or_spin() {
         start.elapsed()
     );
     assert!(
-        ga.rx_used.idx() <= 10,
+        ga.rxq.used.idx() <= 10,
         "A is throttled: {}",
-        ga.rx_used.idx()
+        ga.rxq.used.idx()
     );
-    assert_eq!(gc.rx_used.idx(), 0);
+    assert_eq!(gc.rxq.used.idx(), 0);
 
     // With readable backends that cannot make progress, the loop sleeps instead of spinning.
     let before = ev.cpu_ticks();
@@ -535,7 +407,7 @@ fn flooded_devices_do_not_stall_others_or_spin() {
         gc.add_rx_buffer(i, BUF + 0x30_0000 + u64::from(i) * 0x1000, 2048);
     }
     w(&mut gc.t, 0x50, 0);
-    assert!(eventually(|| gc.rx_used.idx() == 4));
+    assert!(eventually(|| gc.rxq.used.idx() == 4));
     for t in [&mut ga.t, &mut gb.t, &mut gc.t] {
         w(t, 0x70, 0);
     }

@@ -1,14 +1,11 @@
-//! Data-plane tests: a MockSplitQueue (the driver side) over real guest memory, a temp file
-//! as the disk. No KVM.
+//! Data-plane tests: a TestQueue (the driver side) over real guest memory, a temp file as the
+//! disk. No KVM.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
@@ -20,6 +17,7 @@ use crate::virtio::block::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
+use crate::virtio::test_utils::{fire_timer, guest_memory, RawD, TestQueue, D};
 use crate::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
 
 const QSIZE: u16 = 16;
@@ -30,9 +28,6 @@ const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 const SERIAL: &str = "test-serial-0123456789";
 
-/// One descriptor: (guest address, length, device-writable).
-type D = (u64, u32, bool);
-
 struct Harness {
     mem: GuestMemoryMmap,
     file: File,
@@ -41,7 +36,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = guest_memory(MEM_SIZE);
         let tmp = TempFile::new().unwrap();
         let mut file = tmp.as_file().try_clone().unwrap();
         let pattern: Vec<u8> = (0..DISK_SECTORS * 512)
@@ -55,8 +50,13 @@ impl Harness {
         }
     }
 
-    fn handler(&self, vq: &MockSplitQueue<GuestMemoryMmap>, read_only: bool) -> BlockHandler {
-        let queue: Queue = vq.create_queue().unwrap();
+    /// A queue at guest address 0 (below the buffers).
+    fn queue(&self) -> TestQueue<'_> {
+        TestQueue::new(&self.mem, 0, QSIZE)
+    }
+
+    fn handler(&self, vq: &TestQueue, read_only: bool) -> BlockHandler {
+        let queue = vq.queue();
         let disk = Disk::new(
             self.file.try_clone().unwrap(),
             DISK_SECTORS * 512,
@@ -92,34 +92,6 @@ impl Harness {
     }
 }
 
-/// Adds `descs` as one chain starting at descriptor index `first`, properly linked.
-fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[D]) {
-    let raw: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, write))| {
-            let last = i + 1 == descs.len();
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let next = if last { 0 } else { first + i as u16 + 1 };
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-        })
-        .collect();
-    vq.add_desc_chains(&raw, first).unwrap();
-}
-
-/// Used ring entry `i`: (descriptor head, length).
-fn used(vq: &MockSplitQueue<GuestMemoryMmap>, i: usize) -> (u32, u32) {
-    let e = vq.used().ring().ref_at(i).unwrap().load();
-    (e.id(), e.len())
-}
-
-fn used_idx(vq: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
-    vq.used().idx().load()
-}
-
 fn hdr() -> D {
     (HDR, 16, false)
 }
@@ -131,13 +103,13 @@ fn status_desc() -> D {
 /// Runs one request chain on a fresh queue; returns (status byte, used len, handler).
 fn run_one(h: &Harness, descs: &[D], read_only: bool) -> (u8, u32, BlockHandler) {
     h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let vq = MockSplitQueue::new(&h.mem, QSIZE);
-    add_chain(&vq, 0, descs);
+    let vq = h.queue();
+    vq.add_chain(0, descs);
     let mut handler = h.handler(&vq, read_only);
     let stats = handler.process_queue();
     assert_eq!(stats.completed, 1);
-    assert_eq!(used_idx(&vq), 1);
-    let (id, len) = used(&vq, 0);
+    assert_eq!(vq.used.idx(), 1);
+    let (id, len) = vq.used.entry(0);
     assert_eq!(id, 0);
     (h.status(), len, handler)
 }
@@ -324,33 +296,29 @@ fn chains_without_status_are_dropped() {
 fn broken_chains_are_dropped() {
     let h = Harness::new();
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    let raw = |addr, len, flags: u32, next| {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    };
     let n = VRING_DESC_F_NEXT;
     let w = VRING_DESC_F_WRITE;
-    let cases: Vec<(&str, Vec<RawDescriptor>)> = vec![
+    let cases: Vec<(&str, Vec<RawD>)> = vec![
         // next points past the table
-        ("next out of range", vec![raw(HDR, 16, n, 200)]),
+        ("next out of range", vec![(0, HDR, 16, n, 200)]),
         // 0 -> 1 -> 0 -> ...
-        ("loop", vec![raw(HDR, 16, n, 1), raw(STATUS, 1, w | n, 0)]),
+        ("loop", vec![(0, HDR, 16, n, 1), (1, STATUS, 1, w | n, 0)]),
         // self loop
-        ("self loop", vec![raw(HDR, 16, n, 0)]),
+        ("self loop", vec![(0, HDR, 16, n, 0)]),
         // total length overflows u32
         (
             "length overflow",
-            vec![raw(HDR, u32::MAX, n, 1), raw(STATUS, 16, w, 0)],
+            vec![(0, HDR, u32::MAX, n, 1), (1, STATUS, 16, w, 0)],
         ),
     ];
     for (name, descs) in cases {
         h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        let vq = MockSplitQueue::new(&h.mem, QSIZE);
-        // add_desc_chains puts only index 0 in the avail ring (all but the last have NEXT).
-        vq.add_desc_chains(&descs, 0).unwrap();
+        let vq = h.queue();
+        vq.raw_chain(&descs);
         let mut handler = h.handler(&vq, false);
         assert_eq!(handler.process_queue().completed, 1, "{name}");
-        assert_eq!(used_idx(&vq), 1, "{name}");
-        assert_eq!(used(&vq, 0), (0, 0), "{name}");
+        assert_eq!(vq.used.idx(), 1, "{name}");
+        assert_eq!(vq.used.entry(0), (0, 0), "{name}");
         assert_eq!(h.status(), 0xff, "{name}");
     }
 }
@@ -358,20 +326,19 @@ fn broken_chains_are_dropped() {
 #[test]
 fn bad_avail_ring_entries() {
     let h = Harness::new();
-    let vq = MockSplitQueue::new(&h.mem, QSIZE);
+    let vq = h.queue();
     // Head index beyond the queue: chain is empty, and cannot be put in the used ring.
-    vq.avail().ring().ref_at(0).unwrap().store(100);
-    vq.avail().idx().store(1);
+    vq.publish(100);
     let mut handler = h.handler(&vq, false);
     assert_eq!(handler.process_queue().completed, 1);
-    assert_eq!(used_idx(&vq), 0);
+    assert_eq!(vq.used.idx(), 0);
 
     // avail.idx far ahead of what we processed: the queue is refused, nothing happens.
-    let vq = MockSplitQueue::new(&h.mem, QSIZE);
-    vq.avail().idx().store(QSIZE * 3);
+    let vq = h.queue();
+    vq.vq.avail().idx().store(QSIZE * 3);
     let mut handler = h.handler(&vq, false);
     assert_eq!(handler.process_queue().completed, 0);
-    assert_eq!(used_idx(&vq), 0);
+    assert_eq!(vq.used.idx(), 0);
 }
 
 #[test]
@@ -379,14 +346,14 @@ fn several_requests_one_interrupt() {
     let h = Harness::new();
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
     h.header(HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
-    let vq = MockSplitQueue::new(&h.mem, QSIZE);
-    add_chain(&vq, 0, &[hdr(), (DATA, 512, true), status_desc()]);
-    add_chain(&vq, 3, &[(HDR + 0x100, 16, false), (STATUS + 1, 1, true)]);
+    let vq = h.queue();
+    vq.add_chain(0, &[hdr(), (DATA, 512, true), status_desc()]);
+    vq.add_chain(3, &[(HDR + 0x100, 16, false), (STATUS + 1, 1, true)]);
     let mut handler = h.handler(&vq, false);
     assert_eq!(handler.process_queue().completed, 2);
-    assert_eq!(used_idx(&vq), 2);
-    assert_eq!(used(&vq, 0), (0, 513));
-    assert_eq!(used(&vq, 1), (3, 1));
+    assert_eq!(vq.used.idx(), 2);
+    assert_eq!(vq.used.entry(0), (0, 513));
+    assert_eq!(vq.used.entry(1), (3, 1));
     assert_eq!(handler.irq.evt().read().unwrap(), 1);
     // Nothing new: no interrupt.
     assert_eq!(handler.process_queue().completed, 0);
@@ -397,9 +364,9 @@ fn several_requests_one_interrupt() {
 fn rate_limited_requests_resume_on_timer() {
     let h = Harness::new();
     h.header(HDR, VIRTIO_BLK_T_IN, 0);
-    let vq = MockSplitQueue::new(&h.mem, QSIZE);
-    add_chain(&vq, 0, &[hdr(), (DATA, 512, true), status_desc()]);
-    add_chain(&vq, 3, &[hdr(), (DATA, 512, true), (STATUS + 1, 1, true)]);
+    let vq = h.queue();
+    vq.add_chain(0, &[hdr(), (DATA, 512, true), status_desc()]);
+    vq.add_chain(3, &[hdr(), (DATA, 512, true), (STATUS + 1, 1, true)]);
     let mut handler = h.handler(&vq, false);
     // 1 op of capacity, refilled at 50 ops/s: the second request waits ~20ms.
     let cfg = RateLimiterConfig {
@@ -414,27 +381,39 @@ fn rate_limited_requests_resume_on_timer() {
     let stats = handler.process_queue();
     assert_eq!(stats.completed, 1);
     assert!(stats.throttled && handler.is_throttled());
-    assert_eq!(used_idx(&vq), 1);
+    assert_eq!(vq.used.idx(), 1);
     // A guest kick while throttled does nothing.
     assert_eq!(handler.process_queue().completed, 0);
 
     // Wait for the timer like the event loop would, then resume.
-    let fd = std::os::unix::io::AsRawFd::as_raw_fd(handler.rate_limiter().unwrap());
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
-    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2000) }, 1);
-    handler
-        .rate_limiter
-        .as_mut()
-        .unwrap()
-        .event_handler()
-        .unwrap();
+    fire_timer(handler.rate_limiter.as_mut().unwrap());
     let stats = handler.process_queue();
     assert_eq!(stats.completed, 1);
-    assert_eq!(used_idx(&vq), 2);
-    assert_eq!(used(&vq, 1), (3, 513));
+    assert_eq!(vq.used.idx(), 2);
+    assert_eq!(vq.used.entry(1), (3, 513));
+}
+
+#[test]
+fn requests_across_the_whole_avail_ring() {
+    // Two rounds of 8 two-descriptor chains use all 16 avail ring slots. (The second half of
+    // the avail ring is where MockSplitQueue puts its own used ring.)
+    let h = Harness::new();
+    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    let vq = h.queue();
+    let mut handler = h.handler(&vq, false);
+    for round in 0..2u16 {
+        for i in 0..8u16 {
+            h.mem
+                .write_obj(0xffu8, GuestAddress(STATUS + u64::from(i)))
+                .unwrap();
+            vq.add_chain(2 * i, &[hdr(), (STATUS + u64::from(i), 1, true)]);
+        }
+        assert_eq!(handler.process_queue().completed, 8, "round {round}");
+        assert_eq!(vq.used.idx(), 8 * (round + 1));
+        for i in 0..8u16 {
+            assert_eq!(vq.used.entry(8 * round + i), (u32::from(2 * i), 1));
+            let status: u8 = h.mem.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
+            assert_eq!(status, VIRTIO_BLK_S_OK);
+        }
+    }
 }

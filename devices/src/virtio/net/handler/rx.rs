@@ -3,7 +3,7 @@
 use std::io;
 
 use tracing::{debug, error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
@@ -13,6 +13,7 @@ use crate::virtio::net::{
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
 };
+use crate::virtio::pop_chain;
 
 /// The frame in the handler's `rx_buf`.
 #[derive(Clone, Copy, Debug)]
@@ -267,11 +268,9 @@ impl NetHandler {
     }
 
     fn pop_rx_chain(&mut self, stats: &mut ProcessStats) -> Pop {
-        let chain = match self.rx_queue.iter(&self.mem) {
-            Ok(mut it) => match it.next() {
-                Some(c) => c,
-                None => return Pop::Empty,
-            },
+        let chain = match pop_chain(&mut self.rx_queue, &self.mem) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Pop::Empty,
             Err(e) => {
                 error!(error = %e, "virtio-net: RX queue is broken, not using it");
                 return Pop::Broken;

@@ -11,6 +11,7 @@ use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 use super::rx::add_used;
 use super::{ChainError, NetHandler, ProcessStats, TX_BUDGET};
 use crate::virtio::net::{MAX_FRAME_LEN, TX_INDEX, VNET_HDR_LEN};
+use crate::virtio::pop_chain;
 
 /// Why a TX pass stopped.
 enum Stop {
@@ -71,11 +72,9 @@ impl NetHandler {
             if *budget == 0 {
                 return Stop::Budget;
             }
-            let chain = match self.tx_queue.iter(&self.mem) {
-                Ok(mut it) => match it.next() {
-                    Some(c) => c,
-                    None => return Stop::Empty,
-                },
+            let chain = match pop_chain(&mut self.tx_queue, &self.mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return Stop::Empty,
                 Err(e) => {
                     error!(error = %e, "virtio-net: TX queue is broken, not processing it");
                     return Stop::Broken;

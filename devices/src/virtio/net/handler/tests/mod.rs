@@ -5,38 +5,30 @@ mod rx;
 mod tx;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::NetHandler;
 use crate::rate_limiter::{BucketConfig, RateLimiter, RateLimiterConfig};
-use crate::virtio::net::{SeqpacketBackend, VIRTIO_NET_F_MRG_RXBUF, VNET_HDR_LEN};
+use crate::virtio::net::{
+    SeqpacketBackend, VIRTIO_NET_F_MRG_RXBUF, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
+};
+pub(crate) use crate::virtio::test_utils::{fire_timer, guest_memory, RawD, TestQueue, D};
 use crate::virtio::{IrqTrigger, VIRTIO_F_VERSION_1};
 
 pub(crate) const MEM_SIZE: usize = 0x40_0000;
 /// Where the RX and TX rings live.
 const RXQ_BASE: u64 = 0;
 const TXQ_BASE: u64 = 0x1_0000;
-/// Offset of the used ring from the queue base. MockSplitQueue::create places the used ring
-/// over the second half of the avail ring (its `end()` counts elements, not bytes), so we put
-/// it elsewhere and read it ourselves.
-const USED_OFFSET: u64 = 0x8000;
 /// Guest buffers.
 pub(crate) const BUF: u64 = 0x10_0000;
 
-/// One descriptor: (guest address, length, device-writable).
-pub(crate) type D = (u64, u32, bool);
-
 pub(crate) fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    guest_memory(MEM_SIZE)
 }
 
 pub(crate) fn feature(bit: u32) -> u64 {
@@ -48,14 +40,11 @@ pub(crate) fn default_features() -> u64 {
     feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF)
 }
 
-/// A handler over two mock queues and a seqpacket backend.
+/// A handler over two test queues and a seqpacket backend.
 pub(crate) struct Setup<'a> {
     pub mem: &'a GuestMemoryMmap,
-    pub rxq: MockSplitQueue<'a, GuestMemoryMmap>,
-    pub txq: MockSplitQueue<'a, GuestMemoryMmap>,
-    pub rx_used: UsedRing<'a>,
-    pub tx_used: UsedRing<'a>,
-    pub qsize: u16,
+    pub rxq: TestQueue<'a>,
+    pub txq: TestQueue<'a>,
     pub peer: OwnedFd,
     pub h: NetHandler,
     #[allow(dead_code)]
@@ -64,16 +53,12 @@ pub(crate) struct Setup<'a> {
 
 impl<'a> Setup<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, qsize: u16, acked: u64) -> Self {
-        let rxq = MockSplitQueue::create(mem, GuestAddress(RXQ_BASE), qsize);
-        let txq = MockSplitQueue::create(mem, GuestAddress(TXQ_BASE), qsize);
-        let rx_used = UsedRing::new(mem, RXQ_BASE + USED_OFFSET, qsize);
-        let tx_used = UsedRing::new(mem, TXQ_BASE + USED_OFFSET, qsize);
+        let rxq = TestQueue::new(mem, RXQ_BASE, qsize);
+        let txq = TestQueue::new(mem, TXQ_BASE, qsize);
         let (backend, peer) = SeqpacketBackend::pair().unwrap();
         let offload = backend.offload_handle();
-        let mut rx: Queue = rxq.create_queue().unwrap();
-        let mut tx: Queue = txq.create_queue().unwrap();
-        rx.try_set_used_ring_address(rx_used.addr).unwrap();
-        tx.try_set_used_ring_address(tx_used.addr).unwrap();
+        let mut rx = rxq.queue();
+        let mut tx = txq.queue();
         let event_idx = acked & feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
@@ -92,9 +77,6 @@ impl<'a> Setup<'a> {
             mem,
             rxq,
             txq,
-            rx_used,
-            tx_used,
-            qsize,
             peer,
             h,
             offload,
@@ -103,12 +85,12 @@ impl<'a> Setup<'a> {
 
     /// Adds an RX chain at descriptor `first`.
     pub fn add_rx(&self, first: u16, descs: &[D]) {
-        add_chain(&self.rxq, self.qsize, first, descs);
+        self.rxq.add_chain(first, descs);
     }
 
     /// Adds a TX chain at descriptor `first`.
     pub fn add_tx(&self, first: u16, descs: &[D]) {
-        add_chain(&self.txq, self.qsize, first, descs);
+        self.txq.add_chain(first, descs);
     }
 
     /// Sends a frame from the "host" to the backend.
@@ -125,24 +107,32 @@ impl<'a> Setup<'a> {
     }
 
     pub fn rx_used(&self, i: u16) -> (u32, u32) {
-        self.rx_used.entry(i)
+        self.rxq.used.entry(i)
     }
 
     pub fn tx_used(&self, i: u16) -> (u32, u32) {
-        self.tx_used.entry(i)
+        self.txq.used.entry(i)
     }
 
     pub fn rx_used_idx(&self) -> u16 {
-        self.rx_used.idx()
+        self.rxq.used.idx()
     }
 
     pub fn tx_used_idx(&self) -> u16 {
-        self.tx_used.idx()
+        self.txq.used.idx()
     }
 
     /// Number of interrupts raised since the last call.
     pub fn irqs(&self) -> u64 {
         self.h.irq.evt().read().unwrap_or(0)
+    }
+
+    /// Asserts that used entry `i` returned chain `head` filled with all of frame `f`, found
+    /// (with num_buffers = 1) at `addr`.
+    #[track_caller]
+    pub fn assert_rx_whole(&self, i: u16, head: u32, addr: u64, f: &[u8]) {
+        assert_eq!(self.rx_used(i), (head, f.len() as u32));
+        assert_eq!(self.read(addr, f.len()), with_num_buffers(f, 1));
     }
 
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -153,93 +143,6 @@ impl<'a> Setup<'a> {
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         vm_memory::Bytes::write_slice(self.mem, data, GuestAddress(addr)).unwrap();
-    }
-}
-
-/// Writes `descs` as one chain at descriptor index `first` (linked in order) and publishes it
-/// in the avail ring (wrapping correctly, unlike MockSplitQueue::add_desc_chains).
-pub(crate) fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, qsize: u16, first: u16, descs: &[D]) {
-    for (i, &(addr, len, write)) in descs.iter().enumerate() {
-        let last = i + 1 == descs.len();
-        let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-        if !last {
-            flags |= VRING_DESC_F_NEXT;
-        }
-        let next = if last { 0 } else { first + i as u16 + 1 };
-        let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next));
-        vq.desc_table().store(first + i as u16, raw).unwrap();
-    }
-    publish(vq, qsize, first);
-}
-
-/// Stores a raw descriptor.
-pub(crate) fn raw_desc(
-    vq: &MockSplitQueue<GuestMemoryMmap>,
-    index: u16,
-    addr: u64,
-    len: u32,
-    flags: u32,
-    next: u16,
-) {
-    let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next));
-    vq.desc_table().store(index, raw).unwrap();
-}
-
-/// Appends `head` to the avail ring.
-pub(crate) fn publish(vq: &MockSplitQueue<GuestMemoryMmap>, qsize: u16, head: u16) {
-    let idx = vq.avail().idx().load();
-    vq.avail()
-        .ring()
-        .ref_at(usize::from(idx % qsize))
-        .unwrap()
-        .store(head);
-    vq.avail().idx().store(idx.wrapping_add(1));
-}
-
-/// A used ring (device → driver) at a known address.
-pub(crate) struct UsedRing<'a> {
-    mem: &'a GuestMemoryMmap,
-    pub addr: GuestAddress,
-    qsize: u16,
-}
-
-impl<'a> UsedRing<'a> {
-    pub fn new(mem: &'a GuestMemoryMmap, addr: u64, qsize: u16) -> Self {
-        let r = UsedRing {
-            mem,
-            addr: GuestAddress(addr),
-            qsize,
-        };
-        let zeros = vec![0u8; 6 + 8 * usize::from(qsize)];
-        vm_memory::Bytes::write_slice(mem, &zeros, r.addr).unwrap();
-        r
-    }
-
-    fn u16_at(&self, off: u64) -> u16 {
-        vm_memory::Bytes::read_obj(self.mem, GuestAddress(self.addr.0 + off)).unwrap()
-    }
-
-    pub fn flags(&self) -> u16 {
-        self.u16_at(0)
-    }
-
-    pub fn idx(&self) -> u16 {
-        self.u16_at(2)
-    }
-
-    /// Entry number `i` (counting from the start, wrapping): (head, len).
-    pub fn entry(&self, i: u16) -> (u32, u32) {
-        let off = 4 + 8 * u64::from(i % self.qsize);
-        let id: u32 =
-            vm_memory::Bytes::read_obj(self.mem, GuestAddress(self.addr.0 + off)).unwrap();
-        let len: u32 =
-            vm_memory::Bytes::read_obj(self.mem, GuestAddress(self.addr.0 + off + 4)).unwrap();
-        (id, len)
-    }
-
-    /// avail_event (EVENT_IDX): the avail index at which the device wants a kick.
-    pub fn avail_event(&self) -> u16 {
-        self.u16_at(4 + 8 * u64::from(self.qsize))
     }
 }
 
@@ -254,6 +157,13 @@ pub(crate) fn frame(flags: u8, gso_type: u8, payload_len: usize, seed: u8) -> Ve
     f
 }
 
+/// `f` with num_buffers set, as the guest must see it.
+pub(crate) fn with_num_buffers(f: &[u8], n: u16) -> Vec<u8> {
+    let mut v = f.to_vec();
+    v[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2].copy_from_slice(&n.to_le_bytes());
+    v
+}
+
 /// A limiter allowing `burst` bytes at once, refilled at `rate` bytes/s.
 pub(crate) fn byte_limiter(rate: u64, burst: u64) -> RateLimiter {
     RateLimiter::new(RateLimiterConfig {
@@ -265,21 +175,4 @@ pub(crate) fn byte_limiter(rate: u64, burst: u64) -> RateLimiter {
         ops: None,
     })
     .unwrap()
-}
-
-/// Waits until `fd` is readable (e.g. a limiter's timer), at most 2 s.
-pub(crate) fn wait_readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
-    unsafe { libc::poll(&mut pfd, 1, 2000) == 1 }
-}
-
-/// Waits for a limiter's timer and acknowledges it, like the event loop.
-pub(crate) fn fire_timer(rl: &mut RateLimiter) {
-    assert!(wait_readable(rl.as_raw_fd()), "limiter timer never fired");
-    rl.event_handler().unwrap();
 }

@@ -9,14 +9,18 @@ use crate::virtio::net::handler::RX_BUDGET;
 use crate::virtio::net::{
     MAX_FRAME_LEN, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
-    VNET_HDR_NUM_BUFFERS,
 };
 
-/// `f` with num_buffers set, as the guest must see it.
-fn with_num_buffers(f: &[u8], n: u16) -> Vec<u8> {
-    let mut v = f.to_vec();
-    v[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2].copy_from_slice(&n.to_le_bytes());
-    v
+/// The host sends a frame of `dropped` payload bytes that cannot be delivered, then one of
+/// `delivered` bytes: one pass drops the first and puts the second whole in chain 0 at BUF.
+#[track_caller]
+fn assert_first_dropped_second_delivered(s: &mut Setup, dropped: usize, delivered: usize) {
+    s.host_send(&frame(0, 0, dropped, 1));
+    let f = frame(0, 0, delivered, 2);
+    s.host_send(&f);
+    assert_eq!(s.h.process_rx().completed, 1);
+    assert_eq!(s.h.stats().rx_dropped, 1);
+    s.assert_rx_whole(0, 0, BUF, &f);
 }
 
 #[test]
@@ -28,8 +32,7 @@ fn rx_frame_lands_in_one_buffer() {
     s.host_send(&f);
     let stats = s.h.process_rx();
     assert_eq!(stats.completed, 1);
-    assert_eq!(s.rx_used(0), (0, f.len() as u32));
-    assert_eq!(s.read(BUF, f.len()), with_num_buffers(&f, 1));
+    s.assert_rx_whole(0, 0, BUF, &f);
     assert_eq!(s.irqs(), 1);
     assert!(!s.h.has_pending_rx() && s.h.wants_backend());
     let st = s.h.stats();
@@ -84,8 +87,7 @@ fn rx_mergeable_frame_spans_two_chains() {
     let g = frame(0, 0, 60, 0x67);
     s.host_send(&g);
     assert_eq!(s.h.process_rx().completed, 1);
-    assert_eq!(s.rx_used(2), (2, g.len() as u32));
-    assert_eq!(s.read(BUF + 0x2000, g.len()), with_num_buffers(&g, 1));
+    s.assert_rx_whole(2, 2, BUF + 0x2000, &g);
 }
 
 #[test]
@@ -115,13 +117,7 @@ fn rx_without_mrg_rxbuf_uses_one_chain() {
     s.add_rx(0, &[(BUF, 1024, true)]);
     s.add_rx(1, &[(BUF + 0x1000, 1024, true)]);
     // Too big for one buffer: dropped, the buffer is kept for the next frame.
-    s.host_send(&frame(0, 0, 1500, 1));
-    let f = frame(0, 0, 500, 2);
-    s.host_send(&f);
-    assert_eq!(s.h.process_rx().completed, 1);
-    assert_eq!(s.h.stats().rx_dropped, 1);
-    assert_eq!(s.rx_used(0), (0, f.len() as u32));
-    assert_eq!(s.read(BUF, f.len()), with_num_buffers(&f, 1));
+    assert_first_dropped_second_delivered(&mut s, 1500, 500);
 }
 
 #[test]
@@ -138,7 +134,7 @@ fn rx_without_buffers_defers_until_kick() {
     assert!(!s.h.wants_backend(), "backend unwatched while no buffers");
     assert_eq!(s.irqs(), 0);
     // RX notifications are on, so the guest will kick.
-    assert_eq!(s.rx_used.flags(), 0);
+    assert_eq!(s.rxq.used.flags(), 0);
     // A spurious wake-up changes nothing.
     assert_eq!(s.h.process_rx().completed, 0);
 
@@ -150,7 +146,7 @@ fn rx_without_buffers_defers_until_kick() {
     assert_eq!(s.read(BUF, f.len()), with_num_buffers(&f, 1));
     assert_eq!(s.read(BUF + 0x1000, g.len()), with_num_buffers(&g, 1));
     // Not waiting for buffers any more: RX kicks are turned off.
-    assert_ne!(s.rx_used.flags(), 0);
+    assert_ne!(s.rxq.used.flags(), 0);
 }
 
 #[test]
@@ -164,7 +160,7 @@ fn rx_event_idx_asks_for_a_kick_when_stuck() {
     assert_eq!(s.h.process_rx().completed, 1);
     assert!(s.h.has_pending_rx());
     // avail_event (after the used ring entries) = next avail index we wait for.
-    assert_eq!(s.rx_used.avail_event(), 1);
+    assert_eq!(s.rxq.used.avail_event(), 1);
     s.add_rx(1, &[(BUF + 0x1000, 2048, true)]);
     assert_eq!(s.h.process_rx().completed, 1);
     assert!(!s.h.has_pending_rx());
@@ -192,13 +188,7 @@ fn rx_frame_bigger_than_the_whole_queue_is_dropped() {
     for i in 0..4u16 {
         s.add_rx(i, &[(BUF + u64::from(i) * 0x1000, 100, true)]);
     }
-    s.host_send(&frame(0, 0, 1000, 1));
-    let f = frame(0, 0, 50, 2);
-    s.host_send(&f);
-    assert_eq!(s.h.process_rx().completed, 1);
-    assert_eq!(s.h.stats().rx_dropped, 1);
-    assert_eq!(s.rx_used(0), (0, f.len() as u32));
-    assert_eq!(s.read(BUF, f.len()), with_num_buffers(&f, 1));
+    assert_first_dropped_second_delivered(&mut s, 1000, 50);
 }
 
 #[test]
@@ -212,11 +202,11 @@ fn rx_hostile_chains_are_returned_unused() {
     s.add_rx(0, &[(BUF, 2048, false)]);
     s.add_rx(1, &[(MEM_SIZE as u64 - 100, 2048, true)]);
     s.add_rx(2, &[(BUF, 8, true)]);
-    raw_desc(&s.rxq, 3, BUF, 1024, w | n, 4);
-    raw_desc(&s.rxq, 4, BUF, 1024, w | n, 3);
-    publish(&s.rxq, 16, 3);
-    raw_desc(&s.rxq, 5, BUF, 1024, w | n, 300);
-    publish(&s.rxq, 16, 5);
+    s.rxq.raw_desc(3, BUF, 1024, w | n, 4);
+    s.rxq.raw_desc(4, BUF, 1024, w | n, 3);
+    s.rxq.publish(3);
+    s.rxq.raw_desc(5, BUF, 1024, w | n, 300);
+    s.rxq.publish(5);
     s.add_rx(6, &[(BUF + 0x1000, 2048, true)]);
     let f = frame(0, 0, 100, 9);
     s.host_send(&f);
@@ -224,19 +214,16 @@ fn rx_hostile_chains_are_returned_unused() {
     for (i, head) in [0, 1, 2, 3, 5].into_iter().enumerate() {
         assert_eq!(s.rx_used(i as u16), (head, 0), "chain {head}");
     }
-    assert_eq!(s.rx_used(5), (6, f.len() as u32));
-    assert_eq!(s.read(BUF + 0x1000, f.len()), with_num_buffers(&f, 1));
+    s.assert_rx_whole(5, 6, BUF + 0x1000, &f);
     assert_eq!(s.h.stats().rx_bad_chains, 5);
 
     // Head index out of range, then a broken avail ring: no panic, frame kept.
-    publish(&s.rxq, 16, 100);
+    s.rxq.publish(100);
     s.host_send(&f);
     assert_eq!(s.h.process_rx().completed, 0);
     assert!(s.h.has_pending_rx());
-    s.rxq
-        .avail()
-        .idx()
-        .store(s.rxq.avail().idx().load().wrapping_add(50));
+    let avail_idx = s.rxq.vq.avail().idx();
+    avail_idx.store(avail_idx.load().wrapping_add(50));
     assert_eq!(s.h.process_rx().completed, 0);
     assert!(s.h.has_pending_rx() && !s.h.wants_backend());
 }

@@ -135,17 +135,6 @@ fn tx_hostile_chains_are_dropped() {
     }
 }
 
-/// A raw descriptor: (index, addr, len, flags, next).
-type RawD = (u16, u64, u32, u32, u16);
-
-/// Writes raw descriptors and publishes head 0.
-fn raw_chain(s: &Setup, descs: &[RawD]) {
-    for &(i, addr, len, flags, next) in descs {
-        raw_desc(&s.txq, i, addr, len, flags, next);
-    }
-    publish(&s.txq, s.qsize, 0);
-}
-
 #[test]
 fn tx_broken_chains_are_dropped() {
     let mem = mem();
@@ -161,14 +150,14 @@ fn tx_broken_chains_are_dropped() {
     ];
     for (name, descs) in cases {
         let mut s = Setup::new(&mem, 16, default_features());
-        raw_chain(&s, &descs);
+        s.txq.raw_chain(&descs);
         assert_eq!(s.h.process_tx().completed, 1, "{name}");
         assert_eq!(s.tx_used(0), (0, 0), "{name}");
         assert_eq!(s.host_recv(0), None, "{name}");
     }
     // Then a good frame still goes through.
     let mut s = Setup::new(&mem, 16, default_features());
-    raw_chain(&s, &[(0, BUF, 100, n, 0)]);
+    s.txq.raw_chain(&[(0, BUF, 100, n, 0)]);
     let f = frame(0, 0, 100, 1);
     s.write(BUF + 0x1000, &f);
     s.add_tx(5, &[(BUF + 0x1000, f.len() as u32, false)]);
@@ -181,14 +170,14 @@ fn tx_bad_avail_ring() {
     let mem = mem();
     // Head index beyond the queue: dropped, nothing can go in the used ring.
     let mut s = Setup::new(&mem, 16, default_features());
-    publish(&s.txq, 16, 100);
+    s.txq.publish(100);
     assert_eq!(s.h.process_tx().completed, 0);
     assert_eq!(s.tx_used_idx(), 0);
     assert_eq!(s.host_recv(0), None);
 
     // avail.idx far ahead: the queue is refused, nothing happens.
     let mut s = Setup::new(&mem, 16, default_features());
-    s.txq.avail().idx().store(16 * 3);
+    s.txq.vq.avail().idx().store(16 * 3);
     assert_eq!(s.h.process_tx().completed, 0);
     assert_eq!(s.tx_used_idx(), 0);
 }
