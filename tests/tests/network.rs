@@ -41,7 +41,7 @@ fn guests_share_isolate_and_interconnect() {
 
     let lease = "echo LEASE=$(ip -4 -o addr show eth0 | awk '{print $4}')";
     let inet = format!(
-        "wget -q -T 10 -O - http://{INTERNET_ADDR}/hello.txt && wget -q -T 10 -O - http://{INTERNET_ADDR}/cgi-bin/who"
+        "timeout 10 wget -q -O - http://{INTERNET_ADDR}/hello.txt && timeout 10 wget -q -O - http://{INTERNET_ADDR}/cgi-bin/who"
     );
     // A and B share network t1; B serves TCP on a fixed extra address until A says quit.
     let a = world.spawn_guest(
@@ -78,7 +78,7 @@ fn guests_share_isolate_and_interconnect() {
         &["host-only:h1,subnet=10.123.3.0/24"],
         &format!(
             "{lease}; ping -c 1 -W 5 10.123.3.1 >/dev/null && echo GW_OK; \
-             wget -q -T 5 -O - http://{INTERNET_ADDR}/hello.txt || echo INET_BLOCKED; exit 0"
+             timeout 10 wget -q -O - http://{INTERNET_ADDR}/hello.txt || echo INET_BLOCKED; exit 0"
         ),
     );
     // E is bridged on brx and gets its address from the test's DHCP server there.
