@@ -3,6 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
+/// Poison-tolerant locking: a device whose lock holder panicked keeps working (its state is
+/// plain registers), so one bad access can't take the whole VM down.
+pub use devices::virtio::lock;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -74,12 +77,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device; a device that panicked while locked is still used (its state is plain
-/// registers), so one bad access can't take the whole VM down.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
