@@ -118,21 +118,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
     let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
 
-    let mut cmdline = vec!["console=ttyS0".to_string(), "reboot=k".into(), "panic=-1".into()];
-    if !config.disks.is_empty() && !user_sets(config, "root=") {
-        cmdline.push(format!("root=/dev/vda {}", if config.disks[0].read_only { "ro" } else { "rw" }));
-    }
-    cmdline.extend(virtio.cmdline_entries());
-    let host = Host::detect();
-    if config.quirks && host == Host::Pvm {
-        eprintln!("microvm: PVM nested KVM detected: adding guest kernel parameters '{}' (--no-quirks turns this off)", host.cmdline_quirks().join(" "));
-        cmdline.extend(host.cmdline_quirks().iter().map(|s| s.to_string()));
-    }
-    cmdline.extend(config.cmdline.clone());
-    if !config.command.is_empty() {
-        cmdline.push(format!("microvm.cmd={}", crate::guestcmd::encode(&config.command)));
-    }
-    let cmdline = boot::build_cmdline(&cmdline)?;
+    let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
 
@@ -184,6 +170,28 @@ fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
     }
 }
 
+/// microvm's kernel parameters, then the host quirks, the user's, and the guest command.
+fn kernel_cmdline(config: &VmConfig, virtio_devices: &[String]) -> Vec<String> {
+    let mut cmdline = vec!["console=ttyS0".to_string(), "reboot=k".into(), "panic=-1".into()];
+    if !config.disks.is_empty() && !user_sets(config, "root=") {
+        cmdline.push(format!("root=/dev/vda {}", if config.disks[0].read_only { "ro" } else { "rw" }));
+    }
+    cmdline.extend_from_slice(virtio_devices);
+    let host = Host::detect();
+    if config.quirks && host == Host::Pvm {
+        eprintln!(
+            "microvm: PVM nested KVM detected: adding guest kernel parameters '{}' (--no-quirks turns this off)",
+            host.cmdline_quirks().join(" ")
+        );
+        cmdline.extend(host.cmdline_quirks().iter().map(|s| s.to_string()));
+    }
+    cmdline.extend(config.cmdline.clone());
+    if !config.command.is_empty() {
+        cmdline.push(format!("microvm.cmd={}", crate::guestcmd::encode(&config.command)));
+    }
+    cmdline
+}
+
 fn user_sets(config: &VmConfig, key: &str) -> bool {
     config.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with(key)))
 }
@@ -210,4 +218,24 @@ fn legacy_devices(
     let exit_dev = ExitDevice::new(Box::new(move |s| e.set(ExitReason::GuestStatus(s))));
     mmio.insert(EXIT_DEVICE_ADDR, EXIT_DEVICE_SIZE, Arc::new(Mutex::new(exit_dev)))?;
     Ok(serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+
+    #[test]
+    fn cmdline_parts() {
+        let mut c = VmConfig { quirks: false, ..Default::default() };
+        c.disks.push("root.img,readonly".parse::<DiskConfig>().unwrap());
+        c.command = vec!["true".into()];
+        let line = kernel_cmdline(&c, &["virtio_mmio.device=4K@0xd0001000:5".into()]).join(" ");
+        assert!(line.starts_with("console=ttyS0 reboot=k panic=-1 root=/dev/vda ro virtio_mmio.device="), "{line}");
+        assert!(line.ends_with(&format!("microvm.cmd={}", crate::guestcmd::encode(&c.command))), "{line}");
+        assert!(!line.contains("clearcpuid"), "quirks off: {line}");
+        c.cmdline = Some("root=/dev/vdb quiet".into());
+        let line = kernel_cmdline(&c, &[]).join(" ");
+        assert!(!line.contains("root=/dev/vda") && line.contains("root=/dev/vdb quiet"), "{line}");
+    }
 }
