@@ -130,6 +130,24 @@ impl Guest {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits until the guest's init prints MICROVM-INIT-READY (true) or microvm exits or
+    /// `timeout` passes (false). Tests start guests in waves with this: on hosts where the
+    /// guest kernel is emulated, a guest starved of CPU spends its share in the timer tick
+    /// and makes no progress, so more than ~2 booting guests per 2 cores never boot.
+    pub fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stdout_now().contains("MICROVM-INIT-READY") {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        false
+    }
+
     /// Waits for exit (SIGKILL after `timeout`) and collects the output.
     pub fn wait(mut self, timeout: Duration) -> Run {
         let deadline = self.start + timeout;
@@ -151,5 +169,15 @@ impl Guest {
         };
         let _ = std::fs::remove_dir_all(&self.dir);
         run
+    }
+}
+
+/// A guest is never left running, also when its test panics.
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

@@ -110,7 +110,7 @@ fn interactive_shell_on_the_console() {
     });
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let mut seen = Vec::new();
-    let mut wait_for = |needle: &str, seen: &mut Vec<String>| -> bool {
+    let wait_for = |needle: &str, seen: &mut Vec<String>| -> bool {
         while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             let hit = line.contains(needle);
             seen.push(line);

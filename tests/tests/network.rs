@@ -39,12 +39,22 @@ fn guests_share_isolate_and_interconnect() {
         .spawn()
         .unwrap();
 
+    // Guests start in waves of at most two booting at once (see Guest::wait_ready); after
+    // boot they mostly wait on the network, which costs little.
     let lease = "echo LEASE=$(ip -4 -o addr show eth0 | awk '{print $4}')";
     let inet = format!(
         "timeout 10 wget -q -O - http://{INTERNET_ADDR}/hello.txt && timeout 10 wget -q -O - http://{INTERNET_ADDR}/cgi-bin/who"
     );
     // A and B share network t1; B serves TCP on a fixed extra address until A says quit.
-    let a = world.spawn_guest(
+    let mut b = world.spawn_guest(
+        "b",
+        &["nat:t1,subnet=10.123.1.0/24"],
+        "ip addr add 10.123.1.200/24 dev eth0; end=$(( $(cut -d. -f1 /proc/uptime) + 400 )); \
+         while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
+           m=$(echo TCP_FROM_B | nc -l -p 7000); echo GOT=$m; [ \"$m\" = quit ] && exit 0; done; exit 1",
+    );
+    assert!(b.wait_ready(BOOT_TIMEOUT), "guest b did not boot: {}", b.stderr_now());
+    let mut a = world.spawn_guest(
         "a",
         &["nat:t1,subnet=10.123.1.0/24"],
         &format!(
@@ -55,15 +65,9 @@ fn guests_share_isolate_and_interconnect() {
              sleep 45; echo quit | nc -w 5 10.123.1.200 7000; exit 0"
         ),
     );
-    let b = world.spawn_guest(
-        "b",
-        &["nat:t1,subnet=10.123.1.0/24"],
-        "ip addr add 10.123.1.200/24 dev eth0; end=$(( $(cut -d. -f1 /proc/uptime) + 400 )); \
-         while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
-           m=$(echo TCP_FROM_B | nc -l -p 7000); echo GOT=$m; [ \"$m\" = quit ] && exit 0; done; exit 1",
-    );
-    // C is on another network: it must not reach B (it tries for 60 s), but has internet.
-    let c = world.spawn_guest(
+    // C is on another network: it must not reach B (it tries 30 times while B serves), but
+    // has internet.
+    let mut c = world.spawn_guest(
         "c",
         &["nat:t2,subnet=10.123.2.0/24"],
         &format!(
@@ -72,6 +76,8 @@ fn guests_share_isolate_and_interconnect() {
                sleep 1; done; echo $r; exit 0"
         ),
     );
+    assert!(a.wait_ready(BOOT_TIMEOUT), "guest a did not boot: {}", a.stderr_now());
+    assert!(c.wait_ready(BOOT_TIMEOUT), "guest c did not boot: {}", c.stderr_now());
     // D is host-only: the host bridge yes, the internet no.
     let d = world.spawn_guest(
         "d",

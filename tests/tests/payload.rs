@@ -115,7 +115,7 @@ fn sigusr1_dumps_vcpu_registers() {
     let asm = Asm::default().print("spinning\n");
     let spin_at = microvm_tests::payload::LOAD_ADDR + asm.code.len() as u64;
     let k = payload("usr1", asm.bytes(&[0xeb, 0xfe]));
-    let mut child = std::process::Command::new(microvm_tests::microvm_bin())
+    let child = std::process::Command::new(microvm_tests::microvm_bin())
         .args(["--kernel", k.to_str().unwrap(), "--cpus", "2"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
