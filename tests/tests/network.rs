@@ -62,16 +62,16 @@ fn guests_share_isolate_and_interconnect() {
              for i in $(seq 120); do ping -c 1 -W 1 10.123.1.200 >/dev/null && break; sleep 1; done; \
              ping -c 2 -W 2 10.123.1.200 >/dev/null && echo PING_B_OK; \
              echo hello | nc -w 5 10.123.1.200 7000; \
-             sleep 45; echo quit | nc -w 5 10.123.1.200 7000; exit 0"
+             sleep 60; echo quit | nc -w 5 10.123.1.200 7000; exit 0"
         ),
     );
-    // C is on another network: it must not reach B (it tries 30 times while B serves), but
+    // C is on another network: it must not reach B (it tries 12 times while B serves), but
     // has internet.
     let mut c = world.spawn_guest(
         "c",
         &["nat:t2,subnet=10.123.2.0/24"],
         &format!(
-            "{lease}; {inet}; r=ISOLATED; for i in $(seq 30); do \
+            "{lease}; {inet}; r=ISOLATED; for i in $(seq 12); do \
                if ping -c 1 -W 1 10.123.1.200 >/dev/null || echo x | nc -w 1 10.123.1.200 7000 >/dev/null; then r=REACHED_B; break; fi; \
                sleep 1; done; echo $r; exit 0"
         ),
