@@ -212,3 +212,18 @@ pub fn wire_internet(host: &Netns, inet: &Netns) {
     ));
     inet.sh(&format!("ip addr add {INTERNET_ADDR}/24 dev down0 && ip link set down0 up"));
 }
+
+impl Netns {
+    /// Runs `f` on a new thread that has entered this namespace (setns affects only the
+    /// calling thread), e.g. to listen on a socket inside it from the test process.
+    pub fn spawn_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd; it switches only this thread.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}

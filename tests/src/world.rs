@@ -148,9 +148,9 @@ impl Guest {
         false
     }
 
-    /// Waits for exit (SIGKILL after `timeout`) and collects the output.
+    /// Waits for exit (SIGKILL after `timeout` from now) and collects the output.
     pub fn wait(mut self, timeout: Duration) -> Run {
-        let deadline = self.start + timeout;
+        let deadline = Instant::now() + timeout;
         let status = loop {
             match self.child.try_wait() {
                 Ok(Some(s)) => break s.code(),

@@ -44,9 +44,38 @@ impl Host {
     }
 }
 
+/// The kernel honours only the last `clearcpuid=`: a user's own list would silently drop
+/// the quirk's (and the guest would die on the first hidden instruction). So a user's
+/// `clearcpuid=` is merged into the quirk's list. Returns (quirk params, rest of the user's
+/// command line).
+pub fn merge_user_params(quirks: &[&str], user: &str) -> (Vec<String>, String) {
+    let (clear, rest): (Vec<&str>, Vec<&str>) =
+        user.split_whitespace().partition(|w| w.starts_with("clearcpuid="));
+    let extra: Vec<&str> = clear.iter().filter_map(|w| w.strip_prefix("clearcpuid=")).collect();
+    let quirks = quirks
+        .iter()
+        .map(|q| match q.strip_prefix("clearcpuid=") {
+            Some(list) if !extra.is_empty() => format!("clearcpuid={list},{}", extra.join(",")),
+            _ => q.to_string(),
+        })
+        .collect();
+    (quirks, rest.join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_clearcpuid_is_merged() {
+        let (q, rest) = merge_user_params(PVM_CMDLINE, "quiet clearcpuid=sse4_2 loglevel=3");
+        assert_eq!(rest, "quiet loglevel=3");
+        assert!(q[0].starts_with("clearcpuid=xsave,") && q[0].ends_with(",umip,sse4_2"), "{q:?}");
+        assert_eq!(q[1], "lapic=notscdeadline");
+        let (q, rest) = merge_user_params(PVM_CMDLINE, "quiet");
+        assert_eq!(q, PVM_CMDLINE.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(rest, "quiet");
+    }
 
     #[test]
     fn detection_follows_the_module_dir() {

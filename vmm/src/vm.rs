@@ -178,14 +178,17 @@ fn kernel_cmdline(config: &VmConfig, virtio_devices: &[String]) -> Vec<String> {
     }
     cmdline.extend_from_slice(virtio_devices);
     let host = Host::detect();
+    let mut user = config.cmdline.clone().unwrap_or_default();
     if config.quirks && host == Host::Pvm {
         eprintln!(
             "microvm: PVM nested KVM detected: adding guest kernel parameters '{}' (--no-quirks turns this off)",
             host.cmdline_quirks().join(" ")
         );
-        cmdline.extend(host.cmdline_quirks().iter().map(|s| s.to_string()));
+        let (quirks, rest) = crate::quirks::merge_user_params(host.cmdline_quirks(), &user);
+        cmdline.extend(quirks);
+        user = rest;
     }
-    cmdline.extend(config.cmdline.clone());
+    cmdline.push(user);
     if !config.command.is_empty() {
         cmdline.push(format!("microvm.cmd={}", crate::guestcmd::encode(&config.command)));
     }
