@@ -259,29 +259,27 @@ impl Rtnl {
         }
     }
 
+    /// Every IPv4 route message of every table.
+    fn route_messages(&self) -> Result<Vec<RouteMessage>, BridgeError> {
+        self.run(
+            self.handle
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect(),
+        )
+        .map_err(op("list", "routes"))
+    }
+
     /// IPv4 routes of every table but `local`, without default routes.
     pub fn ipv4_routes(&self) -> Result<Vec<Route>, BridgeError> {
-        let msgs: Vec<RouteMessage> = self.run(
-                self.handle
-                    .route()
-                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-                    .execute()
-                    .try_collect(),
-            )
-            .map_err(op("list", "routes"))?;
+        let msgs = self.route_messages()?;
         Ok(msgs.iter().filter_map(route_from_msg).collect())
     }
 
     /// Interface of the main table's default route with the lowest metric.
     pub fn default_route_oif(&self) -> Result<Option<u32>, BridgeError> {
-        let msgs: Vec<RouteMessage> = self.run(
-                self.handle
-                    .route()
-                    .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-                    .execute()
-                    .try_collect(),
-            )
-            .map_err(op("list", "routes"))?;
+        let msgs = self.route_messages()?;
         let mut best: Option<(u32, u32)> = None;
         for msg in &msgs {
             if msg.header.destination_prefix_length != 0
