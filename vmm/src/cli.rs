@@ -19,7 +19,9 @@ Examples:
 Exit status: the guest command's status (exit device, see README); 0 when the guest
 reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
 instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N.
-Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.";
+Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
+A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers.
+Logs: MICROVM_LOG=info (or debug, trace) on stderr.";
 
 #[derive(Debug, Parser)]
 #[command(name = "microvm", version, about = "A small KVM virtual machine monitor with networking built in.", after_help = AFTER_HELP)]
@@ -55,7 +57,8 @@ pub struct Cli {
 
     /// A virtio-net NIC; repeat for more. Modes: nat[:NAME], host-only[:NAME], bridge=BR,
     /// tap=NAME, none. Options: mac=XX:XX:XX:XX:XX:XX, subnet=A.B.C.0/24, uplink=IFACE,
-    /// rate=50Mbit, pps=N. Example: --net nat  or  --net host-only:lab,rate=100Mbit
+    /// rate=50Mbit (bits/s) or rate=5MB (bytes/s) per direction, pps=N.
+    /// Example: --net nat  or  --net host-only:lab,rate=100Mbit
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
 
