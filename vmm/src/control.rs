@@ -43,20 +43,17 @@ pub struct Control {
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<ExitSignal>,
     signals: OwnedFd,
-    /// Forward stdin to the guest (false when stdin is closed or not wanted).
-    stdin: bool,
     escape_pending: bool,
     /// The vCPU threads, to kick for a register dump.
     vcpus: Vec<libc::pthread_t>,
 }
 
 impl Control {
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitSignal>, signals: OwnedFd, stdin: bool) -> Self {
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitSignal>, signals: OwnedFd) -> Self {
         Control {
             serial,
             exit,
             signals,
-            stdin,
             escape_pending: false,
             vcpus: Vec::new(),
         }
@@ -124,12 +121,10 @@ impl MutEventSubscriber for Control {
                 tracing::error!("cannot watch fd {fd}: {e:?}");
             }
         }
-        // A regular file or /dev/null on stdin can't be polled (EPERM): then there is
-        // simply no console input.
-        if self.stdin {
-            if let Err(e) = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN)) {
-                tracing::debug!("stdin is not pollable, no console input: {e:?}");
-            }
+        // stdin always goes to the guest. A regular file or /dev/null on stdin can't be
+        // polled (EPERM): then there is simply no console input; at EOF we stop watching.
+        if let Err(e) = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN)) {
+            tracing::debug!("stdin is not pollable, no console input: {e:?}");
         }
     }
 

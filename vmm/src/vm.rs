@@ -123,8 +123,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
 
     let raw_terminal = crate::terminal::RawTerminal::enable();
-    // stdin is always forwarded; at EOF (e.g. </dev/null) the loop stops watching it.
-    let mut control = Control::new(serial, exit.clone(), signals, true);
+    let mut control = Control::new(serial, exit.clone(), signals);
 
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
