@@ -193,6 +193,18 @@ fn base36(mut v: u32) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// TUNSETOFFLOAD on any TAP fd (also a dup of an [`Attachment`](crate::Attachment)'s fd, which
+/// shares its file description).
+pub fn set_offload(fd: RawFd, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes the flags by value (as the ioctl argument) and touches no
+    // memory of ours; on a non-TUN fd it fails with an error, nothing else.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,16 +223,4 @@ mod tests {
         assert_eq!(pid_from_tap_name("eth0"), None);
         assert_eq!(pid_from_tap_name("mvtap-!-1"), None);
     }
-}
-
-/// TUNSETOFFLOAD on any TAP fd (also a dup of an [`Attachment`](crate::Attachment)'s fd, which
-/// shares its file description).
-pub fn set_offload(fd: RawFd, flags: u32) -> io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD takes the flags by value (as the ioctl argument) and touches no
-    // memory of ours; on a non-TUN fd it fails with an error, nothing else.
-    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

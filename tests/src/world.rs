@@ -102,6 +102,12 @@ impl World {
     }
 }
 
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         if let Some(mut h) = self.httpd.take() {
