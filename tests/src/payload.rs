@@ -40,6 +40,18 @@ impl Asm {
     pub fn if_mmio_eq(mut self, addr: u32, value: u32, yes: &str, no: &str) -> Self {
         self.code.push(0xb8); // mov eax, addr
         self.code.extend_from_slice(&addr.to_le_bytes());
+        self.compare_at_rax(value, yes, no)
+    }
+
+    /// Like `if_mmio_eq`, for the 32-bit value at the address stored at `ptr` (e.g. a
+    /// pointer field of the zero page).
+    pub fn if_deref_eq(mut self, ptr: u32, value: u32, yes: &str, no: &str) -> Self {
+        self.code.extend_from_slice(&[0x8b, 0x04, 0x25]); // mov eax, [ptr]
+        self.code.extend_from_slice(&ptr.to_le_bytes());
+        self.compare_at_rax(value, yes, no)
+    }
+
+    fn compare_at_rax(mut self, value: u32, yes: &str, no: &str) -> Self {
         self.code.extend_from_slice(&[0x8b, 0x18]); // mov ebx, [rax]
         self.code.extend_from_slice(&[0x81, 0xfb]); // cmp ebx, value
         self.code.extend_from_slice(&value.to_le_bytes());

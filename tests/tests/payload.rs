@@ -146,3 +146,24 @@ fn bzimage_payload_boots() {
     assert_eq!(r.code(), 11, "{r:?}");
     assert!(r.stdout.contains("bzimage entry"), "{r:?}");
 }
+
+/// --initrd: the image lands in guest memory where the zero page's ramdisk_image (offset
+/// 0x218; the zero page is at 0x7000) points, with its size in ramdisk_size.
+#[test]
+fn initrd_is_loaded_where_the_zero_page_says() {
+    let dir = scratch_dir("initrd");
+    let initrd = dir.join("initrd.img");
+    let mut image = b"INRD".to_vec();
+    image.resize(3 * 4096 + 17, 0xab);
+    std::fs::write(&initrd, &image).unwrap();
+    let k = dir.join("k.elf");
+    let asm = Asm::default()
+        .if_deref_eq(0x7218, u32::from_le_bytes(*b"INRD"), "initrd ok\n", "initrd missing\n")
+        .if_mmio_eq(0x721c, image.len() as u32, "size ok\n", "size wrong\n")
+        .exit(0)
+        .halt();
+    write_elf(&k, &asm.code);
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("initrd ok") && r.stdout.contains("size ok"), "{r:?}");
+}
