@@ -37,9 +37,7 @@ fn state_dir_of(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn nat_end_to_end() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("host");
     let inet = Netns::new("inet");
     let guest = Netns::new("guest");
@@ -163,9 +161,7 @@ fn inner_nat_end_to_end() {
 
 #[test]
 fn shared_network_refcount() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("share");
     let inet = Netns::new("sinet");
     let run = TempDir::new();
@@ -275,9 +271,7 @@ fn inner_shared_network_refcount() {
 
 #[test]
 fn concurrent_first_attach() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("race");
     let run = TempDir::new();
     host.run_inner("inner_concurrent_first_attach", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
@@ -311,9 +305,7 @@ fn inner_concurrent_first_attach() {
 
 #[test]
 fn stale_cleanup_after_kill() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("stale");
     let run = TempDir::new();
     host.run_inner("inner_stale_cleanup_after_kill", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
@@ -354,9 +346,7 @@ fn inner_stale_cleanup_after_kill() {
 
 #[test]
 fn bridge_and_tap_modes() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("modes");
     let run = TempDir::new();
     host.run_inner("inner_bridge_and_tap_modes", &[("MICROVM_RUN_DIR", run.str())]);
@@ -458,9 +448,7 @@ fn attachment_is_send() {
 
 #[test]
 fn not_permitted_is_bad_input() {
-    if !microvm_tests::netns::outer() {
-        return;
-    }
+    microvm_tests::netns::outer();
     let host = Netns::new("noperm");
     let run = TempDir::new();
     host.run_inner_via(

@@ -150,14 +150,13 @@ pub fn wait_timeout(mut child: Child, secs: u64) -> Output {
 
 /// For outer tests: checks the test can create its namespaces. Not being root, or a
 /// missing tool, is a failure, never a skip.
-pub fn outer() -> bool {
+pub fn outer() {
     let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
     assert_eq!(euid, 0, "namespaced tests need root (network namespaces, TAPs, nftables)");
     for (tool, args) in [("ip", "-V"), ("nft", "--version"), ("busybox", "--help"), ("setpriv", "--version")] {
         let ok = Command::new(tool).arg(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
         assert!(ok, "namespaced tests need `{tool}` (packages: iproute2, nftables, busybox-static, util-linux)");
     }
-    true
 }
 
 fn ns_inode(path: &str) -> u64 {
@@ -166,7 +165,7 @@ fn ns_inode(path: &str) -> u64 {
 
 /// For inner tests (marked `#[ignore]`, run only by `run_inner`): panics unless started by
 /// `run_inner`, and if asked to run in the initial network namespace.
-pub fn inner() -> bool {
+pub fn inner() {
     assert_eq!(
         std::env::var(INNER_ENV).as_deref(),
         Ok("1"),
@@ -175,7 +174,6 @@ pub fn inner() -> bool {
     let own = ns_inode("/proc/self/ns/net");
     let init = ns_inode("/proc/1/ns/net");
     assert!(own != 0 && own != init, "refusing to run a namespaced test in the initial network namespace");
-    true
 }
 
 /// Whether interface `name` exists in the current namespace.
