@@ -50,6 +50,15 @@ pub fn guest() -> (PathBuf, PathBuf) {
     (kernel, rootfs)
 }
 
+/// The test guest's kernel and a private copy of its rootfs in `dir` (guests write to
+/// their root disk, so each boot gets its own): (vmlinux, dir/root.ext4).
+pub fn guest_with_own_rootfs(dir: &Path) -> (PathBuf, PathBuf) {
+    let (kernel, rootfs) = guest();
+    let root = dir.join("root.ext4");
+    std::fs::copy(&rootfs, &root).expect("copy the guest rootfs");
+    (kernel, root)
+}
+
 /// A fresh scratch directory under the target dir, removed by the caller when done.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let d = workspace_root()

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::netns::{wire_internet, Netns, TempDir, INTERNET_ADDR};
-use crate::{guest, microvm_bin, scratch_dir, Run};
+use crate::{guest_with_own_rootfs, microvm_bin, scratch_dir, Run};
 
 pub struct World {
     pub host: Netns,
@@ -46,10 +46,8 @@ impl World {
     /// Starts microvm in the host namespace with the test guest, `nets` and the guest
     /// command `script`. Each guest gets its own copy of the rootfs.
     pub fn spawn_guest(&self, name: &str, nets: &[&str], script: &str) -> Guest {
-        let (kernel, rootfs) = guest();
         let dir = scratch_dir(&format!("net-{name}"));
-        let root = dir.join("root.ext4");
-        std::fs::copy(&rootfs, &root).unwrap();
+        let (kernel, root) = guest_with_own_rootfs(&dir);
         let mut args: Vec<String> = vec![
             "--kernel".into(), kernel.display().to_string(),
             "--disk".into(), root.display().to_string(),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use microvm_tests::{guest, microvm_bin, run_microvm, scratch_dir};
+use microvm_tests::{guest, guest_with_own_rootfs, microvm_bin, run_microvm, scratch_dir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
@@ -16,10 +16,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 /// guest reports what it sees, writes to vdb, tries to write to vdc, and exits 7.
 #[test]
 fn guest_boots_sees_its_resources_and_reports_status() {
-    let (kernel, rootfs) = guest();
     let dir = scratch_dir("guest-main");
-    let root = dir.join("root.ext4");
-    std::fs::copy(&rootfs, &root).unwrap();
+    let (kernel, root) = guest_with_own_rootfs(&dir);
     let data = dir.join("data.img");
     let ro = dir.join("ro.img");
     std::fs::write(&ro, vec![0x5a; 1 << 20]).unwrap();
@@ -88,10 +86,8 @@ fn guest_kernel_panic_exits_101() {
 /// leaving the shell ends the VM with status 0.
 #[test]
 fn interactive_shell_on_the_console() {
-    let (kernel, rootfs) = guest();
     let dir = scratch_dir("guest-shell");
-    let root = dir.join("root.ext4");
-    std::fs::copy(&rootfs, &root).unwrap();
+    let (kernel, root) = guest_with_own_rootfs(&dir);
     let mut child = Command::new(microvm_bin())
         .args(["--kernel", kernel.to_str().unwrap(), "--disk", root.to_str().unwrap(), "--cmdline", "quiet"])
         .stdin(Stdio::piped())
