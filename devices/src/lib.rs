@@ -6,3 +6,15 @@ pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;
+
+/// An error and its causes on one line, "outer: cause: root cause" (logs and CLI messages).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -1,6 +1,5 @@
 //! `microvm`: parse the command line, run the VM, exit with its status.
 
-use std::error::Error;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -36,7 +35,7 @@ fn main() -> ExitCode {
         Ok(status) => status,
         Err(e) => {
             vmm::terminal::restore_now();
-            eprintln!("microvm: error: {}", one_line(&e));
+            eprintln!("microvm: error: {}", devices::error_chain(&e));
             if e.is_usage() {
                 code::USAGE
             } else {
@@ -46,16 +45,4 @@ fn main() -> ExitCode {
     };
     // The vCPU threads may still be inside KVM_RUN: leave without joining them.
     std::process::exit(status)
-}
-
-/// The error and its causes on one line: "outer: cause: root cause".
-fn one_line(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }

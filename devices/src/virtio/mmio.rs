@@ -393,7 +393,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if let Err(e) = self.try_activate() {
-            error!(reason = %error_chain(&e), "virtio-mmio: activation failed, device needs reset");
+            error!(reason = %crate::error_chain(&e), "virtio-mmio: activation failed, device needs reset");
             self.status |= DEVICE_NEEDS_RESET;
             if let Err(e) = self.irq.trigger(IrqKind::Config) {
                 error!(error = %e, "virtio-mmio: config interrupt failed");
@@ -472,18 +472,6 @@ fn set_flag(flags: &mut u8, flag: u8, on: bool) {
     } else {
         *flags &= !flag;
     }
-}
-
-/// "outer: inner: innermost" for logging.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 impl BusDevice for MmioTransport {
