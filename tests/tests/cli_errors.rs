@@ -39,9 +39,83 @@ fn file_that_is_no_kernel() {
 fn bad_disk_size_and_options() {
     let k = good_kernel("badsize");
     let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,size=lots"], T);
-    assert_usage_error(&r, "bad size 'lots'");
+    assert_usage_error(&r, "bad --disk 'x.img,size=lots': bad size 'lots'");
     let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,colour=red"], T);
-    assert_usage_error(&r, "unknown option 'colour=red'");
+    assert_usage_error(&r, "bad --disk 'x.img,colour=red': unknown option 'colour'");
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,size=1000"], T);
+    assert_usage_error(&r, "not a non-zero multiple of 512 bytes");
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,bw=fast"], T);
+    assert_usage_error(&r, "bad --disk 'x.img,bw=fast': bad rate 'fast'");
+}
+
+#[test]
+fn bad_net_specs() {
+    let k = good_kernel("badnet");
+    for (spec, needle) in [
+        ("foo", "bad --net 'foo': unknown mode 'foo'"),
+        ("nat,rate=5mb", "bad --net 'nat,rate=5mb': bad rate '5mb'"),
+        ("nat,pps=0", "bad --net 'nat,pps=0': bad count '0'"),
+        ("nat,mac=01:00:00:00:00:01", "invalid mac"),
+        ("host-only,uplink=eth0", "unknown option 'uplink'"),
+    ] {
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--net", spec], T);
+        assert_usage_error(&r, needle);
+    }
+}
+
+#[test]
+fn bad_shares() {
+    let k = good_kernel("badshare");
+    let dir = scratch_dir("badshare-dir");
+    let missing = dir.join("nonexistent");
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", missing.to_str().unwrap()], T);
+    assert_usage_error(&r, &format!("cannot share '{}'", missing.display()));
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", file.to_str().unwrap()], T);
+    assert_usage_error(&r, "not a directory");
+    let spec = format!("{},at=relative", dir.display());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &spec], T);
+    assert_usage_error(&r, &format!("bad --share '{spec}': at=relative must be an absolute guest path"));
+    let (a, b) = (format!("{},tag=t", dir.display()), "/tmp,tag=t".to_string());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &a, "--share", &b], T);
+    assert_usage_error(&r, "both use tag 't'");
+}
+
+#[test]
+fn bad_memory_units() {
+    let k = good_kernel("badmem");
+    for (value, needle) in [
+        ("2X", "bad --memory '2X'"),
+        ("1.5G", "bad --memory '1.5G'"),
+        ("1000K", "bad --memory '1000K'"),
+        ("16M", "--memory must be between 32 and"),
+        ("2T", "--memory must be between 32 and"),
+    ] {
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", value], T);
+        assert_usage_error(&r, needle);
+    }
+}
+
+#[test]
+fn kernel_tree_without_an_image() {
+    let dir = scratch_dir("emptytree");
+    std::fs::create_dir_all(dir.join("arch/x86/boot")).unwrap();
+    let r = run_microvm(&["--kernel", dir.to_str().unwrap()], T);
+    assert_usage_error(&r, "has neither vmlinux nor arch/x86/boot/bzImage");
+}
+
+#[test]
+fn kconfig_needs_no_kernel_and_kernel_is_otherwise_required() {
+    let r = run_microvm(&["--kconfig"], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for option in ["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y", "CONFIG_VIRTIO_FS=y", "CONFIG_HW_RANDOM_VIRTIO=y", "CONFIG_PVH=y"] {
+        assert!(r.stdout.lines().any(|l| l == option), "{option}: {r:?}");
+    }
+    assert!(r.stderr.is_empty(), "{r:?}");
+    let r = run_microvm(&[], T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--kernel"), "{r:?}");
 }
 
 #[test]

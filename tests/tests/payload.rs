@@ -136,6 +136,60 @@ fn sigusr1_dumps_vcpu_registers() {
     assert!(stderr.contains("vcpu-1: RIP="), "{stderr}");
 }
 
+/// `--kernel DIR`: a directory laid out like a kernel build tree (arch/x86/boot/bzImage
+/// and System.map) boots its bzImage, and a SIGUSR1 dump names the function RIP is in.
+#[test]
+fn kernel_tree_boots_its_bzimage_and_names_rip() {
+    let tree = scratch_dir("ktree");
+    let boot = tree.join("arch/x86/boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    let asm = Asm::default().print("tree kernel\n");
+    // The bzImage's 64-bit entry is LOAD_ADDR + 0x200; the loop (jmp $) follows the print.
+    let entry = microvm_tests::payload::LOAD_ADDR + 0x200;
+    let spin_offset = asm.code.len() as u64;
+    microvm_tests::payload::write_bzimage(&boot.join("bzImage"), &asm.bytes(&[0xeb, 0xfe]).code);
+    std::fs::write(
+        tree.join("System.map"),
+        format!("{:016x} T payload_entry\n{:016x} T after_the_payload\n", entry, entry + 0x1000),
+    )
+    .unwrap();
+    let child = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(["--kernel", tree.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("tree kernel"), "{stdout}");
+    let want = format!("vcpu-0: RIP={:#018x} <payload_entry+{spin_offset:#x}>", entry + spin_offset);
+    assert!(stderr.contains(&want), "want {want}: {stderr}");
+}
+
+/// --memory with a unit: the e820 RAM entry above 1 MiB (zero page 0x7000, e820_table at
+/// 0x2d0, third entry, size at +8) ends at the requested size.
+#[test]
+fn memory_with_units() {
+    for (value, bytes) in [("64M", 64u32 << 20), ("96", 96 << 20)] {
+        let asm = Asm::default()
+            .if_mmio_eq(0x7000 + 0x2d0 + 2 * 20 + 8, bytes - (1 << 20), "size ok\n", "size wrong\n")
+            .exit(0)
+            .halt();
+        let k = payload(&format!("mem{value}"), asm);
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", value], T);
+        assert_eq!(r.code(), 0, "{r:?}");
+        assert!(r.stdout.contains("size ok"), "--memory {value}: {r:?}");
+    }
+}
+
 /// The bzImage path: setup header parsed, protected-mode part loaded, 64-bit entry used.
 #[test]
 fn bzimage_payload_boots() {
