@@ -94,15 +94,19 @@ fn sigterm_stops_a_running_guest() {
 /// An instruction the vCPU can't execute is reported with the vCPU, RIP and instruction
 /// bytes. On nested PVM hosts ring-0 `int3` is an emulation failure (exit 1); on hardware
 /// KVM it is a #BP with no IDT, i.e. a triple fault, which is a guest reset (exit 0).
+/// A System.map beside the image names the function RIP is in.
 #[test]
 fn int3_in_ring0_is_reported() {
     let k = payload("int3", Asm::default().print("before\n").bytes(&[0xcc]).exit(9).halt());
+    let map = format!("{:016x} T payload_start\n", microvm_tests::payload::LOAD_ADDR);
+    std::fs::write(k.with_file_name("System.map"), map).unwrap();
     let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
     assert!(r.stdout.contains("before"), "{r:?}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(r.code(), 1, "{r:?}");
         assert!(r.stderr.contains("vCPU 0 stopped: KVM internal error"), "{r:?}");
         assert!(r.stderr.contains("instruction bytes: cc"), "{r:?}");
+        assert!(r.stderr.contains(" <payload_start+0x"), "{r:?}");
     } else {
         assert_eq!(r.code(), 0, "{r:?}");
     }
