@@ -15,6 +15,14 @@ fn assert_usage_error(r: &Run, needle: &str) {
     assert!(!r.stderr.contains("panicked"), "{r:?}");
 }
 
+/// Each (value, expected message) given as `flag value` is refused with exit 2 and one line.
+fn each_refused(kernel: &std::path::Path, flag: &str, cases: &[(&str, &str)]) {
+    for (value, needle) in cases {
+        let r = run_microvm(&["--kernel", kernel.to_str().unwrap(), flag, value], T);
+        assert_usage_error(&r, needle);
+    }
+}
+
 fn good_kernel(name: &str) -> std::path::PathBuf {
     let p = scratch_dir(name).join("k.elf");
     write_elf(&p, &Asm::default().exit(0).halt().code);
@@ -38,29 +46,24 @@ fn file_that_is_no_kernel() {
 #[test]
 fn bad_disk_size_and_options() {
     let k = good_kernel("badsize");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,size=lots"], T);
-    assert_usage_error(&r, "bad --disk 'x.img,size=lots': bad size 'lots'");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,colour=red"], T);
-    assert_usage_error(&r, "bad --disk 'x.img,colour=red': unknown option 'colour'");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,size=1000"], T);
-    assert_usage_error(&r, "not a non-zero multiple of 512 bytes");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,bw=fast"], T);
-    assert_usage_error(&r, "bad --disk 'x.img,bw=fast': bad rate 'fast'");
+    each_refused(&k, "--disk", &[
+        ("x.img,size=lots", "bad --disk 'x.img,size=lots': bad size 'lots'"),
+        ("x.img,colour=red", "bad --disk 'x.img,colour=red': unknown option 'colour'"),
+        ("x.img,size=1000", "not a non-zero multiple of 512 bytes"),
+        ("x.img,bw=fast", "bad --disk 'x.img,bw=fast': bad rate 'fast'"),
+    ]);
 }
 
 #[test]
 fn bad_net_specs() {
     let k = good_kernel("badnet");
-    for (spec, needle) in [
+    each_refused(&k, "--net", &[
         ("foo", "bad --net 'foo': unknown mode 'foo'"),
         ("nat,rate=5mb", "bad --net 'nat,rate=5mb': bad rate '5mb'"),
         ("nat,pps=0", "bad --net 'nat,pps=0': bad count '0'"),
         ("nat,mac=01:00:00:00:00:01", "invalid mac"),
         ("host-only,uplink=eth0", "unknown option 'uplink'"),
-    ] {
-        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--net", spec], T);
-        assert_usage_error(&r, needle);
-    }
+    ]);
 }
 
 #[test]
@@ -85,16 +88,13 @@ fn bad_shares() {
 #[test]
 fn bad_memory_units() {
     let k = good_kernel("badmem");
-    for (value, needle) in [
+    each_refused(&k, "--memory", &[
         ("2X", "bad --memory '2X'"),
         ("1.5G", "bad --memory '1.5G'"),
         ("1000K", "bad --memory '1000K'"),
         ("16M", "--memory must be between 32 and"),
         ("2T", "--memory must be between 32 and"),
-    ] {
-        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", value], T);
-        assert_usage_error(&r, needle);
-    }
+    ]);
 }
 
 #[test]

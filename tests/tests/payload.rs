@@ -112,6 +112,27 @@ fn int3_in_ring0_is_reported() {
     }
 }
 
+/// Starts microvm, sends SIGUSR1 after 1.5 s and SIGTERM 1.5 s later; checks it stopped on
+/// SIGTERM and returns (stdout, stderr).
+fn dump_registers(args: &[&str]) -> (String, String) {
+    let child = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for signal in [libc::SIGUSR1, libc::SIGTERM] {
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    (stdout, stderr)
+}
+
 /// SIGUSR1 makes every vCPU print its registers (the guest keeps running).
 #[test]
 fn sigusr1_dumps_vcpu_registers() {
@@ -119,22 +140,7 @@ fn sigusr1_dumps_vcpu_registers() {
     let asm = Asm::default().print("spinning\n");
     let spin_at = microvm_tests::payload::LOAD_ADDR + asm.code.len() as u64;
     let k = payload("usr1", asm.bytes(&[0xeb, 0xfe]));
-    let child = std::process::Command::new(microvm_tests::microvm_bin())
-        .args(["--kernel", k.to_str().unwrap(), "--cpus", "2"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    let (_, stderr) = dump_registers(&["--kernel", k.to_str().unwrap(), "--cpus", "2"]);
     assert!(stderr.contains(&format!("vcpu-0: RIP={spin_at:#018x}")), "{stderr}");
     // vCPU 1 never got a startup IPI: it is parked in the kernel, but still answers.
     assert!(stderr.contains("vcpu-1: RIP="), "{stderr}");
@@ -157,22 +163,7 @@ fn kernel_tree_boots_its_bzimage_and_names_rip() {
         format!("{:016x} T payload_entry\n{:016x} T after_the_payload\n", entry, entry + 0x1000),
     )
     .unwrap();
-    let child = std::process::Command::new(microvm_tests::microvm_bin())
-        .args(["--kernel", tree.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stdout, stderr) = dump_registers(&["--kernel", tree.to_str().unwrap()]);
     assert!(stdout.contains("tree kernel"), "{stdout}");
     let want = format!("vcpu-0: RIP={:#018x} <payload_entry+{spin_offset:#x}>", entry + spin_offset);
     assert!(stderr.contains(&want), "want {want}: {stderr}");

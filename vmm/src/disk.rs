@@ -58,28 +58,23 @@ pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::rate_limiter::RateLimiterConfig;
     use std::os::unix::fs::MetadataExt;
-    use std::path::Path;
 
-    fn cfg(path: &Path, size: Option<u64>, read_only: bool) -> DiskConfig {
-        DiskConfig { path: path.to_path_buf(), size, read_only, rate: RateLimiterConfig::default() }
-    }
 
     #[test]
     fn create_grow_never_shrink() {
         let dir = std::env::temp_dir().join(format!("mvdisk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("d.img");
-        let d = open(&cfg(&p, Some(1 << 30), false)).unwrap();
+        let d = open(&DiskConfig::plain(&p, Some(1 << 30), false)).unwrap();
         assert_eq!(d.len, 1 << 30);
         let meta = std::fs::metadata(&p).unwrap();
         assert_eq!(meta.len(), 1 << 30);
         assert!(meta.blocks() * 512 < 1 << 20, "created sparse");
-        assert_eq!(open(&cfg(&p, Some(2 << 30), false)).unwrap().len, 2 << 30);
-        assert_eq!(open(&cfg(&p, Some(1 << 30), false)).unwrap().len, 2 << 30, "never shrinks");
-        assert_eq!(open(&cfg(&p, None, true)).unwrap().len, 2 << 30);
-        assert!(matches!(open(&cfg(&dir.join("none"), None, false)), Err(DiskError::Open { .. })));
+        assert_eq!(open(&DiskConfig::plain(&p, Some(2 << 30), false)).unwrap().len, 2 << 30);
+        assert_eq!(open(&DiskConfig::plain(&p, Some(1 << 30), false)).unwrap().len, 2 << 30, "never shrinks");
+        assert_eq!(open(&DiskConfig::plain(&p, None, true)).unwrap().len, 2 << 30);
+        assert!(matches!(open(&DiskConfig::plain(&dir.join("none"), None, false)), Err(DiskError::Open { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -61,6 +61,12 @@ impl std::str::FromStr for DiskConfig {
 }
 
 impl DiskConfig {
+    /// A disk without rate limits (for tests).
+    #[cfg(test)]
+    pub(crate) fn plain(path: &Path, size: Option<u64>, read_only: bool) -> Self {
+        DiskConfig { path: path.to_path_buf(), size, read_only, rate: RateLimiterConfig::default() }
+    }
+
     /// Pure checks.
     pub fn validate(&self) -> Result<(), DiskCheckError> {
         match self.size {
@@ -133,9 +139,6 @@ mod tests {
     use super::*;
     use options::Reason;
 
-    fn cfg(path: &Path, size: Option<u64>, read_only: bool) -> DiskConfig {
-        DiskConfig { path: path.to_path_buf(), size, read_only, rate: RateLimiterConfig::default() }
-    }
 
     #[test]
     fn specs() {
@@ -147,7 +150,7 @@ mod tests {
         // The net rate forms work for disks too.
         let d: DiskConfig = "a.img,ro,bw=80Mbit,iops=2K".parse().unwrap();
         assert_eq!(d.rate, RateLimiterConfig::simple(10_000_000, 2000));
-        assert_eq!("a.img".parse::<DiskConfig>().unwrap(), cfg(Path::new("a.img"), None, false));
+        assert_eq!("a.img".parse::<DiskConfig>().unwrap(), DiskConfig::plain(Path::new("a.img"), None, false));
         for (spec, needle) in [
             ("", "missing PATH"),
             ("a.img,size=big", "bad size 'big'"),
@@ -166,18 +169,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mvdiskcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("d.img");
-        assert!(matches!(cfg(&p, Some(1000), false).validate(), Err(DiskCheckError::Unaligned { .. })));
-        assert!(matches!(cfg(&p, Some(0), false).validate(), Err(DiskCheckError::Unaligned { .. })));
-        assert!(matches!(cfg(&p, None, false).preflight(), Err(DiskCheckError::Missing(_))));
-        assert!(matches!(cfg(&p, Some(1 << 20), true).preflight(), Err(DiskCheckError::Missing(_))));
-        cfg(&p, Some(1 << 20), false).preflight().unwrap();
+        assert!(matches!(DiskConfig::plain(&p, Some(1000), false).validate(), Err(DiskCheckError::Unaligned { .. })));
+        assert!(matches!(DiskConfig::plain(&p, Some(0), false).validate(), Err(DiskCheckError::Unaligned { .. })));
+        assert!(matches!(DiskConfig::plain(&p, None, false).preflight(), Err(DiskCheckError::Missing(_))));
+        assert!(matches!(DiskConfig::plain(&p, Some(1 << 20), true).preflight(), Err(DiskCheckError::Missing(_))));
+        DiskConfig::plain(&p, Some(1 << 20), false).preflight().unwrap();
         assert!(!p.exists(), "preflight creates nothing");
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        cfg(&p, None, true).preflight().unwrap();
-        cfg(&p, Some(8192), false).preflight().unwrap();
-        assert!(matches!(cfg(&p, Some(512), false).preflight(), Err(DiskCheckError::Shrink { .. })));
-        assert!(matches!(cfg(&p, Some(8192), true).preflight(), Err(DiskCheckError::ReadOnlyResize(_))));
-        assert!(matches!(cfg(&dir, None, false).preflight(), Err(DiskCheckError::Directory(_))));
+        DiskConfig::plain(&p, None, true).preflight().unwrap();
+        DiskConfig::plain(&p, Some(8192), false).preflight().unwrap();
+        assert!(matches!(DiskConfig::plain(&p, Some(512), false).preflight(), Err(DiskCheckError::Shrink { .. })));
+        assert!(matches!(DiskConfig::plain(&p, Some(8192), true).preflight(), Err(DiskCheckError::ReadOnlyResize(_))));
+        assert!(matches!(DiskConfig::plain(&dir, None, false).preflight(), Err(DiskCheckError::Directory(_))));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096, "preflight changes nothing");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -46,8 +46,8 @@ pub struct KernelImage {
 /// Resolves `--kernel`: a file is the image (System.map looked for beside it); a
 /// directory is a build tree (vmlinux or arch/x86/boot/bzImage, and its System.map).
 pub fn locate(path: &Path) -> Result<KernelImage, KernelError> {
-    let open_err = |source| KernelError::Open { kind: "kernel", path: path.to_path_buf(), source };
-    let meta = std::fs::metadata(path).map_err(open_err)?;
+    let meta = std::fs::metadata(path)
+        .map_err(|source| KernelError::Open { kind: "kernel", path: path.to_path_buf(), source })?;
     let (image, map_dir) = if meta.is_dir() {
         let found: Vec<PathBuf> = TREE_IMAGES.iter().map(|i| path.join(i)).filter(|p| p.is_file()).collect();
         let first = found.first().ok_or_else(|| KernelError::EmptyTree(path.to_path_buf()))?;
@@ -68,13 +68,18 @@ pub fn locate(path: &Path) -> Result<KernelImage, KernelError> {
     Ok(KernelImage { image, system_map })
 }
 
+/// Opens the kernel or initrd (`kind`) for reading.
+pub fn open_file(kind: &'static str, path: &Path) -> Result<File, KernelError> {
+    File::open(path).map_err(|source| KernelError::Open { kind, path: path.to_path_buf(), source })
+}
+
 /// Does the file start like an image microvm boots (x86-64 ELF, or a bzImage setup header)?
 fn probe(path: &Path) -> Result<bool, KernelError> {
-    let open_err = |source| KernelError::Open { kind: "kernel", path: path.to_path_buf(), source };
     let mut head = Vec::with_capacity(SETUP_HDR_MAGIC_OFFSET + 4);
-    File::open(path)
-        .and_then(|f| f.take(SETUP_HDR_MAGIC_OFFSET as u64 + 4).read_to_end(&mut head))
-        .map_err(open_err)?;
+    open_file("kernel", path)?
+        .take(SETUP_HDR_MAGIC_OFFSET as u64 + 4)
+        .read_to_end(&mut head)
+        .map_err(|source| KernelError::Open { kind: "kernel", path: path.to_path_buf(), source })?;
     let elf = head.len() >= 20
         && head.starts_with(ELF_MAGIC)
         && head[4] == ELFCLASS64
@@ -85,7 +90,7 @@ fn probe(path: &Path) -> Result<bool, KernelError> {
 
 /// The initrd must be a readable file.
 pub fn check_initrd(path: &Path) -> Result<(), KernelError> {
-    File::open(path).map(drop).map_err(|source| KernelError::Open { kind: "initrd", path: path.to_path_buf(), source })
+    open_file("initrd", path).map(drop)
 }
 
 #[cfg(test)]

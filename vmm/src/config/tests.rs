@@ -42,8 +42,8 @@ fn validate_bounds() {
 
 #[test]
 fn share_tags_are_unique() {
-    let mut c = VmConfig::default();
-    c.shares = vec!["/a".parse().unwrap(), "/b".parse().unwrap(), "/c,tag=mine".parse().unwrap()];
+    let shares = vec!["/a".parse().unwrap(), "/b".parse().unwrap(), "/c,tag=mine".parse().unwrap()];
+    let mut c = VmConfig { shares, ..Default::default() };
     assert_eq!(c.share_tags(), ["share0", "share1", "mine"]);
     c.validate().unwrap();
     c.shares.push("/d,tag=share1".parse().unwrap());
