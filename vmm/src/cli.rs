@@ -17,8 +17,9 @@ Examples:
   microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 1G --cmdline 'quiet'
   microvm --kernel ~/src/linux --disk rootfs.ext4
       boot the kernel just built in that tree; register dumps name its functions
-  microvm --kconfig > microvm.config && scripts/kconfig/merge_config.sh .config microvm.config
-      add what microvm needs to a kernel's .config
+  microvm --kconfig > microvm.config
+      what a guest kernel needs; in the kernel tree: scripts/kconfig/merge_config.sh -m
+      .config microvm.config && make olddefconfig
 
 Option values: SIZE is binary (4G = 4 GiB; K, M, G, T). RATE is per second: bytes (10M =
 10,000,000; 5MB, 5MiB) or bits (50Mbit, 800kbit). COUNT is per second (1000, 10K).
@@ -27,7 +28,8 @@ Exit status: the guest command's status (exit device, see README); 0 when the gu
 reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
 instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N.
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
-A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers.
+A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers (RIP
+named from the kernel's System.map when one is in the --kernel tree or beside the image).
 Logs: MICROVM_LOG=info (or debug, trace) on stderr.";
 
 #[derive(Debug, Parser)]
@@ -78,7 +80,7 @@ pub struct Cli {
     pub share: Vec<String>,
 
     /// Print the kernel config fragment a guest kernel needs for everything microvm offers,
-    /// one reason per option, and exit. Example: microvm --kconfig >> .config
+    /// one reason per option, and exit. Example: microvm --kconfig > microvm.config
     #[arg(long)]
     pub kconfig: bool,
 
