@@ -184,3 +184,16 @@ fn kvm_not_permitted() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot open /dev/kvm") && stderr.contains("ermission denied"), "{stderr}");
 }
+
+/// Input only found wrong while building the VM is still bad usage: exit 2, one line.
+#[test]
+fn initrd_too_big_and_cmdline_too_long() {
+    let k = good_kernel("late");
+    let initrd = scratch_dir("late-initrd").join("big.cpio");
+    std::fs::File::create(&initrd).unwrap().set_len(40 << 20).unwrap();
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", "32M", "--initrd", initrd.to_str().unwrap()], T);
+    assert_usage_error(&r, "does not fit in guest memory");
+    let long = "a".repeat(3000);
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--no-quirks", "--cmdline", &long], T);
+    assert_usage_error(&r, "kernel command line is invalid or longer than 2048 bytes");
+}

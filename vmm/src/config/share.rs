@@ -11,6 +11,7 @@ const PARSER: OptionParser = OptionParser::new("--share", "HOSTDIR")
     .switches(&[("ro", "readonly"), ("readonly", "readonly")]);
 
 /// Longest virtio-fs tag: the `tag` field of struct virtio_fs_config.
+// The virtiofs branch defines devices::virtio::fs::TAG_MAX_LEN: use that once merged.
 pub const MAX_TAG_LEN: usize = 36;
 
 /// A share that cannot be used as asked.
