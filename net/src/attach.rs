@@ -79,7 +79,7 @@ impl AsRawFd for Attachment {
 /// Sets up the host side of one guest NIC. `vm_id` identifies the VM (e.g. pid-based) and,
 /// with `nic_index`, derives the default MAC. Nothing is left half-created on error.
 pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment, NetError> {
-    spec.validate()?;
+    spec.preflight()?;
     let mac = spec.mac_for(vm_id, nic_index);
     let _span = tracing::info_span!("attach", net = %spec, vm_id, nic_index).entered();
     match &spec.mode {

@@ -12,6 +12,9 @@ use crate::tap::TapError;
 /// `std::error::Error::source` (the CLI prints them joined by ": ").
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// A malformed `--net` spec (names the spec).
+    #[error(transparent)]
+    Syntax(#[from] options::OptionError),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -36,7 +39,7 @@ impl NetError {
     /// these to its "bad input" exit code; everything else is a runtime failure.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            NetError::Spec(_) | NetError::NotPermitted { .. } => true,
+            NetError::Syntax(_) | NetError::Spec(_) | NetError::NotPermitted { .. } => true,
             NetError::Tap(e) => e.is_bad_input(),
             NetError::Bridge(e) => e.is_bad_input(),
             NetError::Network(e) => e.is_bad_input(),

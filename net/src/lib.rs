@@ -4,7 +4,7 @@
 //! # fn main() -> Result<(), net::NetError> {
 //! net::cleanup_stale()?; // at startup: forget networks of crashed microvm processes
 //! let spec: net::NetSpec = "nat:lab,subnet=10.77.0.0/24,rate=50Mbit".parse()?;
-//! spec.validate()?;
+//! spec.preflight()?; // read-only host checks: capabilities, bridges, interfaces
 //! let att = net::attach(&spec, "vm-1234", 0)?;
 //! let _fd = att.tap_fd(); // readv/writev with a 12-byte virtio_net_hdr_v1
 //! att.set_offload(net::TUN_F_CSUM | net::TUN_F_TSO4)?;

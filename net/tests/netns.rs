@@ -64,7 +64,7 @@ fn inner_nat_end_to_end() {
     net::cleanup_stale().unwrap();
 
     let spec: net::NetSpec = "nat:t1,rate=50Mbit".parse().unwrap();
-    spec.validate().unwrap();
+    spec.preflight().unwrap();
     let att = net::attach(&spec, "vm-e2e", 0).unwrap();
     let tap = att.tap_name().to_string();
     let subnet = att.subnet().unwrap();
@@ -361,7 +361,7 @@ fn inner_bridge_and_tap_modes() {
     println!("{}", cli_message(&e));
     assert!(e.is_bad_input() && e.to_string().contains("nosuch"), "{e}");
     sh("ip link add notbr type veth peer name notbr-p");
-    let e = "bridge=notbr".parse::<net::NetSpec>().unwrap().validate().unwrap_err();
+    let e = "bridge=notbr".parse::<net::NetSpec>().unwrap().preflight().unwrap_err();
     assert!(e.is_bad_input() && e.to_string().contains("not a bridge"), "{e}");
     sh("ip link add br0 type bridge");
     let att = net::attach(&"bridge=br0,mac=02:00:00:00:00:07".parse().unwrap(), "vm", 0).unwrap();
@@ -466,7 +466,7 @@ fn inner_not_permitted() {
     net::cleanup_stale().unwrap();
     for spec in ["nat:np", "host-only:np", "bridge=br0"] {
         let spec: net::NetSpec = spec.parse().unwrap();
-        let e = spec.validate().unwrap_err();
+        let e = spec.preflight().unwrap_err();
         println!("{}", cli_message(&e));
         assert!(matches!(e, net::NetError::NotPermitted { .. }) && e.is_bad_input(), "{e}");
         let e = net::attach(&spec, "vm", 0).unwrap_err();

@@ -15,6 +15,14 @@ fn assert_usage_error(r: &Run, needle: &str) {
     assert!(!r.stderr.contains("panicked"), "{r:?}");
 }
 
+/// Each (value, expected message) given as `flag value` is refused with exit 2 and one line.
+fn each_refused(kernel: &std::path::Path, flag: &str, cases: &[(&str, &str)]) {
+    for (value, needle) in cases {
+        let r = run_microvm(&["--kernel", kernel.to_str().unwrap(), flag, value], T);
+        assert_usage_error(&r, needle);
+    }
+}
+
 fn good_kernel(name: &str) -> std::path::PathBuf {
     let p = scratch_dir(name).join("k.elf");
     write_elf(&p, &Asm::default().exit(0).halt().code);
@@ -38,10 +46,76 @@ fn file_that_is_no_kernel() {
 #[test]
 fn bad_disk_size_and_options() {
     let k = good_kernel("badsize");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,size=lots"], T);
-    assert_usage_error(&r, "bad size 'lots'");
-    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", "x.img,colour=red"], T);
-    assert_usage_error(&r, "unknown option 'colour=red'");
+    each_refused(&k, "--disk", &[
+        ("x.img,size=lots", "bad --disk 'x.img,size=lots': bad size 'lots'"),
+        ("x.img,colour=red", "bad --disk 'x.img,colour=red': unknown option 'colour'"),
+        ("x.img,size=1000", "not a non-zero multiple of 512 bytes"),
+        ("x.img,bw=fast", "bad --disk 'x.img,bw=fast': bad rate 'fast'"),
+    ]);
+}
+
+#[test]
+fn bad_net_specs() {
+    let k = good_kernel("badnet");
+    each_refused(&k, "--net", &[
+        ("foo", "bad --net 'foo': unknown mode 'foo'"),
+        ("nat,rate=5mb", "bad --net 'nat,rate=5mb': bad rate '5mb'"),
+        ("nat,pps=0", "bad --net 'nat,pps=0': bad count '0'"),
+        ("nat,mac=01:00:00:00:00:01", "invalid mac"),
+        ("host-only,uplink=eth0", "unknown option 'uplink'"),
+    ]);
+}
+
+#[test]
+fn bad_shares() {
+    let k = good_kernel("badshare");
+    let dir = scratch_dir("badshare-dir");
+    let missing = dir.join("nonexistent");
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", missing.to_str().unwrap()], T);
+    assert_usage_error(&r, &format!("cannot share '{}'", missing.display()));
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", file.to_str().unwrap()], T);
+    assert_usage_error(&r, "not a directory");
+    let spec = format!("{},at=relative", dir.display());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &spec], T);
+    assert_usage_error(&r, &format!("bad --share '{spec}': at=relative must be an absolute guest path"));
+    let (a, b) = (format!("{},tag=t", dir.display()), "/tmp,tag=t".to_string());
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &a, "--share", &b], T);
+    assert_usage_error(&r, "both use tag 't'");
+}
+
+#[test]
+fn bad_memory_units() {
+    let k = good_kernel("badmem");
+    each_refused(&k, "--memory", &[
+        ("2X", "bad --memory '2X'"),
+        ("1.5G", "bad --memory '1.5G'"),
+        ("1000K", "bad --memory '1000K'"),
+        ("16M", "--memory must be between 32 and"),
+        ("2T", "--memory must be between 32 and"),
+    ]);
+}
+
+#[test]
+fn kernel_tree_without_an_image() {
+    let dir = scratch_dir("emptytree");
+    std::fs::create_dir_all(dir.join("arch/x86/boot")).unwrap();
+    let r = run_microvm(&["--kernel", dir.to_str().unwrap()], T);
+    assert_usage_error(&r, "has neither vmlinux nor arch/x86/boot/bzImage");
+}
+
+#[test]
+fn kconfig_needs_no_kernel_and_kernel_is_otherwise_required() {
+    let r = run_microvm(&["--kconfig"], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for option in ["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y", "CONFIG_VIRTIO_FS=y", "CONFIG_HW_RANDOM_VIRTIO=y", "CONFIG_PVH=y"] {
+        assert!(r.stdout.lines().any(|l| l == option), "{option}: {r:?}");
+    }
+    assert!(r.stderr.is_empty(), "{r:?}");
+    let r = run_microvm(&[], T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--kernel"), "{r:?}");
 }
 
 #[test]
@@ -109,4 +183,17 @@ fn kvm_not_permitted() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot open /dev/kvm") && stderr.contains("ermission denied"), "{stderr}");
+}
+
+/// Input only found wrong while building the VM is still bad usage: exit 2, one line.
+#[test]
+fn initrd_too_big_and_cmdline_too_long() {
+    let k = good_kernel("late");
+    let initrd = scratch_dir("late-initrd").join("big.cpio");
+    std::fs::File::create(&initrd).unwrap().set_len(40 << 20).unwrap();
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", "32M", "--initrd", initrd.to_str().unwrap()], T);
+    assert_usage_error(&r, "does not fit in guest memory");
+    let long = "a".repeat(3000);
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--no-quirks", "--cmdline", &long], T);
+    assert_usage_error(&r, "kernel command line is invalid or longer than 2048 bytes");
 }

@@ -94,18 +94,43 @@ fn sigterm_stops_a_running_guest() {
 /// An instruction the vCPU can't execute is reported with the vCPU, RIP and instruction
 /// bytes. On nested PVM hosts ring-0 `int3` is an emulation failure (exit 1); on hardware
 /// KVM it is a #BP with no IDT, i.e. a triple fault, which is a guest reset (exit 0).
+/// A System.map beside the image names the function RIP is in.
 #[test]
 fn int3_in_ring0_is_reported() {
     let k = payload("int3", Asm::default().print("before\n").bytes(&[0xcc]).exit(9).halt());
+    let map = format!("{:016x} T payload_start\n", microvm_tests::payload::LOAD_ADDR);
+    std::fs::write(k.with_file_name("System.map"), map).unwrap();
     let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
     assert!(r.stdout.contains("before"), "{r:?}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(r.code(), 1, "{r:?}");
         assert!(r.stderr.contains("vCPU 0 stopped: KVM internal error"), "{r:?}");
         assert!(r.stderr.contains("instruction bytes: cc"), "{r:?}");
+        assert!(r.stderr.contains(" <payload_start+0x"), "{r:?}");
     } else {
         assert_eq!(r.code(), 0, "{r:?}");
     }
+}
+
+/// Starts microvm, sends SIGUSR1 after 1.5 s and SIGTERM 1.5 s later; checks it stopped on
+/// SIGTERM and returns (stdout, stderr).
+fn dump_registers(args: &[&str]) -> (String, String) {
+    let child = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for signal in [libc::SIGUSR1, libc::SIGTERM] {
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    (stdout, stderr)
 }
 
 /// SIGUSR1 makes every vCPU print its registers (the guest keeps running).
@@ -115,25 +140,49 @@ fn sigusr1_dumps_vcpu_registers() {
     let asm = Asm::default().print("spinning\n");
     let spin_at = microvm_tests::payload::LOAD_ADDR + asm.code.len() as u64;
     let k = payload("usr1", asm.bytes(&[0xeb, 0xfe]));
-    let child = std::process::Command::new(microvm_tests::microvm_bin())
-        .args(["--kernel", k.to_str().unwrap(), "--cpus", "2"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-    std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    let (_, stderr) = dump_registers(&["--kernel", k.to_str().unwrap(), "--cpus", "2"]);
     assert!(stderr.contains(&format!("vcpu-0: RIP={spin_at:#018x}")), "{stderr}");
     // vCPU 1 never got a startup IPI: it is parked in the kernel, but still answers.
     assert!(stderr.contains("vcpu-1: RIP="), "{stderr}");
+}
+
+/// `--kernel DIR`: a directory laid out like a kernel build tree (arch/x86/boot/bzImage
+/// and System.map) boots its bzImage, and a SIGUSR1 dump names the function RIP is in.
+#[test]
+fn kernel_tree_boots_its_bzimage_and_names_rip() {
+    let tree = scratch_dir("ktree");
+    let boot = tree.join("arch/x86/boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    let asm = Asm::default().print("tree kernel\n");
+    // The bzImage's 64-bit entry is LOAD_ADDR + 0x200; the loop (jmp $) follows the print.
+    let entry = microvm_tests::payload::LOAD_ADDR + 0x200;
+    let spin_offset = asm.code.len() as u64;
+    microvm_tests::payload::write_bzimage(&boot.join("bzImage"), &asm.bytes(&[0xeb, 0xfe]).code);
+    std::fs::write(
+        tree.join("System.map"),
+        format!("{:016x} T payload_entry\n{:016x} T after_the_payload\n", entry, entry + 0x1000),
+    )
+    .unwrap();
+    let (stdout, stderr) = dump_registers(&["--kernel", tree.to_str().unwrap()]);
+    assert!(stdout.contains("tree kernel"), "{stdout}");
+    let want = format!("vcpu-0: RIP={:#018x} <payload_entry+{spin_offset:#x}>", entry + spin_offset);
+    assert!(stderr.contains(&want), "want {want}: {stderr}");
+}
+
+/// --memory with a unit: the e820 RAM entry above 1 MiB (zero page 0x7000, e820_table at
+/// 0x2d0, third entry, size at +8) ends at the requested size.
+#[test]
+fn memory_with_units() {
+    for (value, bytes) in [("64M", 64u32 << 20), ("96", 96 << 20)] {
+        let asm = Asm::default()
+            .if_mmio_eq(0x7000 + 0x2d0 + 2 * 20 + 8, bytes - (1 << 20), "size ok\n", "size wrong\n")
+            .exit(0)
+            .halt();
+        let k = payload(&format!("mem{value}"), asm);
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--memory", value], T);
+        assert_eq!(r.code(), 0, "{r:?}");
+        assert!(r.stdout.contains("size ok"), "--memory {value}: {r:?}");
+    }
 }
 
 /// The bzImage path: setup header parsed, protected-mode part loaded, 64-bit entry used.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{self, ConfigError, VmConfig};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -14,21 +14,32 @@ Examples:
       same, with a NIC on a NAT network (bridge mvbr-default, DHCP, masquerade)
   microvm --kernel vmlinux --disk rootfs.ext4 -- sh -c 'uname -a; exit 7'
       run one command in the guest; microvm exits with its status (7)
-  microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 512 --cmdline 'quiet'
+  microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 1G --cmdline 'quiet'
+  microvm --kernel ~/src/linux --disk rootfs.ext4
+      boot the kernel just built in that tree; register dumps name its functions
+  microvm --kconfig > microvm.config
+      what a guest kernel needs; in the kernel tree: scripts/kconfig/merge_config.sh -m
+      .config microvm.config && make olddefconfig
+
+Option values: SIZE is binary (4G = 4 GiB; K, M, G, T). RATE is per second: bytes (10M =
+10,000,000; 5MB, 5MiB) or bits (50Mbit, 800kbit). COUNT is per second (1000, 10K).
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
 reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
 instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N.
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
-A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers.
+A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers (RIP
+named from the kernel's System.map when one is in the --kernel tree or beside the image).
 Logs: MICROVM_LOG=info (or debug, trace) on stderr.";
 
 #[derive(Debug, Parser)]
 #[command(name = "microvm", version, about = "A small KVM virtual machine monitor with networking built in.", after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage. Example: --kernel target/guest/vmlinux
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Guest kernel: an uncompressed ELF vmlinux, a bzImage, or a kernel build tree (its
+    /// vmlinux, else arch/x86/boot/bzImage). A System.map in the tree or beside the image
+    /// names functions in register dumps. Example: --kernel target/guest/vmlinux  or  --kernel ~/src/linux
+    #[arg(long, value_name = "PATH|DIR", required_unless_present = "kconfig")]
+    pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk loaded for the kernel (an uncompressed cpio boots fastest).
     /// Example: --initrd initramfs.cpio
@@ -45,22 +56,33 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
 
-    /// Guest RAM in MiB. Example: --memory 256
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
-    pub memory: u64,
+    /// Guest RAM: MiB, or a SIZE with a unit. Example: --memory 256  or  --memory 2G
+    #[arg(long, value_name = "MIB|SIZE", default_value = "128")]
+    pub memory: String,
 
     /// A virtio-blk disk backed by a host file; repeat for vdb, vdc, ... Options:
-    /// size=SIZE creates the file sparse (or grows it; never shrinks), readonly,
-    /// bw=BYTES/s and iops=N rate limits. Example: --disk data.img,size=4G --disk seed.img,readonly
-    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=N]")]
+    /// size=SIZE creates the file sparse (or grows it; never shrinks), readonly (or ro),
+    /// bw=RATE and iops=COUNT limits. Example: --disk data.img,size=4G --disk seed.img,ro,bw=50M
+    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=COUNT]")]
     pub disk: Vec<String>,
 
     /// A virtio-net NIC; repeat for more. Modes: nat[:NAME], host-only[:NAME], bridge=BR,
     /// tap=NAME, none. Options: mac=XX:XX:XX:XX:XX:XX, subnet=A.B.C.0/24, uplink=IFACE,
-    /// rate=50Mbit (bits/s) or rate=5MB (bytes/s) per direction, pps=N.
+    /// rate=RATE (50Mbit, 5MB) and pps=COUNT per direction.
     /// Example: --net nat  or  --net host-only:lab,rate=100Mbit
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+
+    /// A host directory the guest mounts over virtio-fs; repeat for more. Mounted at the same
+    /// path unless at=GUESTPATH (absolute); tag=T names the virtio-fs tag (default share0,
+    /// share1, ...); ro makes it read-only. Example: --share ~/src,at=/src --share /data,ro
+    #[arg(long, value_name = "HOSTDIR[,at=GUESTPATH][,tag=T][,ro]")]
+    pub share: Vec<String>,
+
+    /// Print the kernel config fragment a guest kernel needs for everything microvm offers,
+    /// one reason per option, and exit. Example: microvm --kconfig > microvm.config
+    #[arg(long)]
+    pub kconfig: bool,
 
     /// Do not add the guest kernel parameters this host needs (on nested PVM KVM:
     /// clearcpuid=... lapic=notscdeadline). Example: --no-quirks
@@ -74,20 +96,23 @@ pub struct Cli {
 }
 
 impl Cli {
-    pub fn into_config(self) -> Result<VmConfig, crate::config::ConfigError> {
-        let disks = self
-            .disk
+    /// Parses every spec; the result still needs [`VmConfig::preflight`].
+    pub fn into_config(self) -> Result<VmConfig, ConfigError> {
+        let nets = self
+            .net
             .iter()
-            .map(|d| d.parse::<DiskConfig>())
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|n| n.parse::<net::NetSpec>())
+            .filter(|n| !matches!(n, Ok(s) if s.is_none()))
+            .collect::<Result<_, _>>()?;
         Ok(VmConfig {
-            kernel: self.kernel,
+            kernel: self.kernel.unwrap_or_default(),
             initrd: self.initrd,
             cmdline: self.cmdline,
             cpus: self.cpus,
-            memory_mib: self.memory,
-            disks,
-            nets: self.net.into_iter().filter(|n| n != "none").collect(),
+            memory_mib: config::parse_memory(&self.memory)?,
+            disks: self.disk.iter().map(|d| d.parse()).collect::<Result<_, _>>()?,
+            nets,
+            shares: self.share.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             quirks: !self.no_quirks,
             command: self.command,
         })

@@ -1,5 +1,6 @@
 //! `kill -USR1 <microvm pid>` prints every vCPU's registers to stderr: the way to tell a
-//! slow guest from a hung one (map RIP through the guest's System.map). The main thread
+//! slow guest from a hung one (RIP is named from the kernel's System.map when microvm
+//! found one, see `symbols`). The main thread
 //! flags each vCPU and kicks its thread with SIGRTMIN, which makes KVM_RUN return EINTR;
 //! the vCPU thread then prints its own state (only it may use its vCPU fd).
 
@@ -7,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 use kvm_ioctls::VcpuFd;
+
+use crate::symbols::Symbols;
 
 /// Bit N set: vCPU N should print its state.
 static DUMP_REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -36,11 +39,13 @@ pub fn take_dump_request(index: u8) -> bool {
     DUMP_REQUESTS.fetch_and(!bit, Ordering::SeqCst) & bit != 0
 }
 
-pub fn print_state(index: u8, fd: &VcpuFd) {
+/// Runs on the vCPU's own thread after the kick (not in a signal handler): it may allocate.
+pub fn print_state(index: u8, fd: &VcpuFd, symbols: &Symbols) {
     match (fd.get_regs(), fd.get_sregs()) {
         (Ok(r), Ok(s)) => eprintln!(
-            "microvm: vcpu-{index}: RIP={:#018x} RSP={:#018x} RFLAGS={:#x} CPL={} CR3={:#x} RAX={:#x} RCX={:#x}",
+            "microvm: vcpu-{index}: RIP={:#018x}{} RSP={:#018x} RFLAGS={:#x} CPL={} CR3={:#x} RAX={:#x} RCX={:#x}",
             r.rip,
+            symbols.describe(r.rip),
             r.rsp,
             r.rflags,
             s.cs.selector & 3,

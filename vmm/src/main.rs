@@ -27,6 +27,10 @@ fn main() -> ExitCode {
     }));
 
     let cli = Cli::parse();
+    if cli.kconfig {
+        print!("{}", vmm::kconfig::fragment());
+        return ExitCode::SUCCESS;
+    }
     let result = cli
         .into_config()
         .map_err(vmm::vm::VmError::from)
@@ -36,11 +40,7 @@ fn main() -> ExitCode {
         Err(e) => {
             vmm::terminal::restore_now();
             eprintln!("microvm: error: {}", devices::error_chain(&e));
-            if e.is_usage() {
-                code::USAGE
-            } else {
-                code::VM_FAILURE
-            }
+            e.exit_code()
         }
     };
     // The vCPU threads may still be inside KVM_RUN: leave without joining them.

@@ -20,12 +20,6 @@ pub enum NicError {
     Device(#[from] devices::virtio::net::NetError),
 }
 
-impl NicError {
-    pub fn is_usage(&self) -> bool {
-        matches!(self, NicError::Host(e) if e.is_bad_input())
-    }
-}
-
 /// The guest side's view of a TAP: a duplicate of the attachment's fd (same open file), so
 /// the `Attachment` itself stays with the VM and is torn down when the VM exits.
 struct TapBackend(OwnedFd);
@@ -59,19 +53,6 @@ impl NetBackend for TapBackend {
     fn set_offload(&mut self, tun_flags: u32) -> io::Result<()> {
         net::set_tap_offload(self.0.as_raw_fd(), tun_flags)
     }
-}
-
-/// Parses and checks every `--net` spec before anything is created.
-pub fn parse_specs(specs: &[String]) -> Result<Vec<net::NetSpec>, NicError> {
-    specs
-        .iter()
-        .map(|s| {
-            let spec: net::NetSpec = s.parse().map_err(net::NetError::from)?;
-            spec.validate()?;
-            Ok(spec)
-        })
-        .filter(|r: &Result<net::NetSpec, NicError>| !matches!(r, Ok(s) if s.is_none()))
-        .collect()
 }
 
 /// Host side + device for NIC `index`. The attachment must outlive the VM's run: dropping

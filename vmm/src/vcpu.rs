@@ -13,6 +13,7 @@ use crate::boot::regs;
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
+use crate::symbols::Symbols;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -106,19 +107,20 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
+        symbols: Arc<Symbols>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         crate::debug::install_kick_handler();
         std::thread::Builder::new()
             .name(format!("vcpu-{index}"))
-            .spawn(move || self.run(&mem, &pio, &mmio, &exit))
+            .spawn(move || self.run(&mem, &pio, &mmio, &exit, &symbols))
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
-    fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal) {
+    fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal, symbols: &Symbols) {
         while !exit.is_set() {
             if crate::debug::take_dump_request(self.index) {
-                crate::debug::print_state(self.index, &self.fd);
+                crate::debug::print_state(self.index, &self.fd, symbols);
             }
             let result = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -150,7 +152,7 @@ impl Vcpu {
                     }))
                 }
                 Ok(VcpuExit::Hlt) => Some(ExitReason::Reset("halt")),
-                Ok(VcpuExit::InternalError) => Some(ExitReason::Fault(self.internal_error(mem))),
+                Ok(VcpuExit::InternalError) => Some(ExitReason::Fault(self.internal_error(mem, symbols))),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Fault(format!(
                     "vCPU {} failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})",
                     self.index
@@ -171,7 +173,7 @@ impl Vcpu {
 
     /// Describes a KVM_EXIT_INTERNAL_ERROR: suberror, RIP, and the instruction bytes there
     /// (on PVM hosts: an instruction the ring-0 emulator cannot run).
-    fn internal_error(&mut self, mem: &GuestMemoryMmap) -> String {
+    fn internal_error(&mut self, mem: &GuestMemoryMmap, symbols: &Symbols) -> String {
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
         // member of the kvm_run exit union.
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
@@ -181,7 +183,7 @@ impl Vcpu {
             if suberror == 1 { ", emulation failure" } else { "" }
         );
         if let Ok(r) = self.fd.get_regs() {
-            msg.push_str(&format!(" at RIP {:#018x}", r.rip));
+            msg.push_str(&format!(" at RIP {:#018x}{}", r.rip, symbols.describe(r.rip)));
             if let Ok(t) = self.fd.translate_gva(r.rip) {
                 let mut bytes = [0u8; 16];
                 if t.valid != 0 && mem.read_slice(&mut bytes, GuestAddress(t.physical_address)).is_ok() {

@@ -34,6 +34,8 @@ pub enum VirtioError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("--share needs the virtio-fs device, which this build does not have yet")]
+    SharesUnsupported,
     #[error(transparent)]
     Nic(#[from] crate::nics::NicError),
     #[error("cannot create the block device for '{path}'")]
@@ -42,16 +44,6 @@ pub enum VirtioError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
-}
-
-impl VirtioError {
-    pub fn is_usage(&self) -> bool {
-        match self {
-            VirtioError::Disk(_) | VirtioError::NoSlot => true,
-            VirtioError::Nic(e) => e.is_usage(),
-            _ => false,
-        }
-    }
 }
 
 /// Hands out MMIO windows and GSIs, and remembers the command-line entries.
@@ -110,8 +102,10 @@ pub fn attach_all(
     bus: &mut Bus,
     config: &VmConfig,
 ) -> Result<Vec<net::Attachment>, VirtioError> {
-    // Check every --net spec before creating anything.
-    let nets = crate::nics::parse_specs(&config.nets)?;
+    if !config.shares.is_empty() {
+        return Err(VirtioError::SharesUnsupported);
+    }
+    let nets = &config.nets;
     for d in &config.disks {
         let opened = disk::open(d)?;
         let device = crate::devices::block_device(d, opened, slots.endpoint())

@@ -1,6 +1,5 @@
 //! Builds the VM from a `VmConfig` and runs it until it exits.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, Preflight, VmConfig};
 use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
 use crate::layout::*;
@@ -26,12 +25,9 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// Bad input, found by preflight (or, for a few, while booting): exit class inside.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
-    KvmOpen(#[source] kvm_ioctls::Error),
-    #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
-    TooManyVcpus { requested: u32, max: usize },
     #[error("KVM setup failed: {what}")]
     Kvm {
         what: &'static str,
@@ -59,18 +55,23 @@ pub enum VmError {
 }
 
 impl VmError {
-    /// Errors caused by the user's input or environment (exit code 2), as opposed to
-    /// failures while the VM runs (exit code 1).
-    pub fn is_usage(&self) -> bool {
+    /// The process exit code for this error: the config error's class (2 for bad usage),
+    /// else 1 (the VM failed while being built or run).
+    pub fn exit_code(&self) -> i32 {
         match self {
-            VmError::Config(_) | VmError::KvmOpen(_) | VmError::TooManyVcpus { .. } => true,
-            VmError::Boot(e) => matches!(
-                e,
-                BootError::Open { .. } | BootError::NotAKernel { .. } | BootError::InitrdTooBig { .. } | BootError::Cmdline { .. }
-            ),
-            VmError::Virtio(e) => e.is_usage(),
-            _ => false,
+            VmError::Config(e) => e.exit_code(),
+            _ => code::VM_FAILURE,
         }
+    }
+}
+
+/// The few input errors only found while building the VM become config errors here.
+fn late_input_error(e: VmError) -> VmError {
+    match e {
+        VmError::Boot(b @ (BootError::InitrdTooBig { .. } | BootError::Cmdline { .. })) => ConfigError::Boot(b).into(),
+        // A subnet collision is checked under the network lock, when attaching.
+        VmError::Virtio(VirtioError::Nic(crate::nics::NicError::Host(n))) if n.is_bad_input() => ConfigError::Net(n).into(),
+        e => e,
     }
 }
 
@@ -84,17 +85,13 @@ fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
 
 /// Creates the VM and its devices, boots it, and returns the process exit code.
 pub fn run(config: &VmConfig) -> Result<i32, VmError> {
-    config.validate()?;
-    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
-    let max = kvm.get_max_vcpus();
-    if config.cpus as usize > max {
-        return Err(VmError::TooManyVcpus { requested: config.cpus, max });
-    }
-    // Check the files the user named before creating anything.
-    for (kind, path) in std::iter::once(("kernel", &config.kernel)).chain(config.initrd.iter().map(|p| ("initrd", p))) {
-        File::open(path).map_err(|source| BootError::Open { kind, path: path.clone(), source })?;
-    }
+    // Every check of the user's input, before anything is created.
+    let checked = config.preflight()?;
+    build_and_run(config, &checked).map_err(late_input_error)
+}
 
+fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
@@ -102,7 +99,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     let mem = memory::create(&vm, config.memory_mib)?;
 
-    let (kernel, entry) = boot::load_kernel(&mem, &config.kernel)?;
+    let (kernel, entry) = boot::load_kernel(&mem, &checked.kernel.image)?;
     let initrd = config.initrd.as_deref().map(|p| boot::load_initrd(&mem, p)).transpose()?;
 
     let signals = control::block_signals().map_err(io_err("signal handling"))?;
@@ -125,12 +122,13 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let raw_terminal = crate::terminal::RawTerminal::enable();
     let mut control = Control::new(serial, exit.clone(), signals);
 
+    let symbols = Arc::new(crate::symbols::Symbols::new(checked.kernel.system_map.clone()));
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut threads = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone())?;
+        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone())?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
     }
     control.set_vcpu_threads(threads);

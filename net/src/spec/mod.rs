@@ -9,17 +9,19 @@
 //! ```
 //! `NAME` defaults to `default` (at most 10 of `[A-Za-z0-9_-]`, so `mvbr-NAME` fits 15).
 //! `subnet=` must be a /24; without it the first free `10.200.X.0/24` is used.
-//! `rate=` is a bandwidth: bits/s with `bit`/`kbit`/`Mbit`/`Gbit` (SI), or bytes/s with
-//! `B`/`KB`/`MB`/`GB` (SI) or `KiB`/`MiB`/`GiB`; `rate=5MB` means 5,000,000 bytes/s.
-//! Both become [`RateSpec::bytes_per_sec`]. `pps=N` is packets/s ([`RateSpec::ops_per_sec`]).
+//! `rate=` is a bandwidth and `pps=N` a packet rate, in the RATE and COUNT grammars of the
+//! `options` crate (`rate=50Mbit` bits/s, `rate=5MB` or `rate=5M` bytes/s); both end up in
+//! [`RateSpec`] in bytes/s and packets/s, applied in each direction.
 //! The default MAC is `52:54:xx:xx:xx:xx` hashed from (vm_id, nic_index).
 
 mod mac;
-pub(crate) mod rate;
+mod rate;
 mod subnet;
 
 use std::fmt;
 use std::str::FromStr;
+
+use options::{OptionError, OptionParser, Reason};
 
 pub use mac::MacAddr;
 pub use rate::RateSpec;
@@ -36,19 +38,16 @@ pub const DEFAULT_NETWORK: &str = "default";
 
 const SYNTAX: &str = "nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none";
 
-/// Bad `--net` input. Every variant is a user error (exit-code class "bad input").
+/// The `--net` grammar: one parser per mode (each accepts different options).
+const NAT: OptionParser = OptionParser::new("--net", "mode").values(&["subnet", "uplink", "tap", "mac", "rate", "pps"]);
+const HOST_ONLY: OptionParser = OptionParser::new("--net", "mode").values(&["subnet", "tap", "mac", "rate", "pps"]);
+const ATTACH: OptionParser = OptionParser::new("--net", "mode").values(&["mac", "rate", "pps"]);
+const NONE: OptionParser = OptionParser::new("--net", "mode");
+
+/// A bad name, MAC or subnet: a user error (exit-code class "bad input"). Within a
+/// `--net` spec these become an [`OptionError`] naming the spec.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("empty --net value (expected {SYNTAX})")]
-    Empty,
-    #[error("unknown --net mode '{mode}' (expected {SYNTAX})")]
-    UnknownMode { mode: String },
-    #[error("unknown option '{option}' for --net {mode} (allowed: {allowed})")]
-    UnknownOption { option: String, mode: &'static str, allowed: &'static str },
-    #[error("option '{option}' given twice in --net")]
-    DuplicateOption { option: String },
-    #[error("option '{option}' in --net needs a value ({option}=...)")]
-    MissingValue { option: String },
     #[error("invalid network name '{name}': {reason}")]
     InvalidNetworkName { name: String, reason: &'static str },
     #[error("invalid {what} name '{name}': {reason}")]
@@ -57,10 +56,6 @@ pub enum SpecError {
     InvalidMac { value: String, reason: &'static str },
     #[error("invalid subnet '{value}': {reason}")]
     InvalidSubnet { value: String, reason: &'static str },
-    #[error("invalid rate '{value}': {reason}")]
-    InvalidRate { value: String, reason: &'static str },
-    #[error("invalid pps '{value}': {reason}")]
-    InvalidPps { value: String, reason: &'static str },
     #[error("--net none has no network device to attach")]
     NothingToAttach,
 }
@@ -122,28 +117,8 @@ impl NetSpec {
     /// (CAP_NET_ADMIN for modes that create devices), that `bridge=` names a bridge, that
     /// `tap=` and `uplink=` interfaces exist. Parsing already checked the syntax.
     /// Subnet collisions are checked by [`crate::attach`] under the network lock.
-    pub fn validate(&self) -> Result<(), crate::NetError> {
+    pub fn preflight(&self) -> Result<(), crate::NetError> {
         crate::network::preflight(self)
-    }
-}
-
-/// Options accepted by each mode, for error messages and checks.
-fn allowed_options(mode: &str) -> &'static str {
-    match mode {
-        "nat" => "subnet, uplink, tap, mac, rate, pps",
-        "host-only" => "subnet, tap, mac, rate, pps",
-        "none" => "none",
-        _ => "mac, rate, pps",
-    }
-}
-
-fn mode_label(mode: &str) -> &'static str {
-    match mode {
-        "nat" => "nat",
-        "host-only" => "host-only",
-        "bridge" => "bridge=BR",
-        "tap" => "tap=NAME",
-        _ => "none",
     }
 }
 
@@ -185,92 +160,55 @@ pub(crate) fn check_ifname(what: &'static str, name: &str) -> Result<(), SpecErr
 }
 
 impl FromStr for NetSpec {
-    type Err = SpecError;
+    type Err = OptionError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split(',');
-        let head = parts.next().unwrap_or("").trim();
-        if head.is_empty() {
-            return Err(SpecError::Empty);
-        }
         // Mode and its argument: `nat[:NAME]`, `host-only[:NAME]`, `bridge=BR`, `tap=NAME`, `none`.
+        let head = options::head(s);
         let (mode, arg) = match head.split_once([':', '=']) {
             Some((m, a)) => (m, Some(a)),
             None => (head, None),
         };
-        let mode = match (mode, arg, head.contains('=')) {
-            ("nat" | "host-only", _, false) | ("bridge" | "tap", Some(_), true) | ("none", None, _) => {
-                mode
-            }
-            _ => return Err(SpecError::UnknownMode { mode: head.to_string() }),
+        let parser = match (mode, arg, head.contains('=')) {
+            ("nat", _, false) => NAT,
+            ("host-only", _, false) => HOST_ONLY,
+            ("bridge" | "tap", Some(_), true) => ATTACH,
+            ("none", None, _) => NONE,
+            _ if head.is_empty() => return Err(NONE.error(s, Reason::MissingHead("mode (expected nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none)"))),
+            _ => return Err(NONE.error(s, Reason::Invalid(format!("unknown mode '{head}' (expected {SYNTAX})")))),
         };
-        let mut spec = NetSpec { mode: NetMode::None, mac: None, rate: RateSpec::default() };
-        let (mut subnet, mut uplink, mut tap) = (None, None, None);
-        let mut seen: Vec<&str> = Vec::new();
-        for opt in parts {
-            let opt = opt.trim();
-            if opt.is_empty() {
-                continue;
-            }
-            let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
-            let allowed = allowed_options(mode);
-            if !allowed.split(", ").any(|a| a == key) {
-                return Err(SpecError::UnknownOption {
-                    option: key.to_string(),
-                    mode: mode_label(mode),
-                    allowed,
-                });
-            }
-            if seen.contains(&key) {
-                return Err(SpecError::DuplicateOption { option: key.to_string() });
-            }
-            seen.push(key);
-            if value.is_empty() {
-                return Err(SpecError::MissingValue { option: key.to_string() });
-            }
-            match key {
-                "mac" => spec.mac = Some(value.parse()?),
-                "rate" => spec.rate.bytes_per_sec = Some(rate::parse_rate(value)?),
-                "pps" => spec.rate.ops_per_sec = Some(rate::parse_pps(value)?),
-                "subnet" => subnet = Some(value.parse()?),
-                "uplink" => {
-                    check_ifname("uplink", value)?;
-                    uplink = Some(value.to_string());
-                }
-                "tap" => {
-                    check_ifname("tap", value)?;
-                    tap = Some(value.to_string());
-                }
-                _ => {
-                    return Err(SpecError::UnknownOption {
-                        option: key.to_string(),
-                        mode: mode_label(mode),
-                        allowed,
-                    })
-                }
-            }
-        }
-        let net_name = || -> Result<String, SpecError> {
+        let opts = parser.parse(s)?;
+        let invalid = |e: SpecError| opts.error(Reason::Invalid(e.to_string()));
+        let ifname = |what, key: &str| -> Result<Option<String>, OptionError> {
+            opts.get(key).map(|v| check_ifname(what, v).map(|()| v.to_string()).map_err(invalid)).transpose()
+        };
+        let net_name = || -> Result<String, OptionError> {
             let name = arg.unwrap_or(DEFAULT_NETWORK);
-            check_network_name(name)?;
+            check_network_name(name).map_err(invalid)?;
             Ok(name.to_string())
         };
-        spec.mode = match mode {
-            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink, tap },
+        let subnet = opts.parsed::<Subnet>("subnet")?;
+        let tap = ifname("tap", "tap")?;
+        let mode = match mode {
+            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink: ifname("uplink", "uplink")?, tap },
             "host-only" => NetMode::HostOnly { name: net_name()?, subnet, tap },
             "bridge" => {
                 let bridge = arg.unwrap_or("");
-                check_ifname("bridge", bridge)?;
+                check_ifname("bridge", bridge).map_err(invalid)?;
                 NetMode::Bridge { bridge: bridge.to_string() }
             }
             "tap" => {
                 let name = arg.unwrap_or("");
-                check_ifname("tap", name)?;
+                check_ifname("tap", name).map_err(invalid)?;
                 NetMode::Tap { name: name.to_string() }
             }
             _ => NetMode::None,
         };
-        Ok(spec)
+        Ok(NetSpec {
+            mode,
+            mac: opts.parsed("mac")?,
+            rate: RateSpec { bytes_per_sec: opts.rate("rate")?, ops_per_sec: opts.count("pps")? },
+        })
     }
 }
 

@@ -1,7 +1,15 @@
 use super::*;
 
-fn p(s: &str) -> Result<NetSpec, SpecError> {
+fn p(s: &str) -> Result<NetSpec, OptionError> {
     s.parse()
+}
+
+/// The reason a spec is refused, as one line that names the spec.
+fn why(s: &str) -> String {
+    let e = p(s).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with(&format!("bad --net '{s}': ")) && !msg.contains('\n'), "{msg}");
+    e.reason.to_string()
 }
 
 #[test]
@@ -50,31 +58,44 @@ fn other_modes() {
 }
 
 #[test]
+fn rates_share_the_disk_grammar() {
+    // The same RATE grammar as --disk bw=: a bare K/M/G suffix is decimal bytes/s.
+    assert_eq!(p("nat,rate=10M").unwrap().rate.bytes_per_sec, Some(10_000_000));
+    assert_eq!(p("nat,rate=1GiB,pps=10K").unwrap().rate, RateSpec { bytes_per_sec: Some(1 << 30), ops_per_sec: Some(10_000) });
+}
+
+#[test]
 fn errors() {
-    assert_eq!(p(""), Err(SpecError::Empty));
-    assert!(matches!(p("foo"), Err(SpecError::UnknownMode { .. })));
-    assert!(matches!(p("nat=x"), Err(SpecError::UnknownMode { .. })));
-    assert!(matches!(p("bridge"), Err(SpecError::UnknownMode { .. })));
-    assert!(matches!(p("bridge:br0"), Err(SpecError::UnknownMode { .. })));
-    assert!(matches!(p("none:x"), Err(SpecError::UnknownMode { .. })));
-    assert!(matches!(p("none,mac=52:54:00:00:00:01"), Err(SpecError::UnknownOption { .. })));
-    assert!(matches!(p("host-only,uplink=eth0"), Err(SpecError::UnknownOption { .. })));
-    assert!(matches!(p("bridge=br0,subnet=10.1.2.0/24"), Err(SpecError::UnknownOption { .. })));
-    assert!(matches!(p("nat,colour=red"), Err(SpecError::UnknownOption { .. })));
-    assert!(matches!(p("nat,rate=1Mbit,rate=2Mbit"), Err(SpecError::DuplicateOption { .. })));
-    assert!(matches!(p("nat,rate="), Err(SpecError::MissingValue { .. })));
-    assert!(matches!(p("nat,rate"), Err(SpecError::MissingValue { .. })));
-    assert!(matches!(p("nat:"), Err(SpecError::InvalidNetworkName { .. })));
-    assert!(matches!(p("nat:elevenchars"), Err(SpecError::InvalidNetworkName { .. })));
-    assert!(matches!(p("nat:a b"), Err(SpecError::InvalidNetworkName { .. })));
-    assert!(matches!(p("nat:-x"), Err(SpecError::InvalidNetworkName { .. })));
-    assert!(matches!(p("bridge="), Err(SpecError::InvalidIfName { .. })));
-    assert!(matches!(p("tap=sixteen_chars_xx"), Err(SpecError::InvalidIfName { .. })));
-    assert!(matches!(p("nat,uplink=e\"th0"), Err(SpecError::InvalidIfName { .. })));
-    assert!(matches!(p("nat,mac=01:00:00:00:00:01"), Err(SpecError::InvalidMac { .. })));
-    assert!(matches!(p("nat,subnet=10.0.0.0/8"), Err(SpecError::InvalidSubnet { .. })));
-    assert!(matches!(p("nat,rate=fast"), Err(SpecError::InvalidRate { .. })));
-    assert!(matches!(p("nat,pps=0"), Err(SpecError::InvalidPps { .. })));
+    assert_eq!(p("").unwrap_err().reason, Reason::MissingHead("mode (expected nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none)"));
+    for unknown in ["foo", "nat=x", "bridge", "bridge:br0", "none:x"] {
+        assert!(why(unknown).starts_with("unknown mode"), "{unknown}");
+    }
+    for (spec, option) in [
+        ("none,mac=52:54:00:00:00:01", "mac"),
+        ("host-only,uplink=eth0", "uplink"),
+        ("bridge=br0,subnet=10.1.2.0/24", "subnet"),
+        ("nat,colour=red", "colour"),
+    ] {
+        assert!(matches!(p(spec).unwrap_err().reason, Reason::UnknownOption { option: o, .. } if o == option), "{spec}");
+    }
+    assert_eq!(p("nat,rate=1Mbit,rate=2Mbit").unwrap_err().reason, Reason::Duplicate("rate".into()));
+    assert_eq!(p("nat,rate=").unwrap_err().reason, Reason::MissingValue("rate".into()));
+    assert_eq!(p("nat,rate").unwrap_err().reason, Reason::MissingValue("rate".into()));
+    for (spec, needle) in [
+        ("nat:", "invalid network name"),
+        ("nat:elevenchars", "invalid network name"),
+        ("nat:a b", "invalid network name"),
+        ("nat:-x", "invalid network name"),
+        ("bridge=", "invalid bridge name"),
+        ("tap=sixteen_chars_xx", "invalid tap name"),
+        ("nat,uplink=e\"th0", "invalid uplink name"),
+        ("nat,mac=01:00:00:00:00:01", "invalid mac"),
+        ("nat,subnet=10.0.0.0/8", "invalid subnet"),
+        ("nat,rate=fast", "bad rate 'fast'"),
+        ("nat,pps=0", "bad count '0'"),
+    ] {
+        assert!(why(spec).starts_with(needle), "{spec}: {}", why(spec));
+    }
 }
 
 #[test]
@@ -86,8 +107,8 @@ fn ten_char_name_fits() {
 
 #[test]
 fn messages_are_one_line_and_helpful() {
-    let e = p("foo").unwrap_err().to_string();
-    assert!(e.contains("nat[:NAME]") && !e.contains('\n'), "{e}");
+    let e = why("foo");
+    assert!(e.contains("nat[:NAME]"), "{e}");
     let e = p("host-only,uplink=eth0").unwrap_err().to_string();
     assert!(e.contains("uplink") && e.contains("host-only") && e.contains("subnet"), "{e}");
 }

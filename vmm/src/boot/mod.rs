@@ -4,7 +4,6 @@
 pub mod mptable;
 pub mod regs;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -17,6 +16,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
 use thiserror::Error;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::config::kernel::{open_file, KernelError};
 use crate::layout::*;
 use crate::memory::{low_ram_end, GuestMemoryMmap};
 
@@ -31,13 +31,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot open {kind} '{path}'")]
-    Open {
-        kind: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] KernelError),
     #[error("'{path}' is not a kernel microvm can boot (ELF vmlinux or bzImage): {elf}; {bzimage}")]
     NotAKernel {
         path: PathBuf,
@@ -79,14 +74,7 @@ pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
 ) -> Result<(KernelLoaderResult, GuestAddress), BootError> {
-    let open = |p: &Path| {
-        File::open(p).map_err(|source| BootError::Open {
-            kind: "kernel",
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let mut f = open(path)?;
+    let mut f = open_file("kernel", path)?;
     let elf = match Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))) {
         Ok(r) => {
             let entry = r.kernel_load;
@@ -94,7 +82,7 @@ pub fn load_kernel(
         }
         Err(e) => e,
     };
-    let mut f = open(path)?;
+    let mut f = open_file("kernel", path)?;
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY_START))) {
         Ok(r) => {
             let entry = r
@@ -112,18 +100,10 @@ pub fn load_kernel(
 
 /// Loads the initrd page-aligned near the top of low RAM; returns (address, size).
 pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<(GuestAddress, u64), BootError> {
-    let mut f = File::open(path).map_err(|source| BootError::Open {
-        kind: "initrd",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut f = open_file("initrd", path)?;
     let size = f
         .metadata()
-        .map_err(|source| BootError::Open {
-            kind: "initrd",
-            path: path.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| KernelError::Open { kind: "initrd", path: path.to_path_buf(), source })?
         .len();
     let top = low_ram_end(mem);
     let addr = top
