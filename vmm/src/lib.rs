@@ -16,6 +16,7 @@ pub mod layout;
 pub mod memory;
 pub mod nics;
 pub mod quirks;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
