@@ -231,7 +231,7 @@ impl ExitLog {
         self.exits.lock().unwrap().1.clone()
     }
 
-    fn push(&self, e: OutExit) {
+    pub fn push(&self, e: OutExit) {
         self.exits.lock().unwrap().0.push(e);
         self.cond.notify_all();
     }
