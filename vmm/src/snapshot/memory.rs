@@ -109,9 +109,10 @@ pub fn write(file: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(Vec<Mem
     Ok((ranges, stats))
 }
 
-/// Without an early exit, so the compiler vectorises it.
+/// A slice comparison is a memcmp: fast even in unoptimised builds.
 fn is_zero(bytes: &[u8]) -> bool {
-    bytes.iter().fold(0u8, |acc, b| acc | b) == 0
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    bytes == &ZERO[..bytes.len()]
 }
 
 /// Maps the snapshot's memory file as guest RAM: MAP_PRIVATE (copy-on-write, the file is

@@ -8,7 +8,7 @@
 //! handle.request_pause()  ──────────►   loop {
 //!   want = Pause, kvm_run.immediate_exit = 1,   match fd.run() {
 //!   SIGRTMIN to the thread                         exits => handle them,
-//! handle.wait_paused(deadline)                     Err(EINTR) => match handle.on_interrupted(&mut fd) {
+//! handle.wait_paused(timeout)                      Err(EINTR) => match handle.on_interrupted(&mut fd) {
 //!                                   ◄──────────        Resume::Continue => continue,
 //!   parked                                             Resume::Exit => break } } }
 //! handle.save(caps) ── job ─────────►   capture_vcpu(&fd) on the vCPU thread
@@ -177,8 +177,12 @@ impl PauseHandle {
         self.cond.notify_all();
     }
 
-    /// Waits until the vCPU parked (after `request_pause`).
-    pub fn wait_paused(&self, deadline: Instant) -> Result<(), SnapshotError> {
+    /// Waits until the vCPU parked (after `request_pause`), at most `timeout`.
+    pub fn wait_paused(&self, timeout: Duration) -> Result<(), SnapshotError> {
+        self.wait_until(Instant::now() + timeout, timeout)
+    }
+
+    fn wait_until(&self, deadline: Instant, timeout: Duration) -> Result<(), SnapshotError> {
         let mut inner = self.lock();
         while !inner.parked {
             if inner.gone {
@@ -186,7 +190,7 @@ impl PauseHandle {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(SnapshotError::PauseTimeout { index: self.index, ms: 0 });
+                return Err(SnapshotError::PauseTimeout { index: self.index, ms: timeout.as_millis() });
             }
             inner = self.cond.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -195,15 +199,12 @@ impl PauseHandle {
 
     /// Pauses every vCPU (kicks them all, then waits), or fails after `timeout`.
     pub fn pause_all(handles: &[Arc<PauseHandle>], timeout: Duration) -> Result<(), SnapshotError> {
-        let start = Instant::now();
+        let deadline = Instant::now() + timeout;
         for h in handles {
             h.request_pause();
         }
         for h in handles {
-            h.wait_paused(start + timeout).map_err(|e| match e {
-                SnapshotError::PauseTimeout { index, .. } => SnapshotError::PauseTimeout { index, ms: timeout.as_millis() },
-                e => e,
-            })?;
+            h.wait_until(deadline, timeout)?;
         }
         Ok(())
     }

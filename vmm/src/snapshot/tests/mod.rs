@@ -1,6 +1,7 @@
 //! Snapshot/restore with real KVM (run as root, like the other vmm tests): tiny guests are
 //! paused, saved to a directory, and a second VM built from it must continue exactly.
 
+mod crash;
 mod damage;
 mod guest;
 mod vcpu_loop;
