@@ -68,7 +68,12 @@ pub struct SnapshotState {
 
 impl SnapshotState {
     /// A state for this host and microvm; `save` fills in the memory layout.
-    pub fn new(vm: VmState, vcpus: Vec<VcpuState>, config: serde_json::Value, devices: serde_json::Value) -> Self {
+    pub fn new(
+        vm: VmState,
+        vcpus: Vec<VcpuState>,
+        config: serde_json::Value,
+        devices: serde_json::Value,
+    ) -> Self {
         SnapshotState {
             microvm_version: env!("CARGO_PKG_VERSION").to_string(),
             cpu_vendor: host_cpu_vendor(),
@@ -105,7 +110,11 @@ impl Snapshot {
     /// Guest RAM mapped MAP_PRIVATE from the memory file; give it to KVM with
     /// `snapshot::memory::register`.
     pub fn map_memory(&self) -> Result<GuestMemoryMmap, SnapshotError> {
-        memory::map(&self.memory, &self.dir.join(MEMORY_FILE), &self.state.memory)
+        memory::map(
+            &self.memory,
+            &self.dir.join(MEMORY_FILE),
+            &self.state.memory,
+        )
     }
 }
 
@@ -122,7 +131,11 @@ pub struct SaveStats {
 
 /// Writes the snapshot to `dir` atomically (see the module comment). `state.memory` is
 /// replaced by the layout of `mem`. The VM must be paused.
-pub fn save(dir: &Path, state: &SnapshotState, mem: &GuestMemoryMmap) -> Result<SaveStats, SnapshotError> {
+pub fn save(
+    dir: &Path,
+    state: &SnapshotState,
+    mem: &GuestMemoryMmap,
+) -> Result<SaveStats, SnapshotError> {
     let (tmp, mut stats) = write_tmp(dir, state, mem)?;
     let t = Instant::now();
     commit(&tmp, dir)?;
@@ -133,48 +146,99 @@ pub fn save(dir: &Path, state: &SnapshotState, mem: &GuestMemoryMmap) -> Result<
 /// Reads and checks the snapshot in `dir`.
 pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let state_path = dir.join(STATE_FILE);
-    let missing = |reason: &str| SnapshotError::Missing { dir: dir.to_path_buf(), reason: reason.to_string() };
+    let missing = |reason: &str| SnapshotError::Missing {
+        dir: dir.to_path_buf(),
+        reason: reason.to_string(),
+    };
     if !dir.is_dir() {
         return Err(missing("not a directory"));
     }
     let file = match File::open(&state_path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing("it has no state file")),
-        Err(source) => return Err(SnapshotError::Io { what: "cannot open", path: state_path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(missing("it has no state file"))
+        }
+        Err(source) => {
+            return Err(SnapshotError::Io {
+                what: "cannot open",
+                path: state_path,
+                source,
+            })
+        }
     };
     let state = read_state(file, &state_path)?;
 
-    let corrupt = |path: &Path, reason: String| SnapshotError::Corrupt { path: path.to_path_buf(), reason };
+    let corrupt = |path: &Path, reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     if state.cpu_vendor != host_cpu_vendor() {
-        return Err(SnapshotError::Vendor { snapshot: state.cpu_vendor, host: host_cpu_vendor() });
+        return Err(SnapshotError::Vendor {
+            snapshot: state.cpu_vendor,
+            host: host_cpu_vendor(),
+        });
     }
     let mem_len = state.validate().map_err(|r| corrupt(&state_path, r))?;
 
     let mem_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&mem_path).map_err(|source| SnapshotError::Io { what: "cannot open", path: mem_path.clone(), source })?;
-    let len = memory.metadata().map_err(|source| SnapshotError::Io { what: "cannot stat", path: mem_path.clone(), source })?.len();
+    let memory = File::open(&mem_path).map_err(|source| SnapshotError::Io {
+        what: "cannot open",
+        path: mem_path.clone(),
+        source,
+    })?;
+    let len = memory
+        .metadata()
+        .map_err(|source| SnapshotError::Io {
+            what: "cannot stat",
+            path: mem_path.clone(),
+            source,
+        })?
+        .len();
     if len != mem_len {
-        return Err(corrupt(&mem_path, format!("memory file is {len} bytes, the state says {mem_len}")));
+        return Err(corrupt(
+            &mem_path,
+            format!("memory file is {len} bytes, the state says {mem_len}"),
+        ));
     }
-    Ok(Snapshot { dir: dir.to_path_buf(), state, memory: Arc::new(memory) })
+    Ok(Snapshot {
+        dir: dir.to_path_buf(),
+        state,
+        memory: Arc::new(memory),
+    })
 }
 
 fn read_state(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
-    let corrupt = |reason: String| SnapshotError::Corrupt { path: path.to_path_buf(), reason };
-    let io = |source| SnapshotError::Io { what: "cannot read", path: path.to_path_buf(), source };
+    let corrupt = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io = |source| SnapshotError::Io {
+        what: "cannot read",
+        path: path.to_path_buf(),
+        source,
+    };
     let mut bytes = Vec::new();
     // Never more than a valid state can be, whatever the file's size.
-    file.take(HEADER_LEN as u64 + MAX_STATE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    file.take(HEADER_LEN as u64 + MAX_STATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(SnapshotError::BadMagic { path: path.to_path_buf() });
+        return Err(SnapshotError::BadMagic {
+            path: path.to_path_buf(),
+        });
     }
     if bytes.len() < HEADER_LEN {
         return Err(corrupt(format!("truncated: {} bytes", bytes.len())));
     }
-    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(16);
     if version != FORMAT_VERSION {
-        return Err(SnapshotError::Version { path: path.to_path_buf(), found: version, expected: FORMAT_VERSION });
+        return Err(SnapshotError::Version {
+            path: path.to_path_buf(),
+            found: version,
+            expected: FORMAT_VERSION,
+        });
     }
     let crc = u32_at(20);
     let mut len8 = [0u8; 8];
@@ -182,10 +246,15 @@ fn read_state(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
     let body_len = u64::from_le_bytes(len8);
     let body = &bytes[HEADER_LEN..];
     if body_len > MAX_STATE_BYTES {
-        return Err(corrupt(format!("state body of {body_len} bytes (at most {MAX_STATE_BYTES})")));
+        return Err(corrupt(format!(
+            "state body of {body_len} bytes (at most {MAX_STATE_BYTES})"
+        )));
     }
     if body.len() as u64 != body_len {
-        return Err(corrupt(format!("truncated or padded: the header says {body_len} bytes of state, the file has {}", body.len())));
+        return Err(corrupt(format!(
+            "truncated or padded: the header says {body_len} bytes of state, the file has {}",
+            body.len()
+        )));
     }
     if crc32fast::hash(body) != crc {
         return Err(corrupt("checksum mismatch".into()));
@@ -204,13 +273,24 @@ pub(crate) fn encode_state(state: &SnapshotState) -> Result<Vec<u8>, SnapshotErr
     Ok(out)
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `DIR` split into its parent (for the temporary sibling and the directory fsync) and name.
 fn parent_and_name(dir: &Path) -> Result<(PathBuf, std::ffi::OsString), SnapshotError> {
-    let name = dir.file_name().ok_or_else(|| SnapshotError::NotASnapshotDir { dir: dir.to_path_buf() })?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::NotASnapshotDir {
+            dir: dir.to_path_buf(),
+        })?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -220,7 +300,11 @@ fn parent_and_name(dir: &Path) -> Result<(PathBuf, std::ffi::OsString), Snapshot
 
 /// Steps 1-3 of a save: everything but the rename. Returns the complete temporary directory.
 /// (Separate so tests can stop where a kill -9 would.)
-pub(crate) fn write_tmp(dir: &Path, state: &SnapshotState, mem: &GuestMemoryMmap) -> Result<(PathBuf, SaveStats), SnapshotError> {
+pub(crate) fn write_tmp(
+    dir: &Path,
+    state: &SnapshotState,
+    mem: &GuestMemoryMmap,
+) -> Result<(PathBuf, SaveStats), SnapshotError> {
     let (parent, name) = parent_and_name(dir)?;
     // Refuse before writing gigabytes, and again at commit.
     check_replaceable(dir)?;
@@ -232,7 +316,10 @@ pub(crate) fn write_tmp(dir: &Path, state: &SnapshotState, mem: &GuestMemoryMmap
         std::fs::remove_dir_all(&tmp).map_err(io_err("cannot remove", &tmp))?;
     }
     // Guest memory may hold secrets: only the owner may read the snapshot.
-    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(io_err("cannot create", &tmp))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(io_err("cannot create", &tmp))?;
 
     let t = Instant::now();
     let mem_path = tmp.join(MEMORY_FILE);
@@ -243,23 +330,41 @@ pub(crate) fn write_tmp(dir: &Path, state: &SnapshotState, mem: &GuestMemoryMmap
     let encoded = encode_state(&state)?;
     let state_path = tmp.join(STATE_FILE);
     let mut state_file = create_file(&state_path)?;
-    state_file.write_all(&encoded).map_err(io_err("cannot write", &state_path))?;
+    state_file
+        .write_all(&encoded)
+        .map_err(io_err("cannot write", &state_path))?;
     let write = t.elapsed();
 
     let t = Instant::now();
-    mem_file.sync_all().map_err(io_err("cannot fsync", &mem_path))?;
-    state_file.sync_all().map_err(io_err("cannot fsync", &state_path))?;
+    mem_file
+        .sync_all()
+        .map_err(io_err("cannot fsync", &mem_path))?;
+    state_file
+        .sync_all()
+        .map_err(io_err("cannot fsync", &state_path))?;
     sync_dir(&tmp)?;
-    let stats = SaveStats { memory: mem_stats, state_bytes: encoded.len() as u64, write, sync: t.elapsed() };
+    let stats = SaveStats {
+        memory: mem_stats,
+        state_bytes: encoded.len() as u64,
+        write,
+        sync: t.elapsed(),
+    };
     Ok((tmp, stats))
 }
 
 fn create_file(path: &Path) -> Result<File, SnapshotError> {
-    File::options().write(true).create_new(true).mode(0o600).open(path).map_err(io_err("cannot create", path))
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("cannot create", path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot fsync", dir))
 }
 
 /// DIR may be replaced only if it is absent, empty, or a microvm snapshot (its state file
@@ -268,9 +373,17 @@ fn check_replaceable(dir: &Path) -> Result<(), SnapshotError> {
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(SnapshotError::Io { what: "cannot stat", path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(SnapshotError::Io {
+                what: "cannot stat",
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
     };
-    let not_ours = || SnapshotError::NotASnapshotDir { dir: dir.to_path_buf() };
+    let not_ours = || SnapshotError::NotASnapshotDir {
+        dir: dir.to_path_buf(),
+    };
     if !meta.is_dir() {
         return Err(not_ours());
     }
@@ -294,7 +407,10 @@ pub(crate) fn commit(tmp: &Path, dir: &Path) -> Result<(), SnapshotError> {
         rename_exchange(tmp, dir)?;
         sync_dir(&parent)?;
         if let Err(e) = std::fs::remove_dir_all(tmp) {
-            tracing::warn!("cannot remove the previous snapshot at {}: {e}", tmp.display());
+            tracing::warn!(
+                "cannot remove the previous snapshot at {}: {e}",
+                tmp.display()
+            );
         }
     } else {
         std::fs::rename(tmp, dir).map_err(io_err("cannot rename the snapshot to", dir))?;
@@ -304,12 +420,30 @@ pub(crate) fn commit(tmp: &Path, dir: &Path) -> Result<(), SnapshotError> {
 }
 
 fn rename_exchange(a: &Path, b: &Path) -> Result<(), SnapshotError> {
-    let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| SnapshotError::NotASnapshotDir { dir: p.to_path_buf() });
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            SnapshotError::NotASnapshotDir {
+                dir: p.to_path_buf(),
+            }
+        })
+    };
     let (ca, cb) = (cstr(a)?, cstr(b)?);
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     if r != 0 {
-        return Err(SnapshotError::Io { what: "cannot replace the snapshot at", path: b.to_path_buf(), source: std::io::Error::last_os_error() });
+        return Err(SnapshotError::Io {
+            what: "cannot replace the snapshot at",
+            path: b.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -317,13 +451,22 @@ fn rename_exchange(a: &Path, b: &Path) -> Result<(), SnapshotError> {
 /// Removes `NAME.tmp-<pid>` siblings left by processes that no longer exist (killed while
 /// saving). Best effort: a failure only leaves garbage that nothing reads.
 fn remove_stale_tmp(parent: &Path, name: &std::ffi::OsStr) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
     let mut prefix = name.as_bytes().to_vec();
     prefix.extend_from_slice(b".tmp-");
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(pid) = file_name.as_bytes().strip_prefix(prefix.as_slice()) else { continue };
-        let Some(pid) = std::str::from_utf8(pid).ok().and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
+        let Some(pid) = file_name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let Some(pid) = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
         if pid <= 0 || pid == std::process::id() as libc::pid_t || process_alive(pid) {
             continue;
         }

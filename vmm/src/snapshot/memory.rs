@@ -12,7 +12,10 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 use super::SnapshotError;
 use crate::memory::GuestMemoryMmap;
@@ -41,16 +44,30 @@ pub fn validate_ranges(ranges: &[MemoryRange], max_bytes: u64) -> Result<u64, St
     for r in ranges {
         let page = PAGE as u64;
         if r.size == 0 || r.size % page != 0 || r.guest_addr % page != 0 {
-            return Err(format!("memory range {:#x}+{:#x} is not page-aligned", r.guest_addr, r.size));
+            return Err(format!(
+                "memory range {:#x}+{:#x} is not page-aligned",
+                r.guest_addr, r.size
+            ));
         }
         if r.guest_addr < guest_end {
-            return Err(format!("memory range {:#x} overlaps the one before", r.guest_addr));
+            return Err(format!(
+                "memory range {:#x} overlaps the one before",
+                r.guest_addr
+            ));
         }
         if r.file_offset != file_end {
-            return Err(format!("memory range {:#x} is at file offset {:#x}, expected {file_end:#x}", r.guest_addr, r.file_offset));
+            return Err(format!(
+                "memory range {:#x} is at file offset {:#x}, expected {file_end:#x}",
+                r.guest_addr, r.file_offset
+            ));
         }
-        guest_end = r.guest_addr.checked_add(r.size).ok_or("memory range wraps")?;
-        file_end = file_end.checked_add(r.size).ok_or("memory size overflows")?;
+        guest_end = r
+            .guest_addr
+            .checked_add(r.size)
+            .ok_or("memory range wraps")?;
+        file_end = file_end
+            .checked_add(r.size)
+            .ok_or("memory size overflows")?;
         if file_end > max_bytes {
             return Err(format!("more than {} MiB of guest memory", max_bytes >> 20));
         }
@@ -69,14 +86,28 @@ pub struct WriteStats {
 
 /// Writes every region of `mem` into `file` (empty, just created), regions one after the
 /// other, skipping all-zero pages. The caller fsyncs.
-pub fn write(file: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(Vec<MemoryRange>, WriteStats), SnapshotError> {
-    let io = |what| move |source| SnapshotError::Io { what, path: path.to_path_buf(), source };
+pub fn write(
+    file: &File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+) -> Result<(Vec<MemoryRange>, WriteStats), SnapshotError> {
+    let io = |what| {
+        move |source| SnapshotError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let mut ranges = Vec::new();
     let mut stats = WriteStats::default();
     let mut buf = vec![0u8; CHUNK];
     for region in mem.iter() {
         let size = region.len();
-        ranges.push(MemoryRange { guest_addr: region.start_addr().raw_value(), size, file_offset: stats.size });
+        ranges.push(MemoryRange {
+            guest_addr: region.start_addr().raw_value(),
+            size,
+            file_offset: stats.size,
+        });
         let base = stats.size;
         stats.size += size;
         // Holes everywhere first; only non-zero pages are written below.
@@ -84,9 +115,14 @@ pub fn write(file: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(Vec<Mem
         let mut off = 0u64;
         while off < size {
             let n = (size - off).min(CHUNK as u64) as usize;
-            let slice = region
-                .get_slice(MemoryRegionAddress(off), n)
-                .map_err(|e| SnapshotError::Io { what: "cannot read guest memory for", path: path.to_path_buf(), source: std::io::Error::other(e) })?;
+            let slice =
+                region
+                    .get_slice(MemoryRegionAddress(off), n)
+                    .map_err(|e| SnapshotError::Io {
+                        what: "cannot read guest memory for",
+                        path: path.to_path_buf(),
+                        source: std::io::Error::other(e),
+                    })?;
             let got = slice.copy_to(&mut buf[..n]);
             let data = &buf[..got];
             let mut page = 0;
@@ -100,7 +136,8 @@ pub fn write(file: &File, path: &Path, mem: &GuestMemoryMmap) -> Result<(Vec<Mem
                     page += PAGE;
                 }
                 let end = page.min(data.len());
-                file.write_all_at(&data[start..end], base + off + start as u64).map_err(io("cannot write"))?;
+                file.write_all_at(&data[start..end], base + off + start as u64)
+                    .map_err(io("cannot write"))?;
                 stats.written += (end - start) as u64;
             }
             off += n as u64;
@@ -118,19 +155,35 @@ fn is_zero(bytes: &[u8]) -> bool {
 /// Maps the snapshot's memory file as guest RAM: MAP_PRIVATE (copy-on-write, the file is
 /// never written) and MAP_NORESERVE. `ranges` were checked by `validate_ranges` and the
 /// file's length against them (format::load), so every mapping lies inside the file.
-pub fn map(file: &Arc<File>, path: &Path, ranges: &[MemoryRange]) -> Result<GuestMemoryMmap, SnapshotError> {
+pub fn map(
+    file: &Arc<File>,
+    path: &Path,
+    ranges: &[MemoryRange],
+) -> Result<GuestMemoryMmap, SnapshotError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for r in ranges {
-        let bad = |reason: String| SnapshotError::Corrupt { path: path.to_path_buf(), reason };
-        let size = usize::try_from(r.size).map_err(|_| bad(format!("memory range of {:#x} bytes", r.size)))?;
+        let bad = |reason: String| SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let size = usize::try_from(r.size)
+            .map_err(|_| bad(format!("memory range of {:#x} bytes", r.size)))?;
         let mapping = MmapRegionBuilder::new(size)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
             .build()
-            .map_err(|source| SnapshotError::Mmap { path: path.to_path_buf(), source })?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| bad(format!("memory range {:#x}+{:#x} wraps", r.guest_addr, r.size)))?;
+            .map_err(|source| SnapshotError::Mmap {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                bad(format!(
+                    "memory range {:#x}+{:#x} wraps",
+                    r.guest_addr, r.size
+                ))
+            })?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(SnapshotError::Layout)
@@ -149,7 +202,8 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
         // SAFETY: the host range is a live mapping owned by `mem`; the caller keeps `mem`
         // alive as long as the VM (as for booted guests, see crate::memory::create), and the
         // regions of a GuestMemoryMmap do not overlap.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(super::kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(super::kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -159,14 +213,24 @@ mod tests {
     use super::*;
 
     fn r(guest_addr: u64, size: u64, file_offset: u64) -> MemoryRange {
-        MemoryRange { guest_addr, size, file_offset }
+        MemoryRange {
+            guest_addr,
+            size,
+            file_offset,
+        }
     }
 
     #[test]
     fn ranges_are_checked() {
         let low = 0xc000_0000;
-        assert_eq!(validate_ranges(&[r(0, 128 << 20, 0)], 1 << 40), Ok(128 << 20));
-        assert_eq!(validate_ranges(&[r(0, low, 0), r(1 << 32, 1 << 30, low)], 1 << 40), Ok(low + (1 << 30)));
+        assert_eq!(
+            validate_ranges(&[r(0, 128 << 20, 0)], 1 << 40),
+            Ok(128 << 20)
+        );
+        assert_eq!(
+            validate_ranges(&[r(0, low, 0), r(1 << 32, 1 << 30, low)], 1 << 40),
+            Ok(low + (1 << 30))
+        );
         for bad in [
             vec![],
             vec![r(0, 4095, 0)],
@@ -184,13 +248,24 @@ mod tests {
     fn sparse_write_and_private_map() {
         let dir = tempdir("sparse");
         let path = dir.join("memory");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(1 << 32), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap();
         use vm_memory::Bytes;
         // Touch 3 pages, two of them adjacent, one in the high region; one byte at a page's end.
-        mem.write_slice(&[1u8; PAGE * 2], GuestAddress(0x10000)).unwrap();
+        mem.write_slice(&[1u8; PAGE * 2], GuestAddress(0x10000))
+            .unwrap();
         mem.write_obj(0xabu8, GuestAddress(0x40fff)).unwrap();
-        mem.write_obj(0x5a5a_5a5au32, GuestAddress((1 << 32) + 0x2000)).unwrap();
-        let file = File::options().read(true).write(true).create_new(true).open(&path).unwrap();
+        mem.write_obj(0x5a5a_5a5au32, GuestAddress((1 << 32) + 0x2000))
+            .unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
         let (ranges, stats) = write(&file, &path, &mem).unwrap();
         assert_eq!(ranges, vec![r(0, 8 << 20, 0), r(1 << 32, 1 << 20, 8 << 20)]);
         assert_eq!(stats.size, 9 << 20);
@@ -198,7 +273,11 @@ mod tests {
         let meta = file.metadata().unwrap();
         assert_eq!(meta.len(), 9 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() * 512 <= 64 << 10, "file is not sparse: {} blocks", meta.blocks());
+        assert!(
+            meta.blocks() * 512 <= 64 << 10,
+            "file is not sparse: {} blocks",
+            meta.blocks()
+        );
 
         let file = Arc::new(File::open(&path).unwrap());
         let back = map(&file, &path, &ranges).unwrap();
@@ -207,7 +286,11 @@ mod tests {
         mem.read_slice(&mut a, GuestAddress(0)).unwrap();
         back.read_slice(&mut b, GuestAddress(0)).unwrap();
         assert!(a == b, "low region differs after the round trip");
-        assert_eq!(back.read_obj::<u32>(GuestAddress((1 << 32) + 0x2000)).unwrap(), 0x5a5a_5a5a);
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress((1 << 32) + 0x2000))
+                .unwrap(),
+            0x5a5a_5a5a
+        );
         // Private: writing the mapping leaves the file alone.
         back.write_obj(0xffu8, GuestAddress(0x10000)).unwrap();
         let mut byte = [0u8];

@@ -61,7 +61,11 @@ pub enum SnapshotError {
     #[error("{} is not a microvm snapshot (bad magic)", path.display())]
     BadMagic { path: PathBuf },
     #[error("snapshot {} has format version {found}, this microvm reads version {expected}", path.display())]
-    Version { path: PathBuf, found: u32, expected: u32 },
+    Version {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("snapshot {} is damaged: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error("snapshot was taken on a {snapshot} CPU, this host has a {host} CPU")]

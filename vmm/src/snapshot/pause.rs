@@ -98,7 +98,14 @@ impl PauseHandle {
     pub fn new(index: usize) -> Arc<Self> {
         Arc::new(PauseHandle {
             index,
-            inner: Mutex::new(Inner { flag: None, thread: None, want: Want::Run, parked: false, gone: false, job: None }),
+            inner: Mutex::new(Inner {
+                flag: None,
+                thread: None,
+                want: Want::Run,
+                parked: false,
+                gone: false,
+                job: None,
+            }),
             cond: Condvar::new(),
         })
     }
@@ -190,9 +197,16 @@ impl PauseHandle {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(SnapshotError::PauseTimeout { index: self.index, ms: timeout.as_millis() });
+                return Err(SnapshotError::PauseTimeout {
+                    index: self.index,
+                    ms: timeout.as_millis(),
+                });
             }
-            inner = self.cond.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         Ok(())
     }
@@ -214,7 +228,10 @@ impl PauseHandle {
     }
 
     /// Runs `f` with the vCPU fd on the (parked) vCPU thread and returns its result.
-    pub fn run_on_vcpu<R: Send + 'static>(&self, f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static) -> Result<R, SnapshotError> {
+    pub fn run_on_vcpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, SnapshotError> {
         let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut inner = self.lock();
@@ -227,7 +244,8 @@ impl PauseHandle {
             self.cond.notify_all();
         }
         // The sender is dropped unrun if the thread detaches first.
-        rx.recv().map_err(|_| SnapshotError::VcpuGone { index: self.index })
+        rx.recv()
+            .map_err(|_| SnapshotError::VcpuGone { index: self.index })
     }
 
     /// Captures the paused vCPU's state on its own thread.

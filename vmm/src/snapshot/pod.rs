@@ -24,7 +24,11 @@ pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(v: &T, s: S) -> Result
 pub fn deserialize<'de, T: FromBytes, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
     let bytes = decode(d)?;
     T::read_from_bytes(&bytes).map_err(|_| {
-        D::Error::custom(format!("expected {} bytes, got {}", std::mem::size_of::<T>(), bytes.len()))
+        D::Error::custom(format!(
+            "expected {} bytes, got {}",
+            std::mem::size_of::<T>(),
+            bytes.len()
+        ))
     })
 }
 
@@ -33,7 +37,10 @@ pub fn deserialize<'de, T: FromBytes, D: Deserializer<'de>>(d: D) -> Result<T, D
 pub mod vec {
     use super::*;
 
-    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
+        v: &[T],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&B64.encode(v.as_bytes()))
     }
 
@@ -41,7 +48,10 @@ pub mod vec {
         let bytes = decode(d)?;
         let size = std::mem::size_of::<T>();
         if size == 0 || bytes.len() % size != 0 {
-            return Err(D::Error::custom(format!("{} bytes is not a whole number of {size}-byte entries", bytes.len())));
+            return Err(D::Error::custom(format!(
+                "{} bytes is not a whole number of {size}-byte entries",
+                bytes.len()
+            )));
         }
         bytes
             .chunks_exact(size)
@@ -66,8 +76,19 @@ mod tests {
     #[test]
     fn round_trip_and_exact_lengths() {
         let t = T {
-            regs: kvm_regs { rip: 0x1234, r15: u64::MAX, ..Default::default() },
-            list: vec![kvm_cpuid_entry2 { function: 7, eax: 9, ..Default::default() }; 3],
+            regs: kvm_regs {
+                rip: 0x1234,
+                r15: u64::MAX,
+                ..Default::default()
+            },
+            list: vec![
+                kvm_cpuid_entry2 {
+                    function: 7,
+                    eax: 9,
+                    ..Default::default()
+                };
+                3
+            ],
         };
         let json = serde_json::to_string(&t).unwrap();
         let back: T = serde_json::from_str(&json).unwrap();

@@ -43,12 +43,18 @@ pub struct KvmCaps {
 
 impl KvmCaps {
     pub fn new(kvm: &Kvm, vm: &VmFd) -> Result<Self, SnapshotError> {
-        let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let xsave2 = vm.check_extension_int(Cap::Xsave2);
         let legacy = std::mem::size_of::<kvm_xsave>();
         Ok(KvmCaps {
             msr_indices: list.as_slice().to_vec(),
-            xsave_size: if xsave2 > 0 { (xsave2 as usize).max(legacy) } else { legacy },
+            xsave_size: if xsave2 > 0 {
+                (xsave2 as usize).max(legacy)
+            } else {
+                legacy
+            },
             xsave2: xsave2 > 0,
         })
     }
@@ -138,7 +144,10 @@ impl VcpuState {
     /// Bounds the lists a damaged or hostile state file could make huge.
     pub fn validate(&self) -> Result<(), String> {
         if self.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
-            return Err(format!("{} CPUID entries (at most {KVM_MAX_CPUID_ENTRIES})", self.cpuid.len()));
+            return Err(format!(
+                "{} CPUID entries (at most {KVM_MAX_CPUID_ENTRIES})",
+                self.cpuid.len()
+            ));
         }
         if self.msrs.len() > MAX_MSRS {
             return Err(format!("{} MSRs (at most {MAX_MSRS})", self.msrs.len()));
@@ -194,7 +203,9 @@ pub fn capture_vcpu(fd: &VcpuFd, caps: &KvmCaps) -> Result<VcpuState, SnapshotEr
     let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     let tsc_khz = fd.get_tsc_khz().unwrap_or_else(|e| {
-        tracing::warn!("KVM_GET_TSC_KHZ failed ({e}): the snapshot will not check the TSC frequency");
+        tracing::warn!(
+            "KVM_GET_TSC_KHZ failed ({e}): the snapshot will not check the TSC frequency"
+        );
         0
     });
     let mut cpuid = fd
@@ -206,8 +217,23 @@ pub fn capture_vcpu(fd: &VcpuFd, caps: &KvmCaps) -> Result<VcpuState, SnapshotEr
     cpuid.retain(|e| !(e.function == 0 && e.index == 0 && e.flags == 0 && e.eax == 0));
     let msrs = read_msrs(fd, &caps.msr_indices)?;
     // Last: the other GETs may have changed what is pending.
-    let events = fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-    Ok(VcpuState { cpuid, msrs, regs, sregs, fpu, xsave, xcrs, debugregs, lapic, events, mp_state, tsc_khz })
+    let events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        cpuid,
+        msrs,
+        regs,
+        sregs,
+        fpu,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        events,
+        mp_state,
+        tsc_khz,
+    })
 }
 
 /// Loads `state` into a freshly created vCPU (not yet run). Refuses a snapshot whose TSC
@@ -215,27 +241,39 @@ pub fn capture_vcpu(fd: &VcpuFd, caps: &KvmCaps) -> Result<VcpuState, SnapshotEr
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, caps: &KvmCaps) -> Result<(), SnapshotError> {
     check_tsc_khz(fd, state.tsc_khz)?;
     if state.xsave.len() != caps.xsave_words() {
-        return Err(SnapshotError::XsaveSize { snapshot: state.xsave.len() * 4, host: caps.xsave_size });
+        return Err(SnapshotError::XsaveSize {
+            snapshot: state.xsave.len() * 4,
+            host: caps.xsave_size,
+        });
     }
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| SnapshotError::Corrupt {
         path: "state".into(),
         reason: format!("{} CPUID entries", state.cpuid.len()),
     })?;
     fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-    fd.set_mp_state(state.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_mp_state(state.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
-    fd.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-    fd.set_fpu(&kvm_fpu::from(&state.fpu)).map_err(kvm_err("KVM_SET_FPU"))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    fd.set_fpu(&kvm_fpu::from(&state.fpu))
+        .map_err(kvm_err("KVM_SET_FPU"))?;
     set_xsave(fd, &state.xsave)?;
     fd.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&state.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&state.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    let (deferred, first): (Vec<_>, Vec<_>) = state.msrs.iter().partition(|(i, _)| *i == MSR_IA32_TSC_DEADLINE);
+    fd.set_debug_regs(&state.debugregs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&state.lapic)
+        .map_err(kvm_err("KVM_SET_LAPIC"))?;
+    let (deferred, first): (Vec<_>, Vec<_>) = state
+        .msrs
+        .iter()
+        .partition(|(i, _)| *i == MSR_IA32_TSC_DEADLINE);
     write_msrs(fd, &first)?;
     write_msrs(fd, &deferred)?;
     let mut events = state.events;
     events.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    fd.set_vcpu_events(&events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    fd.set_vcpu_events(&events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
     kvmclock_ctrl(fd);
     Ok(())
 }
@@ -255,7 +293,10 @@ pub fn capture_vm(vm: &VmFd) -> Result<VmState, SnapshotError> {
     // Older kernels refuse KVM_SET_CLOCK with this (output-only) flag set.
     clock.flags &= !KVM_CLOCK_TSC_STABLE;
     let chip = |chip_id| -> Result<kvm_irqchip, SnapshotError> {
-        let mut c = kvm_irqchip { chip_id, ..Default::default() };
+        let mut c = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
         vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
         Ok(c)
     };
@@ -272,10 +313,14 @@ pub fn capture_vm(vm: &VmFd) -> Result<VmState, SnapshotError> {
 /// Call it after every vCPU is restored and just before they run: the clock goes last.
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), SnapshotError> {
     vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-    vm.set_irqchip(&state.pic_master).map_err(kvm_err("KVM_SET_IRQCHIP (PIC master)"))?;
-    vm.set_irqchip(&state.pic_slave).map_err(kvm_err("KVM_SET_IRQCHIP (PIC slave)"))?;
-    vm.set_irqchip(&state.ioapic).map_err(kvm_err("KVM_SET_IRQCHIP (IOAPIC)"))?;
-    vm.set_clock(&state.clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    vm.set_irqchip(&state.pic_master)
+        .map_err(kvm_err("KVM_SET_IRQCHIP (PIC master)"))?;
+    vm.set_irqchip(&state.pic_slave)
+        .map_err(kvm_err("KVM_SET_IRQCHIP (PIC slave)"))?;
+    vm.set_irqchip(&state.ioapic)
+        .map_err(kvm_err("KVM_SET_IRQCHIP (IOAPIC)"))?;
+    vm.set_clock(&state.clock)
+        .map_err(kvm_err("KVM_SET_CLOCK"))?;
     Ok(())
 }
 
@@ -283,7 +328,9 @@ fn check_tsc_khz(fd: &VcpuFd, snapshot: u32) -> Result<(), SnapshotError> {
     let host = match fd.get_tsc_khz() {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!("KVM_GET_TSC_KHZ failed ({e}): cannot check the snapshot's TSC frequency");
+            tracing::warn!(
+                "KVM_GET_TSC_KHZ failed ({e}): cannot check the snapshot's TSC frequency"
+            );
             return Ok(());
         }
     };
@@ -305,13 +352,25 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, SnapshotEr
     let mut rest = indices;
     while !rest.is_empty() {
         let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
-        let entries: Vec<kvm_msr_entry> =
-            chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| SnapshotError::TooMany { what: "MSRs" })?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?.min(chunk.len());
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| SnapshotError::TooMany { what: "MSRs" })?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err("KVM_GET_MSRS"))?
+            .min(chunk.len());
         out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
         if n < chunk.len() {
-            tracing::debug!("MSR {:#x} is listed by KVM but not readable: not saved", chunk[n]);
+            tracing::debug!(
+                "MSR {:#x} is listed by KVM but not readable: not saved",
+                chunk[n]
+            );
             rest = &rest[n + 1..];
         } else {
             rest = &rest[n..];
@@ -322,12 +381,21 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, SnapshotEr
 
 fn write_msrs(fd: &VcpuFd, msrs: &[&(u32, u64)]) -> Result<(), SnapshotError> {
     for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-        let entries: Vec<kvm_msr_entry> =
-            chunk.iter().map(|&&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| SnapshotError::TooMany { what: "MSRs" })?;
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| SnapshotError::TooMany { what: "MSRs" })?;
         let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n < entries.len() {
-            return Err(SnapshotError::MsrRejected { index: entries[n].index });
+            return Err(SnapshotError::MsrRejected {
+                index: entries[n].index,
+            });
         }
     }
     Ok(())
@@ -335,7 +403,11 @@ fn write_msrs(fd: &VcpuFd, msrs: &[&(u32, u64)]) -> Result<(), SnapshotError> {
 
 fn get_xsave(fd: &VcpuFd, caps: &KvmCaps) -> Result<Vec<u32>, SnapshotError> {
     if !caps.xsave2 {
-        return Ok(fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?.region.to_vec());
+        return Ok(fd
+            .get_xsave()
+            .map_err(kvm_err("KVM_GET_XSAVE"))?
+            .region
+            .to_vec());
     }
     let mut xsave = new_xsave(caps.xsave_words())?;
     // SAFETY: `xsave` holds caps.xsave_size bytes (rounded up to whole u32s), the size
@@ -352,7 +424,10 @@ fn set_xsave(fd: &VcpuFd, words: &[u32]) -> Result<(), SnapshotError> {
     let (region, extra) = words.split_at(XSAVE_LEGACY_WORDS);
     // SAFETY: only the fixed region array is written, not the FAM length field, so the
     // wrapper's length invariant still holds.
-    unsafe { xsave.as_mut_fam_struct() }.xsave.region.copy_from_slice(region);
+    unsafe { xsave.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(region);
     xsave.as_mut_slice().copy_from_slice(extra);
     // SAFETY: `xsave` holds exactly `words.len()` u32s, which equals this host's
     // KVM_CAP_XSAVE2 size (or 4096 bytes without it), so KVM reads within the buffer.
@@ -361,5 +436,7 @@ fn set_xsave(fd: &VcpuFd, words: &[u32]) -> Result<(), SnapshotError> {
 
 fn new_xsave(words: usize) -> Result<Xsave, SnapshotError> {
     let extra = words.saturating_sub(XSAVE_LEGACY_WORDS);
-    Xsave::new(extra).map_err(|_| SnapshotError::TooMany { what: "XSAVE words" })
+    Xsave::new(extra).map_err(|_| SnapshotError::TooMany {
+        what: "XSAVE words",
+    })
 }

@@ -24,7 +24,10 @@ fn memory_crc(mem: &GuestMemoryMmap) -> u32 {
         let mut off = 0u64;
         while off < region.len() {
             let n = (region.len() - off).min(buf.len() as u64) as usize;
-            region.get_slice(MemoryRegionAddress(off), n).unwrap().copy_to(&mut buf[..n]);
+            region
+                .get_slice(MemoryRegionAddress(off), n)
+                .unwrap()
+                .copy_to(&mut buf[..n]);
             h.update(&buf[..n]);
             off += n as u64;
         }
@@ -36,7 +39,9 @@ fn memory_crc(mem: &GuestMemoryMmap) -> u32 {
 #[test]
 #[ignore = "run by kill_9_during_save_never_leaves_a_damaged_snapshot"]
 fn crash_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
     let t = new_vm(None);
     let fd = boot_payload(&t, Payload::Count, 1);
     let caps = KvmCaps::new(&t.kvm, &t.vm).unwrap();
@@ -53,7 +58,12 @@ fn crash_child() {
         }
         t.mem.write_slice(&data, GuestAddress(1 << 20)).unwrap();
         let config = serde_json::json!({ "round": round, "mem_crc": memory_crc(&t.mem) });
-        let state = SnapshotState::new(vm.clone(), vec![vcpu.clone()], config, serde_json::json!({}));
+        let state = SnapshotState::new(
+            vm.clone(),
+            vec![vcpu.clone()],
+            config,
+            serde_json::json!({}),
+        );
         save(Path::new(&dir), &state, &t.mem).unwrap();
         println!("saved round {round}");
     }
@@ -66,7 +76,13 @@ fn kill_9_during_save_never_leaves_a_damaged_snapshot() {
     let mut complete = 0;
     for delay_ms in [1u64, 15, 40, 80, 130, 200, 300, 450, 700, 1000, 2000] {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["snapshot::tests::crash::crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "snapshot::tests::crash::crash_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, &dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -79,21 +95,37 @@ fn kill_9_during_save_never_leaves_a_damaged_snapshot() {
             Ok(snap) => {
                 let mem = snap.map_memory().unwrap();
                 let want = snap.state.config["mem_crc"].as_u64().unwrap();
-                assert_eq!(u64::from(memory_crc(&mem)), want, "killed after {delay_ms} ms: memory does not match its state");
+                assert_eq!(
+                    u64::from(memory_crc(&mem)),
+                    want,
+                    "killed after {delay_ms} ms: memory does not match its state"
+                );
                 complete += 1;
             }
             Err(SnapshotError::Missing { .. }) => {}
             Err(e) => panic!("killed after {delay_ms} ms: {}", devices::error_chain(&e)),
         }
     }
-    assert!(complete > 0, "no save ever completed: the kills prove nothing");
+    assert!(
+        complete > 0,
+        "no save ever completed: the kills prove nothing"
+    );
     // The next save removes the temporary directories the killed children left.
     let t = new_vm(None);
     let fd = boot_payload(&t, Payload::Count, 1);
     let caps = KvmCaps::new(&t.kvm, &t.vm).unwrap();
-    let state = SnapshotState::new(capture_vm(&t.vm).unwrap(), vec![capture_vcpu(&fd, &caps).unwrap()], serde_json::json!({}), serde_json::json!({}));
+    let state = SnapshotState::new(
+        capture_vm(&t.vm).unwrap(),
+        vec![capture_vcpu(&fd, &caps).unwrap()],
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
     save(&dir, &state, &t.mem).unwrap();
-    let names: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("snap")]);
     eprintln!("[crash] {complete} of 11 kills found a complete snapshot, the others none");
     std::fs::remove_dir_all(&root).unwrap();

@@ -14,7 +14,12 @@ fn make_snapshot(root: &Path, name: &str) -> (PathBuf, SnapshotState) {
     let fd = boot_payload(&t, Payload::Count, 1);
     let caps = KvmCaps::new(&t.kvm, &t.vm).unwrap();
     let vcpu = capture_vcpu(&fd, &caps).unwrap();
-    let state = SnapshotState::new(capture_vm(&t.vm).unwrap(), vec![vcpu], serde_json::json!({}), serde_json::json!({}));
+    let state = SnapshotState::new(
+        capture_vm(&t.vm).unwrap(),
+        vec![vcpu],
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
     let dir = root.join(name);
     save(&dir, &state, &t.mem).unwrap();
     let state = load(&dir).unwrap().state;
@@ -51,7 +56,14 @@ fn damaged_snapshots_are_refused() {
     };
 
     // Truncated anywhere: in the magic, in the header, in the body, one byte short.
-    for (len, want) in [(0, "bad magic"), (10, "bad magic"), (20, "truncated"), (HEADER_LEN, "truncated"), (bytes.len() / 2, "truncated"), (bytes.len() - 1, "truncated")] {
+    for (len, want) in [
+        (0, "bad magic"),
+        (10, "bad magic"),
+        (20, "truncated"),
+        (HEADER_LEN, "truncated"),
+        (bytes.len() / 2, "truncated"),
+        (bytes.len() - 1, "truncated"),
+    ] {
         with_state(&bytes[..len]);
         refused(&bad, want);
     }
@@ -61,7 +73,14 @@ fn damaged_snapshots_are_refused() {
     with_state(&longer);
     refused(&bad, "padded");
     // Bit flips: in the magic, the version, the checksum, the length, the body.
-    for (pos, want) in [(3, "bad magic"), (16, "format version 0"), (21, "checksum"), (25, "truncated"), (HEADER_LEN + 1, "checksum"), (bytes.len() - 2, "checksum")] {
+    for (pos, want) in [
+        (3, "bad magic"),
+        (16, "format version 0"),
+        (21, "checksum"),
+        (25, "truncated"),
+        (HEADER_LEN + 1, "checksum"),
+        (bytes.len() - 2, "checksum"),
+    ] {
         let mut b = bytes.clone();
         b[pos] ^= 0x01;
         with_state(&b);
@@ -109,7 +128,10 @@ fn damaged_snapshots_are_refused() {
 
     // The memory file truncated or missing.
     copy_dir(&good, &bad);
-    let m = std::fs::OpenOptions::new().write(true).open(bad.join(MEMORY_FILE)).unwrap();
+    let m = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bad.join(MEMORY_FILE))
+        .unwrap();
     m.set_len(4096).unwrap();
     refused(&bad, "memory file is 4096 bytes");
     std::fs::remove_file(bad.join(MEMORY_FILE)).unwrap();
@@ -132,7 +154,10 @@ fn other_tsc_frequency_is_refused() {
     let host = fd.get_tsc_khz().unwrap();
     state.vcpus[0].tsc_khz = host + host / 100;
     let e = restore_vcpu(&fd, &state.vcpus[0], &caps).unwrap_err();
-    assert!(e.is_usage() && matches!(e, SnapshotError::TscKhz { .. }), "{e}");
+    assert!(
+        e.is_usage() && matches!(e, SnapshotError::TscKhz { .. }),
+        "{e}"
+    );
     // Within calibration jitter (100 ppm) is the same frequency.
     state.vcpus[0].tsc_khz = host + host / 10_000;
     restore_vcpu(&fd, &state.vcpus[0], &caps).unwrap();
@@ -149,7 +174,12 @@ fn interrupted_save_leaves_nothing_that_loads() {
     let t = new_vm(None);
     let fd = boot_payload(&t, Payload::Count, 1);
     let caps = KvmCaps::new(&t.kvm, &t.vm).unwrap();
-    let state = SnapshotState::new(capture_vm(&t.vm).unwrap(), vec![capture_vcpu(&fd, &caps).unwrap()], serde_json::json!({"n": 1}), serde_json::json!({}));
+    let state = SnapshotState::new(
+        capture_vm(&t.vm).unwrap(),
+        vec![capture_vcpu(&fd, &caps).unwrap()],
+        serde_json::json!({"n": 1}),
+        serde_json::json!({}),
+    );
     let (tmp, _) = write_tmp(&dir, &state, &t.mem).unwrap();
     assert!(tmp.join(STATE_FILE).exists());
     refused(&dir, "not a directory");
@@ -158,18 +188,31 @@ fn interrupted_save_leaves_nothing_that_loads() {
     std::fs::rename(&tmp, &stale).unwrap();
     save(&dir, &state, &t.mem).unwrap();
     assert!(!stale.exists(), "stale temporary directory left behind");
-    assert_eq!(load(&dir).unwrap().state.config, serde_json::json!({"n": 1}));
+    assert_eq!(
+        load(&dir).unwrap().state.config,
+        serde_json::json!({"n": 1})
+    );
 
     // Killed before the rename that would replace an existing snapshot: the old one stays.
     let mut second = state.clone();
     second.config = serde_json::json!({"n": 2});
     let (tmp, _) = write_tmp(&dir, &second, &t.mem).unwrap();
-    assert_eq!(load(&dir).unwrap().state.config, serde_json::json!({"n": 1}));
+    assert_eq!(
+        load(&dir).unwrap().state.config,
+        serde_json::json!({"n": 1})
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
     // Completed: replaced atomically, no temporary left.
     save(&dir, &second, &t.mem).unwrap();
-    assert_eq!(load(&dir).unwrap().state.config, serde_json::json!({"n": 2}));
-    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(
+        load(&dir).unwrap().state.config,
+        serde_json::json!({"n": 2})
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(leftovers.len(), 2, "{leftovers:?}");
 
     // A directory that is not a snapshot is never replaced.

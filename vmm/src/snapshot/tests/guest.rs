@@ -37,8 +37,8 @@ pub const PORT_LAPIC: u16 = 0x12;
 /// 1d: eb e1                 jmp:  jmp loop
 /// ```
 pub const COUNT_CODE: &[u8] = &[
-    0x4c, 0x89, 0xeb, 0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x03, 0x00, 0x48, 0xff, 0xcb, 0x75, 0xf3, 0x49, 0xff,
-    0xc4, 0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x03, 0x00, 0xe6, 0x10, 0xeb, 0xe1,
+    0x4c, 0x89, 0xeb, 0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x03, 0x00, 0x48, 0xff, 0xcb, 0x75, 0xf3,
+    0x49, 0xff, 0xc4, 0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x03, 0x00, 0xe6, 0x10, 0xeb, 0xe1,
 ];
 pub mod count_at {
     pub const INC: u64 = 0x3;
@@ -59,13 +59,14 @@ pub mod count_at {
 ///          pop %rax; iretq
 /// ```
 pub const PIT_CODE: &[u8] = &[
-    0xb0, 0x11, 0xe6, 0x20, 0xe6, 0xa0, 0xb0, 0x20, 0xe6, 0x21, 0xb0, 0x28, 0xe6, 0xa1, 0xb0, 0x04, 0xe6, 0x21,
-    0xb0, 0x02, 0xe6, 0xa1, 0xb0, 0x01, 0xe6, 0x21, 0xe6, 0xa1, 0xb0, 0xfe, 0xe6, 0x21, 0xb0, 0xff, 0xe6, 0xa1,
-    0xb0, 0x34, 0xe6, 0x43, 0xb0, 0x0b, 0xe6, 0x40, 0xb0, 0xe9, 0xe6, 0x40, 0xfb, 0xf4, 0xeb, 0xfd,
+    0xb0, 0x11, 0xe6, 0x20, 0xe6, 0xa0, 0xb0, 0x20, 0xe6, 0x21, 0xb0, 0x28, 0xe6, 0xa1, 0xb0, 0x04,
+    0xe6, 0x21, 0xb0, 0x02, 0xe6, 0xa1, 0xb0, 0x01, 0xe6, 0x21, 0xe6, 0xa1, 0xb0, 0xfe, 0xe6, 0x21,
+    0xb0, 0xff, 0xe6, 0xa1, 0xb0, 0x34, 0xe6, 0x43, 0xb0, 0x0b, 0xe6, 0x40, 0xb0, 0xe9, 0xe6, 0x40,
+    0xfb, 0xf4, 0xeb, 0xfd,
 ];
 pub const PIT_ISR: &[u8] = &[
-    0x48, 0xff, 0x04, 0x25, 0x08, 0x00, 0x03, 0x00, 0x50, 0xb0, 0x20, 0xe6, 0x20, 0x48, 0x8b, 0x04, 0x25, 0x08,
-    0x00, 0x03, 0x00, 0xe6, 0x11, 0x58, 0x48, 0xcf,
+    0x48, 0xff, 0x04, 0x25, 0x08, 0x00, 0x03, 0x00, 0x50, 0xb0, 0x20, 0xe6, 0x20, 0x48, 0x8b, 0x04,
+    0x25, 0x08, 0x00, 0x03, 0x00, 0xe6, 0x11, 0x58, 0x48, 0xcf,
 ];
 
 /// ```text
@@ -78,13 +79,14 @@ pub const PIT_ISR: &[u8] = &[
 ///          out %al,$0x12; pop %rdi; pop %rax; iretq
 /// ```
 pub const LAPIC_CODE: &[u8] = &[
-    0xbf, 0xf0, 0x00, 0xe0, 0xfe, 0xc7, 0x07, 0xff, 0x01, 0x00, 0x00, 0xbf, 0xe0, 0x03, 0xe0, 0xfe, 0xc7, 0x07,
-    0x0b, 0x00, 0x00, 0x00, 0xbf, 0x20, 0x03, 0xe0, 0xfe, 0xc7, 0x07, 0x40, 0x00, 0x02, 0x00, 0xbf, 0x80, 0x03,
-    0xe0, 0xfe, 0xc7, 0x07, 0x80, 0xf0, 0xfa, 0x02, 0xfb, 0xf4, 0xeb, 0xfd,
+    0xbf, 0xf0, 0x00, 0xe0, 0xfe, 0xc7, 0x07, 0xff, 0x01, 0x00, 0x00, 0xbf, 0xe0, 0x03, 0xe0, 0xfe,
+    0xc7, 0x07, 0x0b, 0x00, 0x00, 0x00, 0xbf, 0x20, 0x03, 0xe0, 0xfe, 0xc7, 0x07, 0x40, 0x00, 0x02,
+    0x00, 0xbf, 0x80, 0x03, 0xe0, 0xfe, 0xc7, 0x07, 0x80, 0xf0, 0xfa, 0x02, 0xfb, 0xf4, 0xeb, 0xfd,
 ];
 pub const LAPIC_ISR: &[u8] = &[
-    0x48, 0xff, 0x04, 0x25, 0x10, 0x00, 0x03, 0x00, 0x50, 0x57, 0xbf, 0xb0, 0x00, 0xe0, 0xfe, 0xc7, 0x07, 0x00,
-    0x00, 0x00, 0x00, 0x48, 0x8b, 0x04, 0x25, 0x10, 0x00, 0x03, 0x00, 0xe6, 0x12, 0x5f, 0x58, 0x48, 0xcf,
+    0x48, 0xff, 0x04, 0x25, 0x10, 0x00, 0x03, 0x00, 0x50, 0x57, 0xbf, 0xb0, 0x00, 0xe0, 0xfe, 0xc7,
+    0x07, 0x00, 0x00, 0x00, 0x00, 0x48, 0x8b, 0x04, 0x25, 0x10, 0x00, 0x03, 0x00, 0xe6, 0x12, 0x5f,
+    0x58, 0x48, 0xcf,
 ];
 pub const ISR_OFFSET: u64 = 0x80;
 pub const PIT_HLT: u64 = CODE_PIT + 0x31;
@@ -116,8 +118,13 @@ pub fn new_vm(mem: Option<GuestMemoryMmap>) -> TestVm {
     let vm = kvm.create_vm().unwrap();
     vm.set_tss_address(KVM_TSS_ADDR as usize).unwrap();
     vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
-    let mem = mem.unwrap_or_else(|| GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .unwrap();
+    let mem = mem
+        .unwrap_or_else(|| GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
     crate::snapshot::memory::register(&vm, &mem).unwrap();
     TestVm { kvm, vm, mem }
 }
@@ -125,7 +132,13 @@ pub fn new_vm(mem: Option<GuestMemoryMmap>) -> TestVm {
 /// Page tables, GDT, IDT and the payloads in guest memory; vCPU 0 set up to run `payload`.
 pub fn boot_payload(t: &TestVm, payload: Payload, iterations: u64) -> VcpuFd {
     let m = &t.mem;
-    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff];
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ];
     for (i, e) in gdt.iter().enumerate() {
         m.write_obj(*e, GuestAddress(GDT + 8 * i as u64)).unwrap();
     }
@@ -133,22 +146,31 @@ pub fn boot_payload(t: &TestVm, payload: Payload, iterations: u64) -> VcpuFd {
     m.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
     m.write_obj(PD | 7, GuestAddress(PDPT)).unwrap();
     m.write_obj(0x87u64, GuestAddress(PD)).unwrap();
-    m.write_obj(PD_HIGH | 3, GuestAddress(PDPT + 3 * 8)).unwrap();
-    m.write_obj(0xfee0_0000u64 | 0x9b, GuestAddress(PD_HIGH + 0x1f7 * 8)).unwrap();
+    m.write_obj(PD_HIGH | 3, GuestAddress(PDPT + 3 * 8))
+        .unwrap();
+    m.write_obj(0xfee0_0000u64 | 0x9b, GuestAddress(PD_HIGH + 0x1f7 * 8))
+        .unwrap();
     m.write_slice(COUNT_CODE, GuestAddress(CODE_COUNT)).unwrap();
     m.write_slice(PIT_CODE, GuestAddress(CODE_PIT)).unwrap();
-    m.write_slice(PIT_ISR, GuestAddress(CODE_PIT + ISR_OFFSET)).unwrap();
+    m.write_slice(PIT_ISR, GuestAddress(CODE_PIT + ISR_OFFSET))
+        .unwrap();
     m.write_slice(LAPIC_CODE, GuestAddress(CODE_LAPIC)).unwrap();
-    m.write_slice(LAPIC_ISR, GuestAddress(CODE_LAPIC + ISR_OFFSET)).unwrap();
-    for (vector, isr) in [(0x20u64, CODE_PIT + ISR_OFFSET), (0x40, CODE_LAPIC + ISR_OFFSET)] {
+    m.write_slice(LAPIC_ISR, GuestAddress(CODE_LAPIC + ISR_OFFSET))
+        .unwrap();
+    for (vector, isr) in [
+        (0x20u64, CODE_PIT + ISR_OFFSET),
+        (0x40, CODE_LAPIC + ISR_OFFSET),
+    ] {
         // 64-bit interrupt gate, selector 0x08, present, DPL 0.
         let low = (isr & 0xffff) | (0x08 << 16) | (0x8e << 40) | (((isr >> 16) & 0xffff) << 48);
         m.write_obj(low, GuestAddress(IDT + vector * 16)).unwrap();
-        m.write_obj(isr >> 32, GuestAddress(IDT + vector * 16 + 8)).unwrap();
+        m.write_obj(isr >> 32, GuestAddress(IDT + vector * 16 + 8))
+            .unwrap();
     }
 
     let fd = t.vm.create_vcpu(0).unwrap();
-    fd.set_cpuid2(&t.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
+    fd.set_cpuid2(&t.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
+        .unwrap();
     let mut s = fd.get_sregs().unwrap();
     s.cr3 = PML4;
     s.cr4 = 1 << 5;
@@ -172,11 +194,23 @@ pub fn boot_payload(t: &TestVm, payload: Payload, iterations: u64) -> VcpuFd {
         g: 1,
         ..Default::default()
     };
-    s.cs = if ring3 { seg(0x23, 11, 1, 0) } else { seg(0x08, 11, 1, 0) };
-    let data = if ring3 { seg(0x1b, 3, 0, 1) } else { seg(0x10, 3, 0, 1) };
+    s.cs = if ring3 {
+        seg(0x23, 11, 1, 0)
+    } else {
+        seg(0x08, 11, 1, 0)
+    };
+    let data = if ring3 {
+        seg(0x1b, 3, 0, 1)
+    } else {
+        seg(0x10, 3, 0, 1)
+    };
     (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
     fd.set_sregs(&s).unwrap();
-    let mut r = kvm_bindings::kvm_regs { rflags: 2, rsp: 0x8000, ..Default::default() };
+    let mut r = kvm_bindings::kvm_regs {
+        rflags: 2,
+        rsp: 0x8000,
+        ..Default::default()
+    };
     match payload {
         Payload::Count => {
             r.rip = CODE_COUNT;
@@ -243,7 +277,12 @@ impl ExitLog {
 }
 
 /// Runs `fd` on its own thread until `handle.exit()`; returns the fd when done.
-pub fn spawn(mut fd: VcpuFd, mem: GuestMemoryMmap, handle: Arc<PauseHandle>, log: Arc<ExitLog>) -> JoinHandle<VcpuFd> {
+pub fn spawn(
+    mut fd: VcpuFd,
+    mem: GuestMemoryMmap,
+    handle: Arc<PauseHandle>,
+    log: Arc<ExitLog>,
+) -> JoinHandle<VcpuFd> {
     std::thread::spawn(move || {
         let attached = handle.attach(&mut fd);
         loop {
@@ -252,7 +291,14 @@ pub fn spawn(mut fd: VcpuFd, mem: GuestMemoryMmap, handle: Arc<PauseHandle>, log
                     let value = data.first().copied().unwrap_or(0);
                     let r = fd.get_regs().unwrap();
                     let counter = mem.read_obj(GuestAddress(CNT)).unwrap();
-                    log.push(OutExit { port, value, rip: r.rip, r12: r.r12, counter, at: Instant::now() });
+                    log.push(OutExit {
+                        port,
+                        value,
+                        rip: r.rip,
+                        r12: r.r12,
+                        counter,
+                        at: Instant::now(),
+                    });
                 }
                 Ok(other) => {
                     let other = format!("{other:?}");

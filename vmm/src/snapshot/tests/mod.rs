@@ -51,7 +51,12 @@ impl Running {
         let vcpu = self.handle.save(&caps).unwrap();
         let vm = capture_vm(&self.t.vm).unwrap();
         let captured = t1.elapsed();
-        let state = SnapshotState::new(vm, vec![vcpu], serde_json::json!({ "test": tag }), serde_json::json!({}));
+        let state = SnapshotState::new(
+            vm,
+            vec![vcpu],
+            serde_json::json!({ "test": tag }),
+            serde_json::json!({}),
+        );
         let stats = save(dir, &state, &self.t.mem).unwrap();
         eprintln!(
             "[{tag}] pause {:?}, capture {captured:?} ({} MSRs), write {:?} ({} of {} KiB written, state {} bytes), fsync+rename {:?}",
@@ -78,7 +83,12 @@ fn start(payload: Payload) -> Running {
     let handle = PauseHandle::new(0);
     let log = Arc::new(ExitLog::default());
     let thread = spawn(fd, t.mem.clone(), handle.clone(), log.clone());
-    Running { t, handle, log, thread }
+    Running {
+        t,
+        handle,
+        log,
+        thread,
+    }
 }
 
 /// Builds a VM from `dir` the way `microvm --restore` will, and starts its vCPU.
@@ -102,7 +112,12 @@ fn restore(dir: &Path, tag: &str) -> Running {
     let handle = PauseHandle::new(0);
     let log = Arc::new(ExitLog::default());
     let thread = spawn(fd, t.mem.clone(), handle.clone(), log.clone());
-    Running { t, handle, log, thread }
+    Running {
+        t,
+        handle,
+        log,
+        thread,
+    }
 }
 
 /// Counter and r12 at the counter guest's next `out`, from the registers it was saved with
@@ -126,7 +141,11 @@ fn ring3_counter_continues_exactly_after_restore() {
     let exits = vm1.wait_for(3, "VM1");
     for e in &exits {
         assert_eq!(e.port, PORT_COUNT);
-        assert_eq!(e.counter, e.r12 * ITERATIONS, "VM1 counter invariant: {e:?}");
+        assert_eq!(
+            e.counter,
+            e.r12 * ITERATIONS,
+            "VM1 counter invariant: {e:?}"
+        );
     }
     let chunk = exits[2].at - exits[1].at;
     // Pause in the middle of a chunk, asynchronously.
@@ -134,12 +153,21 @@ fn ring3_counter_continues_exactly_after_restore() {
     let (state, _) = vm1.snapshot(&dir, "count");
     let saved = state.vcpus[0].regs;
     let c0: u64 = vm1.t.mem.read_obj(GuestAddress(CNT)).unwrap();
-    let vm1_exit_rip = vm1.log.wait_for(1, Duration::ZERO).unwrap().last().unwrap().rip;
+    let vm1_exit_rip = vm1
+        .log
+        .wait_for(1, Duration::ZERO)
+        .unwrap()
+        .last()
+        .unwrap()
+        .rip;
     vm1.stop();
 
     let (want_counter, want_r12) = expected_first_exit(&saved, c0);
     let at = saved.rip - CODE_COUNT;
-    eprintln!("[count] paused at +{at:#x} rbx={} r12={} counter={c0}", saved.rbx, saved.r12);
+    eprintln!(
+        "[count] paused at +{at:#x} rbx={} r12={} counter={c0}",
+        saved.rbx, saved.r12
+    );
 
     let vm2 = restore(&dir, "count");
     let exits = vm2.wait_for(3, "VM2");
@@ -173,9 +201,17 @@ fn halted_vcpu_wakes_on_timer(payload: Payload) {
     let ticks: u64 = vm1.t.mem.read_obj(GuestAddress(ticks_at)).unwrap();
     vm1.stop();
     let v = &state.vcpus[0];
-    assert_eq!(v.mp_state.mp_state, KVM_MP_STATE_HALTED, "vCPU halted when saved (rip {:#x})", v.regs.rip);
+    assert_eq!(
+        v.mp_state.mp_state, KVM_MP_STATE_HALTED,
+        "vCPU halted when saved (rip {:#x})",
+        v.regs.rip
+    );
     // PVM reports RIP after the hlt; VMX/SVM at it or after it.
-    assert!((hlt..=hlt + 1).contains(&v.regs.rip), "rip {:#x}, hlt at {hlt:#x}", v.regs.rip);
+    assert!(
+        (hlt..=hlt + 1).contains(&v.regs.rip),
+        "rip {:#x}, hlt at {hlt:#x}",
+        v.regs.rip
+    );
 
     let t = Instant::now();
     let vm2 = restore(&dir, tag);
@@ -183,10 +219,17 @@ fn halted_vcpu_wakes_on_timer(payload: Payload) {
     eprintln!("[{tag}] first tick {:?} after restore", exits[0].at - t);
     for (i, e) in exits.iter().enumerate() {
         assert_eq!(e.port, port);
-        assert_eq!(u64::from(e.value), (ticks + 1 + i as u64) & 0xff, "tick {i} after restore (saved at {ticks} ticks)");
+        assert_eq!(
+            u64::from(e.value),
+            (ticks + 1 + i as u64) & 0xff,
+            "tick {i} after restore (saved at {ticks} ticks)"
+        );
         if i > 0 {
             let gap = e.at - exits[i - 1].at;
-            assert!(gap < Duration::from_secs(1), "tick {i} came {gap:?} after the previous one");
+            assert!(
+                gap < Duration::from_secs(1),
+                "tick {i} came {gap:?} after the previous one"
+            );
         }
     }
     vm2.stop();

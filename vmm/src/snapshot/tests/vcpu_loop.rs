@@ -31,7 +31,14 @@ impl BusDevice for CounterPort {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let counter = self.mem.read_obj(GuestAddress(CNT)).unwrap_or(u64::MAX);
         let value = data.first().copied().unwrap_or(0);
-        self.log.push(OutExit { port: PORT_COUNT, value, rip: 0, r12: 0, counter, at: Instant::now() });
+        self.log.push(OutExit {
+            port: PORT_COUNT,
+            value,
+            rip: 0,
+            r12: 0,
+            counter,
+            at: Instant::now(),
+        });
     }
 }
 
@@ -45,19 +52,39 @@ struct Running {
 fn run(mem: &GuestMemoryMmap, fd: VcpuFd) -> Running {
     let log = Arc::new(ExitLog::default());
     let mut pio = Bus::default();
-    pio.insert(u64::from(PORT_COUNT), 1, Arc::new(Mutex::new(CounterPort { mem: mem.clone(), log: log.clone() }))).unwrap();
+    pio.insert(
+        u64::from(PORT_COUNT),
+        1,
+        Arc::new(Mutex::new(CounterPort {
+            mem: mem.clone(),
+            log: log.clone(),
+        })),
+    )
+    .unwrap();
     let exit = Arc::new(ExitSignal::new().unwrap());
     let handle = PauseHandle::new(0);
     let thread = Vcpu::restored(0, fd)
         .with_pause(handle.clone())
-        .spawn(mem.clone(), Arc::new(pio), Arc::new(Bus::default()), exit.clone())
+        .spawn(
+            mem.clone(),
+            Arc::new(pio),
+            Arc::new(Bus::default()),
+            exit.clone(),
+        )
         .unwrap();
-    Running { handle, log, exit, thread }
+    Running {
+        handle,
+        log,
+        exit,
+        thread,
+    }
 }
 
 impl Running {
     fn wait_for(&self, n: usize) -> Vec<OutExit> {
-        self.log.wait_for(n, Duration::from_secs(5)).unwrap_or_else(|| panic!("no exit {n}: {:?}", self.exit.get()))
+        self.log
+            .wait_for(n, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no exit {n}: {:?}", self.exit.get()))
     }
 
     fn stop(self) {
@@ -92,7 +119,12 @@ fn pause_resume_save_restore_on_microvms_vcpu_loop() {
     PauseHandle::pause_all(std::slice::from_ref(&vm1.handle), PAUSE_TIMEOUT).unwrap();
     let caps = Arc::new(KvmCaps::new(&t.kvm, &t.vm).unwrap());
     let vcpu = vm1.handle.save(&caps).unwrap();
-    let state = SnapshotState::new(capture_vm(&t.vm).unwrap(), vec![vcpu], serde_json::json!({}), serde_json::json!({}));
+    let state = SnapshotState::new(
+        capture_vm(&t.vm).unwrap(),
+        vec![vcpu],
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
     save(&dir, &state, &t.mem).unwrap();
     let c0: u64 = t.mem.read_obj(GuestAddress(CNT)).unwrap();
     vm1.stop();
@@ -107,7 +139,11 @@ fn pause_resume_save_restore_on_microvms_vcpu_loop() {
     let vm2 = run(&t2.mem, fd);
     let exits = vm2.wait_for(2);
     let (want, _) = expected_first_exit(&state.vcpus[0].regs, c0);
-    assert_eq!(exits[0].counter, want, "saved at rip {:#x}, rbx {}", state.vcpus[0].regs.rip, state.vcpus[0].regs.rbx);
+    assert_eq!(
+        exits[0].counter, want,
+        "saved at rip {:#x}, rbx {}",
+        state.vcpus[0].regs.rip, state.vcpus[0].regs.rbx
+    );
     assert_eq!(exits[1].counter, want + ITERATIONS);
     vm2.stop();
     std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
