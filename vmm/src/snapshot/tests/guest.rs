@@ -322,3 +322,13 @@ pub fn spawn(
         fd
     })
 }
+
+/// vCPU `index` of 2 as KVM creates an application processor: CPUID set, waiting for
+/// INIT/SIPI (its KVM_RUN blocks until then).
+pub fn add_ap(t: &TestVm, index: u8) -> VcpuFd {
+    let fd = t.vm.create_vcpu(u64::from(index)).unwrap();
+    let mut cpuid = t.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    crate::cpuid::fix_topology(&mut cpuid, index, 2);
+    fd.set_cpuid2(&cpuid).unwrap();
+    fd
+}
