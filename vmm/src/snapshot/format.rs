@@ -159,8 +159,7 @@ pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
             return Err(missing("it has no state file"))
         }
         Err(source) => {
-            return Err(SnapshotError::Io {
-                what: "cannot open",
+            return Err(SnapshotError::Unreadable {
                 path: state_path,
                 source,
             })
@@ -181,15 +180,13 @@ pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let mem_len = state.validate().map_err(|r| corrupt(&state_path, r))?;
 
     let mem_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&mem_path).map_err(|source| SnapshotError::Io {
-        what: "cannot open",
+    let memory = File::open(&mem_path).map_err(|source| SnapshotError::Unreadable {
         path: mem_path.clone(),
         source,
     })?;
     let len = memory
         .metadata()
-        .map_err(|source| SnapshotError::Io {
-            what: "cannot stat",
+        .map_err(|source| SnapshotError::Unreadable {
             path: mem_path.clone(),
             source,
         })?
@@ -212,8 +209,7 @@ fn read_state(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
         path: path.to_path_buf(),
         reason,
     };
-    let io = |source| SnapshotError::Io {
-        what: "cannot read",
+    let io = |source| SnapshotError::Unreadable {
         path: path.to_path_buf(),
         source,
     };

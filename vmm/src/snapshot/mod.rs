@@ -50,6 +50,12 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read snapshot file {}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} failed")]
     Kvm {
         what: &'static str,
@@ -105,6 +111,7 @@ impl SnapshotError {
         matches!(
             self,
             SnapshotError::Missing { .. }
+                | SnapshotError::Unreadable { .. }
                 | SnapshotError::BadMagic { .. }
                 | SnapshotError::Version { .. }
                 | SnapshotError::Corrupt { .. }
