@@ -138,7 +138,10 @@ pub fn save(
 ) -> Result<SaveStats, SnapshotError> {
     let (tmp, mut stats) = write_tmp(dir, state, mem)?;
     let t = Instant::now();
-    commit(&tmp, dir)?;
+    if let Err(e) = commit(&tmp, dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     stats.sync += t.elapsed();
     Ok(stats)
 }
@@ -316,7 +319,22 @@ pub(crate) fn write_tmp(
         .mode(0o700)
         .create(&tmp)
         .map_err(io_err("cannot create", &tmp))?;
+    match fill_tmp(&tmp, state, mem) {
+        Ok(stats) => Ok((tmp, stats)),
+        Err(e) => {
+            // Best effort (a crash leaves it to the next save's stale-directory sweep).
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
 
+/// Writes and fsyncs both files in the (new, empty) temporary directory.
+fn fill_tmp(
+    tmp: &Path,
+    state: &SnapshotState,
+    mem: &GuestMemoryMmap,
+) -> Result<SaveStats, SnapshotError> {
     let t = Instant::now();
     let mem_path = tmp.join(MEMORY_FILE);
     let mem_file = create_file(&mem_path)?;
@@ -338,14 +356,13 @@ pub(crate) fn write_tmp(
     state_file
         .sync_all()
         .map_err(io_err("cannot fsync", &state_path))?;
-    sync_dir(&tmp)?;
-    let stats = SaveStats {
+    sync_dir(tmp)?;
+    Ok(SaveStats {
         memory: mem_stats,
         state_bytes: encoded.len() as u64,
         write,
         sync: t.elapsed(),
-    };
-    Ok((tmp, stats))
+    })
 }
 
 fn create_file(path: &Path) -> Result<File, SnapshotError> {
