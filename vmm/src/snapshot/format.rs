@@ -86,7 +86,7 @@ impl SnapshotState {
         }
     }
 
-    fn validate(&self) -> Result<u64, String> {
+    pub(crate) fn validate(&self) -> Result<u64, String> {
         if self.vcpus.is_empty() || self.vcpus.len() > MAX_VCPUS as usize {
             return Err(format!("{} vCPUs (1 to {MAX_VCPUS})", self.vcpus.len()));
         }
@@ -208,10 +208,6 @@ pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
 }
 
 fn read_state(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
-    let corrupt = |reason: String| SnapshotError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
     let io = |source| SnapshotError::Unreadable {
         path: path.to_path_buf(),
         source,
@@ -221,6 +217,15 @@ fn read_state(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
     file.take(HEADER_LEN as u64 + MAX_STATE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;
+    parse_state(&bytes, path)
+}
+
+/// Header checks, then the JSON body (`validate` comes after, in `load`).
+pub(crate) fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotError> {
+    let corrupt = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         return Err(SnapshotError::BadMagic {
             path: path.to_path_buf(),

@@ -1,25 +1,37 @@
 //! Snapshot and restore: the state of a paused VM saved to a directory, and a fresh VM built
 //! from it that continues where the first one stopped.
 //!
-//! What the pieces do, and the order a VMM calls them in:
-//!
 //! Saving (every vCPU paused, device threads quiet):
-//! 1. [`pause::PauseHandle::pause_all`] kicks every vCPU out of KVM_RUN (SIGRTMIN +
-//!    `immediate_exit`, which also completes a pending port/MMIO read); each vCPU thread parks.
-//! 2. [`pause::PauseHandle::save`] runs [`state::capture_vcpu`] on each parked vCPU's own
-//!    thread; [`state::capture_vm`] reads PIT, clock and irqchips from the VM fd.
-//! 3. [`format::save`] writes DIR atomically: guest RAM as a sparse `memory` file and the
-//!    versioned, checksummed `state` file, into `DIR.tmp-<pid>`, fsync'd, then renamed.
-//! 4. [`pause::PauseHandle::resume`] lets the vCPUs run on, or the VMM exits.
+//!
+//! ```text
+//! // each vCPU thread: Vcpu::new(..)?.with_pause(handle.clone()).spawn(..)
+//! PauseHandle::pause_all(&handles, timeout)?;          // SIGRTMIN + immediate_exit, parked
+//! let caps = Arc::new(KvmCaps::new(&kvm, &vm_fd)?);     // MSR list, XSAVE size
+//! let vcpus = handles.iter().map(|h| h.save(&caps)).collect::<Result<Vec<_>, _>>()?;
+//! let state = SnapshotState::new(capture_vm(&vm_fd)?, vcpus, config_json, devices_json);
+//! snapshot::save(dir, &state, &guest_memory)?;          // DIR.tmp-<pid>, fsync, rename
+//! for h in &handles { h.resume() }  // or h.exit(): the vCPU loop returns
+//! ```
 //!
 //! Restoring:
-//! 1. [`format::load`] reads and checks `state` (magic, format version, checksum, CPU vendor,
-//!    sizes) and opens `memory`; nothing in DIR is trusted before that.
-//! 2. A new VM (TSS, irqchip, PIT as for a boot), then [`memory::map`] maps `memory`
-//!    MAP_PRIVATE (lazy, copy-on-write: many restores share the page cache) and
-//!    [`memory::register`] gives it to KVM.
-//! 3. For each vCPU: create it, [`state::restore_vcpu`] (checks TSC frequency and XSAVE size
-//!    first). Then [`state::restore_vm`] (PIT, irqchips, clock last). Then run.
+//!
+//! ```text
+//! let snap = snapshot::load(dir)?;                      // magic, version, CRC, vendor, sizes
+//! let vm_fd = kvm.create_vm()?;  // + TSS, irqchip, PIT2 exactly as for a boot
+//! let mem = snap.map_memory()?;                         // MAP_PRIVATE of DIR/memory
+//! snapshot::memory::register(&vm_fd, &mem)?;
+//! let caps = KvmCaps::new(&kvm, &vm_fd)?;
+//! for (i, v) in snap.state.vcpus.iter().enumerate() {
+//!     let fd = vm_fd.create_vcpu(i as u64)?;
+//!     restore_vcpu(&fd, v, &caps)?;                     // refuses another TSC kHz / XSAVE size
+//!     // Vcpu::restored(i as u8, fd).with_pause(..).spawn(..) after restore_vm
+//! }
+//! restore_vm(&vm_fd, &snap.state.vm)?;                  // PIT, irqchips, clock last
+//! ```
+//!
+//! `SnapshotState::config` and `::devices` are opaque JSON values for the VMM and the
+//! devices crate to define. Errors are one `SnapshotError`; `is_usage()` tells the ones
+//! about the snapshot or the host (exit code 2) from failures while saving (exit code 1).
 //!
 //! The guest TSC: restored from MSR 0x10 where KVM allows it. On PVM hosts writes to the TSC
 //! succeed and change nothing (../shared/ENVIRONMENT.md), so a restored guest's TSC jumps

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use super::guest::*;
 use super::tempdir;
-use crate::snapshot::format::{encode_state, write_tmp, HEADER_LEN, MEMORY_FILE, STATE_FILE};
+use crate::snapshot::format::{
+    encode_state, parse_state, write_tmp, HEADER_LEN, MEMORY_FILE, STATE_FILE,
+};
 use crate::snapshot::*;
 
 /// A real snapshot of a configured (never run) one-vCPU VM in `root/name`.
@@ -223,5 +225,53 @@ fn interrupted_save_leaves_nothing_that_loads() {
     assert!(matches!(e, SnapshotError::NotASnapshotDir { .. }), "{e}");
     assert!(other.join("precious").exists());
     let _ = first;
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Every truncation and every single-bit flip of a real state file is refused; random
+/// garbage with a correct checksum (a deliberate forgery) is refused or parses into bounded
+/// values, never a panic.
+#[test]
+fn no_damage_gets_through_or_panics() {
+    let root = tempdir("exhaustive");
+    let (good, _) = make_snapshot(&root, "snap");
+    let bytes = std::fs::read(good.join(STATE_FILE)).unwrap();
+    let path = good.join(STATE_FILE);
+    assert!(parse_state(&bytes, &path).is_ok());
+    for len in 0..bytes.len() {
+        assert!(
+            parse_state(&bytes[..len], &path).is_err(),
+            "truncated to {len}"
+        );
+    }
+    let mut b = bytes.clone();
+    for pos in 0..bytes.len() {
+        for bit in [0, 7] {
+            b[pos] ^= 1 << bit;
+            assert!(
+                parse_state(&b, &path).is_err(),
+                "bit {bit} of byte {pos} flipped"
+            );
+            b[pos] ^= 1 << bit;
+        }
+    }
+    // Forged: bytes of the JSON body replaced, checksum recomputed.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..3000 {
+        let mut body = bytes[HEADER_LEN..].to_vec();
+        for _ in 0..4 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let pos = (x as usize) % body.len();
+            body[pos] = (x >> 32) as u8;
+        }
+        let mut f = bytes[..HEADER_LEN].to_vec();
+        f[20..24].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        f.extend_from_slice(&body);
+        if let Ok(state) = parse_state(&f, &path) {
+            let _ = state.validate();
+        }
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }
