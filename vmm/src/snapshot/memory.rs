@@ -101,6 +101,7 @@ pub fn write(
     let mut ranges = Vec::new();
     let mut stats = WriteStats::default();
     let mut buf = vec![0u8; CHUNK];
+    let pagemap = Pagemap::open();
     for region in mem.iter() {
         let size = region.len();
         ranges.push(MemoryRange {
@@ -112,38 +113,97 @@ pub fn write(
         stats.size += size;
         // Holes everywhere first; only non-zero pages are written below.
         file.set_len(stats.size).map_err(io("cannot size"))?;
+        // Only in anonymous RAM is a never-touched page known to be zero; an unmapped page of
+        // a file mapping (a restored guest's RAM) still holds the file's bytes.
+        let anonymous = region.file_offset().is_none();
         let mut off = 0u64;
         while off < size {
             let n = (size - off).min(CHUNK as u64) as usize;
-            let slice =
-                region
-                    .get_slice(MemoryRegionAddress(off), n)
+            let pages = n.div_ceil(PAGE);
+            let touched = match anonymous {
+                true => pagemap.touched(region.as_ptr() as usize + off as usize, pages),
+                false => None,
+            };
+            let is_touched = |p: usize| touched.as_ref().is_none_or(|t| t[p]);
+            let mut p = 0;
+            while p < pages {
+                if !is_touched(p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && is_touched(p) {
+                    p += 1;
+                }
+                let (from, to) = (start * PAGE, (p * PAGE).min(n));
+                let slice = region
+                    .get_slice(MemoryRegionAddress(off + from as u64), to - from)
                     .map_err(|e| SnapshotError::Io {
                         what: "cannot read guest memory for",
                         path: path.to_path_buf(),
                         source: std::io::Error::other(e),
                     })?;
-            let got = slice.copy_to(&mut buf[..n]);
-            let data = &buf[..got];
-            let mut page = 0;
-            while page < data.len() {
-                if is_zero(&data[page..(page + PAGE).min(data.len())]) {
-                    page += PAGE;
-                    continue;
-                }
-                let start = page;
-                while page < data.len() && !is_zero(&data[page..(page + PAGE).min(data.len())]) {
-                    page += PAGE;
-                }
-                let end = page.min(data.len());
-                file.write_all_at(&data[start..end], base + off + start as u64)
+                let got = slice.copy_to(&mut buf[..to - from]);
+                stats.written += write_nonzero(file, &buf[..got], base + off + from as u64)
                     .map_err(io("cannot write"))?;
-                stats.written += (end - start) as u64;
             }
             off += n as u64;
         }
     }
     Ok((ranges, stats))
+}
+
+/// Writes the non-zero pages of `data` (read from guest memory) at `at` in `file`, runs of
+/// them in one call. Returns the bytes written.
+fn write_nonzero(file: &File, data: &[u8], at: u64) -> std::io::Result<u64> {
+    let mut written = 0;
+    let page_at = |p: usize| &data[p..(p + PAGE).min(data.len())];
+    let mut page = 0;
+    while page < data.len() {
+        if is_zero(page_at(page)) {
+            page += PAGE;
+            continue;
+        }
+        let start = page;
+        while page < data.len() && !is_zero(page_at(page)) {
+            page += PAGE;
+        }
+        let end = page.min(data.len());
+        file.write_all_at(&data[start..end], at + start as u64)?;
+        written += (end - start) as u64;
+    }
+    Ok(written)
+}
+
+/// /proc/self/pagemap: which pages of our own anonymous memory were ever touched (present
+/// or swapped). Reading a never-touched page would fault the zero page in, one fault per
+/// page: ~6 us each on the nested hosts here, 190 ms for an untouched 128 MiB guest, while
+/// the pagemap answer costs microseconds. Without pagemap every page is read.
+struct Pagemap(Option<File>);
+
+impl Pagemap {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+
+    fn open() -> Self {
+        Pagemap(File::open("/proc/self/pagemap").ok())
+    }
+
+    /// For `pages` pages from host address `addr` (page-aligned): touched or not.
+    fn touched(&self, addr: usize, pages: usize) -> Option<Vec<bool>> {
+        let file = self.0.as_ref()?;
+        let mut raw = vec![0u8; pages * 8];
+        file.read_exact_at(&mut raw, (addr / PAGE) as u64 * 8)
+            .ok()?;
+        Some(
+            raw.chunks_exact(8)
+                .map(|e| {
+                    let v = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                    v & (Self::PRESENT | Self::SWAPPED) != 0
+                })
+                .collect(),
+        )
+    }
 }
 
 /// A slice comparison is a memcmp: fast even in unoptimised builds.
@@ -246,7 +306,7 @@ mod tests {
 
     #[test]
     fn sparse_write_and_private_map() {
-        let dir = tempdir("sparse");
+        let dir = crate::snapshot::tests::tempdir("sparse");
         let path = dir.join("memory");
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 8 << 20),
@@ -296,13 +356,20 @@ mod tests {
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, 0x10000).unwrap();
         assert_eq!(byte[0], 1);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
-    pub(crate) fn tempdir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("microvm-snap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        // Saving a restored guest: its never-touched pages are file pages, not zeros, and
+        // must be read (only anonymous memory is skipped by the pagemap).
+        let back = map(&file, &path, &ranges).unwrap();
+        let again = dir.join("again");
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&again)
+            .unwrap();
+        let (_, stats) = write(&out, &again, &back).unwrap();
+        assert_eq!(stats.written, 4 * PAGE as u64);
+        assert!(std::fs::read(&path).unwrap() == std::fs::read(&again).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
