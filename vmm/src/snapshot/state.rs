@@ -7,6 +7,9 @@
 //! APIC base); LAPIC before MSRs (the TSC-deadline MSR only sticks with the LAPIC set up);
 //! MSR_IA32_TSC before MSR_IA32_TSC_DEADLINE; VCPU_EVENTS last. On the VM: PIT and irqchips,
 //! then the clock, as late as possible.
+//!
+//! KVM_GET/SET_SREGS, not SREGS2: kvm-ioctls 0.25 has no SREGS2, whose only addition is the
+//! PAE PDPTRs of a 32-bit PAE guest; a 64-bit kernel in long mode does not use them.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
