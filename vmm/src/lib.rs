@@ -17,6 +17,7 @@ pub mod layout;
 pub mod memory;
 pub mod nics;
 pub mod quirks;
+pub mod snapshot;
 pub mod symbols;
 pub mod terminal;
 pub mod vcpu;

@@ -13,6 +13,7 @@ use crate::boot::regs;
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::pause::{PauseHandle, Resume};
 use crate::symbols::Symbols;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -59,6 +60,8 @@ pub enum VcpuError {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// Lets the VMM stop this vCPU outside KVM_RUN, save it and resume it (`with_pause`).
+    pause: Option<Arc<PauseHandle>>,
 }
 
 impl Vcpu {
@@ -97,7 +100,18 @@ impl Vcpu {
         set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
         fd.set_lapic(&lapic).map_err(setup("KVM_SET_LAPIC"))?;
 
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu { index, fd, pause: None })
+    }
+
+    /// A vCPU whose state was loaded from a snapshot (`snapshot::restore_vcpu`).
+    pub fn restored(index: u8, fd: VcpuFd) -> Self {
+        Vcpu { index, fd, pause: None }
+    }
+
+    /// Makes the vCPU pausable through `handle` (see snapshot::pause).
+    pub fn with_pause(mut self, handle: Arc<PauseHandle>) -> Self {
+        self.pause = Some(handle);
+        self
     }
 
     /// Runs the vCPU on its own thread until the VM exits.
@@ -118,6 +132,8 @@ impl Vcpu {
     }
 
     fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal, symbols: &Symbols) {
+        let pause = self.pause.take();
+        let _attached = pause.as_deref().map(|p| p.attach(&mut self.fd));
         while !exit.is_set() {
             if crate::debug::take_dump_request(self.index) {
                 crate::debug::print_state(self.index, &self.fd, symbols);
@@ -162,7 +178,13 @@ impl Vcpu {
                     tracing::warn!(vcpu = self.index, "unhandled exit {other:?}");
                     None
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EINTR => {
+                    if pause.as_deref().is_some_and(|p| p.on_interrupted(&mut self.fd) == Resume::Exit) {
+                        break;
+                    }
+                    None
+                }
+                Err(e) if e.errno() == libc::EAGAIN => None,
                 Err(e) => Some(ExitReason::Fault(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
             };
             if let Some(reason) = result {
