@@ -59,12 +59,12 @@ fn scanner_finds_commands_in_each_language() {
     let mut f = Found::new();
     scan_rust(r#"let c = Command::new("nft").arg("-f"); ns.sh(&format!("ip link add {x} type veth && busybox httpd -p 80"));"#, "a.rs", &mut f);
     scan_python(r#"subprocess.run(["qemu-system-x86_64", "-M"]); sh(f"{ns} tcpdump -i {dev} | tee x")"#, "b.py", &mut f);
-    scan_shell("set -e\nfoo() { :; }\nif ! jq . x; then exec env A=1 iperf3 -c x; fi\necho 'wget not-a-command'\nX=$(dnsmasq --help)\nfoo\n", "c.sh", &mut f);
+    scan_shell("set -e\nfoo() { :; }\necho \"$((SECONDS - 1)) s\"\nif ! jq . x; then exec env A=1 iperf3 -c x; fi\necho 'wget not-a-command'\nX=$(dnsmasq --help)\nfoo\n", "c.sh", &mut f);
     let got: BTreeSet<&str> = f.keys().map(String::as_str).collect();
     for want in ["nft", "ip", "busybox", "qemu-system-x86_64", "tcpdump", "tee", "jq", "iperf3", "dnsmasq"] {
         assert!(got.contains(want), "missed {want}: {got:?}");
     }
-    for not in ["wget", "foo", "echo", "set", "if", "exec", "env", "x", "httpd"] {
+    for not in ["SECONDS", "wget", "foo", "echo", "set", "if", "exec", "env", "x", "httpd"] {
         assert!(!got.contains(not), "{not} is not a program run here: {got:?}");
     }
     // A declared dependency is recognised, and a made-up one is not "required".
@@ -337,6 +337,10 @@ fn shell_code(text: &str) -> String {
                 '"' => {
                     stack.pop();
                     out.push_str("_Q_");
+                }
+                '$' if next == Some('(') && chars.get(i + 1) == Some(&'(') => {
+                    i += 2;
+                    stack.push(Mode::Array(2)); // "$(( arithmetic ))"
                 }
                 '$' if next == Some('(') => {
                     i += 1;
