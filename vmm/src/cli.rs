@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, ShareConfig, VmConfig};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -14,6 +14,9 @@ Examples:
       same, with a NIC on a NAT network (bridge mvbr-default, DHCP, masquerade)
   microvm --kernel vmlinux --disk rootfs.ext4 -- sh -c 'uname -a; exit 7'
       run one command in the guest; microvm exits with its status (7)
+  microvm --kernel vmlinux --disk rootfs.ext4 --share ~/src,tag=src --share /data,at=/mnt/data,ro
+      two host directories over virtio-fs (each served by a virtiofsd microvm starts);
+      in the guest: mount -t virtiofs src /src
   microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 512 --cmdline 'quiet'
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
@@ -55,6 +58,15 @@ pub struct Cli {
     #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=N]")]
     pub disk: Vec<String>,
 
+    /// A host directory for the guest over virtio-fs; repeat for more. Mounted at the same
+    /// path unless at=GUESTPATH; tag=T names it for `mount -t virtiofs T DIR` (default share0,
+    /// share1, ...; at most 36 of A-Z a-z 0-9 . _ -); ro makes it read-only. Each share runs a
+    /// virtiofsd (`cargo install virtiofsd`, or $MICROVM_VIRTIOFSD). With neither --disk nor
+    /// --initrd the host's / (read-only) and the current directory are shared too.
+    /// Example: --share ~/linux,tag=src --share /srv/data,at=/data,ro
+    #[arg(long, value_name = "HOSTDIR[,at=GUESTPATH][,tag=T][,ro]")]
+    pub share: Vec<String>,
+
     /// A virtio-net NIC; repeat for more. Modes: nat[:NAME], host-only[:NAME], bridge=BR,
     /// tap=NAME, none. Options: mac=XX:XX:XX:XX:XX:XX, subnet=A.B.C.0/24, uplink=IFACE,
     /// rate=50Mbit (bits/s) or rate=5MB (bytes/s) per direction, pps=N.
@@ -80,6 +92,11 @@ impl Cli {
             .iter()
             .map(|d| d.parse::<DiskConfig>())
             .collect::<Result<Vec<_>, _>>()?;
+        let shares = self
+            .share
+            .iter()
+            .map(|s| s.parse::<ShareConfig>())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -87,6 +104,7 @@ impl Cli {
             cpus: self.cpus,
             memory_mib: self.memory,
             disks,
+            shares,
             nets: self.net.into_iter().filter(|n| n != "none").collect(),
             quirks: !self.no_quirks,
             command: self.command,

@@ -29,6 +29,12 @@ pub enum ConfigError {
     Rate(String),
     #[error("too many devices: at most {max} virtio devices fit, got {got}")]
     TooManyDevices { max: usize, got: usize },
+    #[error("bad --share '{spec}': {reason}")]
+    ShareSpec { spec: String, reason: String },
+    #[error("--share tag '{0}' is used twice (each share needs its own tag=)")]
+    DuplicateTag(String),
+    #[error("--share tag '{0}' is reserved for the shares microvm adds itself")]
+    ReservedTag(String),
 }
 
 /// One `--disk PATH[,size=SIZE][,readonly][,bw=BYTES/s][,iops=N]`.
@@ -78,6 +84,74 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// One `--share HOSTDIR[,at=GUESTPATH][,tag=TAG][,ro]`: a host directory the guest mounts over
+/// virtio-fs (served by virtiofsd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The host directory (checked and made canonical by `share::plan`).
+    pub host: PathBuf,
+    /// Where the guest mounts it; default: the host directory's canonical path.
+    pub guest: Option<PathBuf>,
+    /// The virtio-fs tag; default: `share0`, `share1`, ... (the first free one).
+    pub tag: Option<String>,
+    pub read_only: bool,
+}
+
+/// Longest virtio-fs tag (the device's config space field).
+pub const SHARE_TAG_MAX: usize = devices::virtio::fs::TAG_MAX_LEN;
+
+/// Why a tag is unusable, if it is: 1 to 36 bytes of `A-Z a-z 0-9 . _ -` (it travels on the
+/// kernel command line to the guest init, so no spaces or separators).
+pub fn share_tag_problem(tag: &str) -> Option<String> {
+    if tag.is_empty() || tag.len() > SHARE_TAG_MAX {
+        return Some(format!("tag '{tag}' must be 1 to {SHARE_TAG_MAX} bytes"));
+    }
+    if !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Some(format!("tag '{tag}' may only hold letters, digits, '.', '_' and '-'"));
+    }
+    None
+}
+
+impl std::str::FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ConfigError::ShareSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut parts = spec.split(',');
+        let host = parts.next().unwrap_or_default();
+        if host.is_empty() {
+            return Err(bad("missing host directory"));
+        }
+        let mut share = ShareConfig { host: PathBuf::from(host), guest: None, tag: None, read_only: false };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("at", v)) => {
+                    let p = PathBuf::from(v);
+                    if !p.is_absolute() {
+                        return Err(bad(&format!("at={v} must be an absolute guest path")));
+                    }
+                    if p.parent().is_none() {
+                        return Err(bad("at=/ would hide the guest's root; pick a directory"));
+                    }
+                    share.guest = Some(p);
+                }
+                Some(("tag", v)) => {
+                    if let Some(problem) = share_tag_problem(v) {
+                        return Err(bad(&problem));
+                    }
+                    share.tag = Some(v.to_string());
+                }
+                None if opt == "ro" || opt == "readonly" => share.read_only = true,
+                _ => return Err(bad(&format!("unknown option '{opt}' (expected at=, tag=, ro)"))),
+            }
+        }
+        Ok(share)
+    }
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -88,6 +162,9 @@ pub struct VmConfig {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
+    /// `--share` directories, in order (the host root and working directory shares that
+    /// microvm adds itself are not here: see `share::plan`).
+    pub shares: Vec<ShareConfig>,
     /// Raw `--net` specs, parsed and validated by the `net` crate.
     pub nets: Vec<String>,
     /// Apply the host-specific guest command-line quirks when detected.
@@ -105,6 +182,7 @@ impl Default for VmConfig {
             cpus: 1,
             memory_mib: 128,
             disks: Vec::new(),
+            shares: Vec::new(),
             nets: Vec::new(),
             quirks: true,
             command: Vec::new(),
@@ -121,7 +199,16 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
         }
-        let devices = self.disks.len() + self.nets.len();
+        let mut tags = std::collections::HashSet::new();
+        for tag in self.shares.iter().filter_map(|s| s.tag.as_deref()) {
+            if crate::share::RESERVED_TAGS.contains(&tag) {
+                return Err(ConfigError::ReservedTag(tag.to_string()));
+            }
+            if !tags.insert(tag) {
+                return Err(ConfigError::DuplicateTag(tag.to_string()));
+            }
+        }
+        let devices = self.disks.len() + self.nets.len() + crate::share::count(self);
         if devices > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 max: crate::layout::MAX_VIRTIO_DEVICES,
@@ -190,6 +277,42 @@ mod tests {
         assert!("".parse::<DiskConfig>().is_err());
         assert!("a.img,size=big".parse::<DiskConfig>().is_err());
         assert!("a.img,colour=red".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn share_specs() {
+        let s: ShareConfig = "/src,at=/mnt/src,tag=code,ro".parse().unwrap();
+        assert_eq!(s.host, PathBuf::from("/src"));
+        assert_eq!(s.guest, Some(PathBuf::from("/mnt/src")));
+        assert_eq!(s.tag.as_deref(), Some("code"));
+        assert!(s.read_only);
+        let s: ShareConfig = "rel/dir".parse().unwrap();
+        assert_eq!((s.guest, s.tag, s.read_only), (None, None, false));
+        for bad in [
+            "",
+            ",tag=x",
+            "/d,at=rel",
+            "/d,at=/",
+            "/d,tag=",
+            "/d,tag=has space",
+            "/d,tag=0123456789012345678901234567890123456",
+            "/d,colour=red",
+        ] {
+            assert!(matches!(bad.parse::<ShareConfig>(), Err(ConfigError::ShareSpec { .. })), "{bad}");
+        }
+        // 36 bytes is the most the config space holds.
+        assert!("/d,tag=012345678901234567890123456789012345".parse::<ShareConfig>().is_ok());
+    }
+
+    #[test]
+    fn share_tags_unique_and_not_reserved() {
+        let mut c = VmConfig { disks: vec!["r.img".parse().unwrap()], ..Default::default() };
+        c.shares = vec!["/a,tag=t".parse().unwrap(), "/b".parse().unwrap()];
+        c.validate().unwrap();
+        c.shares.push("/c,tag=t".parse().unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateTag(t)) if t == "t"));
+        c.shares = vec![format!("/a,tag={}", crate::share::ROOT_TAG).parse().unwrap()];
+        assert!(matches!(c.validate(), Err(ConfigError::ReservedTag(_))));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum VirtioError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Nic(#[from] crate::nics::NicError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("cannot create the block device for '{path}'")]
     Block {
         path: std::path::PathBuf,
@@ -49,6 +51,7 @@ impl VirtioError {
         match self {
             VirtioError::Disk(_) | VirtioError::NoSlot => true,
             VirtioError::Nic(e) => e.is_usage(),
+            VirtioError::Share(e) => e.is_usage(),
             _ => false,
         }
     }
@@ -102,13 +105,15 @@ impl<'a> VirtioSlots<'a> {
     }
 }
 
-/// Attaches the configured disks (vda, vdb, ... in order) and NICs (eth0, eth1, ...).
+/// Attaches the configured disks (vda, vdb, ... in order), the shares (one virtio-fs device
+/// per `(tag, virtiofsd connection)`, in `share::plan` order) and NICs (eth0, eth1, ...).
 /// Returns the NICs' host attachments: keep them for the VM's life; dropping them tears
 /// down the TAPs (and networks whose last user this VM was).
 pub fn attach_all(
     slots: &mut VirtioSlots,
     bus: &mut Bus,
     config: &VmConfig,
+    shares: Vec<(String, std::os::unix::net::UnixStream)>,
 ) -> Result<Vec<net::Attachment>, VirtioError> {
     // Check every --net spec before creating anything.
     let nets = crate::nics::parse_specs(&config.nets)?;
@@ -116,6 +121,11 @@ pub fn attach_all(
         let opened = disk::open(d)?;
         let device = crate::devices::block_device(d, opened, slots.endpoint())
             .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
+        slots.attach(bus, device)?;
+    }
+    for (tag, conn) in shares {
+        let device = crate::devices::fs_device(&tag, conn)
+            .map_err(|source| crate::share::ShareError::Device { tag: tag.clone(), source })?;
         slots.attach(bus, device)?;
     }
     let mut attachments = Vec::new();
