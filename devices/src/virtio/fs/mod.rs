@@ -75,3 +75,6 @@ pub enum FsError {
     #[error("the vhost-user connection failed earlier and is no longer usable")]
     Broken,
 }
+
+#[cfg(test)]
+mod tests;
