@@ -45,6 +45,14 @@
 //!    ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
 //! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
 //!    back what must survive.
+//!
+//! # Devices served by another process (vhost-user)
+//!
+//! [`fs::Fs`] has no handler at all: on activation it hands the queues, the queue eventfds
+//! (KVM ioeventfds) and `ctx.irq`'s eventfd (the KVM irqfd) to a vhost-user backend, so
+//! notifications and interrupts bypass the VMM. Such a device calls
+//! [`IrqTrigger::set_sticky`] with [`IrqKind::Vring`]: the backend cannot set InterruptStatus.
+//! Guest memory must be file-backed (memfd) for the backend to map it.
 
 pub mod block;
 mod device_base;

@@ -7,7 +7,7 @@
 //! * [`Fs::new`] takes a connected vhost-user socket and does the first part of the handshake
 //!   (SET_OWNER, GET_FEATURES, protocol features), so the features offered to the guest are the
 //!   ones the backend has.
-//! * On `DRIVER_OK` ([`VirtioDevice::activate`]) the device sends the guest memory table (the
+//! * On `DRIVER_OK` ([`crate::virtio::VirtioDevice::activate`]) the device sends the guest memory table (the
 //!   backend maps guest RAM itself: the VMM must back it with shareable memory, e.g. a memfd
 //!   mapped `MAP_SHARED`), then for each queue its size, ring addresses, base index, the call
 //!   eventfd (the transport's interrupt eventfd, a KVM irqfd) and the kick eventfd (the queue's
