@@ -15,8 +15,8 @@ Examples:
   microvm --kernel vmlinux --disk rootfs.ext4 -- sh -c 'uname -a; exit 7'
       run one command in the guest; microvm exits with its status (7)
   microvm --kernel vmlinux --disk rootfs.ext4 --share ~/src,tag=src --share /data,at=/mnt/data,ro
-      two host directories over virtio-fs (each served by a virtiofsd microvm starts);
-      in the guest: mount -t virtiofs src /src
+      two host directories over virtio-fs, each served by a virtiofsd microvm starts and
+      stops (by hand in a guest: mount -t virtiofs src /some/dir)
   microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 512 --cmdline 'quiet'
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
