@@ -44,5 +44,5 @@ pub use spec::{
     MacAddr, NetMode, NetSpec, RateSpec, SpecError, Subnet, BRIDGE_PREFIX, DEFAULT_NETWORK, MAX_NETWORK_NAME,
     TAP_PREFIX,
 };
-pub use state::{StateError, RUN_DIR_ENV};
+pub use state::{StateError, DEFAULT_RUN_DIR, RUN_DIR_ENV};
 pub use tap::{set_offload as set_tap_offload, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};

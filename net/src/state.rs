@@ -21,7 +21,8 @@ use crate::spec::Subnet;
 
 /// Environment variable overriding `/run/microvm`.
 pub const RUN_DIR_ENV: &str = "MICROVM_RUN_DIR";
-const DEFAULT_RUN_DIR: &str = "/run/microvm";
+/// Where microvm keeps its runtime state unless `$MICROVM_RUN_DIR` says otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/microvm";
 
 /// State-file errors.
 #[derive(Debug, thiserror::Error)]

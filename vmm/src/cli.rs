@@ -14,6 +14,9 @@ Examples:
       same, with a NIC on a NAT network (bridge mvbr-default, DHCP, masquerade)
   microvm --kernel vmlinux --disk rootfs.ext4 -- sh -c 'uname -a; exit 7'
       run one command in the guest; microvm exits with its status (7)
+  microvm --kernel vmlinux --disk rootfs.ext4 --share ~/src,tag=src --share /data,at=/mnt/data,ro
+      two host directories over virtio-fs, each served by a virtiofsd microvm starts and
+      stops (by hand in a guest: mount -t virtiofs src /some/dir)
   microvm --kernel bzImage --initrd initramfs.cpio --cpus 2 --memory 1G --cmdline 'quiet'
   microvm --kernel ~/src/linux --disk rootfs.ext4
       boot the kernel just built in that tree; register dumps name its functions
@@ -66,18 +69,21 @@ pub struct Cli {
     #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=COUNT]")]
     pub disk: Vec<String>,
 
+    /// A host directory for the guest over virtio-fs; repeat for more. Mounted at the same
+    /// path unless at=GUESTPATH; tag=T names it for `mount -t virtiofs T DIR` (default share0,
+    /// share1, ...; at most 36 of A-Z a-z 0-9 . _ -); ro makes it read-only. Each share runs a
+    /// virtiofsd (`cargo install virtiofsd`, or $MICROVM_VIRTIOFSD). With neither --disk nor
+    /// --initrd the host's / (read-only) and the current directory are shared too.
+    /// Example: --share ~/linux,tag=src --share /srv/data,at=/data,ro
+    #[arg(long, value_name = "HOSTDIR[,at=GUESTPATH][,tag=T][,ro]")]
+    pub share: Vec<String>,
+
     /// A virtio-net NIC; repeat for more. Modes: nat[:NAME], host-only[:NAME], bridge=BR,
     /// tap=NAME, none. Options: mac=XX:XX:XX:XX:XX:XX, subnet=A.B.C.0/24, uplink=IFACE,
     /// rate=RATE (50Mbit, 5MB) and pps=COUNT per direction.
     /// Example: --net nat  or  --net host-only:lab,rate=100Mbit
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
-
-    /// A host directory the guest mounts over virtio-fs; repeat for more. Mounted at the same
-    /// path unless at=GUESTPATH (absolute); tag=T names the virtio-fs tag (default share0,
-    /// share1, ...); ro makes it read-only. Example: --share ~/src,at=/src --share /data,ro
-    #[arg(long, value_name = "HOSTDIR[,at=GUESTPATH][,tag=T][,ro]")]
-    pub share: Vec<String>,
 
     /// Print the kernel config fragment a guest kernel needs for everything microvm offers,
     /// one reason per option, and exit. Example: microvm --kconfig > microvm.config

@@ -2,7 +2,10 @@
 //! see `virtio.rs`).
 
 use devices::rate_limiter::RateLimiterConfig;
+use std::os::unix::net::UnixStream;
+
 use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::fs::{Fs, FsError};
 use devices::virtio::{EventEndpoint, VirtioDevice};
 
 use crate::config::DiskConfig;
@@ -25,4 +28,9 @@ pub fn block_device(
         ..Default::default()
     };
     Ok(Box::new(Block::new(config, disk.file, disk.len, endpoint)?))
+}
+
+/// A virtio-fs device for share `tag`, served by the virtiofsd at the other end of `conn`.
+pub fn fs_device(tag: &str, conn: UnixStream) -> Result<Box<dyn VirtioDevice>, FsError> {
+    Ok(Box::new(Fs::new(tag, conn)?))
 }

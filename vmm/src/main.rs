@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         vmm::terminal::restore_now();
+        vmm::share::kill_all_now();
         default_hook(info);
         std::process::exit(code::VM_FAILURE);
     }));

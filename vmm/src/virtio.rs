@@ -34,10 +34,10 @@ pub enum VirtioError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Disk(#[from] DiskError),
-    #[error("--share needs the virtio-fs device, which this build does not have yet")]
-    SharesUnsupported,
     #[error(transparent)]
     Nic(#[from] crate::nics::NicError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("cannot create the block device for '{path}'")]
     Block {
         path: std::path::PathBuf,
@@ -94,22 +94,26 @@ impl<'a> VirtioSlots<'a> {
     }
 }
 
-/// Attaches the configured disks (vda, vdb, ... in order) and NICs (eth0, eth1, ...).
+/// Attaches the configured disks (vda, vdb, ... in order), the shares (one virtio-fs device
+/// per `(tag, virtiofsd connection)`, in `share::plan` order) and NICs (eth0, eth1, ...).
 /// Returns the NICs' host attachments: keep them for the VM's life; dropping them tears
 /// down the TAPs (and networks whose last user this VM was).
 pub fn attach_all(
     slots: &mut VirtioSlots,
     bus: &mut Bus,
     config: &VmConfig,
+    shares: Vec<(String, std::os::unix::net::UnixStream)>,
 ) -> Result<Vec<net::Attachment>, VirtioError> {
-    if !config.shares.is_empty() {
-        return Err(VirtioError::SharesUnsupported);
-    }
     let nets = &config.nets;
     for d in &config.disks {
         let opened = disk::open(d)?;
         let device = crate::devices::block_device(d, opened, slots.endpoint())
             .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
+        slots.attach(bus, device)?;
+    }
+    for (tag, conn) in shares {
+        let device = crate::devices::fs_device(&tag, conn)
+            .map_err(|source| crate::share::ShareError::Device { tag: tag.clone(), source })?;
         slots.attach(bus, device)?;
     }
     let mut attachments = Vec::new();

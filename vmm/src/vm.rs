@@ -44,6 +44,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Virtio(#[from] VirtioError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error("cannot set up {what}")]
@@ -60,6 +62,7 @@ impl VmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmError::Config(e) => e.exit_code(),
+            VmError::Share(e) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
     }
@@ -91,13 +94,16 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
 }
 
 fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError> {
+    let shares = crate::share::plan(config)?;
+    let virtiofsd = if shares.is_empty() { None } else { Some(crate::share::find_virtiofsd()?) };
     let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let mem = memory::create(&vm, config.memory_mib)?;
+    // virtiofsd maps guest RAM itself: it must be shareable then.
+    let mem = memory::create(&vm, config.memory_mib, !shares.is_empty())?;
 
     let (kernel, entry) = boot::load_kernel(&mem, &checked.kernel.image)?;
     let initrd = config.initrd.as_deref().map(|p| boot::load_initrd(&mem, p)).transpose()?;
@@ -111,9 +117,15 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let mut mmio = Bus::default();
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
+    // One virtiofsd per share, stopped by `release()` below (or on drop, on error paths).
+    let (daemons, conns) = match &virtiofsd {
+        Some(bin) => crate::share::Shares::start(&shares, bin)?,
+        None => (crate::share::Shares::none(), Vec::new()),
+    };
+    let fs_devices = shares.iter().map(|s| s.tag.clone()).zip(conns).collect();
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
     // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
-    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
+    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
 
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
@@ -133,6 +145,7 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
+    event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
 
     let reason = loop {
         if let Some(reason) = exit.get() {
@@ -141,6 +154,7 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    daemons.release();
     Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
 }
 

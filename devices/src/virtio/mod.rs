@@ -45,9 +45,18 @@
 //!    ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
 //! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
 //!    back what must survive.
+//!
+//! # Devices served by another process (vhost-user)
+//!
+//! [`fs::Fs`] has no handler at all: on activation it hands the queues, the queue eventfds
+//! (KVM ioeventfds) and `ctx.irq`'s eventfd (the KVM irqfd) to a vhost-user backend, so
+//! notifications and interrupts bypass the VMM. Such a device calls
+//! [`IrqTrigger::set_sticky`] with [`IrqKind::Vring`]: the backend cannot set InterruptStatus.
+//! Guest memory must be file-backed (memfd) for the backend to map it.
 
 pub mod block;
 mod device_base;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -68,6 +77,8 @@ pub use mmio::{MmioError, MmioTransport};
 pub const TYPE_NET: u32 = 1;
 /// virtio device id of a block device.
 pub const TYPE_BLOCK: u32 = 2;
+/// virtio device id of a file system device (virtio-fs).
+pub const TYPE_FS: u32 = 26;
 
 /// Feature bit: the device complies with virtio 1.x (mandatory for the mmio v2 transport).
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -201,6 +212,9 @@ impl IrqKind {
 #[derive(Debug)]
 pub struct IrqTrigger {
     status: AtomicU32,
+    /// Causes that read as pending whatever the driver acked: for a device whose backend
+    /// signals the eventfd directly (vhost-user), which cannot set `status` itself.
+    sticky: AtomicU32,
     evt: EventFd,
 }
 
@@ -209,6 +223,7 @@ impl IrqTrigger {
     pub fn new() -> io::Result<Self> {
         Ok(IrqTrigger {
             status: AtomicU32::new(0),
+            sticky: AtomicU32::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -221,7 +236,15 @@ impl IrqTrigger {
 
     /// Current InterruptStatus value.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.status.load(Ordering::SeqCst) | self.sticky.load(Ordering::SeqCst)
+    }
+
+    /// Makes `kind` read as pending until [`IrqTrigger::clear`] (device reset). For a device
+    /// whose queues are served by another process that writes the eventfd directly: Linux'
+    /// virtio-mmio driver only looks at the used rings when InterruptStatus has the VRING bit,
+    /// and nobody else would set it. A spurious look finds nothing new and costs little.
+    pub fn set_sticky(&self, kind: IrqKind) {
+        self.sticky.fetch_or(kind.bit(), Ordering::SeqCst);
     }
 
     /// InterruptACK: clears the given bits.
@@ -229,9 +252,10 @@ impl IrqTrigger {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
-    /// Clears every pending cause (device reset).
+    /// Clears every pending cause, sticky ones included (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.sticky.store(0, Ordering::SeqCst);
     }
 
     /// The eventfd to register as a KVM irqfd.
@@ -307,6 +331,11 @@ mod tests {
         assert_eq!(irq.status(), VIRTIO_MMIO_INT_CONFIG);
         irq.clear();
         assert_eq!(irq.status(), 0);
+        irq.set_sticky(IrqKind::Vring);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING, "sticky survives the ack");
+        irq.clear();
+        assert_eq!(irq.status(), 0, "reset clears sticky causes");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum ConfigError {
     MemorySpec(String),
     #[error("too many devices: at most {max} virtio devices fit, got {got}")]
     TooManyDevices { max: usize, got: usize },
+    #[error("--share tag '{0}' is reserved for the shares microvm adds itself")]
+    ReservedTag(String),
     #[error("--share {first} and --share {second} both use tag '{tag}' (give one of them tag=...)")]
     DuplicateTag { tag: String, first: String, second: String },
     #[error(transparent)]
@@ -131,7 +133,7 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
         }
-        let devices = self.disks.len() + self.nets.len() + self.shares.len();
+        let devices = self.disks.len() + self.nets.len() + crate::share::count(self);
         if devices > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices { max: crate::layout::MAX_VIRTIO_DEVICES, got: devices });
         }
@@ -141,6 +143,9 @@ impl VmConfig {
         let tags = self.share_tags();
         for (i, s) in self.shares.iter().enumerate() {
             s.validate()?;
+            if crate::share::RESERVED_TAGS.contains(&tags[i].as_str()) {
+                return Err(ConfigError::ReservedTag(tags[i].clone()));
+            }
             if let Some(first) = tags[..i].iter().position(|t| *t == tags[i]) {
                 return Err(ConfigError::DuplicateTag {
                     tag: tags[i].clone(),

@@ -11,8 +11,7 @@ const PARSER: OptionParser = OptionParser::new("--share", "HOSTDIR")
     .switches(&[("ro", "readonly"), ("readonly", "readonly")]);
 
 /// Longest virtio-fs tag: the `tag` field of struct virtio_fs_config.
-// The virtiofs branch defines devices::virtio::fs::TAG_MAX_LEN: use that once merged.
-pub const MAX_TAG_LEN: usize = 36;
+pub const MAX_TAG_LEN: usize = devices::virtio::fs::TAG_MAX_LEN;
 
 /// A share that cannot be used as asked.
 #[derive(Debug, Error)]
@@ -77,6 +76,9 @@ impl ShareConfig {
             if !at.is_absolute() {
                 return Err(format!("at={} must be an absolute guest path", at.display()));
             }
+            if at.parent().is_none() {
+                return Err("at=/ would hide the guest's root; pick a directory".into());
+            }
         }
         if let Some(tag) = &self.tag {
             if tag.is_empty() || tag.len() > MAX_TAG_LEN {
@@ -125,6 +127,7 @@ mod tests {
         for (spec, needle) in [
             ("", "missing HOSTDIR"),
             ("/x,at=rel/path", "at=rel/path must be an absolute guest path"),
+            ("/x,at=/", "would hide the guest's root"),
             ("/x,tag=a b", "only letters"),
             ("/x,tag=0123456789012345678901234567890123456", "1 to 36 bytes"),
             ("/x,at=", "option 'at' needs a value"),
