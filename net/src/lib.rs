@@ -43,7 +43,7 @@ mod tap;
 pub use attach::{attach, Attachment};
 pub use bridge::BridgeError;
 pub use contain::panic_is_contained;
-pub use dhcp::{server_running as dhcp_server_running, DhcpError, LEASE_SECS};
+pub use dhcp::{server_running as dhcp_server_running, stats as dhcp_stats, DhcpError, DhcpStats, LEASE_SECS};
 pub use emergency::emergency_teardown;
 pub use error::NetError;
 pub use network::{cleanup_stale, teardown_all, NetworkError};

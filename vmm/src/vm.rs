@@ -115,8 +115,9 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
-    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
+    // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
+    // early error return, their Drop does it.
+    let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
 
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
@@ -143,6 +144,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    crate::nics::release_all(nics);
     Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
 }
 

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -62,7 +63,24 @@ pub(crate) struct DhcpNetwork {
 struct Running {
     macs: OwnedMacs,
     stop: Arc<StopSignal>,
+    counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Packets a server dropped, counted by its thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub malformed: AtomicU64,
+    pub decoder_panics: AtomicU64,
+}
+
+/// What a network's DHCP server in this process has dropped so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DhcpStats {
+    /// Refused by the wire check (see the `wire` module) before decoding.
+    pub malformed: u64,
+    /// Contained panics of the decoder (a case the wire check misses; expected 0).
+    pub decoder_panics: u64,
 }
 
 fn servers() -> &'static Mutex<HashMap<String, Running>> {
@@ -96,12 +114,13 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
     let macs: OwnedMacs = Arc::new(Mutex::new(HashMap::from([(mac, 1)])));
     let spawn_err = |source| DhcpError::Spawn { network: net.name.clone(), source };
     let stop = Arc::new(StopSignal::new().map_err(spawn_err)?);
-    let (m, s, name) = (macs.clone(), stop.clone(), net.name.clone());
+    let counters = Arc::new(Counters::default());
+    let (m, s, c, name) = (macs.clone(), stop.clone(), counters.clone(), net.name.clone());
     let thread = std::thread::Builder::new()
         .name(format!("dhcp-{}", net.name))
-        .spawn(move || server::serve(sock, name, params, leases, m, s))
+        .spawn(move || server::serve(sock, name, params, leases, m, s, c))
         .map_err(spawn_err)?;
-    map.insert(net.name.clone(), Running { macs, stop, thread: Some(thread) });
+    map.insert(net.name.clone(), Running { macs, stop, counters, thread: Some(thread) });
     Ok(DhcpRegistration { network: net.name.clone(), mac, released: false })
 }
 
@@ -157,6 +176,16 @@ fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
 pub fn server_running(network: &str) -> bool {
     servers().lock().unwrap_or_else(|e| e.into_inner()).contains_key(network)
+}
+
+/// Drop counters of this process's DHCP server for `network`, if it runs one (for tests and
+/// diagnostics).
+pub fn stats(network: &str) -> Option<DhcpStats> {
+    let map = servers().lock().unwrap_or_else(|e| e.into_inner());
+    map.get(network).map(|r| DhcpStats {
+        malformed: r.counters.malformed.load(Ordering::Relaxed),
+        decoder_panics: r.counters.decoder_panics.load(Ordering::Relaxed),
+    })
 }
 
 /// DNS servers to offer NAT guests (see the module docs).

@@ -13,12 +13,14 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::lease::LeaseFile;
+use super::Counters;
 use super::packet::{build_reply, decide, encode, parse_request, Ignored, ServerParams};
 use super::DhcpError;
 use crate::ratelog::RateLimitedLog;
@@ -79,8 +81,9 @@ pub(crate) fn open_socket(bridge: &str) -> Result<UdpSocket, DhcpError> {
     Ok(sock.into())
 }
 
-/// Rate limiters for the log lines of one server thread.
+/// Rate limiters for the log lines of one server thread, and its drop counters.
 struct Logs {
+    counters: Arc<Counters>,
     malformed: RateLimitedLog,
     decoder_panic: RateLimitedLog,
     io: RateLimitedLog,
@@ -95,6 +98,7 @@ pub(crate) fn serve(
     leases: LeaseFile,
     macs: OwnedMacs,
     stop: Arc<StopSignal>,
+    counters: Arc<Counters>,
 ) {
     let span = tracing::info_span!("dhcp", network = %network);
     let _enter = span.enter();
@@ -102,6 +106,7 @@ pub(crate) fn serve(
     #[cfg(debug_assertions)]
     let test_panic = std::env::var_os(TEST_PANIC_ENV).is_some_and(|v| v == "dhcp");
     let mut logs = Logs {
+        counters,
         malformed: RateLimitedLog::new(LOG_INTERVAL),
         decoder_panic: RateLimitedLog::new(LOG_INTERVAL),
         io: RateLimitedLog::new(LOG_INTERVAL),
@@ -161,12 +166,14 @@ fn handle(sock: &UdpSocket, datagram: &[u8], params: &ServerParams, leases: &Lea
         Ok(parsed) => parsed,
         Err(Ignored::NotARequest) => return,
         Err(Ignored::Malformed(why)) => {
+            logs.counters.malformed.fetch_add(1, Ordering::Relaxed);
             if let Some(count) = logs.malformed.hit() {
                 tracing::warn!(count, last = %why, "dropping malformed DHCP packets");
             }
             return;
         }
         Err(Ignored::DecoderPanic(msg)) => {
+            logs.counters.decoder_panics.fetch_add(1, Ordering::Relaxed);
             if let Some(count) = logs.decoder_panic.hit() {
                 tracing::error!(count, panic = %msg, "DHCP decoder panicked on a packet (contained; packet dropped)");
             }
