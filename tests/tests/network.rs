@@ -247,6 +247,39 @@ fn sigterm_tears_the_network_down() {
     assert_eq!(world.leftovers(), Vec::<String>::new());
 }
 
+/// A panic in a helper thread ends microvm with exit 1, after tearing its TAPs, bridges,
+/// nft table and network state down. The panic comes from the DHCP server thread on the
+/// first packet it receives, forced by MICROVM_TEST_PANIC=dhcp (debug builds only; the
+/// tests build microvm in debug mode).
+#[test]
+fn helper_thread_panic_tears_the_network_down() {
+    use std::os::unix::fs::MetadataExt;
+    let world = World::new();
+    let forever = payload("pn-forever", Asm::default().halt());
+    let nets = ["--net", "nat:pn", "--net", "host-only:pn2"];
+    let g = world.spawn_env("pn", &args(&forever, &nets), scratch_dir("pn"), &[("MICROVM_TEST_PANIC", "dhcp")]);
+    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-pn2"));
+    assert!(up, "network never came up: {}", g.stderr_now());
+    assert_eq!(world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count(), 2);
+    let ino = std::fs::metadata(format!("/var/run/netns/{}", world.host.name)).unwrap().ino();
+    let state = world.run_dir.path.join(ino.to_string()).join("net");
+    assert!(state.join("pn").exists() && state.join("pn2").exists(), "state not where expected");
+
+    // Something on network pn asks for an address.
+    let peer = microvm_tests::netns::Netns::new("pnpeer");
+    world.host.sh(&format!(
+        "ip link add pv0 type veth peer name pv1 netns {} && ip link set pv0 master mvbr-pn && ip link set pv0 up",
+        peer.name
+    ));
+    peer.sh("ip link set pv1 up");
+    let _ = peer.try_sh("busybox udhcpc -i pv1 -n -q -t 2 -T 1");
+    let r = g.wait(Duration::from_secs(30));
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr.contains("test-triggered panic"), "{r:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+    assert!(!state.join("pn").exists() && !state.join("pn2").exists(), "network state left behind");
+}
+
 /// Bad --net input: one line, exit 2, nothing left behind.
 #[test]
 fn bad_net_input_exits_2_and_leaves_nothing() {
