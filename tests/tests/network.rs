@@ -237,9 +237,10 @@ fn sigterm_tears_the_network_down() {
     let world = World::new();
     let forever = payload("term-forever", Asm::default().halt());
     let g = world.spawn("term", &args(&forever, &["--net", "nat:term", "--net", "host-only:term2"]), scratch_dir("term"));
-    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-term2"));
+    // The second NIC's bridge exists a moment before its TAP: wait for both TAPs.
+    let taps = || world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count();
+    let up = microvm_tests::netns::wait_until(30, || taps() == 2);
     assert!(up, "network never came up: {}", g.stderr_now());
-    assert_eq!(world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count(), 2);
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(g.child.id() as i32, libc::SIGTERM) };
     let r = g.wait(Duration::from_secs(30));
@@ -258,9 +259,9 @@ fn helper_thread_panic_tears_the_network_down() {
     let forever = payload("pn-forever", Asm::default().halt());
     let nets = ["--net", "nat:pn", "--net", "host-only:pn2"];
     let g = world.spawn_env("pn", &args(&forever, &nets), scratch_dir("pn"), &[("MICROVM_TEST_PANIC", "dhcp")]);
-    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-pn2"));
+    let taps = || world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count();
+    let up = microvm_tests::netns::wait_until(30, || taps() == 2);
     assert!(up, "network never came up: {}", g.stderr_now());
-    assert_eq!(world.leftovers().iter().filter(|l| l.starts_with("mvtap-")).count(), 2);
     let ino = std::fs::metadata(format!("/var/run/netns/{}", world.host.name)).unwrap().ino();
     let state = world.run_dir.path.join(ino.to_string()).join("net");
     assert!(state.join("pn").exists() && state.join("pn2").exists(), "state not where expected");
