@@ -50,7 +50,7 @@ mod tests {
     #[test]
     fn contains_and_marks_the_thread() {
         assert!(!panic_is_contained());
-        assert_eq!(contain(|| panic_is_contained()), Ok(true));
+        assert_eq!(contain(panic_is_contained), Ok(true));
         assert!(!panic_is_contained());
         let err = contain(|| -> u8 { panic!("boom {}", 7) }).unwrap_err();
         assert_eq!(err, "boom 7");

@@ -73,7 +73,7 @@ impl LenRule {
             LenRule::Any => true,
             LenRule::Exactly(n) => len == n,
             LenRule::AtLeast(n) => len >= n,
-            LenRule::MultipleOf(n) => len % n == 0,
+            LenRule::MultipleOf(n) => len.is_multiple_of(n),
         }
     }
 }
