@@ -304,7 +304,10 @@ impl UserEntry {
         let start = it.next()?.parse().ok()?;
         let tap = it.next()?.to_string();
         crate::spec::check_ifname("tap", &tap).ok()?;
-        let vm_id = decode_field(it.next().unwrap_or("-"))?;
+        // Informational only: a field that does not decode (written by an older version)
+        // is kept as it is rather than losing the entry.
+        let raw = it.next().unwrap_or("-");
+        let vm_id = decode_field(raw).unwrap_or_else(|| raw.to_string());
         Some(UserEntry { pid, start, tap, vm_id })
     }
 
@@ -405,7 +408,7 @@ mod tests {
         }
         // Files written before the encoding still parse (their vm_id had '_' for blanks).
         assert_eq!(UserEntry::parse("1 2 mvtap-1-0 vm_1").unwrap().vm_id, "vm_1");
-        assert!(UserEntry::parse("1 2 mvtap-1-0 bad%zz").is_none());
+        assert_eq!(UserEntry::parse("1 2 mvtap-1-0 bad%zz").unwrap().vm_id, "bad%zz");
         let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "a".into() };
         assert!(u.same_nic(&UserEntry { vm_id: "b".into(), ..u.clone() }));
         assert!(!u.same_nic(&UserEntry { tap: "mvtap-16-1".into(), ..u.clone() }));
