@@ -33,9 +33,10 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// cut; a longer datagram is cut here, loses its End option and is dropped as malformed.
 const RECV_BUF: usize = 4096;
 
-/// Debug builds only: `MICROVM_TEST_PANIC=dhcp` makes the DHCP thread panic on the first
-/// datagram it receives, so tests can check that a helper-thread panic tears the network
-/// down (see microvm's panic hook).
+/// Debug builds only, for tests of microvm's panic hook: `MICROVM_TEST_PANIC=dhcp` makes
+/// the DHCP thread panic on each datagram it receives (the hook must tear the network down
+/// and exit); `MICROVM_TEST_PANIC=dhcp-contained` makes the decoding of each datagram
+/// panic inside the containment (the hook must let the process live; the panic is logged).
 #[cfg(debug_assertions)]
 pub(crate) const TEST_PANIC_ENV: &str = "MICROVM_TEST_PANIC";
 
@@ -104,7 +105,7 @@ pub(crate) fn serve(
     let _enter = span.enter();
     tracing::debug!(server = %params.server_ip(), "DHCP server started");
     #[cfg(debug_assertions)]
-    let test_panic = std::env::var_os(TEST_PANIC_ENV).is_some_and(|v| v == "dhcp");
+    let test_panic = std::env::var(TEST_PANIC_ENV).ok();
     let mut logs = Logs {
         counters,
         malformed: RateLimitedLog::new(LOG_INTERVAL),
@@ -152,12 +153,27 @@ pub(crate) fn serve(
             }
         };
         #[cfg(debug_assertions)]
-        if test_panic {
-            panic!("{TEST_PANIC_ENV}=dhcp: test-triggered panic in the DHCP server thread");
+        match test_panic.as_deref() {
+            Some("dhcp") => panic!("{TEST_PANIC_ENV}=dhcp: test-triggered panic in the DHCP server thread"),
+            Some("dhcp-contained") => {
+                let res = crate::contain::contain(|| panic!("{TEST_PANIC_ENV}=dhcp-contained: test-triggered decoder panic"));
+                if let Err(msg) = res {
+                    decoder_panic(&mut logs, &msg);
+                }
+                continue;
+            }
+            _ => {}
         }
         handle(&sock, &buf[..n], &params, &leases, &macs, &mut logs);
     }
     tracing::debug!("DHCP server stopped");
+}
+
+fn decoder_panic(logs: &mut Logs, msg: &str) {
+    logs.counters.decoder_panics.fetch_add(1, Ordering::Relaxed);
+    if let Some(count) = logs.decoder_panic.hit() {
+        tracing::error!(count, panic = %msg, "DHCP decoder panicked on a packet (contained; packet dropped)");
+    }
 }
 
 /// Answers one datagram if it is a request for one of our MACs.
@@ -173,10 +189,7 @@ fn handle(sock: &UdpSocket, datagram: &[u8], params: &ServerParams, leases: &Lea
             return;
         }
         Err(Ignored::DecoderPanic(msg)) => {
-            logs.counters.decoder_panics.fetch_add(1, Ordering::Relaxed);
-            if let Some(count) = logs.decoder_panic.hit() {
-                tracing::error!(count, panic = %msg, "DHCP decoder panicked on a packet (contained; packet dropped)");
-            }
+            decoder_panic(logs, &msg);
             return;
         }
     };
