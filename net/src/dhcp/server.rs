@@ -149,6 +149,8 @@ pub(crate) fn serve(
                 if let Some(count) = logs.io.hit() {
                     tracing::warn!(error = %e, count, "DHCP receive failed");
                 }
+                // Should an error repeat on every read, do not spin.
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
