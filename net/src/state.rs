@@ -420,6 +420,26 @@ mod tests {
     }
 
     #[test]
+    fn lock_within_a_dying_process() {
+        let dir = std::env::temp_dir().join(format!("mvnet-lock-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let root = StateRoot::at(dir.clone());
+        // Free: a real lock at once.
+        let lock = root.lock_within(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(lock.file.is_some());
+        drop(lock);
+        // Held by this process (e.g. by a thread that panicked holding it): waiting cannot
+        // help, so after a short wait the caller proceeds without it.
+        let held = root.lock().unwrap();
+        let start = Instant::now();
+        let lock = root.lock_within(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(lock.file.is_none());
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        drop((lock, held));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn start_time_parsing() {
         let stat = "1234 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 20 21";
         assert_eq!(parse_start_time(stat), Some(424242));
