@@ -11,32 +11,77 @@ use crate::state::NetKind;
 use crate::tap::{Tap, TapError};
 use crate::NetError;
 
-/// A guest NIC's host side. Dropping it tears everything down: the DHCP server stops
-/// answering for its MAC, the TAP is closed and deleted (unless it was an existing
-/// `tap=NAME`), and the named network goes away with its last user.
+/// A guest NIC's host side. End it with [`Attachment::release`], which tears down in order
+/// and reports errors: the DHCP server stops answering for its MAC, the TAP is closed and
+/// deleted (unless it was an existing `tap=NAME`), and the process leaves the named network,
+/// which goes away with its last user. Dropping an attachment that was not released does
+/// the same as a fallback, logging errors instead.
 #[derive(Debug)]
 pub struct Attachment {
-    // Held for their Drop; fields drop in this order.
-    _dhcp: Option<DhcpRegistration>,
-    tap: Tap,
-    _tap_cleanup: Option<TapCleanup>,
-    _membership: Option<Membership>,
+    /// Some until torn down.
+    host: Option<HostSide>,
+    tap_fd: RawFd,
+    tap_name: String,
     mac: MacAddr,
     network: Option<(String, Subnet)>,
     bridge: Option<String>,
 }
 
+/// What tearing down undoes, in teardown order.
+#[derive(Debug)]
+struct HostSide {
+    dhcp: Option<DhcpRegistration>,
+    tap: Tap,
+    tap_cleanup: Option<TapCleanup>,
+    membership: Option<Membership>,
+}
+
+impl HostSide {
+    /// Every step runs even if an earlier one failed; the first error is returned.
+    fn release(self) -> Result<(), NetError> {
+        let HostSide { dhcp, tap, tap_cleanup, membership } = self;
+        let mut first: Option<NetError> = None;
+        let mut keep = |r: Result<(), NetError>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(d) = dhcp {
+            keep(d.release().map_err(NetError::from));
+        }
+        drop(tap);
+        if let Some(t) = tap_cleanup {
+            keep(t.release());
+        }
+        if let Some(m) = membership {
+            keep(m.release());
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
 impl Attachment {
+    fn new(host: HostSide, mac: MacAddr, network: Option<(String, Subnet)>, bridge: Option<String>) -> Attachment {
+        Attachment { tap_fd: host.tap.fd(), tap_name: host.tap.name().to_string(), host: Some(host), mac, network, bridge }
+    }
+
+    /// Tears the host side down (see the type's docs) and returns the first error; the
+    /// remaining steps run regardless.
+    pub fn release(mut self) -> Result<(), NetError> {
+        let _span = tracing::info_span!("release", tap = %self.tap_name).entered();
+        self.host.take().map_or(Ok(()), HostSide::release)
+    }
+
     /// The TAP fd (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, vnet header size 12,
     /// blocking, close-on-exec). Owned by the attachment: do not close it; keep the
     /// attachment alive while the fd is in use.
     pub fn tap_fd(&self) -> RawFd {
-        self.tap.fd()
+        self.tap_fd
     }
 
     /// The TAP interface name.
     pub fn tap_name(&self) -> &str {
-        self.tap.name()
+        &self.tap_name
     }
 
     /// The guest's MAC.
@@ -46,7 +91,11 @@ impl Attachment {
 
     /// TUNSETOFFLOAD with [`TUN_F_CSUM`](crate::TUN_F_CSUM), [`TUN_F_TSO4`](crate::TUN_F_TSO4), ... flags.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        self.tap.set_offload(flags)
+        crate::tap::set_offload(self.tap_fd, flags).map_err(|source| TapError::Offload {
+            name: self.tap_name.clone(),
+            flags,
+            source,
+        })
     }
 
     /// The named network (`nat`/`host-only`), if any.
@@ -70,9 +119,20 @@ impl Attachment {
     }
 }
 
+impl Drop for Attachment {
+    /// Fallback for attachments not ended by `release`.
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            if let Err(e) = host.release() {
+                tracing::warn!(tap = %self.tap_name, error = &e as &dyn std::error::Error, "NIC teardown incomplete");
+            }
+        }
+    }
+}
+
 impl AsRawFd for Attachment {
     fn as_raw_fd(&self) -> RawFd {
-        self.tap.fd()
+        self.tap_fd
     }
 }
 
@@ -86,7 +146,8 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
         NetMode::None => Err(SpecError::NothingToAttach.into()),
         NetMode::Tap { name } => {
             let tap = Tap::open_existing(name)?;
-            Ok(Attachment { _dhcp: None, tap, _tap_cleanup: None, _membership: None, mac, network: None, bridge: None })
+            let host = HostSide { dhcp: None, tap, tap_cleanup: None, membership: None };
+            Ok(Attachment::new(host, mac, None, None))
         }
         NetMode::Bridge { bridge } => {
             let rtnl = Rtnl::new()?;
@@ -94,15 +155,8 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
             let (tap, tap_cleanup) = network::create_tap(&rtnl, None)?;
             rtnl.set_master(tap.index(), tap.name(), br.index)?;
             tracing::info!(tap = tap.name(), bridge, %mac, "attached TAP to bridge");
-            Ok(Attachment {
-                _dhcp: None,
-                tap,
-                _tap_cleanup: Some(tap_cleanup),
-                _membership: None,
-                mac,
-                network: None,
-                bridge: Some(bridge.clone()),
-            })
+            let host = HostSide { dhcp: None, tap, tap_cleanup: Some(tap_cleanup), membership: None };
+            Ok(Attachment::new(host, mac, None, Some(bridge.clone())))
         }
         NetMode::Nat { name, subnet, uplink, tap } => join(NetKind::Nat, name, *subnet, uplink.as_deref(), tap.as_deref(), mac, vm_id),
         NetMode::HostOnly { name, subnet, tap } => join(NetKind::HostOnly, name, *subnet, None, tap.as_deref(), mac, vm_id),
@@ -119,13 +173,6 @@ fn join(
     vm_id: &str,
 ) -> Result<Attachment, NetError> {
     let j = network::join(&JoinRequest { kind, name, subnet, uplink, tap, mac, vm_id })?;
-    Ok(Attachment {
-        _dhcp: Some(j.dhcp),
-        tap: j.tap,
-        _tap_cleanup: Some(j.tap_cleanup),
-        _membership: Some(j.membership),
-        mac,
-        network: Some((name.to_string(), j.subnet)),
-        bridge: Some(j.bridge),
-    })
+    let host = HostSide { dhcp: Some(j.dhcp), tap: j.tap, tap_cleanup: Some(j.tap_cleanup), membership: Some(j.membership) };
+    Ok(Attachment::new(host, mac, Some((name.to_string(), j.subnet)), Some(j.bridge)))
 }

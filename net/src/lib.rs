@@ -8,7 +8,7 @@
 //! let att = net::attach(&spec, "vm-1234", 0)?;
 //! let _fd = att.tap_fd(); // readv/writev with a 12-byte virtio_net_hdr_v1
 //! att.set_offload(net::TUN_F_CSUM | net::TUN_F_TSO4)?;
-//! drop(att); // TAP deleted; the network too if this was its last user
+//! att.release()?; // TAP deleted; the network too if this was its last user
 //! # Ok(()) }
 //! ```
 //!
@@ -22,21 +22,29 @@
 //!   tears it down. `net.ipv4.ip_forward` is set for NAT and never reverted.
 //! * Errors: [`NetError`], one line each, causes via `source()`;
 //!   [`NetError::is_bad_input`] separates user errors from runtime failures.
+//! * Panics: a process using this crate should, in its panic hook, return early when
+//!   [`panic_is_contained`] (a contained decoder panic, handled here) and otherwise call
+//!   [`emergency_teardown`] before exiting, so a panic never leaves networking behind.
 
 mod attach;
 mod bridge;
 mod caps;
+mod contain;
 mod dhcp;
+mod emergency;
 mod error;
 mod network;
 mod nft;
+mod ratelog;
 mod spec;
 mod state;
 mod tap;
 
 pub use attach::{attach, Attachment};
 pub use bridge::BridgeError;
-pub use dhcp::{server_running as dhcp_server_running, DhcpError, LEASE_SECS};
+pub use contain::panic_is_contained;
+pub use dhcp::{server_running as dhcp_server_running, stats as dhcp_stats, DhcpError, DhcpStats, LEASE_SECS};
+pub use emergency::emergency_teardown;
 pub use error::NetError;
 pub use network::{cleanup_stale, teardown_all, NetworkError};
 pub use nft::{NftError, TABLE as NFT_TABLE};

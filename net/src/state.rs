@@ -16,6 +16,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::spec::Subnet;
 
@@ -51,7 +53,18 @@ pub(crate) struct StateRoot {
 /// Holds the namespace-wide lock; released on drop (closing the fd drops the flock).
 #[derive(Debug)]
 pub(crate) struct StateLock {
-    _file: File,
+    file: Option<File>,
+}
+
+/// How many `StateLock`s of this process exist (for [`StateRoot::lock_within`]).
+static HELD_HERE: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            HELD_HERE.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl StateRoot {
@@ -69,8 +82,16 @@ impl StateRoot {
         Ok(StateRoot { dir })
     }
 
-    /// Takes the namespace-wide lock (blocking).
-    pub fn lock(&self) -> Result<StateLock, StateError> {
+    /// The state directory of a namespace found earlier with [`StateRoot::open`].
+    pub fn at(dir: PathBuf) -> StateRoot {
+        StateRoot { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock_file(&self) -> Result<(File, PathBuf), StateError> {
         let path = self.dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -78,8 +99,45 @@ impl StateRoot {
             .write(true)
             .open(&path)
             .map_err(io_err("open lock file", &path))?;
+        Ok((file, path))
+    }
+
+    /// Takes the namespace-wide lock (blocking).
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let (file, path) = self.lock_file()?;
         file.lock().map_err(io_err("lock", &path))?;
-        Ok(StateLock { _file: file })
+        HELD_HERE.fetch_add(1, Ordering::SeqCst);
+        Ok(StateLock { file: Some(file) })
+    }
+
+    /// For teardown in a dying process, which must not block forever: the lock if it can
+    /// be had within `timeout`. If this process itself holds it (a thread of ours that
+    /// panicked while holding it, or one that the coming exit will stop), waiting cannot
+    /// help: after a short wait we proceed without it, since no other process can be
+    /// inside the lock while we hold it. `None`: another process kept it all along.
+    pub fn lock_within(&self, timeout: Duration) -> Result<Option<StateLock>, StateError> {
+        const HELD_HERE_WAIT: Duration = Duration::from_millis(500);
+        let (file, path) = self.lock_file()?;
+        let start = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    HELD_HERE.fetch_add(1, Ordering::SeqCst);
+                    return Ok(Some(StateLock { file: Some(file) }));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+            }
+            let waited = start.elapsed();
+            if HELD_HERE.load(Ordering::SeqCst) > 0 && waited >= HELD_HERE_WAIT {
+                tracing::warn!("state lock held by this dying process; tearing down without it");
+                return Ok(Some(StateLock { file: None }));
+            }
+            if waited >= timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn net_dir(&self, name: &str) -> PathBuf {
@@ -235,9 +293,10 @@ pub(crate) struct UserEntry {
 }
 
 impl UserEntry {
+    /// `pid start tap vm_id`, the vm_id percent-encoded (see [`encode_field`]) so any
+    /// string, e.g. a disk path with spaces, reads back unchanged.
     pub fn render(&self) -> String {
-        let vm: String = self.vm_id.chars().map(|c| if c.is_whitespace() { '_' } else { c }).collect();
-        format!("{} {} {} {}", self.pid, self.start, self.tap, if vm.is_empty() { "-" } else { &vm })
+        format!("{} {} {} {}", self.pid, self.start, self.tap, encode_field(&self.vm_id))
     }
 
     pub fn parse(line: &str) -> Option<UserEntry> {
@@ -246,14 +305,62 @@ impl UserEntry {
         let start = it.next()?.parse().ok()?;
         let tap = it.next()?.to_string();
         crate::spec::check_ifname("tap", &tap).ok()?;
-        let vm_id = it.next().unwrap_or("-").to_string();
+        // Informational only: a field that does not decode (written by an older version)
+        // is kept as it is rather than losing the entry.
+        let raw = it.next().unwrap_or("-");
+        let vm_id = decode_field(raw).unwrap_or_else(|| raw.to_string());
         Some(UserEntry { pid, start, tap, vm_id })
+    }
+
+    /// Whether `other` is the same NIC: pid, process start time and TAP name identify an
+    /// entry (a TAP name is unique in the namespace while its process lives); the vm_id is
+    /// only informational.
+    pub fn same_nic(&self, other: &UserEntry) -> bool {
+        (self.pid, self.start, &self.tap) == (other.pid, other.start, &other.tap)
     }
 
     /// Whether the owning process still runs.
     pub fn alive(&self) -> bool {
         process_start_time(self.pid) == Some(self.start)
     }
+}
+
+/// One whitespace-free field: `%`, whitespace and control characters become `%XX` (per
+/// UTF-8 byte); the empty string is `-` (and a literal `-` is `%2D`).
+fn encode_field(s: &str) -> String {
+    if s.is_empty() {
+        return "-".to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '%' || c.is_whitespace() || c.is_control() || (c == '-' && s.len() == 1) {
+            let mut utf8 = [0u8; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                out += &format!("%{b:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Inverse of [`encode_field`]; `None` for a malformed escape or invalid UTF-8.
+fn decode_field(s: &str) -> Option<String> {
+    if s == "-" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut it = s.bytes();
+    while let Some(b) = it.next() {
+        if b == b'%' {
+            let hex = [it.next()?, it.next()?];
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// Start time of `pid` from /proc/PID/stat, or `None` if there is no such process.
@@ -292,13 +399,45 @@ mod tests {
 
     #[test]
     fn user_round_trip() {
-        let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "vm 1".into() };
-        let parsed = UserEntry::parse(&u.render()).unwrap();
-        assert_eq!(parsed.vm_id, "vm_1");
-        assert_eq!(parsed.tap, u.tap);
+        for vm_id in ["vm 1", "/var/lib/my vms/disk 1.img", "", "-", "--", "100%\tdone\n", "tab\there", "ünï cödé", "%41"] {
+            let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: vm_id.into() };
+            let line = u.render();
+            assert_eq!(line.split_whitespace().count(), 4, "{line}");
+            let parsed = UserEntry::parse(&line).unwrap();
+            assert_eq!(parsed, u, "{line}");
+            assert!(parsed.same_nic(&u));
+        }
+        // Files written before the encoding still parse (their vm_id had '_' for blanks).
+        assert_eq!(UserEntry::parse("1 2 mvtap-1-0 vm_1").unwrap().vm_id, "vm_1");
+        assert_eq!(UserEntry::parse("1 2 mvtap-1-0 bad%zz").unwrap().vm_id, "bad%zz");
+        let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "a".into() };
+        assert!(u.same_nic(&UserEntry { vm_id: "b".into(), ..u.clone() }));
+        assert!(!u.same_nic(&UserEntry { tap: "mvtap-16-1".into(), ..u.clone() }));
+        assert!(!u.same_nic(&UserEntry { start: 778, ..u.clone() }));
+        assert!(!u.same_nic(&UserEntry { pid: 43, ..u.clone() }));
         assert!(UserEntry::parse("x 1 t").is_none());
         assert!(UserEntry::parse("1 2").is_none());
         assert!(UserEntry::parse("1 2 bad/name").is_none());
+    }
+
+    #[test]
+    fn lock_within_a_dying_process() {
+        let dir = std::env::temp_dir().join(format!("mvnet-lock-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let root = StateRoot::at(dir.clone());
+        // Free: a real lock at once.
+        let lock = root.lock_within(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(lock.file.is_some());
+        drop(lock);
+        // Held by this process (e.g. by a thread that panicked holding it): waiting cannot
+        // help, so after a short wait the caller proceeds without it.
+        let held = root.lock().unwrap();
+        let start = Instant::now();
+        let lock = root.lock_within(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(lock.file.is_none());
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+        drop((lock, held));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -136,15 +136,6 @@ impl Tap {
         Ok(())
     }
 
-    /// TUNSETOFFLOAD: which offloads (TUN_F_CSUM, TUN_F_TSO4, ...) the guest side accepts.
-    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        set_offload(self.fd(), flags).map_err(|source| TapError::Offload {
-            name: self.name.clone(),
-            flags,
-            source,
-        })
-    }
-
     /// Current interface index (0 if the kernel does not know the name).
     pub(crate) fn index(&self) -> u32 {
         self.dev.tun_index().ok().and_then(|i| u32::try_from(i).ok()).unwrap_or(0)

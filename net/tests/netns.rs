@@ -27,6 +27,36 @@ fn master_of(link: &str) -> String {
         .to_string()
 }
 
+/// A udhcpc script appending "EVENT ip=.. subnet=.. router=.. dns=.." lines to the
+/// returned output file and configuring the address when bound: (script, output).
+fn udhcpc_script(tmp: &str) -> (String, String) {
+    let script = format!("{tmp}/udhcpc.sh");
+    let out = format!("{tmp}/udhcpc.out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 ip=$ip subnet=$subnet router=$router dns=$dns\" >> {out}\n\
+             if [ \"$1\" = bound ]; then ip addr add $ip/24 dev $interface; ip route add default via $router; fi\n"
+        ),
+    )
+    .unwrap();
+    sh(&format!("chmod +x {script}"));
+    (script, out)
+}
+
+/// Runs busybox udhcpc on `iface` in namespace `ns` (one lease, then exit); true if it got one.
+fn udhcpc(ns: &str, iface: &str, tries: &str, script: &str) -> bool {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "busybox", "udhcpc", "-i", iface, "-f", "-q", "-n", "-t", tries, "-T", "1", "-s", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let res = microvm_tests::netns::wait_timeout(child, 60);
+    println!("udhcpc: {}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    res.status.success()
+}
+
 fn state_dir_of(name: &str) -> std::path::PathBuf {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
@@ -90,33 +120,13 @@ fn inner_nat_end_to_end() {
     sh(&format!("ip link add gv0 type veth peer name gv1 netns {guest_ns}"));
     sh("ip link set gv0 master mvbr-t1 && ip link set gv0 up");
     sh(&format!("ip -n {guest_ns} link set gv1 up"));
-    let script = format!("{tmp}/udhcpc.sh");
-    let out = format!("{tmp}/udhcpc.out");
-    let udhcpc = |tries: &str| {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &guest_ns, "busybox", "udhcpc", "-i", "gv1", "-f", "-q", "-n", "-t", tries, "-T", "1", "-s", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let res = microvm_tests::netns::wait_timeout(child, 60);
-        println!("udhcpc: {}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
-        res.status.success()
-    };
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$1 ip=$ip subnet=$subnet router=$router dns=$dns\" >> {out}\n\
-             if [ \"$1\" = bound ]; then ip addr add $ip/24 dev $interface; ip route add default via $router; fi\n"
-        ),
-    )
-    .unwrap();
-    sh(&format!("chmod +x {script}"));
+    let (script, out) = udhcpc_script(&tmp);
+    let get_lease = |tries: &str| udhcpc(&guest_ns, "gv1", tries, &script);
     // A MAC no attachment owns gets no answer (several processes share one bridge).
     sh(&format!("ip -n {guest_ns} link set gv1 address 02:00:00:00:00:99"));
-    assert!(!udhcpc("2"), "DHCP answered a foreign MAC");
+    assert!(!get_lease("2"), "DHCP answered a foreign MAC");
     sh(&format!("ip -n {guest_ns} link set gv1 address {mac}"));
-    assert!(udhcpc("5"), "udhcpc got no lease");
+    assert!(get_lease("5"), "udhcpc got no lease");
     let result = std::fs::read_to_string(&out).unwrap();
     let bound = result.lines().find(|l| l.starts_with("bound")).expect("bound line");
     let ip: std::net::Ipv4Addr = bound.split_whitespace().nth(1).unwrap().trim_start_matches("ip=").parse().unwrap();
@@ -473,4 +483,229 @@ fn inner_not_permitted() {
         assert!(matches!(e, net::NetError::NotPermitted { .. }), "{e}");
     }
     assert!(!link_exists("mvbr-np"));
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn dhcp_survives_hostile_packets() {
+    microvm_tests::netns::outer();
+    let host = Netns::new("hostile");
+    let guest = Netns::new("hguest");
+    let run = TempDir::new();
+    host.run_inner(
+        "inner_dhcp_survives_hostile_packets",
+        &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_GUEST_NS", &guest.name), ("MVTEST_TMP", run.str())],
+    );
+}
+
+/// A BOOTREQUEST from `chaddr` with the magic cookie and `opts` as its options.
+fn bootp(chaddr: [u8; 6], opts: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 236];
+    b[..4].copy_from_slice(&[1, 1, 6, 0]);
+    b[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    b[28..34].copy_from_slice(&chaddr);
+    b.extend_from_slice(&[99, 130, 83, 99]);
+    b.extend_from_slice(opts);
+    b
+}
+
+#[test]
+#[ignore = "started by its outer test inside a test namespace"]
+fn inner_dhcp_survives_hostile_packets() {
+    inner();
+    let guest_ns = env("MVTEST_GUEST_NS");
+    let tmp = env("MVTEST_TMP");
+    let att = net::attach(&"host-only:hd".parse().unwrap(), "vm-hd", 0).unwrap();
+    let subnet = att.subnet().unwrap();
+    let mac = net::MacAddr(att.mac()).to_string();
+    sh(&format!("ip link add gv0 type veth peer name gv1 netns {guest_ns}"));
+    sh("ip link set gv0 master mvbr-hd && ip link set gv0 up");
+    sh(&format!("ip -n {guest_ns} link set gv1 address {mac} && ip -n {guest_ns} link set gv1 up"));
+    assert_eq!(net::dhcp_stats("hd"), Some(net::DhcpStats::default()));
+
+    // Packets dhcproto would assert on or that are broken on the wire, all from a foreign
+    // MAC (nothing would be answered even if they parsed).
+    let foreign = [2, 0, 0, 0, 0, 0x99];
+    let mt = [53, 1, 1];
+    let with = |tail: &[u8]| bootp(foreign, &[&mt[..], tail, &[255]].concat());
+    let mut bad_cookie = with(&[]);
+    bad_cookie[236] = 0;
+    let mut bad_hlen = with(&[]);
+    bad_hlen[2] = 17;
+    let hostile: Vec<Vec<u8>> = vec![
+        with(&[80, 1, 0]), // the bug report: Rapid Commit, length 1
+        with(&[80, 2, 0, 0]),
+        with(&[81, 2, 0, 0]),
+        with(&[94, 2, 1, 2]),
+        with(&[94, 4, 1, 2, 3, 4]),
+        with(&[152, 3, 0, 0, 0]),
+        with(&[153, 2, 0, 0]),
+        with(&[154, 0]),
+        with(&[155, 5, 0, 0, 0, 0, 0]),
+        with(&[50, 3, 10, 0, 0]),
+        with(&[52, 1, 7]),
+        with(&[52, 1, 1]), // overload into a file field that has no End
+        bootp(foreign, &[53, 1, 1, 12, 40, b'x']), // truncated
+        bootp(foreign, &mt),                       // no End
+        bad_cookie,
+        bad_hlen,
+        vec![1, 1, 6, 0, 0, 0],
+    ];
+    // Then every option code at lengths 0..=3, and random junk: must not hurt either.
+    let mut sweep = Vec::new();
+    for code in 0..=255u8 {
+        for len in 0..=3u8 {
+            let mut tail = vec![code, len];
+            tail.extend(std::iter::repeat_n(0x01, usize::from(len)));
+            sweep.push(with(&tail));
+        }
+    }
+    let mut seed = 7u64;
+    for _ in 0..500 {
+        let n = (seed % 600) as usize;
+        let junk: Vec<u8> = (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (seed >> 56) as u8
+            })
+            .collect();
+        sweep.push([&bootp(foreign, &[])[..], &junk].concat());
+    }
+
+    let send = move |packets: Vec<Vec<u8>>| {
+        microvm_tests::netns::spawn_in_named(&env("MVTEST_GUEST_NS"), move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+            sock.set_broadcast(true).unwrap();
+            sock.bind_device(Some(b"gv1")).unwrap();
+            let to: std::net::SocketAddr = "255.255.255.255:67".parse().unwrap();
+            for (i, p) in packets.iter().enumerate() {
+                sock.send_to(p, &to.into()).unwrap();
+                if i % 32 == 31 {
+                    // Pace the burst so the server's receive queue never overflows.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    };
+    let n_hostile = hostile.len() as u64;
+    send(hostile);
+    let counted = wait_until(10, || net::dhcp_stats("hd").is_some_and(|s| s.malformed == n_hostile));
+    assert!(counted, "server saw {:?}, want {n_hostile} malformed", net::dhcp_stats("hd"));
+    send(sweep);
+
+    // Still serving: the attachment's MAC gets its lease.
+    let (script, out) = udhcpc_script(&tmp);
+    assert!(udhcpc(&guest_ns, "gv1", "5", &script), "no lease after the hostile packets");
+    let result = std::fs::read_to_string(&out).unwrap();
+    assert!(result.lines().any(|l| l.starts_with("bound") && l.contains(&format!("ip={}", subnet.host(2)))), "{result}");
+    let stats = net::dhcp_stats("hd").unwrap();
+    println!("{stats:?}");
+    assert_eq!(stats.decoder_panics, 0, "dhcproto panicked (contained) on something the wire check let through");
+    assert!(stats.malformed > n_hostile, "the sweep holds malformed packets too: {stats:?}");
+    att.release().unwrap();
+    assert!(!net::dhcp_server_running("hd") && !link_exists("mvbr-hd"));
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn release_tears_down_in_order() {
+    microvm_tests::netns::outer();
+    let host = Netns::new("release");
+    let run = TempDir::new();
+    host.run_inner("inner_release_tears_down_in_order", &[("MICROVM_RUN_DIR", run.str())]);
+}
+
+#[test]
+#[ignore = "started by its outer test inside a test namespace"]
+fn inner_release_tears_down_in_order() {
+    inner();
+    // A VM whose id (its first disk's path) has blanks, and one with an empty id.
+    let spaced = "/var/lib/my vms/disk\t1.img";
+    let a = net::attach(&"host-only:sp".parse().unwrap(), spaced, 0).unwrap();
+    let b = net::attach(&"host-only:sp".parse().unwrap(), "", 1).unwrap();
+    let (tap_a, tap_b) = (a.tap_name().to_string(), b.tap_name().to_string());
+    let users = std::fs::read_to_string(state_dir_of("sp").join("users")).unwrap();
+    assert!(users.contains(" /var/lib/my%20vms/disk%091.img\n"), "{users}");
+    assert_eq!(users.lines().count(), 2, "{users}");
+
+    a.release().unwrap();
+    assert!(!link_exists(&tap_a), "TAP left behind");
+    assert!(link_exists(&tap_b) && link_exists("mvbr-sp") && net::dhcp_server_running("sp"));
+    let users = std::fs::read_to_string(state_dir_of("sp").join("users")).unwrap();
+    assert_eq!(users.lines().count(), 1, "the released NIC's entry must go: {users}");
+
+    // The last user leaves: everything goes, DHCP thread included.
+    b.release().unwrap();
+    assert!(!net::dhcp_server_running("sp"));
+    assert!(!link_exists(&tap_b) && !link_exists("mvbr-sp"), "network left behind");
+    assert!(!state_dir_of("sp").exists() && !nft_table_exists());
+
+    // Other modes release too; an existing tap=NAME is left alone.
+    sh("ip link add br0 type bridge && ip tuntap add mytap0 mode tap");
+    let br = net::attach(&"bridge=br0".parse().unwrap(), spaced, 2).unwrap();
+    let tap_br = br.tap_name().to_string();
+    br.release().unwrap();
+    assert!(!link_exists(&tap_br) && link_exists("br0"));
+    net::attach(&"tap=mytap0".parse().unwrap(), "vm", 3).unwrap().release().unwrap();
+    assert!(link_exists("mytap0"));
+
+    // Drop stays a fallback for attachments nobody released.
+    let c = net::attach(&"host-only:sp".parse().unwrap(), spaced, 0).unwrap();
+    let tap_c = c.tap_name().to_string();
+    drop(c);
+    assert!(!link_exists(&tap_c) && !link_exists("mvbr-sp") && !state_dir_of("sp").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn emergency_teardown_leaves_nothing() {
+    microvm_tests::netns::outer();
+    let host = Netns::new("emerg");
+    let run = TempDir::new();
+    host.run_inner("inner_emergency_teardown", &[("MICROVM_RUN_DIR", run.str()), ("MVTEST_TMP", run.str())]);
+}
+
+#[test]
+#[ignore = "started by its outer test inside a test namespace"]
+fn inner_emergency_teardown() {
+    inner();
+    let tmp = env("MVTEST_TMP");
+    sh("ip link add br0 type bridge");
+    // Another process shares em2: that network must survive, without our entries.
+    let holder = spawn_holder("host-only:em2");
+    assert!(wait_until(30, || Path::new(&format!("{tmp}/ready")).exists()), "holder not ready");
+    let atts: Vec<net::Attachment> = ["host-only:em1", "host-only:em1", "host-only:em2", "bridge=br0"]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| net::attach(&s.parse().unwrap(), "vm em", i as u32).unwrap())
+        .collect();
+    let taps: Vec<String> = atts.iter().map(|a| a.tap_name().to_string()).collect();
+    assert!(taps.iter().all(|t| link_exists(t)));
+
+    net::emergency_teardown();
+    for t in &taps {
+        assert!(!link_exists(t), "TAP {t} left behind");
+    }
+    assert!(!link_exists("mvbr-em1") && !state_dir_of("em1").exists(), "em1 left behind");
+    assert!(link_exists("mvbr-em2") && link_exists("br0"));
+    let users = std::fs::read_to_string(state_dir_of("em2").join("users")).unwrap();
+    assert_eq!(users.lines().count(), 1, "only the holder remains: {users}");
+    let pid = std::process::id().to_string();
+    assert!(users.lines().all(|l| l.split_whitespace().next() != Some(pid.as_str())), "{users}");
+
+    // Runs once; the attachments' Drop afterwards finds nothing to do and brings nothing back.
+    net::emergency_teardown();
+    drop(atts);
+    assert!(taps.iter().all(|t| !link_exists(t)) && !link_exists("mvbr-em1"));
+    assert!(link_exists("mvbr-em2"));
+
+    std::fs::write(format!("{tmp}/release"), "").unwrap();
+    assert!(microvm_tests::netns::wait_timeout(holder, 30).status.success());
+    assert!(!link_exists("mvbr-em2") && !nft_table_exists() && !state_dir_of("em2").exists());
 }

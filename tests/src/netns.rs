@@ -221,13 +221,18 @@ impl Netns {
     /// Runs `f` on a new thread that has entered this namespace (setns affects only the
     /// calling thread), e.g. to listen on a socket inside it from the test process.
     pub fn spawn_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd; it switches only this thread.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
+        spawn_in_named(&self.name, f)
     }
+}
+
+/// [`Netns::spawn_in`] for a namespace known by name only (e.g. in an inner test).
+pub fn spawn_in_named<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on a valid namespace fd; it switches only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
 }

@@ -63,6 +63,11 @@ impl World {
 
     /// Starts microvm with raw `args` in the host namespace.
     pub fn spawn(&self, name: &str, args: &[String], dir: PathBuf) -> Guest {
+        self.spawn_env(name, args, dir, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables for microvm.
+    pub fn spawn_env(&self, name: &str, args: &[String], dir: PathBuf, envs: &[(&str, &str)]) -> Guest {
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
         let child = Command::new("ip")
@@ -70,6 +75,7 @@ impl World {
             .arg(microvm_bin())
             .args(args)
             .env("MICROVM_RUN_DIR", &self.run_dir.path)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())

@@ -17,13 +17,19 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    // A bug must not leave the terminal raw or the VM half-alive: restore the terminal,
-    // report, and exit 1 (whichever thread panicked).
+    // A bug must not leave the terminal raw, the VM half-alive or its network behind:
+    // restore the terminal, report, tear the TAPs and networks down (no Drop runs on
+    // exit), and exit 1 (whichever thread panicked). Panics the net crate contains (a
+    // decoder fed a hostile packet; caught and logged there) are not fatal.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if net::panic_is_contained() {
+            return;
+        }
         vmm::terminal::restore_now();
         vmm::share::kill_all_now();
         default_hook(info);
+        net::emergency_teardown();
         std::process::exit(code::VM_FAILURE);
     }));
 

@@ -55,7 +55,7 @@ impl NetBackend for TapBackend {
     }
 }
 
-/// Host side + device for NIC `index`. The attachment must outlive the VM's run: dropping
+/// Host side + device for NIC `index`. The attachment must outlive the VM's run; releasing
 /// it deletes the TAP (and the network, for its last user).
 pub fn create(
     spec: &net::NetSpec,
@@ -85,4 +85,16 @@ pub fn create(
         net::MacAddr(att.mac())
     );
     Ok((att, Box::new(device)))
+}
+
+/// Tears down every NIC's host side when the VM has ended, in order (see
+/// `net::Attachment::release`). Problems are logged, not returned: the exit status stays
+/// the VM's.
+pub fn release_all(attachments: Vec<net::Attachment>) {
+    for (index, att) in attachments.into_iter().enumerate() {
+        let tap = att.tap_name().to_string();
+        if let Err(e) = att.release() {
+            tracing::warn!(nic = index, tap, error = %devices::error_chain(&e), "NIC teardown incomplete");
+        }
+    }
 }

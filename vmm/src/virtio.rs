@@ -96,8 +96,8 @@ impl<'a> VirtioSlots<'a> {
 
 /// Attaches the configured disks (vda, vdb, ... in order), the shares (one virtio-fs device
 /// per `(tag, virtiofsd connection)`, in `share::plan` order) and NICs (eth0, eth1, ...).
-/// Returns the NICs' host attachments: keep them for the VM's life; dropping them tears
-/// down the TAPs (and networks whose last user this VM was).
+/// Returns the NICs' host attachments: keep them for the VM's life, then hand them to
+/// `nics::release_all`, which tears down the TAPs (and networks whose last user this VM was).
 pub fn attach_all(
     slots: &mut VirtioSlots,
     bus: &mut Bus,

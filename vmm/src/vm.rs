@@ -124,8 +124,9 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     };
     let fs_devices = shares.iter().map(|s| s.tag.clone()).zip(conns).collect();
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
-    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
+    // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
+    // early error return, their Drop does it.
+    let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
 
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
@@ -154,6 +155,8 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    // Ordered teardown: the NICs' host side (TAPs, networks), then the virtiofsd daemons.
+    crate::nics::release_all(nics);
     daemons.release();
     Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
 }

@@ -13,19 +13,20 @@
 pub(crate) mod lease;
 pub(crate) mod packet;
 mod server;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::spec::{MacAddr, Subnet};
 use lease::LeaseFile;
 use packet::ServerParams;
-use server::OwnedMacs;
+use server::{OwnedMacs, StopSignal};
 
 /// Lease time offered to guests.
 pub const LEASE_SECS: u32 = 3600;
@@ -45,6 +46,8 @@ pub enum DhcpError {
         #[source]
         source: io::Error,
     },
+    #[error("the DHCP server thread of network {network} panicked")]
+    ThreadPanicked { network: String },
 }
 
 /// What a network's DHCP server needs.
@@ -59,8 +62,25 @@ pub(crate) struct DhcpNetwork {
 
 struct Running {
     macs: OwnedMacs,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
+    counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Packets a server dropped, counted by its thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub malformed: AtomicU64,
+    pub decoder_panics: AtomicU64,
+}
+
+/// What a network's DHCP server in this process has dropped so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DhcpStats {
+    /// Refused by the wire check (see the `wire` module) before decoding.
+    pub malformed: u64,
+    /// Contained panics of the decoder (a case the wire check misses; expected 0).
+    pub decoder_panics: u64,
 }
 
 fn servers() -> &'static Mutex<HashMap<String, Running>> {
@@ -68,11 +88,13 @@ fn servers() -> &'static Mutex<HashMap<String, Running>> {
     SERVERS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// While alive, this process's DHCP server on the network answers for `mac`.
+/// While alive, this process's DHCP server on the network answers for `mac`. Ended by
+/// [`DhcpRegistration::release`], or on drop as a fallback.
 #[derive(Debug)]
 pub(crate) struct DhcpRegistration {
     network: String,
     mac: MacAddr,
+    released: bool,
 }
 
 /// Starts the network's server in this process if needed and adds `mac` to its MACs.
@@ -80,7 +102,7 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
     let mut map = servers().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(running) = map.get(&net.name) {
         *running.macs.lock().unwrap_or_else(|e| e.into_inner()).entry(mac).or_insert(0) += 1;
-        return Ok(DhcpRegistration { network: net.name.clone(), mac });
+        return Ok(DhcpRegistration { network: net.name.clone(), mac, released: false });
     }
     let sock = server::open_socket(&net.bridge)?;
     let params = ServerParams {
@@ -90,48 +112,80 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
     };
     let leases = LeaseFile::new(net.lease_path.clone(), net.subnet, u64::from(LEASE_SECS));
     let macs: OwnedMacs = Arc::new(Mutex::new(HashMap::from([(mac, 1)])));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (m, s, name) = (macs.clone(), stop.clone(), net.name.clone());
+    let spawn_err = |source| DhcpError::Spawn { network: net.name.clone(), source };
+    let stop = Arc::new(StopSignal::new().map_err(spawn_err)?);
+    let counters = Arc::new(Counters::default());
+    let (m, s, c, name) = (macs.clone(), stop.clone(), counters.clone(), net.name.clone());
     let thread = std::thread::Builder::new()
         .name(format!("dhcp-{}", net.name))
-        .spawn(move || server::serve(sock, name, params, leases, m, s))
-        .map_err(|source| DhcpError::Spawn { network: net.name.clone(), source })?;
-    map.insert(net.name.clone(), Running { macs, stop, thread: Some(thread) });
-    Ok(DhcpRegistration { network: net.name.clone(), mac })
+        .spawn(move || server::serve(sock, name, params, leases, m, s, c))
+        .map_err(spawn_err)?;
+    map.insert(net.name.clone(), Running { macs, stop, counters, thread: Some(thread) });
+    Ok(DhcpRegistration { network: net.name.clone(), mac, released: false })
+}
+
+impl DhcpRegistration {
+    /// Stops answering for the MAC; the last registration on a network stops and joins its
+    /// thread (at once: the thread waits on a stop eventfd, not a timeout).
+    pub fn release(mut self) -> Result<(), DhcpError> {
+        self.released = true;
+        unregister(&self.network, self.mac)
+    }
 }
 
 impl Drop for DhcpRegistration {
-    /// Removes the MAC; the last registration on a network stops and joins its thread.
+    /// Fallback for registrations not ended by `release` (e.g. rollback of a failed attach).
     fn drop(&mut self) {
-        let mut map = servers().lock().unwrap_or_else(|e| e.into_inner());
-        let Some(running) = map.get_mut(&self.network) else {
-            return;
-        };
-        let now_empty = {
-            let mut macs = running.macs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = macs.get_mut(&self.mac) {
-                *count -= 1;
-                if *count == 0 {
-                    macs.remove(&self.mac);
-                }
+        if !self.released {
+            if let Err(e) = unregister(&self.network, self.mac) {
+                tracing::warn!(error = %e, "DHCP server stopped with an error");
             }
-            macs.is_empty()
-        };
-        if now_empty {
-            running.stop.store(true, Ordering::Relaxed);
-            if let Some(t) = running.thread.take() {
-                if t.join().is_err() {
-                    tracing::warn!(network = %self.network, "DHCP server thread panicked");
-                }
-            }
-            map.remove(&self.network);
         }
+    }
+}
+
+fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
+    let mut map = servers().lock().unwrap_or_else(|e| e.into_inner());
+    let Some(running) = map.get_mut(network) else {
+        return Ok(());
+    };
+    let now_empty = {
+        let mut macs = running.macs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = macs.get_mut(&mac) {
+            *count -= 1;
+            if *count == 0 {
+                macs.remove(&mac);
+            }
+        }
+        macs.is_empty()
+    };
+    if !now_empty {
+        return Ok(());
+    }
+    running.stop.raise();
+    let thread = running.thread.take();
+    map.remove(network);
+    // Join without holding the map: other networks' servers stay usable meanwhile.
+    drop(map);
+    match thread.map(JoinHandle::join) {
+        Some(Err(_)) => Err(DhcpError::ThreadPanicked { network: network.to_string() }),
+        _ => Ok(()),
     }
 }
 
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
 pub fn server_running(network: &str) -> bool {
     servers().lock().unwrap_or_else(|e| e.into_inner()).contains_key(network)
+}
+
+/// Drop counters of this process's DHCP server for `network`, if it runs one (for tests and
+/// diagnostics).
+pub fn stats(network: &str) -> Option<DhcpStats> {
+    let map = servers().lock().unwrap_or_else(|e| e.into_inner());
+    map.get(network).map(|r| DhcpStats {
+        malformed: r.counters.malformed.load(Ordering::Relaxed),
+        decoder_panics: r.counters.decoder_panics.load(Ordering::Relaxed),
+    })
 }
 
 /// DNS servers to offer NAT guests (see the module docs).

@@ -6,6 +6,8 @@ use std::net::Ipv4Addr;
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 
+use super::wire::{self, Malformed};
+use crate::contain::contain;
 use crate::spec::{MacAddr, Subnet};
 
 /// What the server hands out.
@@ -51,20 +53,35 @@ pub(crate) enum Reply {
     InformAck,
 }
 
-/// Decodes `buf` and keeps it only if it is a client request from an Ethernet MAC that
-/// arrived directly (not through a relay).
-pub(crate) fn parse_request(buf: &[u8]) -> Option<(Message, ClientRequest)> {
-    let msg = Message::from_bytes(buf).ok()?;
+/// Why a received datagram gets no answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Ignored {
+    /// Broken on the wire (the server logs these, rate-limited).
+    Malformed(Malformed),
+    /// dhcproto panicked on it: a case `wire::check` misses. Contained; logged likewise.
+    DecoderPanic(String),
+    /// Well-formed, but not a client request this server answers (a reply, relayed, not
+    /// Ethernet, no or another message type).
+    NotARequest,
+}
+
+/// Checks `buf` on the wire (see [`wire`]), decodes it, and keeps it only if it is a client
+/// request from an Ethernet MAC that arrived directly (not through a relay).
+pub(crate) fn parse_request(buf: &[u8]) -> Result<(Message, ClientRequest), Ignored> {
+    wire::check(buf).map_err(Ignored::Malformed)?;
+    let msg = contain(|| Message::from_bytes(buf))
+        .map_err(Ignored::DecoderPanic)?
+        .map_err(|_| Ignored::Malformed(Malformed::Undecodable))?;
     if msg.opcode() != Opcode::BootRequest || msg.htype() != HType::Eth || msg.hlen() != 6 {
-        return None;
+        return Err(Ignored::NotARequest);
     }
     if !msg.giaddr().is_unspecified() {
-        return None;
+        return Err(Ignored::NotARequest);
     }
     // hlen == 6 was checked, so chaddr() is exactly 6 bytes (it slices by hlen).
-    let mac = MacAddr(msg.chaddr().try_into().ok()?);
+    let mac = MacAddr(msg.chaddr().try_into().map_err(|_| Ignored::NotARequest)?);
     let opts = msg.opts();
-    let kind = match opts.msg_type()? {
+    let kind = match opts.msg_type().ok_or(Ignored::NotARequest)? {
         MessageType::Discover => ClientKind::Discover,
         MessageType::Request => {
             let requested = match opts.get(OptionCode::RequestedIpAddress) {
@@ -80,9 +97,9 @@ pub(crate) fn parse_request(buf: &[u8]) -> Option<(Message, ClientRequest)> {
         MessageType::Inform => ClientKind::Inform,
         MessageType::Release => ClientKind::Release,
         MessageType::Decline => ClientKind::Decline,
-        _ => return None,
+        _ => return Err(Ignored::NotARequest),
     };
-    Some((msg, ClientRequest { mac, kind }))
+    Ok((msg, ClientRequest { mac, kind }))
 }
 
 /// Decides the answer. `lease` yields the MAC's address (existing or newly allocated; `None`

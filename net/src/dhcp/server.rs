@@ -10,23 +10,63 @@
 //! 7/8 of the lease time, which its own process answers.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::lease::LeaseFile;
-use super::packet::{build_reply, decide, encode, parse_request, ServerParams};
+use super::Counters;
+use super::packet::{build_reply, decide, encode, parse_request, Ignored, ServerParams};
 use super::DhcpError;
+use crate::ratelog::RateLimitedLog;
 use crate::spec::MacAddr;
 
-/// How often the thread checks its stop flag.
-const POLL: Duration = Duration::from_millis(200);
+/// At most one log line per this interval for each kind of trouble outsiders can cause.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Receive buffer: larger than a bridge's usual 1500-byte MTU, so a normal message is never
+/// cut; a longer datagram is cut here, loses its End option and is dropped as malformed.
+const RECV_BUF: usize = 4096;
+
+/// Debug builds only, for tests of microvm's panic hook: `MICROVM_TEST_PANIC=dhcp` makes
+/// the DHCP thread panic on each datagram it receives (the hook must tear the network down
+/// and exit); `MICROVM_TEST_PANIC=dhcp-contained` makes the decoding of each datagram
+/// panic inside the containment (the hook must let the process live; the panic is logged).
+#[cfg(debug_assertions)]
+pub(crate) const TEST_PANIC_ENV: &str = "MICROVM_TEST_PANIC";
 
 /// MACs this process answers for, with a count per MAC (two NICs may share a MAC).
 pub(crate) type OwnedMacs = Arc<Mutex<HashMap<MacAddr, usize>>>;
+
+/// Tells the server thread to stop: an eventfd the thread polls beside its socket, so
+/// stopping takes effect at once instead of after a receive timeout.
+#[derive(Debug)]
+pub(crate) struct StopSignal(OwnedFd);
+
+impl StopSignal {
+    pub fn new() -> io::Result<StopSignal> {
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        Ok(StopSignal(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wakes the thread; it leaves its loop. (An eventfd write of 1 cannot block or fail
+    /// short of 2^64 - 2 pending increments.)
+    pub fn raise(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
 
 /// Opens the server socket on `bridge`. Done in the caller's thread so errors surface
 /// from `attach`.
@@ -37,65 +77,159 @@ pub(crate) fn open_socket(bridge: &str) -> Result<UdpSocket, DhcpError> {
     sock.set_broadcast(true).map_err(err)?;
     sock.bind_device(Some(bridge.as_bytes())).map_err(err)?;
     sock.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 67).into()).map_err(err)?;
-    let udp: UdpSocket = sock.into();
-    udp.set_read_timeout(Some(POLL)).map_err(err)?;
-    Ok(udp)
+    // Read only after poll says so; nonblocking so a spurious wakeup cannot hang the thread.
+    sock.set_nonblocking(true).map_err(err)?;
+    Ok(sock.into())
 }
 
-/// Serves until `stop` is set.
+/// Rate limiters for the log lines of one server thread, and its drop counters.
+struct Logs {
+    counters: Arc<Counters>,
+    malformed: RateLimitedLog,
+    decoder_panic: RateLimitedLog,
+    io: RateLimitedLog,
+    reply: RateLimitedLog,
+}
+
+/// Serves until `stop` is raised.
 pub(crate) fn serve(
     sock: UdpSocket,
     network: String,
     params: ServerParams,
     leases: LeaseFile,
     macs: OwnedMacs,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
+    counters: Arc<Counters>,
 ) {
     let span = tracing::info_span!("dhcp", network = %network);
     let _enter = span.enter();
     tracing::debug!(server = %params.server_ip(), "DHCP server started");
-    let mut buf = [0u8; 1500];
-    let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, 68);
-    while !stop.load(Ordering::Relaxed) {
+    #[cfg(debug_assertions)]
+    let test_panic = std::env::var(TEST_PANIC_ENV).ok();
+    let mut logs = Logs {
+        counters,
+        malformed: RateLimitedLog::new(LOG_INTERVAL),
+        decoder_panic: RateLimitedLog::new(LOG_INTERVAL),
+        io: RateLimitedLog::new(LOG_INTERVAL),
+        reply: RateLimitedLog::new(LOG_INTERVAL),
+    };
+    let mut buf = [0u8; RECV_BUF];
+    let mut fds = [
+        libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.0.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        for f in &mut fds {
+            f.revents = 0;
+        }
+        // SAFETY: `fds` is a live array of 2 pollfds for the duration of the call; the fds
+        // are owned by `sock` and `stop`, which outlive the loop.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                if let Some(count) = logs.io.hit() {
+                    tracing::warn!(error = %e, count, "DHCP poll failed");
+                }
+                // Not expected (ENOMEM at worst); do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
         let n = match sock.recv_from(&mut buf) {
             Ok((n, _)) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "DHCP receive failed");
-                std::thread::sleep(POLL);
+                if let Some(count) = logs.io.hit() {
+                    tracing::warn!(error = %e, count, "DHCP receive failed");
+                }
+                // Should an error repeat on every read, do not spin.
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
-        let Some((msg, req)) = parse_request(&buf[..n]) else {
-            continue;
-        };
-        let owned = macs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&req.mac);
-        if !owned {
-            continue;
-        }
-        let reply = decide(&req, params.server_ip(), || match leases.allocate(req.mac) {
-            Ok(Some(ip)) => Some(ip),
-            Ok(None) => {
-                tracing::warn!(mac = %req.mac, "DHCP pool exhausted");
-                None
+        #[cfg(debug_assertions)]
+        match test_panic.as_deref() {
+            Some("dhcp") => panic!("{TEST_PANIC_ENV}=dhcp: test-triggered panic in the DHCP server thread"),
+            Some("dhcp-contained") => {
+                let res = crate::contain::contain(|| panic!("{TEST_PANIC_ENV}=dhcp-contained: test-triggered decoder panic"));
+                if let Err(msg) = res {
+                    decoder_panic(&mut logs, &msg);
+                }
+                continue;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, path = %leases.path().display(), "cannot update DHCP leases");
-                None
-            }
-        });
-        let Some(reply) = reply else {
-            continue;
-        };
-        let out = build_reply(&msg, &params, reply);
-        let Some(bytes) = encode(&out) else {
-            tracing::warn!(mac = %req.mac, "cannot encode DHCP reply");
-            continue;
-        };
-        match sock.send_to(&bytes, dest) {
-            Ok(_) => tracing::debug!(mac = %req.mac, ?reply, "DHCP reply sent"),
-            Err(e) => tracing::warn!(error = %e, mac = %req.mac, "cannot send DHCP reply"),
+            _ => {}
         }
+        handle(&sock, &buf[..n], &params, &leases, &macs, &mut logs);
     }
     tracing::debug!("DHCP server stopped");
+}
+
+fn decoder_panic(logs: &mut Logs, msg: &str) {
+    logs.counters.decoder_panics.fetch_add(1, Ordering::Relaxed);
+    if let Some(count) = logs.decoder_panic.hit() {
+        tracing::error!(count, panic = %msg, "DHCP decoder panicked on a packet (contained; packet dropped)");
+    }
+}
+
+/// Answers one datagram if it is a request for one of our MACs.
+fn handle(sock: &UdpSocket, datagram: &[u8], params: &ServerParams, leases: &LeaseFile, macs: &OwnedMacs, logs: &mut Logs) {
+    let (msg, req) = match parse_request(datagram) {
+        Ok(parsed) => parsed,
+        Err(Ignored::NotARequest) => return,
+        Err(Ignored::Malformed(why)) => {
+            logs.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = logs.malformed.hit() {
+                tracing::warn!(count, last = %why, "dropping malformed DHCP packets");
+            }
+            return;
+        }
+        Err(Ignored::DecoderPanic(msg)) => {
+            decoder_panic(logs, &msg);
+            return;
+        }
+    };
+    let owned = macs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&req.mac);
+    if !owned {
+        return;
+    }
+    let reply = decide(&req, params.server_ip(), || match leases.allocate(req.mac) {
+        Ok(Some(ip)) => Some(ip),
+        Ok(None) => {
+            if let Some(count) = logs.reply.hit() {
+                tracing::warn!(mac = %req.mac, count, "DHCP pool exhausted");
+            }
+            None
+        }
+        Err(e) => {
+            if let Some(count) = logs.reply.hit() {
+                tracing::warn!(error = %e, count, path = %leases.path().display(), "cannot update DHCP leases");
+            }
+            None
+        }
+    });
+    let Some(reply) = reply else {
+        return;
+    };
+    let out = build_reply(&msg, params, reply);
+    let Some(bytes) = encode(&out) else {
+        if let Some(count) = logs.reply.hit() {
+            tracing::warn!(mac = %req.mac, count, "cannot encode DHCP reply");
+        }
+        return;
+    };
+    match sock.send_to(&bytes, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68)) {
+        Ok(_) => tracing::debug!(mac = %req.mac, ?reply, "DHCP reply sent"),
+        Err(e) => {
+            if let Some(count) = logs.reply.hit() {
+                tracing::warn!(error = %e, count, mac = %req.mac, "cannot send DHCP reply");
+            }
+        }
+    }
 }

@@ -28,44 +28,73 @@ pub(crate) fn prune_users(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Result<V
 
 /// Deletes a TAP (only a tun/tap device of that name). Logs failures.
 fn delete_tap(rtnl: &Rtnl, tap: &str) {
-    let res = match rtnl.link(tap) {
-        Ok(Some(l)) if l.is_tun() => rtnl.delete_link(l.index, tap),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = res {
+    if let Err(e) = delete_created_tap(rtnl, tap) {
         tracing::warn!(tap, error = %e, "cannot delete TAP device");
     }
 }
 
+/// Deletes TAP `tap` if it exists and is a tun/tap device; gone already is fine.
+pub(crate) fn delete_created_tap(rtnl: &Rtnl, tap: &str) -> Result<(), NetError> {
+    match rtnl.link(tap)? {
+        Some(l) if l.is_tun() => Ok(rtnl.delete_link(l.index, tap)?),
+        _ => Ok(()),
+    }
+}
+
+/// Removes this process's user entries of network `name` that `mine` selects, forgets
+/// dead users, and tears the network down if no live user remains. Caller holds the state
+/// lock. A network without state (torn down already) is left alone.
+pub(crate) fn leave_network(
+    root: &StateRoot,
+    rtnl: &Rtnl,
+    name: &str,
+    mine: impl Fn(&UserEntry) -> bool,
+) -> Result<(), NetError> {
+    if root.read_record(name)?.is_none() {
+        return Ok(());
+    }
+    let mut users = root.read_users(name)?;
+    users.retain(|u| !mine(u));
+    root.write_users(name, &users)?;
+    let live = prune_users(root, rtnl, name)?;
+    if live.is_empty() {
+        teardown_network(root, rtnl, name)?;
+    }
+    Ok(())
+}
+
 /// Removes network `name`: bridge, nft rules, state directory, and the nft table if no
-/// network remains. ip_forward is left as is. Best effort; failures are logged. Caller
-/// holds the state lock.
-pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) {
+/// network remains. ip_forward is left as is. Every step is tried; the first failure is
+/// returned (nft rule removal is best effort and logs its own problems). Caller holds the
+/// state lock.
+pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Result<(), NetError> {
     let bridge = bridge_name(name);
-    match rtnl.link(&bridge) {
-        Ok(Some(l)) if l.is_bridge() => {
-            if let Err(e) = rtnl.delete_link(l.index, &bridge) {
-                tracing::warn!(bridge, error = %e, "cannot delete bridge");
-            }
+    let mut first: Option<NetError> = None;
+    let mut keep = |r: Result<(), NetError>| {
+        if let Err(e) = r {
+            tracing::warn!(network = name, error = %e, "network teardown step failed");
+            first.get_or_insert(e);
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(bridge, error = %e, "cannot look up bridge"),
-    }
+    };
+    keep(match rtnl.link(&bridge) {
+        Ok(Some(l)) if l.is_bridge() => rtnl.delete_link(l.index, &bridge).map_err(NetError::from),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.into()),
+    });
     nft::remove_network(name, &bridge);
-    if let Err(e) = root.remove_network(name) {
-        tracing::warn!(network = name, error = %e, "cannot remove network state");
-    }
-    match root.networks() {
-        Ok(left) if left.is_empty() => {
-            if let Err(e) = nft::delete_table() {
-                tracing::warn!(error = %e, "cannot delete nftables table");
-            }
+    keep(root.remove_network(name).map_err(NetError::from));
+    keep(match root.networks() {
+        Ok(left) if left.is_empty() => nft::delete_table().map_err(NetError::from),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.into()),
+    });
+    match first {
+        None => {
+            tracing::info!(network = name, "network torn down");
+            Ok(())
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot list networks"),
+        Some(e) => Err(e),
     }
-    tracing::info!(network = name, "network torn down");
 }
 
 /// Startup cleanup for this network namespace: for every named network, forget users
@@ -87,7 +116,9 @@ pub fn cleanup_stale() -> Result<(), NetError> {
         let live = prune_users(&root, &rtnl, &name)?;
         if live.is_empty() {
             tracing::info!(network = %name, "tearing down network without live users");
-            teardown_network(&root, &rtnl, &name);
+            if let Err(e) = teardown_network(&root, &rtnl, &name) {
+                tracing::warn!(network = %name, error = %e, "stale network teardown incomplete");
+            }
         }
         owned_taps.extend(live.into_iter().map(|u| u.tap));
     }
@@ -126,7 +157,9 @@ pub fn teardown_all() -> Result<(), NetError> {
         for u in root.read_users(&name)? {
             delete_tap(&rtnl, &u.tap);
         }
-        teardown_network(&root, &rtnl, &name);
+        if let Err(e) = teardown_network(&root, &rtnl, &name) {
+            tracing::warn!(network = %name, error = %e, "network teardown incomplete");
+        }
     }
     for link in rtnl.links()? {
         if link.name.starts_with(TAP_PREFIX) && link.is_tun() {

@@ -9,9 +9,11 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use cleanup::{cleanup_stale, teardown_all};
+pub(crate) use cleanup::{delete_created_tap, leave_network};
 
 use crate::bridge::{Link, Rtnl};
 use crate::dhcp::{self, DhcpNetwork, DhcpRegistration};
+use crate::emergency::{self, Tracked};
 use crate::nft::{self, NftNetwork};
 use crate::spec::{MacAddr, NetMode, NetSpec, Subnet, BRIDGE_PREFIX};
 use crate::state::{self, NetKind, NetworkRecord, StateRoot, UserEntry};
@@ -105,20 +107,34 @@ pub(crate) fn check_existing_tap(rtnl: &Rtnl, name: &str) -> Result<(), NetError
     }
 }
 
-/// Deletes a TAP we created if it still exists after its fd closed (e.g. the fd leaked
-/// into another process). Runs on drop.
+/// Deletes a TAP we created if it still exists after its fd closed (e.g. the fd was
+/// duplicated, or leaked into another process): by [`TapCleanup::release`], or on drop as
+/// a fallback (e.g. rollback of a failed attach). Keeps the TAP in the emergency registry
+/// until then.
 #[derive(Debug)]
 pub(crate) struct TapCleanup {
-    pub name: String,
+    name: String,
+    tracked: Option<Tracked>,
+}
+
+impl TapCleanup {
+    pub fn release(mut self) -> Result<(), NetError> {
+        self.delete()
+    }
+
+    fn delete(&mut self) -> Result<(), NetError> {
+        let Some(tracked) = self.tracked.take() else {
+            return Ok(());
+        };
+        let res = Rtnl::new().map_err(NetError::from).and_then(|r| delete_created_tap(&r, &self.name));
+        drop(tracked);
+        res
+    }
 }
 
 impl Drop for TapCleanup {
     fn drop(&mut self) {
-        let res = Rtnl::new().and_then(|r| match r.link(&self.name)? {
-            Some(l) if l.is_tun() => r.delete_link(l.index, &self.name),
-            _ => Ok(()),
-        });
-        if let Err(e) = res {
+        if let Err(e) = self.delete() {
             tracing::warn!(tap = %self.name, error = %e, "cannot delete TAP device");
         }
     }
@@ -147,38 +163,45 @@ pub(crate) fn create_tap(rtnl: &Rtnl, explicit: Option<&str>) -> Result<(Tap, Ta
             found.ok_or(TapError::NoFreeName)?
         }
     };
+    let tracked = emergency::track_tap(&name);
     let tap = Tap::create(&name)?;
-    Ok((tap, TapCleanup { name }))
+    Ok((tap, TapCleanup { name, tracked: Some(tracked) }))
 }
 
-/// This process's membership in a named network. Dropping it removes the user entry and
-/// tears the network down if no live user remains.
+/// This process's membership in a named network: its user entry. Ended by
+/// [`Membership::release`] (or on drop, as a fallback), which removes the entry and tears
+/// the network down if no live user remains.
 #[derive(Debug)]
 pub(crate) struct Membership {
     root: StateRoot,
     name: String,
     entry: UserEntry,
+    /// Some until left; keeps the network in the emergency registry.
+    tracked: Option<Tracked>,
+}
+
+impl Membership {
+    pub fn release(mut self) -> Result<(), NetError> {
+        self.leave()
+    }
+
+    fn leave(&mut self) -> Result<(), NetError> {
+        let Some(tracked) = self.tracked.take() else {
+            return Ok(());
+        };
+        let res = (|| {
+            let _lock = self.root.lock()?;
+            let rtnl = Rtnl::new()?;
+            leave_network(&self.root, &rtnl, &self.name, |u| u.same_nic(&self.entry))
+        })();
+        drop(tracked);
+        res
+    }
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        let res = (|| -> Result<(), NetError> {
-            let _lock = self.root.lock()?;
-            if self.root.read_record(&self.name)?.is_none() {
-                // Already torn down (teardown_all, or cleanup by another process).
-                return Ok(());
-            }
-            let rtnl = Rtnl::new()?;
-            let mut users = self.root.read_users(&self.name)?;
-            users.retain(|u| u != &self.entry);
-            self.root.write_users(&self.name, &users)?;
-            let live = cleanup::prune_users(&self.root, &rtnl, &self.name)?;
-            if live.is_empty() {
-                cleanup::teardown_network(&self.root, &rtnl, &self.name);
-            }
-            Ok(())
-        })();
-        if let Err(e) = res {
+        if let Err(e) = self.leave() {
             tracing::warn!(network = %self.name, error = %e, "cannot release network");
         }
     }
@@ -196,12 +219,14 @@ impl Drop for NewNetworkGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             tracing::info!(network = %self.name, "rolling back network setup");
-            cleanup::teardown_network(self.root, self.rtnl, &self.name);
+            if let Err(e) = cleanup::teardown_network(self.root, self.rtnl, &self.name) {
+                tracing::warn!(network = %self.name, error = %e, "rollback incomplete");
+            }
         }
     }
 }
 
-/// Everything `attach` gets from joining a named network, in drop order.
+/// Everything `attach` gets from joining a named network.
 #[derive(Debug)]
 pub(crate) struct Joined {
     pub dhcp: DhcpRegistration,
@@ -228,13 +253,17 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
     need_net_admin(req.kind.as_str())?;
     let rtnl = Rtnl::new()?;
     let root = StateRoot::open()?;
+    // Before anything exists: a panic from here on finds this network in the registry.
+    let tracked = emergency::track_network(&root, req.name);
     let _lock = root.lock()?;
     let bridge = bridge_name(req.name);
 
     let live = cleanup::prune_users(&root, &rtnl, req.name)?;
     if live.is_empty() && root.read_record(req.name).ok().flatten().is_some() {
         tracing::info!(network = req.name, "removing leftovers of a network without live users");
-        cleanup::teardown_network(&root, &rtnl, req.name);
+        if let Err(e) = cleanup::teardown_network(&root, &rtnl, req.name) {
+            tracing::warn!(network = req.name, error = %e, "leftovers not fully removed");
+        }
     }
     let mut guard = NewNetworkGuard { root: &root, rtnl: &rtnl, name: req.name.to_string(), armed: false };
     let (record, br) = match root.read_record(req.name)? {
@@ -282,7 +311,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
         dhcp,
         tap,
         tap_cleanup,
-        membership: Membership { root: root.clone(), name: req.name.to_string(), entry },
+        membership: Membership { root: root.clone(), name: req.name.to_string(), entry, tracked: Some(tracked) },
         subnet: record.subnet,
         bridge,
     })

@@ -1,4 +1,5 @@
 use super::*;
+use crate::dhcp::wire;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
@@ -48,25 +49,182 @@ fn renew_uses_ciaddr() {
 
 #[test]
 fn parse_ignores_junk() {
-    assert!(parse_request(&[]).is_none());
-    assert!(parse_request(&[0u8; 300]).is_none());
-    assert!(parse_request(&[0xffu8; 600]).is_none());
+    let malformed = |buf: &[u8]| matches!(parse_request(buf), Err(Ignored::Malformed(_)));
+    assert!(malformed(&[]));
+    assert!(malformed(&[0u8; 300]));
+    assert!(malformed(&[0xffu8; 600]));
     // A reply (BootReply) is not a request.
     let req = Message::from_bytes(&client(MessageType::Discover, &[])).unwrap();
     let reply = build_reply(&req, &params(), Reply::Offer(ip(2)));
-    assert!(parse_request(&reply.to_vec().unwrap()).is_none());
-    // No message type.
+    assert_eq!(parse_request(&reply.to_vec().unwrap()).unwrap_err(), Ignored::NotARequest);
+    // No message type (dhcproto writes no options, not even End, for an empty set).
     let u = Ipv4Addr::UNSPECIFIED;
     let m = Message::new_with_id(1, u, u, u, u, &MAC);
-    assert!(parse_request(&m.to_vec().unwrap()).is_none());
+    let mut raw = m.to_vec().unwrap();
+    raw.push(255);
+    assert_eq!(parse_request(&raw).unwrap_err(), Ignored::NotARequest);
     // Relayed.
     let mut m = Message::new_with_id(1, u, u, u, ip(200), &MAC);
     m.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
-    assert!(parse_request(&m.to_vec().unwrap()).is_none());
+    assert_eq!(parse_request(&m.to_vec().unwrap()).unwrap_err(), Ignored::NotARequest);
     // hlen > 16 must not panic (dhcproto's chaddr() slices by hlen).
     let mut raw = client(MessageType::Discover, &[]);
     raw[2] = 200;
-    assert!(parse_request(&raw).is_none());
+    assert_eq!(parse_request(&raw).unwrap_err(), Ignored::Malformed(Malformed::BadHlen(200)));
+    // Rapid Commit with a 1-byte body: dhcproto would debug_assert on it.
+    let mut raw = client(MessageType::Discover, &[]);
+    let end = raw.iter().rposition(|&b| b == 255).unwrap();
+    raw.splice(end..end, [80, 1, 0]);
+    assert_eq!(parse_request(&raw).unwrap_err(), Ignored::Malformed(Malformed::BadLength { code: 80, len: 1 }));
+}
+
+/// xorshift64*: a tiny deterministic generator, so a failing case can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn byte(&mut self) -> u8 {
+        (self.next() >> 32) as u8
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+}
+
+/// A DISCOVER from MAC with the options area replaced by `opts` (message type first).
+fn discover_with(opts: &[u8]) -> Vec<u8> {
+    let mut raw = client(MessageType::Discover, &[]);
+    raw.truncate(240);
+    raw.extend_from_slice(&[53, 1, 1]);
+    raw.extend_from_slice(opts);
+    raw
+}
+
+/// Parses `buf`; a panic, contained or not, fails the test (`case` says which input).
+fn parse_no_panic(buf: &[u8], case: &str) -> Result<(Message, ClientRequest), Ignored> {
+    let res = parse_request(buf);
+    if let Err(Ignored::DecoderPanic(msg)) = &res {
+        panic!("dhcproto panicked on {case}: {msg}\n{buf:02x?}");
+    }
+    res
+}
+
+#[test]
+fn every_option_code_and_short_length() {
+    // Debug builds (the asserts this guards against are debug_asserts).
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut accepted = 0;
+    for code in 0..=255u8 {
+        for len in 0..=3usize {
+            for body in [vec![0u8; len], vec![0xff; len], rng.bytes(len)] {
+                let mut opts = vec![code, len as u8];
+                opts.extend_from_slice(&body);
+                opts.push(255);
+                let raw = discover_with(&opts);
+                let case = format!("option {code} length {len}");
+                let res = parse_no_panic(&raw, &case);
+                // Whatever passes the wire check keeps its message type (decoded first), so
+                // a good request still parses with a bad option behind it.
+                if wire::check(&raw).is_ok() {
+                    accepted += 1;
+                    let (_, req) = res.unwrap_or_else(|e| panic!("{case}: {e:?}"));
+                    assert_eq!(req, ClientRequest { mac: MacAddr(MAC), kind: ClientKind::Discover }, "{case}");
+                } else {
+                    assert!(res.is_err(), "{case}");
+                }
+            }
+        }
+    }
+    // Sanity: most (code, length) pairs are legal, some are not.
+    assert!((1500..3072).contains(&accepted), "{accepted}");
+}
+
+#[test]
+fn random_packets_never_panic_and_good_requests_survive() {
+    let mut rng = Rng(42);
+    let good = client(
+        MessageType::Request,
+        &[DhcpOption::RequestedIpAddress(ip(5)), DhcpOption::ServerIdentifier(ip(1)), DhcpOption::Hostname("vm".into())],
+    );
+    let (_, want) = parse_request(&good).unwrap();
+    for i in 0..6000 {
+        let raw = match i % 3 {
+            // Random TLVs, mostly short, sometimes terminated.
+            0 => {
+                let mut opts = Vec::new();
+                for _ in 0..rng.below(12) {
+                    let code = if rng.below(4) == 0 { [80, 81, 94, 121, 119, 82, 52, 152][rng.below(8)] } else { rng.byte() };
+                    let len = if rng.below(8) == 0 { rng.below(256) } else { rng.below(6) };
+                    opts.push(code);
+                    opts.push(len as u8);
+                    opts.extend(rng.bytes(len));
+                }
+                if rng.below(4) != 0 {
+                    opts.push(255);
+                }
+                discover_with(&opts)
+            }
+            // A good request with a few bytes flipped anywhere.
+            1 => {
+                let mut raw = good.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(raw.len());
+                    raw[at] = rng.byte();
+                }
+                raw
+            }
+            // Random bytes behind a valid header and cookie, or entirely random.
+            _ => {
+                let n = rng.below(700);
+                if rng.below(2) == 0 {
+                    let mut raw = good[..240].to_vec();
+                    raw.extend(rng.bytes(n));
+                    raw
+                } else {
+                    rng.bytes(n)
+                }
+            }
+        };
+        let _ = parse_no_panic(&raw, &format!("random case {i}"));
+        // Interleave the good request: it keeps parsing.
+        if i % 500 == 0 {
+            assert_eq!(parse_request(&good).unwrap().1, want);
+        }
+    }
+}
+
+/// The length table is what keeps dhcproto from asserting: feed dhcproto the raw option
+/// directly (contained) and check that every (code, length) on which it panics is refused.
+#[test]
+fn table_covers_every_dhcproto_assert() {
+    let mut panics = Vec::new();
+    for code in 1..=254u8 {
+        for len in 0..=6usize {
+            let mut opts = vec![code, len as u8];
+            opts.extend(std::iter::repeat_n(0x01, len));
+            opts.push(255);
+            let raw = discover_with(&opts);
+            if crate::contain::contain(|| Message::from_bytes(&raw)).is_err() {
+                panics.push((code, len));
+                assert!(!wire::rule(code).allows_len(len), "dhcproto panics on option {code} length {len}, the table allows it");
+            }
+        }
+    }
+    if cfg!(debug_assertions) {
+        // The case from the bug report really is a panic in debug builds.
+        assert!(panics.contains(&(80, 1)), "{panics:?}");
+    }
 }
 
 #[test]
