@@ -83,6 +83,14 @@ fn bad_shares() {
     let (a, b) = (format!("{},tag=t", dir.display()), "/tmp,tag=t".to_string());
     let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &a, "--share", &b], T);
     assert_usage_error(&r, "both use tag 't'");
+    for (spec, needle) in [
+        (format!("{},tag=no space", dir.display()), "only letters, digits"),
+        (format!("{},tag=microvm-root", dir.display()), "tag 'microvm-root' is reserved"),
+        (format!("{},at=/", dir.display()), "would hide the guest's root"),
+    ] {
+        let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--share", &spec], T);
+        assert_usage_error(&r, needle);
+    }
 }
 
 #[test]

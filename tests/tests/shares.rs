@@ -191,33 +191,6 @@ fn virtiofsd_missing_is_a_usage_error() {
 }
 
 #[test]
-fn bad_shares_are_usage_errors() {
-    let dir = scratch_dir("share-bad");
-    let k = halting_payload(&dir);
-    let d = dir.to_str().unwrap();
-    let share = |specs: &[&str]| specs.iter().flat_map(|s| ["--share".to_string(), s.to_string()]).collect::<Vec<_>>();
-    let cases = [
-        (share(&["/nonexistent/dir"]), "--share /nonexistent/dir: cannot open it"),
-        (share(&[&format!("{d}/halt.elf")]), "not a directory"),
-        (share(&[&format!("{d},tag=no space")]), "may only hold"),
-        (share(&[&format!("{d},at=relative")]), "must be an absolute guest path"),
-        (share(&[&format!("{d},tag=x"), &format!("{d},tag=x")]), "tag 'x' is used twice"),
-        (share(&[&format!("{d},tag=microvm-root")]), "reserved"),
-    ];
-    for (extra, needle) in cases {
-        let mut args = vec!["--kernel", k.to_str().unwrap()];
-        args.extend(extra.iter().map(String::as_str));
-        let mut vm = Vm::start(&args, &[], &dir);
-        let status = vm.wait(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running: {}", vm.out()));
-        assert_eq!(status.code(), Some(2), "{args:?}: {}", vm.out());
-        let err = vm.stderr.lock().unwrap().clone();
-        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert!(lines.len() == 1 && lines[0].contains(needle), "{args:?} want '{needle}': {}", vm.out());
-    }
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[test]
 fn sigterm_stops_every_virtiofsd_and_removes_the_state_dir() {
     let mut s = start_with_three_daemons("share-sigterm");
     let procs = descendants(s.vm.pid());
