@@ -54,3 +54,17 @@ pub use spec::{
 };
 pub use state::{StateError, DEFAULT_RUN_DIR, RUN_DIR_ENV};
 pub use tap::{set_offload as set_tap_offload, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+
+/// Entry points for the cargo-fuzz targets in `net/fuzz` (feature `fuzzing`); not API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::dhcp::fuzz_packet as dhcp_packet;
+
+    /// `--net` spec parsing and its pure checks: any input is refused or accepted, never a panic.
+    pub fn net_spec(text: &str) {
+        if let Ok(spec) = text.parse::<crate::NetSpec>() {
+            let _ = spec.to_string();
+            let _ = spec.mac_for("fuzz", 0);
+        }
+    }
+}

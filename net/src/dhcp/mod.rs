@@ -235,3 +235,25 @@ mod tests {
         assert!(parse_resolv_conf("").is_empty());
     }
 }
+
+/// The server's whole packet path on `buf` without sockets or files: the wire check, the
+/// decode (NOT contained here, so a decoder panic the check lets through is a fuzzer
+/// crash), the decision with an in-memory lease table, and the encoded reply.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_packet(buf: &[u8]) {
+    use dhcproto::Decodable;
+    if wire::check(buf).is_ok() {
+        let _ = dhcproto::v4::Message::from_bytes(buf);
+    }
+    let Ok((msg, req)) = packet::parse_request(buf) else { return };
+    let subnet = Subnet::from_octets(10, 200, 7);
+    let params = ServerParams { subnet, dns: vec![Ipv4Addr::new(10, 200, 7, 1)], lease_secs: LEASE_SECS };
+    let mut table = lease::LeaseTable::default();
+    let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, subnet, 1, u64::from(LEASE_SECS)))
+    else {
+        return;
+    };
+    let out = packet::build_reply(&msg, &params, reply);
+    let bytes = packet::encode(&out).expect("our own reply always encodes");
+    assert!(wire::check(&bytes).is_ok(), "our own reply fails our wire check");
+}
