@@ -3,6 +3,7 @@
 //! are plain `EventFd`s that the VMM wires to irqfd/ioeventfd.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;

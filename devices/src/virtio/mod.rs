@@ -50,6 +50,7 @@ pub mod block;
 mod device_base;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
@@ -62,12 +63,30 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::guest_log::GuestLog;
+
 pub use mmio::{MmioError, MmioTransport};
 
 /// virtio device id of a network card.
 pub const TYPE_NET: u32 = 1;
 /// virtio device id of a block device.
 pub const TYPE_BLOCK: u32 = 2;
+
+/// virtio device id of a console.
+pub const TYPE_CONSOLE: u32 = 3;
+/// virtio device id of an entropy source.
+pub const TYPE_RNG: u32 = 4;
+
+/// Name of a device type for logs ("virtio-blk", ...).
+pub fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_NET => "virtio-net",
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_CONSOLE => "virtio-console",
+        TYPE_RNG => "virtio-rng",
+        _ => "virtio",
+    }
+}
 
 /// Feature bit: the device complies with virtio 1.x (mandatory for the mmio v2 transport).
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -150,6 +169,8 @@ pub struct ActivateContext {
     pub irq: Arc<IrqTrigger>,
     /// Features acked by the driver (already masked with the offered ones).
     pub acked_features: u64,
+    /// The device's rate-limited log for guest-triggered warnings (shared with the transport).
+    pub log: Arc<GuestLog>,
 }
 
 /// A virtio device, independent of the transport.

@@ -176,6 +176,7 @@ impl VirtioDevice for Block {
             ctx.irq,
             self.disk.clone(),
             self.rate_limiter.take(),
+            ctx.log,
         )));
         if let Err(e) = self.base.start(handler.clone()) {
             self.rate_limiter = lock(&handler).take_rate_limiter();

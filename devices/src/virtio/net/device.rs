@@ -181,7 +181,7 @@ impl VirtioDevice for Net {
             })));
         }
         self.base.set_acked_features(acked);
-        let mut handler = NetHandler::new(ctx.mem, queues, evts, ctx.irq, backend, acked);
+        let mut handler = NetHandler::new(ctx.mem, queues, evts, ctx.irq, backend, acked, ctx.log);
         handler.set_rate_limiters(self.rx_limiter.take(), self.tx_limiter.take());
         let handler = Arc::new(Mutex::new(handler));
         if let Err(e) = self.base.start(handler.clone()) {
