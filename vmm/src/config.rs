@@ -122,9 +122,11 @@ impl VmConfig {
             return Err(ConfigError::Memory(self.memory_mib));
         }
         let devices = self.disks.len() + self.nets.len();
-        if devices > crate::layout::MAX_VIRTIO_DEVICES {
+        // One slot is taken by the virtio-rng every guest gets.
+        let max = crate::layout::MAX_VIRTIO_DEVICES - 1;
+        if devices > max {
             return Err(ConfigError::TooManyDevices {
-                max: crate::layout::MAX_VIRTIO_DEVICES,
+                max,
                 got: devices,
             });
         }

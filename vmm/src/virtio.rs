@@ -102,7 +102,8 @@ impl<'a> VirtioSlots<'a> {
     }
 }
 
-/// Attaches the configured disks (vda, vdb, ... in order) and NICs (eth0, eth1, ...).
+/// Attaches the configured disks (vda, vdb, ... in order), NICs (eth0, eth1, ...) and a
+/// virtio-rng.
 /// Returns the NICs' host attachments: keep them for the VM's life; dropping them tears
 /// down the TAPs (and networks whose last user this VM was).
 pub fn attach_all(
@@ -129,6 +130,8 @@ pub fn attach_all(
         attachments.push(att);
         slots.attach(bus, device)?;
     }
+    // Every guest gets an entropy source (after the disks and NICs: their order is unchanged).
+    slots.attach(bus, Box::new(devices::virtio::rng::Rng::new(slots.endpoint())))?;
     Ok(attachments)
 }
 

@@ -51,6 +51,7 @@ mod device_base;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
