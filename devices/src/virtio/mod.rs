@@ -47,6 +47,7 @@
 //!    back what must survive.
 
 pub mod block;
+pub mod console;
 mod device_base;
 pub mod mmio;
 pub mod net;

@@ -178,9 +178,11 @@ impl MutEventSubscriber for RngHandler {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() != self.queue.evt.as_raw_fd() || !events.event_set().contains(EventSet::IN)
-        {
-            error!(fd = events.fd(), "virtio-rng: unexpected event, unregistering fd");
+        if events.fd() != self.queue.evt.as_raw_fd() || !events.event_set().contains(EventSet::IN) {
+            error!(
+                fd = events.fd(),
+                "virtio-rng: unexpected event, unregistering fd"
+            );
             if let Err(e) = ops.remove(events) {
                 error!(error = %e, "virtio-rng: cannot unregister fd");
             }

@@ -89,7 +89,8 @@ fn hostile_chains_get_nothing_and_the_device_keeps_working() {
     }
     assert_eq!(vq.used.entry(5), (10, 32));
     let mut untouched = [0u8; 64];
-    mem.read_slice(&mut untouched, GuestAddress(BUF + 64)).unwrap();
+    mem.read_slice(&mut untouched, GuestAddress(BUF + 64))
+        .unwrap();
     assert_eq!(untouched, [0; 64]);
 }
 
