@@ -28,10 +28,13 @@
 //! Devices keep a typed `Arc<Mutex<Handler>>` clone of what they registered, so they can get
 //! state (e.g. a rate limiter, a tap) back on reset.
 //!
-//! # Writing a device (virtio-net follows virtio-blk)
+//! # Writing a device (virtio-rng is the smallest example; net, console follow blk)
 //!
 //! The common parts live in `device_base::DeviceBase` (features, read-only config space,
-//! handler registration) and `device_base::take_queues`.
+//! handler registration), `device_base::take_queues`, [`queue::DeviceQueue`] (one per
+//! virtqueue: the notify loop with notification suppression, a per-wakeup budget, used-ring
+//! signalling) and [`crate::guest_log::GuestLog`] (`ctx.log`: every warning a guest can
+//! trigger goes through [`crate::guest_warn!`], rate-limited per device).
 //!
 //! 1. `new(config, host resources..., endpoint: EventEndpoint)`: a `DeviceBase` with the
 //!    offered features and the config space; inactive.
@@ -40,9 +43,11 @@
 //!    wrap it in `Arc<Mutex<_>>` and `DeviceBase::start` it ([`register_subscriber`], then
 //!    [`DataPlane::take_registration_error`]); on failure take back what it was lent.
 //! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`) and records a
-//!    failure for [`DataPlane::take_registration_error`]; `process` reads the fired eventfd,
-//!    runs the queue, and calls `irq.trigger(IrqKind::Vring)` when it put buffers in a used
-//!    ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
+//!    failure for [`DataPlane::take_registration_error`]; `process` drains the fired eventfd
+//!    ([`queue::DeviceQueue::drain_evt`]) and runs the queue with
+//!    [`queue::DeviceQueue::process`], whose closure says what became of each chain
+//!    ([`queue::Step`]); it signals the used ring itself. A
+//!    [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
 //! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
 //!    back what must survive.
 
