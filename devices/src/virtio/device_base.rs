@@ -82,6 +82,12 @@ impl<H: DataPlane> DeviceBase<H> {
         );
     }
 
+    /// Whether a guest-triggered log line (activation, reset) may be logged now: a guest
+    /// resetting in a loop must not flood the logs.
+    pub(crate) fn may_log(&self) -> bool {
+        self.log.allow()
+    }
+
     /// True between a successful [`DeviceBase::start`] and [`DeviceBase::reset`].
     pub(crate) fn is_activated(&self) -> bool {
         self.active.is_some()

@@ -380,7 +380,9 @@ impl MmioTransport {
             return;
         }
         if v & FAILED != 0 {
-            info!("virtio-mmio: driver marked the device FAILED");
+            if self.log.allow() {
+                info!("virtio-mmio: driver marked the device FAILED");
+            }
             self.status |= FAILED;
             return;
         }
@@ -440,7 +442,10 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if let Err(e) = self.try_activate() {
-            error!(reason = %crate::error_chain(&e), "virtio-mmio: activation failed, device needs reset");
+            // The guest can cause this (bad queue setup) as often as it likes.
+            if self.log.allow() {
+                error!(reason = %crate::error_chain(&e), "virtio-mmio: activation failed, device needs reset");
+            }
             self.status |= DEVICE_NEEDS_RESET;
             if let Err(e) = self.irq.trigger(IrqKind::Config) {
                 error!(error = %e, "virtio-mmio: config interrupt failed");

@@ -182,7 +182,9 @@ impl VirtioDevice for Block {
             self.rate_limiter = lock(&handler).take_rate_limiter();
             return Err(e);
         }
-        info!(path = %self.config.path.display(), "virtio-blk: activated");
+        if self.base.may_log() {
+            info!(path = %self.config.path.display(), "virtio-blk: activated");
+        }
         Ok(())
     }
 
@@ -192,7 +194,9 @@ impl VirtioDevice for Block {
         };
         if let Some(handler) = stopped {
             self.rate_limiter = lock(&handler).take_rate_limiter();
-            info!(path = %self.config.path.display(), "virtio-blk: reset");
+            if self.base.may_log() {
+                info!(path = %self.config.path.display(), "virtio-blk: reset");
+            }
         }
         true
     }

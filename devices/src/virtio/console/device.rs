@@ -146,7 +146,9 @@ impl VirtioDevice for Console {
             self.backends = Some(lock(&handler).take_backends());
             return Err(e);
         }
-        info!(ports = ?self.names, "virtio-console: activated");
+        if self.base.may_log() {
+            info!(ports = ?self.names, "virtio-console: activated");
+        }
         Ok(())
     }
 
@@ -156,7 +158,9 @@ impl VirtioDevice for Console {
         };
         if let Some(handler) = stopped {
             self.backends = Some(lock(&handler).take_backends());
-            info!("virtio-console: reset");
+            if self.base.may_log() {
+                info!("virtio-console: reset");
+            }
         }
         true
     }

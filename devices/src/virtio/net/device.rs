@@ -188,12 +188,14 @@ impl VirtioDevice for Net {
             self.reclaim(&handler);
             return Err(e);
         }
-        info!(
-            mac = %format_mac(&self.config.mac),
-            acked_features = format_args!("{acked:#x}"),
-            tun_offload = format_args!("{flags:#x}"),
-            "virtio-net: activated"
-        );
+        if self.base.may_log() {
+            info!(
+                mac = %format_mac(&self.config.mac),
+                acked_features = format_args!("{acked:#x}"),
+                tun_offload = format_args!("{flags:#x}"),
+                "virtio-net: activated"
+            );
+        }
         Ok(())
     }
 
@@ -209,7 +211,9 @@ impl VirtioDevice for Net {
                     warn!(error = %e, "virtio-net: cannot clear backend offloads on reset");
                 }
             }
-            info!(mac = %format_mac(&self.config.mac), "virtio-net: reset");
+            if self.base.may_log() {
+                info!(mac = %format_mac(&self.config.mac), "virtio-net: reset");
+            }
         }
         true
     }
