@@ -5,7 +5,7 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::handler::ConsoleHandler;
 use crate::virtio::DataPlane;
@@ -52,15 +52,24 @@ impl ConsoleHandler {
         for p in &mut self.ports {
             let input = p.input.as_ref().map(|b| b.as_raw_fd());
             let want = p.wants_input();
-            sync_fd(ops, input, EventSet::IN, want, &mut p.input_watched);
+            let (watched, unpollable) = (&mut p.input_watched, &mut p.input_unpollable);
+            sync_fd(ops, input, EventSet::IN, want, watched, unpollable);
             let output = p.output.as_ref().map(|b| b.as_raw_fd());
             let want = p.wants_output();
-            sync_fd(ops, output, EventSet::OUT, want, &mut p.output_watched);
+            let (watched, unpollable) = (&mut p.output_watched, &mut p.output_unpollable);
+            sync_fd(ops, output, EventSet::OUT, want, watched, unpollable);
         }
     }
 }
 
-fn sync_fd(ops: &mut EventOps, fd: Option<RawFd>, set: EventSet, want: bool, watched: &mut bool) {
+fn sync_fd(
+    ops: &mut EventOps,
+    fd: Option<RawFd>,
+    set: EventSet,
+    want: bool,
+    watched: &mut bool,
+    unpollable: &mut bool,
+) {
     let Some(fd) = fd else {
         return;
     };
@@ -75,6 +84,14 @@ fn sync_fd(ops: &mut EventOps, fd: Option<RawFd>, set: EventSet, want: bool, wat
     };
     match result {
         Ok(()) => *watched = want,
+        Err(event_manager::Error::Epoll(e)) if want && e.errno() == libc::EPERM => {
+            // A regular file or /dev/null: always ready, used without epoll.
+            debug!(
+                fd,
+                "virtio-console: backend fd cannot be polled, used unwatched"
+            );
+            *unpollable = true;
+        }
         Err(e) => error!(fd, want, error = %e, "virtio-console: cannot (un)watch a backend fd"),
     }
 }

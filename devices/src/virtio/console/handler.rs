@@ -15,7 +15,7 @@ use super::control::{
 };
 use super::{
     rx_queue_index, tx_queue_index, ConsoleInput, ConsoleOutput, CHUNK, CONTROL_RX_INDEX,
-    CONTROL_TX_INDEX,
+    CONTROL_TX_INDEX, MAX_TX_CHAIN,
 };
 use crate::guest_log::GuestLog;
 use crate::guest_warn;
@@ -59,6 +59,10 @@ pub(crate) struct Port {
     /// Whether the input / output fd is registered with the event manager.
     pub(crate) input_watched: bool,
     pub(crate) output_watched: bool,
+    /// epoll refused the input / output fd (EPERM: a regular file or /dev/null, which never
+    /// block): it is used without being watched.
+    pub(crate) input_unpollable: bool,
+    pub(crate) output_unpollable: bool,
 }
 
 impl Port {
@@ -70,12 +74,15 @@ impl Port {
 
     /// Whether the input fd should be watched: reading it could deliver bytes now.
     pub(crate) fn wants_input(&self) -> bool {
-        self.can_receive() && !self.rx_starved
+        self.can_receive() && !self.rx_starved && !self.input_unpollable
     }
 
     /// Whether the output fd should be watched: a chain waits for it.
     pub(crate) fn wants_output(&self) -> bool {
-        self.tx_pending.is_some() && self.output.is_some() && !self.output_failed
+        self.tx_pending.is_some()
+            && self.output.is_some()
+            && !self.output_failed
+            && !self.output_unpollable
     }
 }
 
@@ -130,6 +137,8 @@ impl ConsoleHandler {
                 tx_pending: None,
                 input_watched: false,
                 output_watched: false,
+                input_unpollable: false,
+                output_unpollable: false,
             })
             .collect();
         ConsoleHandler {
@@ -452,9 +461,8 @@ fn writable_bufs(
     Ok((bufs, total))
 }
 
-/// The device-readable buffers of a chain, all inside guest memory. A chain is at most a queue
-/// size of descriptors of at most 4 GiB each; more than [`CHUNK`] times the queue size in all
-/// is refused.
+/// The device-readable buffers of a chain, all inside guest memory, at most
+/// [`MAX_TX_CHAIN`] bytes in all.
 fn readable_bufs(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -469,7 +477,7 @@ fn readable_bufs(
             return Err(ChainError::OutsideMemory(d.addr().0, d.len()));
         }
         total += d.len() as usize;
-        if total > CHUNK * usize::from(super::QUEUE_SIZE) {
+        if total > MAX_TX_CHAIN {
             return Err(ChainError::TooLong);
         }
         if d.len() > 0 {

@@ -90,8 +90,11 @@ pub const MAX_PORTS: usize = 31;
 pub const MAX_NAME_LEN: usize = 64;
 /// Size of every queue.
 pub const QUEUE_SIZE: u16 = 128;
-/// Bytes moved per chain and per backend read or write, at most.
+/// Bytes moved per receive chain and per backend read or write, at most.
 pub const CHUNK: usize = 64 * 1024;
+/// Longest transmit chain; longer ones are dropped (Linux sends at most 32 KiB per buffer).
+/// One wakeup thus moves at most the queue budget times this many bytes.
+pub const MAX_TX_CHAIN: usize = 256 * 1024;
 
 /// Index of port `port`'s receive (host → guest) queue.
 pub fn rx_queue_index(port: usize) -> usize {

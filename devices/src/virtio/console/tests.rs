@@ -484,18 +484,19 @@ fn hostile_guest_is_survived() {
 
     g.handshake(&["io"]);
     g.send_control(0, PORT_OPEN, 1);
-    // Bad TX chains: a writable descriptor, outside memory, and a zero-length one.
+    // Bad TX chains: a writable descriptor, outside memory, a zero-length one, too long.
     let tx = tx_queue_index(0);
     g.chain(tx, &[(a, 8, false), (a, 8, true)]);
     g.chain(tx, &[(MEM_SIZE as u64, 16, false)]);
     g.chain(tx, &[(a, 0, false)]);
+    g.chain(tx, &[(BUF_BASE, MAX_TX_CHAIN as u32 + 1, false)]);
     // Bad RX chains: readable, outside memory.
     let rx = rx_queue_index(0);
     g.chain(rx, &[(a, 8, false)]);
     g.chain(rx, &[(MEM_SIZE as u64 - 8, 64, true)]);
     g.kick(tx);
     g.kick(rx);
-    g.wait("bad chains returned", |g| g.used(tx) == 3);
+    g.wait("bad chains returned", |g| g.used(tx) == 4);
     in_w.write_all(b"hello").unwrap();
     g.wait("bad RX chains returned", |g| g.used(rx) == 2);
     for i in 0..2 {
@@ -574,4 +575,35 @@ fn without_multiport_the_device_refuses_to_start() {
     assert!(!t.device().is_activated());
     let status = crate::virtio::test_utils::r(&mut t, crate::virtio::mmio::REG_STATUS);
     assert_ne!(status & crate::virtio::status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn regular_files_work_without_epoll() {
+    // epoll refuses regular files (EPERM); they never block, so the device uses them unwatched.
+    let ev = EventLoop::start();
+    let mem = guest_memory(MEM_SIZE);
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let in_path = dir.as_path().join("in");
+    let out_path = dir.as_path().join("out");
+    let data = pattern(10_000, 9);
+    std::fs::write(&in_path, &data).unwrap();
+    let in_file = std::fs::File::open(&in_path).unwrap();
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let ports = vec![
+        port("stdin", input(in_file), None),
+        port("stdout", None, output(out_file)),
+    ];
+    let mut g = Guest::new(&mem, &ev, ports);
+    g.handshake(&["stdin", "stdout"]);
+    // More chains than one wakeup handles: the input is wanted between wakeups, and epoll
+    // refuses it.
+    g.rx_buffers(0, 100, 128);
+    g.send_control(0, PORT_OPEN, 1);
+    g.wait("RX", |g| g.used(rx_queue_index(0)) == 79);
+    assert_same(&g.rx_data(0), &data);
+    assert_eq!(g.control(1), vec![(0, PORT_OPEN, 0, vec![])]);
+
+    let chains = g.transmit(1, &data, 3000, 1000);
+    g.wait("TX", |g| g.used(tx_queue_index(1)) == chains);
+    assert_same(&std::fs::read(&out_path).unwrap(), &data);
 }
