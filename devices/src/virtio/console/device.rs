@@ -40,6 +40,23 @@ pub struct Console {
     base: DeviceBase<ConsoleHandler>,
     /// Lives here while inactive, in the handler while active.
     backends: Option<Backends>,
+    /// The active handler, for [`ConsoleFlush`].
+    active: Arc<Mutex<Option<Arc<Mutex<ConsoleHandler>>>>>,
+}
+
+/// Flushes a console's outputs from outside the event loop.
+#[derive(Clone)]
+pub struct ConsoleFlush(Arc<Mutex<Option<Arc<Mutex<ConsoleHandler>>>>>);
+
+impl ConsoleFlush {
+    /// Writes what the guest left in the transmit queues to the outputs, waiting for slow
+    /// readers until `deadline` (see [`ConsoleHandler::flush_outputs`]). True if everything
+    /// was written, or the device is not active. Call it after the vCPUs stopped, from any
+    /// thread but the event loop's (it takes the handler's lock).
+    pub fn flush(&self, deadline: std::time::Instant) -> bool {
+        let handler = lock(&self.0).clone();
+        handler.is_none_or(|h| lock(&h).flush_outputs(deadline))
+    }
 }
 
 impl Console {
@@ -78,12 +95,19 @@ impl Console {
             queue_sizes: vec![QUEUE_SIZE; 2 * n + 2],
             base: DeviceBase::new("virtio-console", features, &config_space, endpoint),
             backends: Some(backends),
+            active: Arc::new(Mutex::new(None)),
         })
     }
 
     /// The data-plane handler while activated.
     pub fn handler(&self) -> Option<&Arc<Mutex<ConsoleHandler>>> {
         self.base.handler()
+    }
+
+    /// A handle the VMM keeps (the device itself goes into the transport) to flush the
+    /// outputs when the guest is done: see [`ConsoleFlush::flush`].
+    pub fn flush_handle(&self) -> ConsoleFlush {
+        ConsoleFlush(self.active.clone())
     }
 }
 
@@ -146,6 +170,7 @@ impl VirtioDevice for Console {
             self.backends = Some(lock(&handler).take_backends());
             return Err(e);
         }
+        *lock(&self.active) = Some(handler);
         if self.base.may_log() {
             info!(ports = ?self.names, "virtio-console: activated");
         }
@@ -157,6 +182,7 @@ impl VirtioDevice for Console {
             return false;
         };
         if let Some(handler) = stopped {
+            *lock(&self.active) = None;
             self.backends = Some(lock(&handler).take_backends());
             if self.base.may_log() {
                 info!("virtio-console: reset");

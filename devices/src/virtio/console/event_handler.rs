@@ -128,7 +128,9 @@ impl MutEventSubscriber for ConsoleHandler {
             // Readable, hung up or failed: the read tells which.
             Source::Input(i) => self.process_rx(i),
             // Writable or failed: the write tells which.
-            Source::Output(i) => self.process_tx(i),
+            Source::Output(i) => {
+                self.process_tx(i);
+            }
             _ if !events.event_set().contains(EventSet::IN) => {
                 // ERROR or HANG_UP on an eventfd we own: should not happen. Stop watching it,
                 // or the level-triggered epoll would spin.

@@ -3,7 +3,9 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::unix::io::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue};
@@ -339,22 +341,23 @@ impl ConsoleHandler {
 
     /// Writes port `i`'s transmit chains to its output, in order, until the output is full
     /// (call on TX kick and output writable).
-    pub(crate) fn process_tx(&mut self, i: usize) {
+    /// Returns why it stopped.
+    pub(crate) fn process_tx(&mut self, i: usize) -> Stop {
         let Some(p) = self.ports.get_mut(i) else {
-            return;
+            return Stop::Empty;
         };
         let (mem, log, buf) = (&self.mem, &*self.log, &mut self.buf);
         if let Some(mut pending) = p.tx_pending.take() {
             if !write_out(mem, &mut p.output, &mut p.output_failed, buf, &mut pending) {
                 p.tx_pending = Some(pending);
-                return;
+                return Stop::Blocked;
             }
             if p.tx.add_used(mem, log, pending.head, 0) {
                 p.tx.signal_used(mem, &self.irq, log);
             }
         }
         let (output, failed, pending) = (&mut p.output, &mut p.output_failed, &mut p.tx_pending);
-        p.tx.process(mem, &self.irq, log, |chain| {
+        let pass = p.tx.process(mem, &self.irq, log, |chain| {
             let head = chain.head_index();
             let mut tx = match readable_bufs(mem, chain) {
                 Ok(bufs) => TxChain {
@@ -374,7 +377,47 @@ impl ConsoleHandler {
                 Step::Hold
             }
         });
+        pass.stop
     }
+
+    /// Writes everything the guest has put in the transmit queues to the outputs, waiting for
+    /// slow outputs, until `deadline`. For the VMM when the guest is done (its last writes may
+    /// still be in the queues). Returns false if some output still had data at the deadline.
+    pub fn flush_outputs(&mut self, deadline: Instant) -> bool {
+        for i in 0..self.ports.len() {
+            loop {
+                match self.process_tx(i) {
+                    Stop::Empty | Stop::Broken => break,
+                    Stop::Budget => continue,
+                    Stop::Blocked => {
+                        let Some(fd) = self.ports[i].output.as_ref().map(|o| o.as_raw_fd()) else {
+                            break;
+                        };
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() || !poll_out(fd, left) {
+                            return false;
+                        }
+                    }
+                }
+            }
+            // The queue kicked itself when it ran out of budget: that kick is stale now.
+            self.ports[i].tx.drain_evt();
+        }
+        true
+    }
+}
+
+/// Waits until `fd` is writable (or failed), at most `timeout`.
+fn poll_out(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // Rounded up: never return before the deadline.
+    let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: pfd is a valid pollfd array of length 1 that outlives the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
 }
 
 /// Writes what is left of `tx` to `output`. True when the chain is done (all written, or

@@ -54,7 +54,7 @@ mod tests;
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-pub use device::{Console, PortConfig};
+pub use device::{Console, ConsoleFlush, PortConfig};
 pub use fd::{FdInput, FdOutput};
 pub use handler::ConsoleHandler;
 

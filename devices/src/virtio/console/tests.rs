@@ -60,6 +60,7 @@ type Msg = (u32, u16, u16, Vec<u8>);
 struct Guest<'m> {
     mem: &'m GuestMemoryMmap,
     t: MmioTransport,
+    flush: ConsoleFlush,
     queues: Vec<TestQueue<'m>>,
     next_desc: Vec<u16>,
     next_buf: u64,
@@ -75,6 +76,7 @@ impl<'m> Guest<'m> {
     fn new(mem: &'m GuestMemoryMmap, ev: &EventLoop, ports: Vec<PortConfig>) -> Self {
         let n = ports.len();
         let console = Console::new(ports, ev.endpoint.clone()).unwrap();
+        let flush = console.flush_handle();
         let t = MmioTransport::new(mem.clone(), Box::new(console)).unwrap();
         let queues: Vec<TestQueue> = (0..2 * n + 2)
             .map(|i| TestQueue::new(mem, i as u64 * 0x1_0000, QUEUE_SIZE))
@@ -82,6 +84,7 @@ impl<'m> Guest<'m> {
         let mut g = Guest {
             mem,
             t,
+            flush,
             next_desc: vec![0; queues.len()],
             queues,
             next_buf: BUF_BASE,
@@ -606,4 +609,50 @@ fn regular_files_work_without_epoll() {
     let chains = g.transmit(1, &data, 3000, 1000);
     g.wait("TX", |g| g.used(tx_queue_index(1)) == chains);
     assert_same(&std::fs::read(&out_path).unwrap(), &data);
+}
+
+#[test]
+fn flush_writes_what_the_guest_left_to_a_slow_reader() {
+    let ev = EventLoop::start();
+    let mem = guest_memory(MEM_SIZE);
+    let (mut r, w) = pipe();
+    // SAFETY: fcntl on a valid fd with an integer argument.
+    assert!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+    let out = Trickle(FdOutput::new(OwnedFd::from(w)).unwrap());
+    let mut g = Guest::new(&mem, &ev, vec![port("stdout", None, Some(Box::new(out)))]);
+    g.handshake(&["stdout"]);
+    let data = pattern(48 * 1024, 5);
+    let chains = g.transmit(0, &data, 1024, 512);
+    // Nobody reads: the deadline passes.
+    let start = Instant::now();
+    assert!(!g.flush.flush(start + Duration::from_millis(200)));
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
+    // A slow reader: the flush waits for it and returns when everything was written.
+    let want = data.len();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            if poll_in(r.as_raw_fd(), 100) {
+                let mut b = [0u8; 1000];
+                let n = r.read(&mut b).unwrap();
+                got.extend_from_slice(&b[..n]);
+            }
+        }
+        got
+    });
+    assert!(g.flush.flush(Instant::now() + Duration::from_secs(20)));
+    assert_eq!(
+        g.used(tx_queue_index(0)),
+        chains,
+        "every chain was returned"
+    );
+    assert_same(&reader.join().unwrap(), &data);
+    // Nothing left: an immediate flush succeeds.
+    assert!(g.flush.flush(Instant::now()));
 }
