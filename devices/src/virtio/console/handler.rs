@@ -325,7 +325,8 @@ impl ConsoleHandler {
                     Step::PutBack
                 }
                 Err(e) => {
-                    warn!(port = i, error = %e, "virtio-console: input failed, closing it");
+                    // Once per activation; a guest resetting in a loop makes it repeat.
+                    guest_warn!(log, port = i, error = %e, "virtio-console: input failed, closing it");
                     *eof = true;
                     Step::PutBack
                 }
@@ -348,7 +349,14 @@ impl ConsoleHandler {
         };
         let (mem, log, buf) = (&self.mem, &*self.log, &mut self.buf);
         if let Some(mut pending) = p.tx_pending.take() {
-            if !write_out(mem, &mut p.output, &mut p.output_failed, buf, &mut pending) {
+            if !write_out(
+                mem,
+                log,
+                &mut p.output,
+                &mut p.output_failed,
+                buf,
+                &mut pending,
+            ) {
                 p.tx_pending = Some(pending);
                 return Stop::Blocked;
             }
@@ -370,7 +378,7 @@ impl ConsoleHandler {
                     return Step::Used(0);
                 }
             };
-            if write_out(mem, output, failed, buf, &mut tx) {
+            if write_out(mem, log, output, failed, buf, &mut tx) {
                 Step::Used(0)
             } else {
                 *pending = Some(tx);
@@ -424,6 +432,7 @@ fn poll_out(fd: RawFd, timeout: Duration) -> bool {
 /// discarded because there is no working output); false when the output is full.
 fn write_out(
     mem: &GuestMemoryMmap,
+    log: &GuestLog,
     output: &mut Option<Box<dyn ConsoleOutput>>,
     failed: &mut bool,
     buf: &mut [u8],
@@ -458,7 +467,7 @@ fn write_out(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
-                    warn!(error = %e, "virtio-console: output failed, discarding what the guest writes");
+                    guest_warn!(log, error = %e, "virtio-console: output failed, discarding what the guest writes");
                     *failed = true;
                     return true;
                 }
