@@ -1,8 +1,9 @@
 //! Guest-visible devices: serial, i8042, virtio-mmio transport, virtio-blk, virtio-net,
-//! rate limiter. No host networking and no KVM here: interrupts and queue notifications
-//! are plain `EventFd`s that the VMM wires to irqfd/ioeventfd.
+//! virtio-rng, virtio-console, rate limiter. No host networking and no KVM here: interrupts
+//! and queue notifications are plain `EventFd`s that the VMM wires to irqfd/ioeventfd.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;

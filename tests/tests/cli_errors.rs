@@ -205,3 +205,48 @@ fn initrd_too_big_and_cmdline_too_long() {
     let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--no-quirks", "--cmdline", &long], T);
     assert_usage_error(&r, "kernel command line is invalid or longer than 2048 bytes");
 }
+
+#[test]
+fn disk_in_use_is_refused() {
+    let dir = scratch_dir("locked");
+    let k = good_kernel("locked-k");
+    let img = dir.join("a.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.to_str().unwrap();
+    let name = format!("disk '{img_s}' is in use");
+
+    // The same image twice in one VM.
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", img_s, "--disk", img_s], T);
+    assert_usage_error(&r, &name);
+
+    // A second microvm on an image a running one holds (read-write or read-only).
+    let up = dir.join("up.elf");
+    write_elf(&up, &Asm::default().print("up\n").halt().code);
+    let mut first = std::process::Command::new(microvm_bin())
+        .args(["--kernel", up.to_str().unwrap(), "--disk", img_s])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = first.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(T).unwrap_or_default();
+    let second = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", img_s], T);
+    let second_ro = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", &format!("{img_s},readonly")], T);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(line, "up\n", "the first microvm did not start");
+    assert_usage_error(&second, &name);
+    assert_usage_error(&second_ro, &name);
+
+    // Once it is gone, the image is free again.
+    let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", img_s], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

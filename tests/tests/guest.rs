@@ -28,6 +28,8 @@ fn guest_boots_sees_its_resources_and_reports_status() {
          echo VDB_SECTORS=$(cat /sys/block/vdb/size); echo VDC_RO=$(cat /sys/block/vdc/ro); \
          printf '{marker}' | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null && echo VDB_WRITTEN; \
          printf 'overwrite' | dd of=/dev/vdc bs=512 conv=sync,fsync 2>/dev/null || echo VDC_REFUSED; \
+         echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+         echo HWRNG_BYTES=$(head -c 32 /dev/hwrng | wc -c); \
          exit 7"
     );
     let run = run_microvm(
@@ -57,6 +59,9 @@ fn guest_boots_sees_its_resources_and_reports_status() {
     assert!(run.stdout.contains("VDC_RO=1"), "{run:?}");
     assert!(run.stdout.contains("VDB_WRITTEN"), "{run:?}");
     assert!(run.stdout.contains("VDC_REFUSED"), "read-only disk accepted a write: {run:?}");
+    // Every guest gets a virtio-rng, and it serves reads.
+    assert!(run.stdout.contains("RNG=virtio_rng.0"), "{run:?}");
+    assert!(run.stdout.contains("HWRNG_BYTES=32"), "{run:?}");
 
     // The sized disk was created sparse, with the right length, and holds the guest's write.
     let meta = std::fs::metadata(&data).unwrap();

@@ -41,6 +41,8 @@ fn virtio_mmio_window_answers_with_its_magic() {
         .if_mmio_eq(FIRST_VIRTIO, 0x7472_6976, "magic ok\n", "magic bad\n")
         // Device ID register: 2 = block.
         .if_mmio_eq(FIRST_VIRTIO + 8, 2, "blk ok\n", "blk bad\n")
+        // After the disk: the virtio-rng (device ID 4) every guest gets.
+        .if_mmio_eq(FIRST_VIRTIO + 0x1000 + 8, 4, "rng ok\n", "rng bad\n")
         .exit(3)
         .halt();
     write_elf(&k, &asm.code);
@@ -48,7 +50,25 @@ fn virtio_mmio_window_answers_with_its_magic() {
     let r = run_microvm(&["--kernel", k.to_str().unwrap(), "--disk", &spec], T);
     assert_eq!(r.code(), 3, "{r:?}");
     assert!(r.stdout.contains("magic ok") && r.stdout.contains("blk ok"), "{r:?}");
+    assert!(r.stdout.contains("rng ok"), "{r:?}");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn every_guest_gets_a_virtio_rng() {
+    let asm = Asm::default()
+        .if_mmio_eq(FIRST_VIRTIO, 0x7472_6976, "magic ok\n", "magic bad\n")
+        .if_mmio_eq(FIRST_VIRTIO + 8, 4, "rng ok\n", "rng bad\n")
+        // Its one queue has the maximum size the device declares.
+        .if_mmio_eq(FIRST_VIRTIO + 0x34, 256, "qmax ok\n", "qmax bad\n")
+        .exit(0)
+        .halt();
+    let k = payload("rng", asm);
+    let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
+    assert_eq!(r.code(), 0, "{r:?}");
+    for want in ["magic ok", "rng ok", "qmax ok"] {
+        assert!(r.stdout.contains(want), "{want}: {r:?}");
+    }
 }
 
 #[test]

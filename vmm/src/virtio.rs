@@ -95,9 +95,9 @@ impl<'a> VirtioSlots<'a> {
 }
 
 /// Attaches the configured disks (vda, vdb, ... in order), the shares (one virtio-fs device
-/// per `(tag, virtiofsd connection)`, in `share::plan` order) and NICs (eth0, eth1, ...).
-/// Returns the NICs' host attachments: keep them for the VM's life, then hand them to
-/// `nics::release_all`, which tears down the TAPs (and networks whose last user this VM was).
+/// per `(tag, virtiofsd connection)`, in `share::plan` order), NICs (eth0, eth1, ...) and a
+/// virtio-rng. Returns the NICs' host attachments: keep them for the VM's life, then hand them
+/// to `nics::release_all`, which tears down the TAPs (and networks whose last user this VM was).
 pub fn attach_all(
     slots: &mut VirtioSlots,
     bus: &mut Bus,
@@ -127,6 +127,8 @@ pub fn attach_all(
         attachments.push(att);
         slots.attach(bus, device)?;
     }
+    // Every guest gets an entropy source (after the disks and NICs: their order is unchanged).
+    slots.attach(bus, Box::new(devices::virtio::rng::Rng::new(slots.endpoint())))?;
     Ok(attachments)
 }
 

@@ -63,6 +63,7 @@ impl VmError {
         match self {
             VmError::Config(e) => e.exit_code(),
             VmError::Share(e) if e.is_usage() => code::USAGE,
+            VmError::Virtio(VirtioError::Disk(e)) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
     }

@@ -2,14 +2,20 @@
 //! the VM and exit with status S & 0xff (busybox: `devmem 0xd0000000 32 S`).
 
 use crate::bus::BusDevice;
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
 
 pub struct ExitDevice {
     on_exit: Box<dyn Fn(u8) + Send>,
+    log: GuestLog,
 }
 
 impl ExitDevice {
     pub fn new(on_exit: Box<dyn Fn(u8) + Send>) -> Self {
-        ExitDevice { on_exit }
+        ExitDevice {
+            on_exit,
+            log: GuestLog::new("exit device"),
+        }
     }
 }
 
@@ -20,7 +26,12 @@ impl BusDevice for ExitDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset != 0 || data.is_empty() || data.len() > 8 {
-            tracing::warn!(offset, len = data.len(), "ignored bad write to the exit device");
+            guest_warn!(
+                self.log,
+                offset,
+                len = data.len(),
+                "ignored bad write to the exit device"
+            );
             return;
         }
         // Little endian: the low byte holds the status whatever the access width.

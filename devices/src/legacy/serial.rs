@@ -8,6 +8,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
 
 /// An `EventFd` usable as a vm-superio interrupt line.
 pub struct EventFdTrigger(pub EventFd);
@@ -30,12 +32,15 @@ impl Deref for EventFdTrigger {
 
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// Output errors happen once per guest byte: rate-limited.
+    log: GuestLog,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
+            log: GuestLog::new("serial"),
         }
     }
 
@@ -75,7 +80,7 @@ impl BusDevice for SerialDevice {
             return;
         }
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
-            tracing::warn!("serial write failed: {e:?}");
+            guest_warn!(self.log, "serial write failed: {e:?}");
         }
     }
 }

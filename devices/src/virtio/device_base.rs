@@ -5,9 +5,12 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::SubscriberId;
-use tracing::{error, warn};
+use tracing::error;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
 
 use super::{
     lock, read_config_bytes, register_subscriber, unregister_subscriber, ActivateError, DataPlane,
@@ -22,6 +25,8 @@ pub(crate) struct DeviceBase<H> {
     acked_features: u64,
     config_space: Box<[u8]>,
     endpoint: EventEndpoint,
+    /// Guest-triggered warnings (config writes).
+    log: GuestLog,
     /// While activated: the handler registered with the event manager, and its id there.
     active: Option<(Arc<Mutex<H>>, SubscriberId)>,
 }
@@ -41,6 +46,7 @@ impl<H: DataPlane> DeviceBase<H> {
             acked_features: 0,
             config_space: config_space.into(),
             endpoint,
+            log: GuestLog::new(name),
             active: None,
         }
     }
@@ -67,12 +73,19 @@ impl<H: DataPlane> DeviceBase<H> {
 
     /// [`super::VirtioDevice::write_config`] of a read-only config space: ignored.
     pub(crate) fn write_config(&self, offset: u64, data: &[u8]) {
-        warn!(
+        guest_warn!(
+            self.log,
             offset,
             len = data.len(),
             "{}: config space is read-only, write ignored",
             self.name
         );
+    }
+
+    /// Whether a guest-triggered log line (activation, reset) may be logged now: a guest
+    /// resetting in a loop must not flood the logs.
+    pub(crate) fn may_log(&self) -> bool {
+        self.log.allow()
     }
 
     /// True between a successful [`DeviceBase::start`] and [`DeviceBase::reset`].

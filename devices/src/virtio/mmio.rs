@@ -15,7 +15,7 @@ mod tests;
 use std::io;
 use std::sync::Arc;
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -25,6 +25,8 @@ use super::{
     ActivateContext, ActivateError, IrqKind, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::bus::BusDevice;
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -127,6 +129,8 @@ pub struct MmioTransport {
     queue_errors: Vec<u8>,
     queue_evts: Vec<EventFd>,
     irq: Arc<IrqTrigger>,
+    /// Guest-triggered warnings of this device (transport and data plane).
+    log: Arc<GuestLog>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -151,6 +155,7 @@ impl MmioTransport {
             queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?);
         }
         let irq = Arc::new(IrqTrigger::new().map_err(MmioError::EventFd)?);
+        let log = Arc::new(GuestLog::new(super::device_name(device.device_type())));
         Ok(MmioTransport {
             device,
             mem,
@@ -158,6 +163,7 @@ impl MmioTransport {
             queues,
             queue_evts,
             irq,
+            log,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -191,6 +197,11 @@ impl MmioTransport {
     /// The wrapped device, mutably.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
+    }
+
+    /// The device's rate-limited log of guest-triggered warnings.
+    pub fn guest_log(&self) -> &Arc<GuestLog> {
+        &self.log
     }
 
     /// Current device status register.
@@ -243,9 +254,10 @@ impl MmioTransport {
         self.status & (FEATURES_OK | DRIVER_OK | FAILED | DEVICE_NEEDS_RESET) == FEATURES_OK
     }
 
-    fn with_queue(&mut self, reg: u64, f: impl FnOnce(&mut Queue, &mut u8)) {
+    fn with_queue(&mut self, reg: u64, f: impl FnOnce(&mut Queue, &mut u8, &GuestLog)) {
         if !self.queue_config_allowed() {
-            warn!(
+            guest_warn!(
+                self.log,
                 reg,
                 status = self.status,
                 "virtio-mmio: queue write in wrong state, ignored"
@@ -254,8 +266,9 @@ impl MmioTransport {
         }
         let i = self.queue_sel as usize;
         match (self.queues.get_mut(i), self.queue_errors.get_mut(i)) {
-            (Some(q), Some(err)) => f(q, err),
-            _ => warn!(
+            (Some(q), Some(err)) => f(q, err, &self.log),
+            _ => guest_warn!(
+                self.log,
                 queue = i,
                 "virtio-mmio: write to non-existent queue, ignored"
             ),
@@ -267,7 +280,8 @@ impl MmioTransport {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES => {
                 if self.status & (DRIVER | FEATURES_OK | FAILED) != DRIVER {
-                    warn!(
+                    guest_warn!(
+                        self.log,
                         status = self.status,
                         "virtio-mmio: driver features write in wrong state"
                     );
@@ -281,17 +295,22 @@ impl MmioTransport {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                     }
-                    sel => warn!(sel, "virtio-mmio: driver features page out of range"),
+                    sel => guest_warn!(
+                        self.log,
+                        sel,
+                        "virtio-mmio: driver features page out of range"
+                    ),
                 }
             }
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM => self.with_queue(offset, |q, err| {
+            REG_QUEUE_NUM => self.with_queue(offset, |q, err, log| {
                 // u16 conversion failure or a bad size both make the queue invalid.
                 match u16::try_from(v).ok().map(|s| q.try_set_size(s)) {
                     Some(Ok(())) => *err &= !BAD_SIZE,
                     _ => {
-                        warn!(
+                        guest_warn!(
+                            log,
                             size = v,
                             max = q.max_size(),
                             "virtio-mmio: invalid queue size"
@@ -300,26 +319,49 @@ impl MmioTransport {
                     }
                 }
             }),
-            REG_QUEUE_READY => self.with_queue(offset, |q, _| q.set_ready(v == 1)),
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => self.with_queue(offset, |q, err| {
+            REG_QUEUE_READY => self.with_queue(offset, |q, _, _| q.set_ready(v == 1)),
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => self.with_queue(offset, |q, err, log| {
                 let addr = merge_half(q.desc_table(), offset == REG_QUEUE_DESC_HIGH, v);
-                set_flag(err, BAD_DESC, q.try_set_desc_table_address(addr).is_err());
+                set_flag(
+                    log,
+                    err,
+                    BAD_DESC,
+                    q.try_set_desc_table_address(addr).is_err(),
+                );
             }),
-            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => self.with_queue(offset, |q, err| {
-                let addr = merge_half(q.avail_ring(), offset == REG_QUEUE_DRIVER_HIGH, v);
-                set_flag(err, BAD_DRIVER, q.try_set_avail_ring_address(addr).is_err());
-            }),
-            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => self.with_queue(offset, |q, err| {
-                let addr = merge_half(q.used_ring(), offset == REG_QUEUE_DEVICE_HIGH, v);
-                set_flag(err, BAD_DEVICE, q.try_set_used_ring_address(addr).is_err());
-            }),
+            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
+                self.with_queue(offset, |q, err, log| {
+                    let addr = merge_half(q.avail_ring(), offset == REG_QUEUE_DRIVER_HIGH, v);
+                    set_flag(
+                        log,
+                        err,
+                        BAD_DRIVER,
+                        q.try_set_avail_ring_address(addr).is_err(),
+                    );
+                })
+            }
+            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
+                self.with_queue(offset, |q, err, log| {
+                    let addr = merge_half(q.used_ring(), offset == REG_QUEUE_DEVICE_HIGH, v);
+                    set_flag(
+                        log,
+                        err,
+                        BAD_DEVICE,
+                        q.try_set_used_ring_address(addr).is_err(),
+                    );
+                })
+            }
             NOTIFY_REG_OFFSET => match self.queue_evts.get(v as usize) {
                 Some(evt) => {
                     if let Err(e) = evt.write(1) {
                         error!(queue = v, error = %e, "virtio-mmio: queue notify failed");
                     }
                 }
-                None => warn!(queue = v, "virtio-mmio: notify for non-existent queue"),
+                None => guest_warn!(
+                    self.log,
+                    queue = v,
+                    "virtio-mmio: notify for non-existent queue"
+                ),
             },
             REG_INTERRUPT_ACK => self.irq.ack(v),
             REG_STATUS => self.set_status(v),
@@ -338,7 +380,9 @@ impl MmioTransport {
             return;
         }
         if v & FAILED != 0 {
-            info!("virtio-mmio: driver marked the device FAILED");
+            if self.log.allow() {
+                info!("virtio-mmio: driver marked the device FAILED");
+            }
             self.status |= FAILED;
             return;
         }
@@ -348,7 +392,8 @@ impl MmioTransport {
         let valid_step = (1..=STATUS_STEPS.len())
             .any(|n| STATUS_STEPS[..n].iter().fold(0, |a, b| a | b) == wanted);
         if !valid_step || wanted & current != current || self.status & FAILED != 0 {
-            warn!(
+            guest_warn!(
+                self.log,
                 status = self.status,
                 wanted = v,
                 "virtio-mmio: invalid status transition"
@@ -377,14 +422,18 @@ impl MmioTransport {
         let avail = self.device.avail_features();
         let unknown = self.driver_features & !avail;
         if unknown != 0 {
-            warn!(
+            guest_warn!(
+                self.log,
                 unknown,
                 "virtio-mmio: driver acked features not offered, masked"
             );
         }
         let acked = self.driver_features & avail;
         if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1, refusing FEATURES_OK");
+            guest_warn!(
+                self.log,
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1, refusing FEATURES_OK"
+            );
             return false;
         }
         self.device.set_acked_features(acked);
@@ -393,7 +442,10 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if let Err(e) = self.try_activate() {
-            error!(reason = %crate::error_chain(&e), "virtio-mmio: activation failed, device needs reset");
+            // The guest can cause this (bad queue setup) as often as it likes.
+            if self.log.allow() {
+                error!(reason = %crate::error_chain(&e), "virtio-mmio: activation failed, device needs reset");
+            }
             self.status |= DEVICE_NEEDS_RESET;
             if let Err(e) = self.irq.trigger(IrqKind::Config) {
                 error!(error = %e, "virtio-mmio: config interrupt failed");
@@ -429,6 +481,7 @@ impl MmioTransport {
             queue_evts,
             irq: self.irq.clone(),
             acked_features: acked,
+            log: self.log.clone(),
         };
         self.device.activate(ctx).map_err(MmioError::Activate)
     }
@@ -465,9 +518,9 @@ fn merge_half(addr: u64, high: bool, v: u32) -> GuestAddress {
     })
 }
 
-fn set_flag(flags: &mut u8, flag: u8, on: bool) {
+fn set_flag(log: &GuestLog, flags: &mut u8, flag: u8, on: bool) {
     if on {
-        warn!(flag, "virtio-mmio: misaligned queue address");
+        guest_warn!(log, flag, "virtio-mmio: misaligned queue address");
         *flags |= flag;
     } else {
         *flags &= !flag;

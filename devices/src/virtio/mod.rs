@@ -28,10 +28,13 @@
 //! Devices keep a typed `Arc<Mutex<Handler>>` clone of what they registered, so they can get
 //! state (e.g. a rate limiter, a tap) back on reset.
 //!
-//! # Writing a device (virtio-net follows virtio-blk)
+//! # Writing a device (virtio-rng is the smallest example; net, console follow blk)
 //!
 //! The common parts live in `device_base::DeviceBase` (features, read-only config space,
-//! handler registration) and `device_base::take_queues`.
+//! handler registration), `device_base::take_queues`, [`queue::DeviceQueue`] (one per
+//! virtqueue: the notify loop with notification suppression, a per-wakeup budget, used-ring
+//! signalling) and [`crate::guest_log::GuestLog`] (`ctx.log`: every warning a guest can
+//! trigger goes through [`crate::guest_warn!`], rate-limited per device).
 //!
 //! 1. `new(config, host resources..., endpoint: EventEndpoint)`: a `DeviceBase` with the
 //!    offered features and the config space; inactive.
@@ -40,9 +43,11 @@
 //!    wrap it in `Arc<Mutex<_>>` and `DeviceBase::start` it ([`register_subscriber`], then
 //!    [`DataPlane::take_registration_error`]); on failure take back what it was lent.
 //! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`) and records a
-//!    failure for [`DataPlane::take_registration_error`]; `process` reads the fired eventfd,
-//!    runs the queue, and calls `irq.trigger(IrqKind::Vring)` when it put buffers in a used
-//!    ring. A [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
+//!    failure for [`DataPlane::take_registration_error`]; `process` drains the fired eventfd
+//!    ([`queue::DeviceQueue::drain_evt`]) and runs the queue with
+//!    [`queue::DeviceQueue::process`], whose closure says what became of each chain
+//!    ([`queue::Step`]); it signals the used ring itself. A
+//!    [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
 //! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
 //!    back what must survive.
 //!
@@ -55,10 +60,13 @@
 //! Guest memory must be file-backed (memfd) for the backend to map it.
 
 pub mod block;
+pub mod console;
 mod device_base;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod queue;
+pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
@@ -71,6 +79,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::guest_log::GuestLog;
+
 pub use mmio::{MmioError, MmioTransport};
 
 /// virtio device id of a network card.
@@ -79,6 +89,22 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 /// virtio device id of a file system device (virtio-fs).
 pub const TYPE_FS: u32 = 26;
+
+/// virtio device id of a console.
+pub const TYPE_CONSOLE: u32 = 3;
+/// virtio device id of an entropy source.
+pub const TYPE_RNG: u32 = 4;
+
+/// Name of a device type for logs ("virtio-blk", ...).
+pub fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_NET => "virtio-net",
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_CONSOLE => "virtio-console",
+        TYPE_RNG => "virtio-rng",
+        _ => "virtio",
+    }
+}
 
 /// Feature bit: the device complies with virtio 1.x (mandatory for the mmio v2 transport).
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -161,6 +187,8 @@ pub struct ActivateContext {
     pub irq: Arc<IrqTrigger>,
     /// Features acked by the driver (already masked with the offered ones).
     pub acked_features: u64,
+    /// The device's rate-limited log for guest-triggered warnings (shared with the transport).
+    pub log: Arc<GuestLog>,
 }
 
 /// A virtio device, independent of the transport.

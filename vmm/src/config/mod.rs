@@ -134,8 +134,10 @@ impl VmConfig {
             return Err(ConfigError::Memory(self.memory_mib));
         }
         let devices = self.disks.len() + self.nets.len() + crate::share::count(self);
-        if devices > crate::layout::MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices { max: crate::layout::MAX_VIRTIO_DEVICES, got: devices });
+        // One slot is taken by the virtio-rng every guest gets.
+        let max = crate::layout::MAX_VIRTIO_DEVICES - 1;
+        if devices > max {
+            return Err(ConfigError::TooManyDevices { max, got: devices });
         }
         for d in &self.disks {
             d.validate()?;

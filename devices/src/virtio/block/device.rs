@@ -176,12 +176,15 @@ impl VirtioDevice for Block {
             ctx.irq,
             self.disk.clone(),
             self.rate_limiter.take(),
+            ctx.log,
         )));
         if let Err(e) = self.base.start(handler.clone()) {
             self.rate_limiter = lock(&handler).take_rate_limiter();
             return Err(e);
         }
-        info!(path = %self.config.path.display(), "virtio-blk: activated");
+        if self.base.may_log() {
+            info!(path = %self.config.path.display(), "virtio-blk: activated");
+        }
         Ok(())
     }
 
@@ -191,7 +194,9 @@ impl VirtioDevice for Block {
         };
         if let Some(handler) = stopped {
             self.rate_limiter = lock(&handler).take_rate_limiter();
-            info!(path = %self.config.path.display(), "virtio-blk: reset");
+            if self.base.may_log() {
+                info!(path = %self.config.path.display(), "virtio-blk: reset");
+            }
         }
         true
     }

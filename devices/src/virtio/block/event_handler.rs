@@ -18,7 +18,7 @@ impl MutEventSubscriber for BlockHandler {
     /// Registers the queue eventfd and, if any, the rate limiter's timerfd. A failure is
     /// recorded for the device's `activate` to report (init cannot return errors).
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.queue.evt, EventSet::IN)) {
             error!(error = %e, "virtio-blk: cannot register the queue eventfd");
             self.registration_error = Some(e);
             return;
@@ -42,13 +42,9 @@ impl MutEventSubscriber for BlockHandler {
             }
             return;
         }
-        if fd == self.queue_evt.as_raw_fd() {
+        if fd == self.queue.evt.as_raw_fd() {
             // Reset the counter first so notifications arriving during processing re-fire.
-            if let Err(e) = self.queue_evt.read() {
-                if e.kind() != std::io::ErrorKind::WouldBlock {
-                    error!(error = %e, "virtio-blk: cannot read the queue eventfd");
-                }
-            }
+            self.queue.drain_evt();
             // While throttled, the timer event will resume processing.
             self.process_queue();
         } else if self

@@ -10,25 +10,33 @@ mod tests;
 
 use std::sync::Arc;
 
-use tracing::{debug, error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use tracing::debug;
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk};
 use super::VIRTIO_BLK_S_OK;
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::{pop_chain, IrqKind, IrqTrigger};
+use crate::virtio::queue::{DeviceQueue, Step, Stop};
+use crate::virtio::IrqTrigger;
+
+/// Requests handled per queue wakeup, at most; the handler kicks its own eventfd to continue
+/// after the event loop served its other fds.
+pub const BUDGET: usize = 64;
 
 /// The data plane of one block device.
 #[derive(Debug)]
 pub struct BlockHandler {
     pub(crate) mem: GuestMemoryMmap,
-    pub(crate) queue: Queue,
-    pub(crate) queue_evt: EventFd,
+    pub(crate) queue: DeviceQueue,
     pub(crate) irq: Arc<IrqTrigger>,
     pub(crate) disk: Arc<Disk>,
     pub(crate) rate_limiter: Option<RateLimiter>,
+    /// Guest-triggered warnings of this device.
+    pub(crate) log: Arc<GuestLog>,
     /// Set by `init` if registering an fd with the event manager failed.
     pub(crate) registration_error: Option<event_manager::Error>,
 }
@@ -40,6 +48,8 @@ pub struct ProcessStats {
     pub completed: usize,
     /// Processing stopped because the rate limiter is out of tokens.
     pub throttled: bool,
+    /// Processing stopped after [`BUDGET`] requests; the queue eventfd was kicked to resume.
+    pub yielded: bool,
 }
 
 impl BlockHandler {
@@ -51,21 +61,22 @@ impl BlockHandler {
         irq: Arc<IrqTrigger>,
         disk: Arc<Disk>,
         rate_limiter: Option<RateLimiter>,
+        log: Arc<GuestLog>,
     ) -> Self {
         BlockHandler {
             mem,
-            queue,
-            queue_evt,
+            queue: DeviceQueue::new(queue, queue_evt, BUDGET, "virtio-blk request queue"),
             irq,
             disk,
             rate_limiter,
+            log,
             registration_error: None,
         }
     }
 
     /// The queue notification eventfd.
     pub fn queue_evt(&self) -> &EventFd {
-        &self.queue_evt
+        &self.queue.evt
     }
 
     /// The rate limiter, if any.
@@ -85,97 +96,68 @@ impl BlockHandler {
             .is_some_and(RateLimiter::is_blocked)
     }
 
-    /// Processes every available request (until the rate limiter says stop), then raises the
-    /// used-ring interrupt if anything was completed.
+    /// Processes available requests until the queue is empty, the rate limiter says stop or
+    /// [`BUDGET`] requests were done, then raises the used-ring interrupt if anything was
+    /// completed.
     pub fn process_queue(&mut self) -> ProcessStats {
-        let mut stats = ProcessStats::default();
         if self.is_throttled() {
-            return stats;
-        }
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                warn!(error = %e, "virtio-blk: cannot disable notifications");
-            }
-            if self.drain(&mut stats) {
-                break;
-            }
-            match self.queue.enable_notification(&self.mem) {
-                // More requests arrived while notifications were off: go again.
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(error = %e, "virtio-blk: cannot enable notifications");
-                    break;
-                }
-            }
-        }
-        if stats.completed > 0 {
-            self.signal_used();
-        }
-        stats
-    }
-
-    /// Runs available chains. Returns true if processing must stop (throttled or broken queue).
-    fn drain(&mut self, stats: &mut ProcessStats) -> bool {
-        loop {
-            let chain = match pop_chain(&mut self.queue, &self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => return false,
-                Err(e) => {
-                    // E.g. the driver moved avail.idx more than a queue size ahead.
-                    error!(error = %e, "virtio-blk: request queue is broken, not processing it");
-                    return true;
-                }
+            return ProcessStats {
+                throttled: true,
+                ..Default::default()
             };
-            let head = chain.head_index();
-            let used_len = match request::parse(&self.mem, chain) {
-                Err(e) => {
-                    warn!(head, error = %e, "virtio-blk: dropping malformed request chain");
-                    0
-                }
-                Ok(parsed) => {
-                    if let (Some(rl), Ok(req)) = (self.rate_limiter.as_mut(), &parsed.request) {
-                        if !rl.consume_request(req.cost_bytes()) {
-                            // Put the chain back; the limiter's timer will wake us up.
-                            self.queue.go_to_previous_position();
-                            stats.throttled = true;
-                            return true;
-                        }
-                    }
-                    let result = parsed
-                        .request
-                        .and_then(|req| req.execute(&self.mem, &self.disk));
-                    let (status, written) = match result {
-                        Ok(written) => (VIRTIO_BLK_S_OK, written),
-                        Err(e) => {
-                            debug!(head, error = %e, "virtio-blk: request failed");
-                            // Only BrokenChain/NoStatus have no status, and parse returned
-                            // those above.
-                            (e.status().unwrap_or(super::VIRTIO_BLK_S_IOERR), 0)
-                        }
-                    };
-                    match self.mem.write_obj(status, parsed.status_addr) {
-                        Ok(()) => written.saturating_add(1),
-                        Err(e) => {
-                            warn!(head, error = %e, "virtio-blk: cannot write request status");
-                            0
-                        }
-                    }
-                }
-            };
-            if let Err(e) = self.queue.add_used(&self.mem, head, used_len) {
-                error!(head, error = %e, "virtio-blk: cannot return chain to the used ring");
-            }
-            stats.completed += 1;
+        }
+        let mut throttled = false;
+        let (mem, disk, log) = (&self.mem, &self.disk, &*self.log);
+        let limiter = &mut self.rate_limiter;
+        let pass = self.queue.process(mem, &self.irq, log, |chain| {
+            run_request(mem, disk, log, limiter, &mut throttled, chain)
+        });
+        ProcessStats {
+            completed: pass.completed,
+            throttled,
+            yielded: pass.stop == Stop::Budget,
         }
     }
+}
 
-    fn signal_used(&mut self) {
-        let needed = self.queue.needs_notification(&self.mem).unwrap_or(true);
-        if needed {
-            if let Err(e) = self.irq.trigger(IrqKind::Vring) {
-                error!(error = %e, "virtio-blk: cannot signal used ring");
-            }
+/// Parses and executes one request chain; writes its status.
+fn run_request(
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    log: &GuestLog,
+    limiter: &mut Option<RateLimiter>,
+    throttled: &mut bool,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Step {
+    let head = chain.head_index();
+    let parsed = match request::parse(mem, chain) {
+        Ok(p) => p,
+        Err(e) => {
+            guest_warn!(log, head, error = %e, "virtio-blk: dropping malformed request chain");
+            return Step::Used(0);
+        }
+    };
+    if let (Some(rl), Ok(req)) = (limiter.as_mut(), &parsed.request) {
+        if !rl.consume_request(req.cost_bytes()) {
+            // Put the chain back; the limiter's timer will wake us up.
+            *throttled = true;
+            return Step::PutBack;
+        }
+    }
+    let result = parsed.request.and_then(|req| req.execute(mem, disk));
+    let (status, written) = match result {
+        Ok(written) => (VIRTIO_BLK_S_OK, written),
+        Err(e) => {
+            debug!(head, error = %e, "virtio-blk: request failed");
+            // Only BrokenChain/NoStatus have no status, and parse returned those above.
+            (e.status().unwrap_or(super::VIRTIO_BLK_S_IOERR), 0)
+        }
+    };
+    match mem.write_obj(status, parsed.status_addr) {
+        Ok(()) => Step::Used(written.saturating_add(1)),
+        Err(e) => {
+            guest_warn!(log, head, error = %e, "virtio-blk: cannot write request status");
+            Step::Used(0)
         }
     }
 }

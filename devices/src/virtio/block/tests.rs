@@ -228,3 +228,35 @@ fn throttled_queue_resumes_from_the_event_loop() {
     assert!(start.elapsed() >= std::time::Duration::from_millis(90));
     w(&mut t, 0x70, 0);
 }
+
+#[test]
+fn more_requests_than_the_budget_complete_after_one_kick() {
+    // The handler stops after BUDGET requests and kicks itself; the event loop brings it back
+    // until the queue is empty.
+    let ev = EventLoop::start();
+    let (_tmp, b) = block(BlockConfig::default(), &ev);
+    let mem = guest_memory(MEM_SIZE);
+    let mut t = MmioTransport::new(mem.clone(), Box::new(b)).unwrap();
+    let vq = TestQueue::new(&mem, 0x1_0000, QUEUE_SIZE);
+    init(&mut t, &vq);
+    let n = (handler::BUDGET + handler::BUDGET / 2) as u16;
+    assert!(2 * n <= QUEUE_SIZE);
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(0x10_0000)).unwrap();
+    for i in 0..n {
+        let status = 0x10_3000 + u64::from(i);
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        vq.add_chain(2 * i, &[(0x10_0000, 16, false), (status, 1, true)]);
+    }
+    t.queue_evts()[0].write(1).unwrap();
+    while vq.used.idx() < n {
+        assert!(wait_irq(t.irq_evt()), "stalled at {}", vq.used.idx());
+    }
+    assert_eq!(vq.used.idx(), n);
+    for i in 0..n {
+        let s: u8 = mem.read_obj(GuestAddress(0x10_3000 + u64::from(i))).unwrap();
+        assert_eq!(s, VIRTIO_BLK_S_OK, "request {i}");
+    }
+    w(&mut t, 0x70, 0);
+}

@@ -422,3 +422,54 @@ fn random_guest_accesses_never_panic() {
     w(&mut t, REG_STATUS, ALL_OK);
     assert_eq!(r(&mut t, REG_STATUS), ALL_OK);
 }
+
+/// A tracing writer that collects everything logged, for counting lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn guest_flood_of_bad_writes_is_rate_limited() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let (mut t, _) = transport(&[4]);
+    let start = std::time::Instant::now();
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..10_000u32 {
+            // Queue writes before FEATURES_OK, and notifies for queues that do not exist.
+            if i % 2 == 0 {
+                w(&mut t, REG_QUEUE_NUM, 4);
+            } else {
+                w(&mut t, NOTIFY_REG_OFFSET, 1000 + i);
+            }
+        }
+        drop(t);
+    });
+    let windows = start.elapsed().as_secs() + 1;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines = text.lines().count() as u64;
+    let limit = windows * (u64::from(crate::guest_log::LINES_PER_WINDOW) + 1);
+    assert!(lines >= 2, "the first warnings are logged:\n{text}");
+    assert!(
+        lines <= limit,
+        "{lines} lines for 10000 bad writes (limit {limit}):\n{text}"
+    );
+    assert!(
+        text.contains("more guest-triggered warnings were suppressed"),
+        "{text}"
+    );
+}

@@ -181,19 +181,21 @@ impl VirtioDevice for Net {
             })));
         }
         self.base.set_acked_features(acked);
-        let mut handler = NetHandler::new(ctx.mem, queues, evts, ctx.irq, backend, acked);
+        let mut handler = NetHandler::new(ctx.mem, queues, evts, ctx.irq, backend, acked, ctx.log);
         handler.set_rate_limiters(self.rx_limiter.take(), self.tx_limiter.take());
         let handler = Arc::new(Mutex::new(handler));
         if let Err(e) = self.base.start(handler.clone()) {
             self.reclaim(&handler);
             return Err(e);
         }
-        info!(
-            mac = %format_mac(&self.config.mac),
-            acked_features = format_args!("{acked:#x}"),
-            tun_offload = format_args!("{flags:#x}"),
-            "virtio-net: activated"
-        );
+        if self.base.may_log() {
+            info!(
+                mac = %format_mac(&self.config.mac),
+                acked_features = format_args!("{acked:#x}"),
+                tun_offload = format_args!("{flags:#x}"),
+                "virtio-net: activated"
+            );
+        }
         Ok(())
     }
 
@@ -209,7 +211,9 @@ impl VirtioDevice for Net {
                     warn!(error = %e, "virtio-net: cannot clear backend offloads on reset");
                 }
             }
-            info!(mac = %format_mac(&self.config.mac), "virtio-net: reset");
+            if self.base.may_log() {
+                info!(mac = %format_mac(&self.config.mac), "virtio-net: reset");
+            }
         }
         true
     }

@@ -28,9 +28,9 @@ impl NetHandler {
             |l: Option<&crate::rate_limiter::RateLimiter>| l.is_some_and(|rl| rl.as_raw_fd() == fd);
         if fd == self.backend_fd() {
             Source::Backend
-        } else if fd == self.rx_evt.as_raw_fd() {
+        } else if fd == self.rx.evt.as_raw_fd() {
             Source::RxQueue
-        } else if fd == self.tx_evt.as_raw_fd() {
+        } else if fd == self.tx.evt.as_raw_fd() {
             Source::TxQueue
         } else if is(self.rx_limiter.as_ref()) {
             Source::RxLimiter
@@ -60,15 +60,6 @@ impl NetHandler {
     }
 }
 
-/// Reads (resets) a queue eventfd; EAGAIN only means it was already reset.
-fn drain_evt(evt: &vmm_sys_util::eventfd::EventFd, name: &str) {
-    if let Err(e) = evt.read() {
-        if e.kind() != std::io::ErrorKind::WouldBlock {
-            error!(error = %e, "virtio-net: cannot read the {name} eventfd");
-        }
-    }
-}
-
 impl DataPlane for NetHandler {
     fn take_registration_error(&mut self) -> Option<event_manager::Error> {
         self.registration_error.take()
@@ -79,7 +70,7 @@ impl MutEventSubscriber for NetHandler {
     /// Registers the queue eventfds, the limiters' timerfds and the backend fd. A failure is
     /// recorded for the device's `activate` to report (init cannot return errors).
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![self.rx_evt.as_raw_fd(), self.tx_evt.as_raw_fd()];
+        let mut fds = vec![self.rx.evt.as_raw_fd(), self.tx.evt.as_raw_fd()];
         fds.extend(self.rx_limiter.as_ref().map(AsRawFd::as_raw_fd));
         fds.extend(self.tx_limiter.as_ref().map(AsRawFd::as_raw_fd));
         for fd in fds {
@@ -129,11 +120,11 @@ impl MutEventSubscriber for NetHandler {
         match source {
             Source::RxQueue => {
                 // Reset the counter first so kicks arriving during processing re-fire.
-                drain_evt(&self.rx_evt, "RX queue");
+                self.rx.drain_evt();
                 self.process_rx();
             }
             Source::TxQueue => {
-                drain_evt(&self.tx_evt, "TX queue");
+                self.tx.drain_evt();
                 self.process_tx();
             }
             Source::RxLimiter => {

@@ -29,15 +29,16 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use tracing::{error, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{NetBackend, VIRTIO_NET_F_MRG_RXBUF};
+use crate::guest_log::GuestLog;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::{IrqKind, IrqTrigger};
+use crate::virtio::queue::DeviceQueue;
+use crate::virtio::IrqTrigger;
 
 use rx::{PendingFrame, RxChain};
 
@@ -119,11 +120,11 @@ pub struct ProcessStats {
 /// The data plane of one network device.
 pub struct NetHandler {
     pub(crate) mem: GuestMemoryMmap,
-    pub(crate) rx_queue: Queue,
-    pub(crate) tx_queue: Queue,
-    pub(crate) rx_evt: EventFd,
-    pub(crate) tx_evt: EventFd,
+    pub(crate) rx: DeviceQueue,
+    pub(crate) tx: DeviceQueue,
     pub(crate) irq: Arc<IrqTrigger>,
+    /// Guest-triggered warnings of this device.
+    pub(crate) log: Arc<GuestLog>,
     /// `None` only after [`NetHandler::take_backend`].
     backend: Option<Box<dyn NetBackend>>,
     backend_fd: RawFd,
@@ -159,17 +160,18 @@ impl NetHandler {
         irq: Arc<IrqTrigger>,
         backend: Box<dyn NetBackend>,
         acked_features: u64,
+        log: Arc<GuestLog>,
     ) -> Self {
         let [rx_queue, tx_queue] = queues;
         let [rx_evt, tx_evt] = evts;
         let backend_fd = backend.as_raw_fd();
         NetHandler {
             mem,
-            rx_queue,
-            tx_queue,
-            rx_evt,
-            tx_evt,
+            // RX work is bounded by RX_BUDGET frames read, not by chains popped.
+            rx: DeviceQueue::new(rx_queue, rx_evt, usize::MAX, "virtio-net RX queue"),
+            tx: DeviceQueue::new(tx_queue, tx_evt, TX_BUDGET, "virtio-net TX queue"),
             irq,
+            log,
             backend: Some(backend),
             backend_fd,
             backend_failed: false,
@@ -210,12 +212,12 @@ impl NetHandler {
 
     /// The RX queue notification eventfd.
     pub fn rx_evt(&self) -> &EventFd {
-        &self.rx_evt
+        &self.rx.evt
     }
 
     /// The TX queue notification eventfd.
     pub fn tx_evt(&self) -> &EventFd {
-        &self.tx_evt
+        &self.tx.evt
     }
 
     /// The backend's fd.
@@ -269,26 +271,5 @@ impl NetHandler {
 
     fn has_feature(&self, bit: u32) -> bool {
         self.acked_features & (1u64 << bit) != 0
-    }
-
-    /// Raises the used-ring interrupt if the driver wants it for `queue` (`RX_INDEX`/`TX_INDEX`).
-    fn signal_used(&mut self, queue: usize) {
-        let q = if queue == super::RX_INDEX {
-            &mut self.rx_queue
-        } else {
-            &mut self.tx_queue
-        };
-        let needed = match q.needs_notification(&self.mem) {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(queue, error = %e, "virtio-net: cannot read used_event, interrupting");
-                true
-            }
-        };
-        if needed {
-            if let Err(e) = self.irq.trigger(IrqKind::Vring) {
-                error!(error = %e, "virtio-net: cannot signal used ring");
-            }
-        }
     }
 }

@@ -10,7 +10,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
-use super::BlockHandler;
+use super::{BlockHandler, BUDGET};
+use crate::guest_log::GuestLog;
 use crate::rate_limiter::{BucketConfig, RateLimiter, RateLimiterConfig};
 use crate::virtio::block::request::Disk;
 use crate::virtio::block::{
@@ -70,6 +71,7 @@ impl Harness {
             Arc::new(IrqTrigger::new().unwrap()),
             Arc::new(disk),
             None,
+            Arc::new(GuestLog::new("virtio-blk")),
         )
     }
 
@@ -330,7 +332,7 @@ fn bad_avail_ring_entries() {
     // Head index beyond the queue: chain is empty, and cannot be put in the used ring.
     vq.publish(100);
     let mut handler = h.handler(&vq, false);
-    assert_eq!(handler.process_queue().completed, 1);
+    assert_eq!(handler.process_queue().completed, 0);
     assert_eq!(vq.used.idx(), 0);
 
     // avail.idx far ahead of what we processed: the queue is refused, nothing happens.
@@ -415,5 +417,43 @@ fn requests_across_the_whole_avail_ring() {
             let status: u8 = h.mem.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
             assert_eq!(status, VIRTIO_BLK_S_OK);
         }
+    }
+}
+
+#[test]
+fn budget_spreads_a_full_queue_over_several_wakeups() {
+    // More flush requests than one wakeup may handle, in a queue big enough to hold them.
+    const SIZE: u16 = 256;
+    let chains = BUDGET as u16 + BUDGET as u16 / 2;
+    assert!(2 * chains <= SIZE);
+    let h = Harness::new();
+    h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    let vq = TestQueue::new(&h.mem, 0, SIZE);
+    for i in 0..chains {
+        let status = GuestAddress(STATUS + u64::from(i));
+        h.mem.write_obj(0xffu8, status).unwrap();
+        vq.add_chain(2 * i, &[hdr(), (status.0, 1, true)]);
+    }
+    let mut handler = h.handler(&vq, false);
+    let first = handler.process_queue();
+    assert_eq!(first.completed, BUDGET);
+    assert!(first.yielded && !first.throttled);
+    assert_eq!(vq.used.idx(), BUDGET as u16);
+    // The handler re-armed its own eventfd: the event loop comes back after its other fds.
+    assert_eq!(handler.queue_evt().read().unwrap(), 1);
+    assert_eq!(handler.irq.evt().read().unwrap(), 1);
+
+    let second = handler.process_queue();
+    assert_eq!(second.completed, usize::from(chains) - BUDGET);
+    assert!(!second.yielded);
+    assert_eq!(vq.used.idx(), chains);
+    assert!(
+        handler.queue_evt().read().is_err(),
+        "no kick once the queue is empty"
+    );
+    for i in 0..chains {
+        assert_eq!(vq.used.entry(i), (u32::from(2 * i), 1));
+        let status: u8 = h.mem.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
+        assert_eq!(status, VIRTIO_BLK_S_OK);
     }
 }

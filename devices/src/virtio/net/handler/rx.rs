@@ -2,13 +2,14 @@
 
 use std::io;
 
-use tracing::{debug, error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use tracing::{debug, error};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
+use crate::guest_warn;
 use crate::virtio::net::{
-    RX_INDEX, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
@@ -118,10 +119,12 @@ impl NetHandler {
                     self.rx_pending = Some(frame);
                     // Ask for a kick when buffers come, then look again in case they came
                     // before the driver could see the request.
-                    match self.rx_queue.enable_notification(&self.mem) {
+                    match self.rx.queue.enable_notification(&self.mem) {
                         Ok(true) => continue,
                         Ok(false) => {}
-                        Err(e) => warn!(error = %e, "virtio-net: cannot enable RX notifications"),
+                        Err(e) => {
+                            guest_warn!(self.log, error = %e, "virtio-net: cannot enable RX notifications")
+                        }
                     }
                     stuck = true;
                     break;
@@ -130,12 +133,12 @@ impl NetHandler {
         }
         if !stuck && stats.completed > 0 {
             // Not waiting for buffers: RX kicks are useless until we run out again.
-            if let Err(e) = self.rx_queue.disable_notification(&self.mem) {
-                warn!(error = %e, "virtio-net: cannot disable RX notifications");
+            if let Err(e) = self.rx.queue.disable_notification(&self.mem) {
+                guest_warn!(self.log, error = %e, "virtio-net: cannot disable RX notifications");
             }
         }
         if stats.completed > 0 {
-            self.signal_used(RX_INDEX);
+            self.rx.signal_used(&self.mem, &self.irq, &self.log);
         }
         stats
     }
@@ -165,7 +168,7 @@ impl NetHandler {
                     Read::Skip
                 }
                 _ => {
-                    warn!(error = %e, "virtio-net: backend read failed");
+                    guest_warn!(self.log, error = %e, "virtio-net: backend read failed");
                     Read::Stop
                 }
             },
@@ -219,7 +222,7 @@ impl NetHandler {
                 );
                 return Delivery::Dropped;
             }
-            if self.rx_chains.len() >= usize::from(self.rx_queue.size()) {
+            if self.rx_chains.len() >= usize::from(self.rx.queue.size()) {
                 debug!(
                     len,
                     capacity = have,
@@ -260,7 +263,10 @@ impl NetHandler {
             let written = write_chain(&self.mem, &chain, &self.rx_buf[off..len]);
             off += written;
             // written <= capacity <= u32::MAX (checked by the chain iterator).
-            if add_used(&mut self.rx_queue, &self.mem, chain.head, written as u32) {
+            if self
+                .rx
+                .add_used(&self.mem, &self.log, chain.head, written as u32)
+            {
                 stats.completed += 1;
             }
         }
@@ -268,11 +274,11 @@ impl NetHandler {
     }
 
     fn pop_rx_chain(&mut self, stats: &mut ProcessStats) -> Pop {
-        let chain = match pop_chain(&mut self.rx_queue, &self.mem) {
+        let chain = match pop_chain(&mut self.rx.queue, &self.mem) {
             Ok(Some(c)) => c,
             Ok(None) => return Pop::Empty,
             Err(e) => {
-                error!(error = %e, "virtio-net: RX queue is broken, not using it");
+                guest_warn!(self.log, error = %e, "virtio-net: RX queue is broken, not using it");
                 return Pop::Broken;
             }
         };
@@ -280,9 +286,9 @@ impl NetHandler {
         match parse_rx_chain(&self.mem, chain) {
             Ok(c) => Pop::Chain(c),
             Err(e) => {
-                warn!(head, error = %e, "virtio-net: returning malformed RX chain unused");
+                guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
                 self.stats.rx_bad_chains += 1;
-                if add_used(&mut self.rx_queue, &self.mem, head, 0) {
+                if self.rx.add_used(&self.mem, &self.log, head, 0) {
                     stats.completed += 1;
                 }
                 Pop::Invalid
@@ -349,16 +355,4 @@ fn write_chain(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
         off += n;
     }
     off
-}
-
-/// Puts a chain in the used ring. A failure (head index out of range) is logged and returns
-/// false: nothing was added.
-pub(super) fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            error!(head, error = %e, "virtio-net: cannot return chain to the used ring");
-            false
-        }
-    }
 }

@@ -2,146 +2,100 @@
 
 use std::io::IoSlice;
 
-use tracing::{debug, error, warn};
+use tracing::debug;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::rx::add_used;
-use super::{ChainError, NetHandler, ProcessStats, TX_BUDGET};
-use crate::virtio::net::{MAX_FRAME_LEN, TX_INDEX, VNET_HDR_LEN};
-use crate::virtio::pop_chain;
-
-/// Why a TX pass stopped.
-enum Stop {
-    /// No more chains.
-    Empty,
-    /// Out of tokens; the chain was put back.
-    Throttled,
-    /// [`TX_BUDGET`] chains done; more may be waiting.
-    Budget,
-    /// The queue is unusable.
-    Broken,
-}
+use super::{ChainError, NetHandler, ProcessStats};
+use crate::guest_warn;
+use crate::virtio::net::{NetBackend, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::virtio::queue::Step;
 
 impl NetHandler {
     /// Sends available TX chains to the backend until the queue is empty, the limiter says
-    /// stop, or [`TX_BUDGET`] chains were done (then the handler re-kicks its own TX eventfd
+    /// stop, or [`TX_BUDGET`](super::TX_BUDGET) chains were done (then the handler re-kicks its own TX eventfd
     /// so the event loop comes back after serving other fds). Raises the used-ring interrupt
     /// if anything was completed. Call on TX queue kick and TX limiter timer.
     pub fn process_tx(&mut self) -> ProcessStats {
-        let mut stats = ProcessStats::default();
         if self.tx_throttled() {
-            stats.throttled = true;
-            return stats;
+            return ProcessStats {
+                completed: 0,
+                throttled: true,
+            };
         }
-        let mut budget = TX_BUDGET;
-        loop {
-            if let Err(e) = self.tx_queue.disable_notification(&self.mem) {
-                warn!(error = %e, "virtio-net: cannot disable TX notifications");
-            }
-            match self.drain_tx(&mut stats, &mut budget) {
-                Stop::Empty => {}
-                Stop::Throttled | Stop::Broken => break,
-                Stop::Budget => {
-                    if let Err(e) = self.tx_evt.write(1) {
-                        error!(error = %e, "virtio-net: cannot re-kick the TX queue");
-                    }
-                    break;
-                }
-            }
-            match self.tx_queue.enable_notification(&self.mem) {
-                // More chains arrived while notifications were off: go again.
-                Ok(true) => continue,
-                Ok(false) => break,
+        let mut throttled = false;
+        let (mem, log) = (&self.mem, &*self.log);
+        let (descs, limiter, backend, stats) = (
+            &mut self.tx_descs,
+            &mut self.tx_limiter,
+            &mut self.backend,
+            &mut self.stats,
+        );
+        let pass = self.tx.process(mem, &self.irq, log, |chain| {
+            let head = chain.head_index();
+            descs.clear();
+            let len = match collect_tx_chain(mem, chain, descs) {
+                Ok(len) => len,
                 Err(e) => {
-                    warn!(error = %e, "virtio-net: cannot enable TX notifications");
-                    break;
-                }
-            }
-        }
-        if stats.completed > 0 {
-            self.signal_used(TX_INDEX);
-        }
-        stats
-    }
-
-    fn drain_tx(&mut self, stats: &mut ProcessStats, budget: &mut usize) -> Stop {
-        loop {
-            if *budget == 0 {
-                return Stop::Budget;
-            }
-            let chain = match pop_chain(&mut self.tx_queue, &self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => return Stop::Empty,
-                Err(e) => {
-                    error!(error = %e, "virtio-net: TX queue is broken, not processing it");
-                    return Stop::Broken;
+                    guest_warn!(log, head, error = %e, "virtio-net: dropping malformed TX chain");
+                    stats.tx_dropped += 1;
+                    return Step::Used(0);
                 }
             };
-            let head = chain.head_index();
-            self.tx_descs.clear();
-            let parsed = collect_tx_chain(&self.mem, chain, &mut self.tx_descs);
-            match parsed {
+            let payload = (len - VNET_HDR_LEN) as u64;
+            if let Some(rl) = limiter.as_mut() {
+                if !rl.consume_request(payload) {
+                    // Put the chain back; the limiter's timer will wake us up.
+                    stats.tx_throttled += 1;
+                    throttled = true;
+                    return Step::PutBack;
+                }
+            }
+            match send_frame(mem, backend.as_deref_mut(), descs) {
+                Ok(_) => {
+                    stats.tx_frames += 1;
+                    stats.tx_bytes += payload;
+                }
                 Err(e) => {
-                    warn!(head, error = %e, "virtio-net: dropping malformed TX chain");
-                    self.stats.tx_dropped += 1;
-                }
-                Ok(len) => {
-                    let payload = (len - VNET_HDR_LEN) as u64;
-                    if let Some(rl) = self.tx_limiter.as_mut() {
-                        if !rl.consume_request(payload) {
-                            // Put the chain back; the limiter's timer will wake us up.
-                            self.tx_queue.go_to_previous_position();
-                            self.stats.tx_throttled += 1;
-                            stats.throttled = true;
-                            return Stop::Throttled;
-                        }
-                    }
-                    match self.send_frame() {
-                        Ok(_) => {
-                            self.stats.tx_frames += 1;
-                            self.stats.tx_bytes += payload;
-                        }
-                        Err(e) => {
-                            debug!(head, len, error = %e, "virtio-net: TX frame dropped");
-                            self.stats.tx_dropped += 1;
-                        }
-                    }
+                    debug!(head, len, error = %e, "virtio-net: TX frame dropped");
+                    stats.tx_dropped += 1;
                 }
             }
-            if add_used(&mut self.tx_queue, &self.mem, head, 0) {
-                stats.completed += 1;
-            }
-            *budget -= 1;
+            Step::Used(0)
+        });
+        ProcessStats {
+            completed: pass.completed,
+            throttled,
         }
     }
+}
 
-    /// Writes the frame described by `tx_descs` to the backend, straight from guest memory.
-    fn send_frame(&mut self) -> Result<usize, ChainError> {
-        let backend = self.backend.as_mut().ok_or(ChainError::NoBackend)?;
-        // The guards keep the guest memory mapped while the iovecs point into it; declared
-        // before `iovs` so they are dropped after it.
-        let mut guards: Vec<PtrGuard> = Vec::with_capacity(self.tx_descs.len());
-        for d in &self.tx_descs {
-            if d.len() == 0 {
-                continue;
-            }
-            // A buffer may straddle two memory regions: one slice per region.
-            for slice in self
-                .mem
-                .get_slices(d.addr(), d.len() as usize, Permissions::Read)?
-            {
-                guards.push(slice?.ptr_guard());
-            }
+/// Writes the frame described by `descs` to the backend, straight from guest memory.
+fn send_frame(
+    mem: &GuestMemoryMmap,
+    backend: Option<&mut (dyn NetBackend + 'static)>,
+    descs: &[Descriptor],
+) -> Result<usize, ChainError> {
+    let backend = backend.ok_or(ChainError::NoBackend)?;
+    // The guards keep the guest memory mapped while the iovecs point into it; declared
+    // before `iovs` so they are dropped after it.
+    let mut guards: Vec<PtrGuard> = Vec::with_capacity(descs.len());
+    for d in descs {
+        if d.len() == 0 {
+            continue;
         }
-        let iovs: Vec<IoSlice<'_>> = guards
-            .iter()
-            .map(|g| IoSlice::new(guard_bytes(g)))
-            .collect();
-        backend.write_frame(&iovs).map_err(ChainError::Backend)
+        // A buffer may straddle two memory regions: one slice per region.
+        for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Read)? {
+            guards.push(slice?.ptr_guard());
+        }
     }
+    let iovs: Vec<IoSlice<'_>> = guards
+        .iter()
+        .map(|g| IoSlice::new(guard_bytes(g)))
+        .collect();
+    backend.write_frame(&iovs).map_err(ChainError::Backend)
 }
 
 /// The guest bytes behind a guard, as a slice that only the kernel reads (through writev).

@@ -72,6 +72,7 @@ impl<'a> Setup<'a> {
             Arc::new(IrqTrigger::new().unwrap()),
             Box::new(backend),
             acked,
+            Arc::new(crate::guest_log::GuestLog::new("virtio-net")),
         );
         Setup {
             mem,

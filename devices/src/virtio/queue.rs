@@ -1,0 +1,191 @@
+//! The queue side every virtio device shares: one [`DeviceQueue`] per virtqueue holds the
+//! queue and its notification eventfd, and runs the notify loop.
+//!
+//! [`DeviceQueue::process`] pops chains and hands each to the device's closure, which says
+//! what became of it ([`Step`]). Around that it does what every device must get right:
+//! * notification suppression: notifications are off while chains are processed, and turned
+//!   back on (with EVENT_IDX: `avail_event` updated) only when the queue looks empty; chains
+//!   published in between are picked up by looking again;
+//! * a per-wakeup budget: at most `budget` chains per call. When it is spent the queue kicks its
+//!   own eventfd, so the event loop serves its other fds (other devices, SIGTERM) before coming
+//!   back. A guest recycling cheap requests cannot keep the loop to itself;
+//! * returning chains to the used ring and raising the used-ring interrupt (once per call, if
+//!   the driver wants it: `needs_notification` honours EVENT_IDX's `used_event`);
+//! * a broken queue (e.g. avail.idx moved more than a queue size ahead) stops processing with
+//!   one rate-limited warning.
+
+use std::io;
+
+use tracing::error;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{pop_chain, IrqKind, IrqTrigger};
+use crate::guest_log::GuestLog;
+use crate::guest_warn;
+
+/// Chains handled per queue wakeup by default.
+pub const DEFAULT_BUDGET: usize = 64;
+
+/// What the device did with one chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Finished: return it to the used ring with this many bytes written to it.
+    Used(u32),
+    /// Cannot be handled now (rate limiter out of tokens, backend full): put it back and stop
+    /// until the device's own event (timer, backend writable) calls `process` again.
+    PutBack,
+    /// The device keeps it (to finish later with [`DeviceQueue::add_used`]): stop.
+    Hold,
+}
+
+/// Why [`DeviceQueue::process`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// No more chains; notifications are on again.
+    Empty,
+    /// The budget was spent; the queue's eventfd was kicked to come back.
+    Budget,
+    /// The device returned [`Step::PutBack`] or [`Step::Hold`].
+    Blocked,
+    /// The queue is unusable until the driver resets the device.
+    Broken,
+}
+
+/// What one call to [`DeviceQueue::process`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pass {
+    /// Chains put in the used ring.
+    pub completed: usize,
+    /// Why it stopped.
+    pub stop: Stop,
+}
+
+/// One virtqueue of an activated device and its notification eventfd.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    /// The queue, as configured by the driver.
+    pub queue: Queue,
+    /// The queue's notification eventfd (a KVM ioeventfd).
+    pub evt: EventFd,
+    budget: usize,
+    /// For logs, e.g. "virtio-blk request queue".
+    name: &'static str,
+}
+
+impl DeviceQueue {
+    /// A queue handling at most `budget` (at least 1) chains per call to [`Self::process`].
+    pub fn new(queue: Queue, evt: EventFd, budget: usize, name: &'static str) -> Self {
+        DeviceQueue {
+            queue,
+            evt,
+            budget: budget.max(1),
+            name,
+        }
+    }
+
+    /// Resets the eventfd's counter (call first when it fires, so kicks arriving during
+    /// processing fire again). EAGAIN only means it was already reset.
+    pub fn drain_evt(&self) {
+        if let Err(e) = self.evt.read() {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                error!(error = %e, "{}: cannot read the eventfd", self.name);
+            }
+        }
+    }
+
+    /// Kicks the queue's own eventfd, so the event loop calls the device again.
+    pub fn kick_self(&self) {
+        if let Err(e) = self.evt.write(1) {
+            error!(error = %e, "{}: cannot re-kick the queue", self.name);
+        }
+    }
+
+    /// Runs available chains through `f` (see the module documentation) and signals the used
+    /// ring if anything was completed.
+    pub fn process<F>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        irq: &IrqTrigger,
+        log: &GuestLog,
+        mut f: F,
+    ) -> Pass
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Step,
+    {
+        let mut completed = 0usize;
+        let mut budget = self.budget;
+        let stop = 'pass: loop {
+            if let Err(e) = self.queue.disable_notification(mem) {
+                guest_warn!(log, error = %e, "{}: cannot disable notifications", self.name);
+            }
+            loop {
+                if budget == 0 {
+                    self.kick_self();
+                    break 'pass Stop::Budget;
+                }
+                let chain = match pop_chain(&mut self.queue, mem) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        guest_warn!(log, error = %e, "{}: queue is broken, not processing it", self.name);
+                        break 'pass Stop::Broken;
+                    }
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                match f(chain) {
+                    Step::Used(len) => completed += usize::from(self.add_used(mem, log, head, len)),
+                    Step::PutBack => {
+                        self.queue.go_to_previous_position();
+                        break 'pass Stop::Blocked;
+                    }
+                    Step::Hold => break 'pass Stop::Blocked,
+                }
+            }
+            match self.queue.enable_notification(mem) {
+                // More chains arrived while notifications were off: go again.
+                Ok(true) => continue,
+                Ok(false) => break Stop::Empty,
+                Err(e) => {
+                    guest_warn!(log, error = %e, "{}: cannot enable notifications", self.name);
+                    break Stop::Empty;
+                }
+            }
+        };
+        if completed > 0 {
+            self.signal_used(mem, irq, log);
+        }
+        Pass { completed, stop }
+    }
+
+    /// Puts chain `head` in the used ring with `len` bytes written. False (logged) if the used
+    /// ring cannot be written.
+    pub fn add_used(&mut self, mem: &GuestMemoryMmap, log: &GuestLog, head: u16, len: u32) -> bool {
+        match self.queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                guest_warn!(log, head, error = %e, "{}: cannot return a chain to the used ring", self.name);
+                false
+            }
+        }
+    }
+
+    /// Raises the used-ring interrupt if the driver wants it (EVENT_IDX `used_event`, or
+    /// `VRING_AVAIL_F_NO_INTERRUPT`); if that cannot be read, interrupts anyway.
+    pub fn signal_used(&mut self, mem: &GuestMemoryMmap, irq: &IrqTrigger, log: &GuestLog) {
+        let needed = match self.queue.needs_notification(mem) {
+            Ok(n) => n,
+            Err(e) => {
+                guest_warn!(log, error = %e, "{}: cannot read used_event, interrupting", self.name);
+                true
+            }
+        };
+        if needed {
+            if let Err(e) = irq.trigger(IrqKind::Vring) {
+                error!(error = %e, "{}: cannot signal the used ring", self.name);
+            }
+        }
+    }
+}
