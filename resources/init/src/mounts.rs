@@ -167,13 +167,17 @@ fn mount_block(dev: &str, types: Vec<String>, flags: libc::c_ulong, data: &str) 
     )))
 }
 
-/// The block-device filesystems this kernel knows (lines of /proc/filesystems without "nodev").
+/// The block-device filesystems this kernel knows (lines of /proc/filesystems without
+/// "nodev"), ext4 first: the ext4 driver also registers ext3 and ext2, listed before it,
+/// and each refusal costs a console line.
 fn block_filesystems() -> Vec<String> {
-    std::fs::read_to_string("/proc/filesystems")
+    let mut types: Vec<String> = std::fs::read_to_string("/proc/filesystems")
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.starts_with("nodev"))
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
-        .collect()
+        .collect();
+    types.sort_by_key(|t| t != "ext4");
+    types
 }
