@@ -34,13 +34,15 @@ pub enum GuestInitError {
     CommandTooLong { len: usize, max: usize, command: usize },
     #[error("cannot build microvm's initramfs")]
     Initramfs(#[from] CpioError),
+    #[error("virtio-fs tag '{0}' cannot be used (1-36 of A-Z a-z 0-9 . _ -)")]
+    BadTag(String),
     #[error("cannot read the current directory (the guest command's working directory)")]
     Cwd(#[source] std::io::Error),
 }
 
 impl GuestInitError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, GuestInitError::CommandTooLong { .. } | GuestInitError::Cwd(_))
+        matches!(self, GuestInitError::CommandTooLong { .. } | GuestInitError::BadTag(_) | GuestInitError::Cwd(_))
     }
 }
 
@@ -80,10 +82,14 @@ pub fn host_root_params() -> String {
     format!("root={ROOT_TAG} rootfstype={} ro", protocol::VIRTIOFS)
 }
 
-/// microvm's own parameters for the init: the exit device, the command, and for the host
-/// root the working directory; the host's TERM when it is a plain name.
-pub fn params(config: &VmConfig, root: Option<Root>) -> Result<Vec<String>, GuestInitError> {
+/// microvm's own parameters for the init: the exit device, the command, the virtio-fs
+/// `shares` to mount, and for the host root the working directory; the host's TERM when it
+/// is a plain name.
+pub fn params(config: &VmConfig, root: Option<Root>, shares: &[protocol::Share]) -> Result<Vec<String>, GuestInitError> {
     let mut p = vec![protocol::exit_device_param(EXIT_DEVICE_ADDR)];
+    for s in shares {
+        p.push(s.param().ok_or_else(|| GuestInitError::BadTag(s.tag.clone()))?);
+    }
     if root.is_some() {
         if let Some(term) = std::env::var("TERM").ok().filter(|t| plain_word(t)) {
             p.push(format!("{}={term}", protocol::TERM));
@@ -149,16 +155,18 @@ mod tests {
     #[test]
     fn params_and_length() {
         let mut c = VmConfig { command: vec!["printf".into(), "%s|".into(), "a b".into()], ..Default::default() };
-        let p = params(&c, Some(Root::Host)).unwrap();
+        let p = params(&c, Some(Root::Host), &[]).unwrap();
         assert_eq!(p[0], "microvm.exitdev=0xd0000000");
         assert!(p.iter().any(|x| x.starts_with("microvm.cwd=")));
         let parsed = protocol::Params::parse(&p.join(" "));
         assert_eq!(parsed.argv.unwrap(), vec![b"printf".to_vec(), b"%s|".to_vec(), b"a b".to_vec()]);
-        assert!(!params(&c, Some(Root::Disk)).unwrap().iter().any(|x| x.starts_with("microvm.cwd=")));
+        assert!(!params(&c, Some(Root::Disk), &[]).unwrap().iter().any(|x| x.starts_with("microvm.cwd=")));
         check_length(&p, &c).unwrap();
         c.command = vec!["x".repeat(1600)];
-        let p = params(&c, Some(Root::Disk)).unwrap();
+        let p = params(&c, Some(Root::Disk), &[]).unwrap();
         let e = check_length(&p, &c).unwrap_err();
         assert!(e.is_usage() && e.to_string().contains("too long"), "{e}");
+        let share = protocol::Share { tag: "t 1".into(), path: b"/data".to_vec(), read_only: true };
+        assert!(matches!(params(&c, None, &[share]), Err(GuestInitError::BadTag(_))));
     }
 }

@@ -206,7 +206,8 @@ fn kernel_cmdline(config: &VmConfig, own_init: Option<Root>, virtio_devices: &[S
         user = rest;
     }
     cmdline.push(user);
-    cmdline.extend(guestinit::params(config, own_init)?);
+    // The virtio-fs shares (--share) go here once that device exists.
+    cmdline.extend(guestinit::params(config, own_init, &[])?);
     guestinit::check_length(&cmdline, config)?;
     Ok(cmdline)
 }
