@@ -152,7 +152,7 @@ fn write_exit_device(addr: u64, status: u8) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open("/dev/mem")?;
     let base = addr & !(PAGE - 1);
     let offset = usize::try_from(addr - base).map_err(std::io::Error::other)?;
-    if offset % 4 != 0 {
+    if !offset.is_multiple_of(4) {
         return Err(std::io::Error::other(format!("exit device address {addr:#x} is not 4-byte aligned")));
     }
     let base = libc::off_t::try_from(base).map_err(std::io::Error::other)?;
