@@ -74,14 +74,22 @@ fn guest_boots_sees_its_resources_and_reports_status() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A kernel panic (no root device) makes microvm exit with the panic status.
+/// A kernel panic (no root device) makes microvm exit with the panic status. An empty
+/// initramfs of the user's keeps microvm's own init out, so the kernel itself looks for
+/// root= and panics.
 #[test]
 fn guest_kernel_panic_exits_101() {
     let (kernel, _) = guest();
+    let dir = scratch_dir("guest-panic");
+    let empty = dir.join("empty.cpio");
+    let out = Command::new("cpio").args(["-o", "-H", "newc", "--quiet"]).stdin(Stdio::null()).output().expect("run cpio");
+    assert!(out.status.success() && !out.stdout.is_empty(), "cpio made no archive");
+    std::fs::write(&empty, &out.stdout).unwrap();
     let run = run_microvm(
-        &["--kernel", kernel.to_str().unwrap(), "--cmdline", "quiet root=/dev/vdz"],
+        &["--kernel", kernel.to_str().unwrap(), "--initrd", empty.to_str().unwrap(), "--cmdline", "quiet root=/dev/vdz"],
         BOOT_TIMEOUT,
     );
+    std::fs::remove_dir_all(&dir).unwrap();
     assert!(run.stdout.contains("Kernel panic - not syncing"), "{run:?}");
     assert_eq!(run.code(), 101, "{run:?}");
     assert!(run.stderr.contains("guest kernel panicked"), "{run:?}");

@@ -95,8 +95,8 @@ pub struct Cli {
     #[arg(long)]
     pub no_quirks: bool,
 
-    /// Command to run in the guest instead of a shell (the guest init must support
-    /// microvm.cmd=, as resources/guest/init does). Example: -- sh -c 'exit 7'
+    /// Command to run in the guest instead of a shell, under microvm's own init (on any
+    /// --disk root, or the host's files without one). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }

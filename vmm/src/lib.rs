@@ -11,7 +11,7 @@ pub mod debug;
 pub mod devices;
 pub mod disk;
 pub mod exit;
-pub mod guestcmd;
+pub mod guestinit;
 pub mod kconfig;
 pub mod layout;
 pub mod memory;

@@ -23,7 +23,7 @@ pub use crate::virtiofsd::{kill_all_now, Shares};
 
 /// Tag of the host's `/`, shared read-only as the guest's root when the guest has neither
 /// `--disk` nor `--initrd`.
-pub const ROOT_TAG: &str = "microvm-root";
+pub use crate::guestinit::protocol::ROOT_TAG;
 /// Tag of the current directory, shared writable (and mounted at the same path) together
 /// with the host root.
 pub const CWD_TAG: &str = "microvm-cwd";

@@ -15,6 +15,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, Preflight, VmConfig};
 use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
+use crate::guestinit::{self, GuestInitError, Root};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
@@ -46,6 +47,8 @@ pub enum VmError {
     Virtio(#[from] VirtioError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareError),
+    #[error(transparent)]
+    GuestInit(#[from] GuestInitError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error("cannot set up {what}")]
@@ -63,6 +66,7 @@ impl VmError {
         match self {
             VmError::Config(e) => e.exit_code(),
             VmError::Share(e) if e.is_usage() => code::USAGE,
+            VmError::GuestInit(e) if e.is_usage() => code::USAGE,
             VmError::Virtio(VirtioError::Disk(e)) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
@@ -72,7 +76,9 @@ impl VmError {
 /// The few input errors only found while building the VM become config errors here.
 fn late_input_error(e: VmError) -> VmError {
     match e {
-        VmError::Boot(b @ (BootError::InitrdTooBig { .. } | BootError::Cmdline { .. })) => ConfigError::Boot(b).into(),
+        VmError::Boot(b @ (BootError::InitrdTooBig { .. } | BootError::InitramfsTooBig { .. } | BootError::Cmdline { .. })) => {
+            ConfigError::Boot(b).into()
+        }
         // A subnet collision is checked under the network lock, when attaching.
         VmError::Virtio(VirtioError::Nic(crate::nics::NicError::Host(n))) if n.is_bad_input() => ConfigError::Net(n).into(),
         e => e,
@@ -107,7 +113,12 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let mem = memory::create(&vm, config.memory_mib, !shares.is_empty())?;
 
     let (kernel, entry) = boot::load_kernel(&mem, &checked.kernel.image)?;
-    let initrd = config.initrd.as_deref().map(|p| boot::load_initrd(&mem, p)).transpose()?;
+    let own_init = guestinit::own_init(config);
+    let initrd = match (&config.initrd, own_init) {
+        (Some(path), _) => Some(boot::load_initrd(&mem, path)?),
+        (None, Some(_)) => Some(boot::load_initrd_bytes(&mem, &guestinit::initramfs()?)?),
+        (None, None) => None,
+    };
 
     let signals = control::block_signals().map_err(io_err("signal handling"))?;
     let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventManager)?;
@@ -129,7 +140,8 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     // early error return, their Drop does it.
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
 
-    let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
+    let mounts = guest_mounts(&shares);
+    let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
 
@@ -185,11 +197,36 @@ fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
     }
 }
 
-/// microvm's kernel parameters, then the host quirks, the user's, and the guest command.
-fn kernel_cmdline(config: &VmConfig, virtio_devices: &[String]) -> Vec<String> {
+/// microvm's kernel parameters, then the host quirks, the user's, and the parameters of
+/// microvm's init (see guestinit.rs).
+/// The shares the guest init mounts (`microvm.share=`): all but the host root, which is
+/// the root itself (`root=`).
+fn guest_mounts(shares: &[crate::share::Share]) -> Vec<guestinit::protocol::Share> {
+    use std::os::unix::ffi::OsStrExt;
+    shares
+        .iter()
+        .filter(|s| !s.is_root())
+        .map(|s| guestinit::protocol::Share {
+            tag: s.tag.clone(),
+            path: s.guest.as_os_str().as_bytes().to_vec(),
+            read_only: s.read_only,
+        })
+        .collect()
+}
+
+fn kernel_cmdline(
+    config: &VmConfig,
+    own_init: Option<Root>,
+    virtio_devices: &[String],
+    mounts: &[guestinit::protocol::Share],
+) -> Result<Vec<String>, GuestInitError> {
     let mut cmdline = vec!["console=ttyS0".to_string(), "reboot=k".into(), "panic=-1".into()];
-    if !config.disks.is_empty() && !user_sets(config, "root=") {
-        cmdline.push(format!("root=/dev/vda {}", if config.disks[0].read_only { "ro" } else { "rw" }));
+    if !user_sets(config, "root=") {
+        if own_init == Some(Root::Host) {
+            cmdline.push(guestinit::host_root_params());
+        } else if let Some(disk) = config.disks.first() {
+            cmdline.push(format!("root=/dev/vda {}", if disk.read_only { "ro" } else { "rw" }));
+        }
     }
     cmdline.extend_from_slice(virtio_devices);
     let host = Host::detect();
@@ -204,10 +241,9 @@ fn kernel_cmdline(config: &VmConfig, virtio_devices: &[String]) -> Vec<String> {
         user = rest;
     }
     cmdline.push(user);
-    if !config.command.is_empty() {
-        cmdline.push(format!("microvm.cmd={}", crate::guestcmd::encode(&config.command)));
-    }
-    cmdline
+    cmdline.extend(guestinit::params(config, own_init, mounts)?);
+    guestinit::check_length(&cmdline, config)?;
+    Ok(cmdline)
 }
 
 fn user_sets(config: &VmConfig, key: &str) -> bool {
@@ -248,12 +284,18 @@ mod tests {
         let mut c = VmConfig { quirks: false, ..Default::default() };
         c.disks.push("root.img,readonly".parse::<DiskConfig>().unwrap());
         c.command = vec!["true".into()];
-        let line = kernel_cmdline(&c, &["virtio_mmio.device=4K@0xd0001000:5".into()]).join(" ");
+        let own = guestinit::own_init(&c);
+        let line = kernel_cmdline(&c, own, &["virtio_mmio.device=4K@0xd0001000:5".into()], &[]).unwrap().join(" ");
         assert!(line.starts_with("console=ttyS0 reboot=k panic=-1 root=/dev/vda ro virtio_mmio.device="), "{line}");
-        assert!(line.ends_with(&format!("microvm.cmd={}", crate::guestcmd::encode(&c.command))), "{line}");
+        assert!(line.ends_with(&guestinit::protocol::argv_param(&c.command)), "{line}");
+        assert!(line.contains("microvm.exitdev=0xd0000000"), "{line}");
         assert!(!line.contains("clearcpuid"), "quirks off: {line}");
         c.cmdline = Some("root=/dev/vdb quiet".into());
-        let line = kernel_cmdline(&c, &[]).join(" ");
+        let line = kernel_cmdline(&c, own, &[], &[]).unwrap().join(" ");
         assert!(!line.contains("root=/dev/vda") && line.contains("root=/dev/vdb quiet"), "{line}");
+        // The host root: virtio-fs by tag, read-only.
+        let c = VmConfig { quirks: false, ..Default::default() };
+        let line = kernel_cmdline(&c, guestinit::own_init(&c), &[], &[]).unwrap().join(" ");
+        assert!(line.contains("root=microvm-root rootfstype=virtiofs ro") && line.contains("microvm.cwd="), "{line}");
     }
 }

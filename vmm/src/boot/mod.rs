@@ -1,6 +1,7 @@
 //! Direct 64-bit Linux boot: kernel (ELF vmlinux or bzImage) and initrd into guest memory,
 //! the zero page with its e820 map, the command line, and an MP table for the vCPUs.
 
+pub mod initramfs;
 pub mod mptable;
 pub mod regs;
 
@@ -41,6 +42,10 @@ pub enum BootError {
     },
     #[error("initrd '{path}' ({size} bytes) does not fit in guest memory below {limit:#x}")]
     InitrdTooBig { path: PathBuf, size: u64, limit: u64 },
+    #[error("microvm's initramfs ({size} bytes) does not fit in guest memory below {limit:#x} (more --memory?)")]
+    InitramfsTooBig { size: u64, limit: u64 },
+    #[error("cannot load microvm's initramfs into guest memory")]
+    InitramfsLoad(#[source] vm_memory::GuestMemoryError),
     #[error("cannot load initrd '{path}' into guest memory")]
     InitrdLoad {
         path: PathBuf,
@@ -105,22 +110,33 @@ pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<(GuestAddress, 
         .metadata()
         .map_err(|source| KernelError::Open { kind: "initrd", path: path.to_path_buf(), source })?
         .len();
-    let top = low_ram_end(mem);
-    let addr = top
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|a| *a >= HIGH_MEMORY_START)
-        .ok_or(BootError::InitrdTooBig {
-            path: path.to_path_buf(),
-            size,
-            limit: top,
-        })?;
+    let addr = initrd_addr(mem, size).ok_or(BootError::InitrdTooBig {
+        path: path.to_path_buf(),
+        size,
+        limit: low_ram_end(mem),
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|source| BootError::InitrdLoad {
             path: path.to_path_buf(),
             source,
         })?;
     Ok((GuestAddress(addr), size))
+}
+
+/// Loads an initramfs held in memory (microvm's own) where `load_initrd` would put a file.
+pub fn load_initrd_bytes(mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(GuestAddress, u64), BootError> {
+    let size = bytes.len() as u64;
+    let addr = initrd_addr(mem, size).ok_or(BootError::InitramfsTooBig { size, limit: low_ram_end(mem) })?;
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(BootError::InitramfsLoad)?;
+    Ok((GuestAddress(addr), size))
+}
+
+/// Page-aligned address of an initrd of `size` bytes at the top of low RAM, above the kernel.
+fn initrd_addr(mem: &GuestMemoryMmap, size: u64) -> Option<u64> {
+    low_ram_end(mem)
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= HIGH_MEMORY_START)
 }
 
 /// Builds a Cmdline from microvm's parts, in order.

@@ -97,7 +97,7 @@ pub struct VmConfig {
     pub shares: Vec<ShareConfig>,
     /// Apply the host-specific guest command-line quirks when detected.
     pub quirks: bool,
-    /// Command to run in the guest (handed to the guest init via `microvm.cmd=`).
+    /// Command to run in the guest (by microvm's own init, see guestinit.rs).
     pub command: Vec<String>,
 }
 
