@@ -95,9 +95,16 @@ impl std::fmt::Debug for Run {
 
 /// Runs microvm with `args`, stdin closed, killing it after `timeout`.
 pub fn run_microvm(args: &[&str], timeout: Duration) -> Run {
+    run_microvm_in(&std::env::current_dir().expect("current dir"), args, timeout)
+}
+
+/// [`run_microvm`] with `cwd` as microvm's working directory (the guest command's, with a
+/// host root).
+pub fn run_microvm_in(cwd: &Path, args: &[&str], timeout: Duration) -> Run {
     let start = Instant::now();
     let child = Command::new(microvm_bin())
         .args(args)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
