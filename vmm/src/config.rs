@@ -29,6 +29,8 @@ pub enum ConfigError {
     Rate(String),
     #[error("too many devices: at most {max} virtio devices fit, got {got}")]
     TooManyDevices { max: usize, got: usize },
+    #[error("bad --timeout '{0}': expected a duration like 90s, 10m, 1h or a number of seconds")]
+    Timeout(String),
 }
 
 /// One `--disk PATH[,size=SIZE][,readonly][,bw=BYTES/s][,iops=N]`.
@@ -94,6 +96,12 @@ pub struct VmConfig {
     pub quirks: bool,
     /// Command to run in the guest (handed to the guest init via `microvm.cmd=`).
     pub command: Vec<String>,
+    /// Also write the guest console to this file (see console.rs for where it goes).
+    pub console_log: Option<PathBuf>,
+    /// `-v`: with a command, show the guest console on stderr.
+    pub verbose: bool,
+    /// Stop the VM (exit 124) after this long.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Default for VmConfig {
@@ -108,6 +116,9 @@ impl Default for VmConfig {
             nets: Vec::new(),
             quirks: true,
             command: Vec::new(),
+            console_log: None,
+            verbose: false,
+            timeout: None,
         }
     }
 }

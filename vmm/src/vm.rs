@@ -4,21 +4,24 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{ConsoleWriter, ExitDevice, SerialDevice, I8042};
+use devices::legacy::{AcpiPm, ConsoleTail, ConsoleWriter, ExitDevice, SerialDevice, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::AcpiError;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, VmConfig};
+use crate::console::{ConsoleError, ConsolePlan};
 use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
+use crate::timeout::Deadline;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::virtio::{VirtioError, VirtioSlots};
 
@@ -43,6 +46,10 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -63,7 +70,7 @@ impl VmError {
     /// failures while the VM runs (exit code 1).
     pub fn is_usage(&self) -> bool {
         match self {
-            VmError::Config(_) | VmError::KvmOpen(_) | VmError::TooManyVcpus { .. } => true,
+            VmError::Config(_) | VmError::KvmOpen(_) | VmError::TooManyVcpus { .. } | VmError::Console(_) => true,
             VmError::Boot(e) => matches!(
                 e,
                 BootError::Open { .. } | BootError::NotAKernel { .. } | BootError::InitrdTooBig { .. } | BootError::Cmdline { .. }
@@ -94,6 +101,16 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     for (kind, path) in std::iter::once(("kernel", &config.kernel)).chain(config.initrd.iter().map(|p| ("initrd", p))) {
         File::open(path).map_err(|source| BootError::Open { kind, path: path.clone(), source })?;
     }
+    // The command's output still travels over ttyS0: there is no command channel yet.
+    let console_plan = ConsolePlan::new(config, false);
+    let panicked = Arc::new(AtomicBool::new(false));
+    let (console, console_tail) = crate::console::open(&console_plan, panicked.clone())?;
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let mut deadline = config
+        .timeout
+        .map(|after| Deadline::start(after, exit.clone()))
+        .transpose()
+        .map_err(io_err("--timeout timer"))?;
 
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -107,12 +124,10 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
 
     let signals = control::block_signals().map_err(io_err("signal handling"))?;
     let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventManager)?;
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let panicked = Arc::new(AtomicBool::new(false));
 
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
-    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
+    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, console)?;
 
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
     // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
@@ -121,6 +136,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
+    crate::acpi::setup(&mem, config.cpus as u8)?;
 
     let raw_terminal = crate::terminal::RawTerminal::enable();
     let mut control = Control::new(serial, exit.clone(), signals);
@@ -128,10 +144,17 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut threads = Vec::new();
+    // Kept (never joined) so the pthread_t handles stay valid for signal kicks.
+    let mut handles = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
         let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone())?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
+        handles.push(handle);
+    }
+    if let Some(mut d) = deadline.take() {
+        d.set_vcpu_threads(threads.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(d)));
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
@@ -143,7 +166,18 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
-    Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
+    let status = exit_code(&reason, panicked.load(Ordering::SeqCst));
+    post_mortem(status, &console_plan, &console_tail);
+    drop(handles);
+    Ok(status)
+}
+
+/// After a panic, a VM fault or a timeout, the console's last lines tell why: repeat them
+/// on stderr when the console itself went somewhere a CI log may not show.
+fn post_mortem(status: i32, plan: &ConsolePlan, tail: &ConsoleTail) {
+    if matches!(status, code::GUEST_PANIC | code::VM_FAILURE | code::TIMEOUT) && plan.post_mortem_wanted() {
+        crate::console::print_post_mortem(tail);
+    }
 }
 
 fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
@@ -156,6 +190,14 @@ fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
         ExitReason::Reset(how) => {
             tracing::info!("guest reset ({how})");
             code::OK
+        }
+        ExitReason::PowerOff => {
+            tracing::info!("guest powered off");
+            code::OK
+        }
+        ExitReason::Timeout(after) => {
+            eprintln!("microvm: stopped after --timeout {}", crate::timeout::format_duration(*after));
+            code::TIMEOUT
         }
         ExitReason::Fault(msg) => {
             eprintln!("microvm: {msg}");
@@ -198,23 +240,27 @@ fn user_sets(config: &VmConfig, key: &str) -> bool {
     config.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with(key)))
 }
 
-/// COM1 (irqfd on GSI 4), the i8042 reset line, and the exit-status device.
+/// COM1 (irqfd on GSI 4), the i8042 reset line, the ACPI PM1 registers, and the
+/// exit-status device.
 fn legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
     mmio: &mut Bus,
     exit: &Arc<ExitSignal>,
-    panicked: &Arc<AtomicBool>,
+    console: ConsoleWriter,
 ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
-    let console = ConsoleWriter::new(std::io::stdout(), panicked.clone());
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
 
     let e = exit.clone();
     let i8042 = I8042::new(Box::new(move || e.set(ExitReason::Reset("i8042 reset"))));
     pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(i8042)))?;
+
+    let e = exit.clone();
+    let pm = AcpiPm::new(Box::new(move || e.set(ExitReason::PowerOff)));
+    pio.insert(u64::from(ACPI_PM_PORT), devices::legacy::acpi_pm::PM1_BLOCK_LEN, Arc::new(Mutex::new(pm)))?;
 
     let e = exit.clone();
     let exit_dev = ExitDevice::new(Box::new(move |s| e.set(ExitReason::GuestStatus(s))));
