@@ -166,8 +166,11 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
-    let status = exit_code(&reason, panicked.load(Ordering::SeqCst));
+    let (status, message) = exit_code(&reason, panicked.load(Ordering::SeqCst));
     post_mortem(status, &console_plan, &console_tail);
+    if let Some(m) = message {
+        eprintln!("microvm: {m}");
+    }
     drop(handles);
     Ok(status)
 }
@@ -180,34 +183,25 @@ fn post_mortem(status: i32, plan: &ConsolePlan, tail: &ConsoleTail) {
     }
 }
 
-fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
+/// The process exit status for `reason`, and the line to print on stderr (last).
+fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
     match reason {
-        ExitReason::GuestStatus(s) => i32::from(*s),
-        ExitReason::Reset(how) if panicked => {
-            eprintln!("microvm: guest kernel panicked ({how})");
-            code::GUEST_PANIC
-        }
+        ExitReason::GuestStatus(s) => (i32::from(*s), None),
+        ExitReason::Reset(how) if panicked => (code::GUEST_PANIC, Some(format!("guest kernel panicked ({how})"))),
         ExitReason::Reset(how) => {
             tracing::info!("guest reset ({how})");
-            code::OK
+            (code::OK, None)
         }
         ExitReason::PowerOff => {
             tracing::info!("guest powered off");
-            code::OK
+            (code::OK, None)
         }
         ExitReason::Timeout(after) => {
-            eprintln!("microvm: stopped after --timeout {}", crate::timeout::format_duration(*after));
-            code::TIMEOUT
+            (code::TIMEOUT, Some(format!("stopped after --timeout {}", crate::timeout::format_duration(*after))))
         }
-        ExitReason::Fault(msg) => {
-            eprintln!("microvm: {msg}");
-            code::VM_FAILURE
-        }
-        ExitReason::Signal(0) => code::OK,
-        ExitReason::Signal(sig) => {
-            eprintln!("microvm: stopped by signal {sig}");
-            128 + sig
-        }
+        ExitReason::Fault(msg) => (code::VM_FAILURE, Some(msg.clone())),
+        ExitReason::Signal(0) => (code::OK, None),
+        ExitReason::Signal(sig) => (128 + sig, Some(format!("stopped by signal {sig}"))),
     }
 }
 
