@@ -36,9 +36,16 @@ fn interactive_console_on_stdout_and_in_the_log() {
 #[test]
 fn command_mode_console_placement() {
     let dir = scratch_dir("console-command");
-    let k = payload(&dir, Asm::default().print("kernel says hi\n").exit(5).halt());
+    let k = payload(
+        &dir,
+        Asm::default().print("kernel says hi\n").exit(5).halt(),
+    );
     let r = run_microvm(&["--kernel", &k, "--", "true"], T);
-    assert_eq!((r.code(), r.stdout.as_str()), (5, "kernel says hi\n"), "{r:?}");
+    assert_eq!(
+        (r.code(), r.stdout.as_str()),
+        (5, "kernel says hi\n"),
+        "{r:?}"
+    );
 
     let r = run_microvm(&["--kernel", &k, "--verbose", "--", "true"], T);
     assert_eq!(r.code(), 5, "{r:?}");
@@ -46,10 +53,23 @@ fn command_mode_console_placement() {
     assert!(r.stderr.contains("kernel says hi\n"), "{r:?}");
 
     let log = dir.join("c.log");
-    let r = run_microvm(&["--kernel", &k, "--console-log", log.to_str().unwrap(), "--", "true"], T);
+    let r = run_microvm(
+        &[
+            "--kernel",
+            &k,
+            "--console-log",
+            log.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        T,
+    );
     assert_eq!(r.code(), 5, "{r:?}");
     assert_eq!(r.stdout, "", "{r:?}");
-    assert!(!r.stderr.contains("kernel says hi"), "an ordinary exit has no post-mortem: {r:?}");
+    assert!(
+        !r.stderr.contains("kernel says hi"),
+        "an ordinary exit has no post-mortem: {r:?}"
+    );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "kernel says hi\n");
 }
 
@@ -64,16 +84,45 @@ fn panic_post_mortem_shows_the_last_console_lines() {
     }
     text.push_str("\x1b[31mKernel panic - not syncing: test\n");
     // mov al, 0xfe; out 0x64, al: the reset a panicking Linux (panic=-1) does.
-    let k = payload(&dir, Asm::default().print(&text).bytes(&[0xb0, 0xfe, 0xe6, 0x64]).halt());
+    let k = payload(
+        &dir,
+        Asm::default()
+            .print(&text)
+            .bytes(&[0xb0, 0xfe, 0xe6, 0x64])
+            .halt(),
+    );
     let log = dir.join("c.log");
-    let r = run_microvm(&["--kernel", &k, "--console-log", log.to_str().unwrap(), "--", "true"], T);
+    let r = run_microvm(
+        &[
+            "--kernel",
+            &k,
+            "--console-log",
+            log.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        T,
+    );
     assert_eq!(r.code(), 101, "{r:?}");
     assert!(r.stderr.contains("guest kernel panicked"), "{r:?}");
-    assert!(r.stderr.contains("last 60 lines of the guest console"), "{r:?}");
-    assert!(r.stderr.contains("  | \u{fffd}[31mKernel panic - not syncing: test\n"), "{r:?}");
-    assert!(r.stderr.contains("  | line 042\n") && r.stderr.contains("  | line 100\n"), "{r:?}");
+    assert!(
+        r.stderr.contains("last 60 lines of the guest console"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr
+            .contains("  | \u{fffd}[31mKernel panic - not syncing: test\n"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("  | line 042\n") && r.stderr.contains("  | line 100\n"),
+        "{r:?}"
+    );
     assert!(!r.stderr.contains("line 041"), "more than 60 lines: {r:?}");
-    assert!(!r.stderr.contains('\x1b'), "escape sequence reached stderr: {r:?}");
+    assert!(
+        !r.stderr.contains('\x1b'),
+        "escape sequence reached stderr: {r:?}"
+    );
     assert_eq!(r.stdout, "", "{r:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), text);
 
@@ -93,22 +142,44 @@ fn timeout_dumps_registers_and_exits_124() {
     let k = payload(&dir, asm.spin());
     let log = dir.join("c.log");
     let r = run_microvm(
-        &["--kernel", &k, "--cpus", "2", "--timeout", "2s", "--console-log", log.to_str().unwrap(), "--", "true"],
+        &[
+            "--kernel",
+            &k,
+            "--cpus",
+            "2",
+            "--timeout",
+            "2s",
+            "--console-log",
+            log.to_str().unwrap(),
+            "--",
+            "true",
+        ],
         T,
     );
     assert_eq!(r.code(), 124, "{r:?}");
     assert!(r.elapsed >= Duration::from_secs(2), "{r:?}");
     // A second or so after the deadline; more slack for a loaded 2-core CI host.
-    assert!(r.elapsed < Duration::from_millis(4500), "too long after the deadline: {r:?}");
+    assert!(
+        r.elapsed < Duration::from_millis(4500),
+        "too long after the deadline: {r:?}"
+    );
     assert!(r.stderr.contains("--timeout 2s expired"), "{r:?}");
-    assert!(r.stderr.contains(&format!("vcpu-0: RIP={spin_at:#018x}")), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("vcpu-0: RIP={spin_at:#018x}")),
+        "{r:?}"
+    );
     assert!(r.stderr.contains("vcpu-1: RIP="), "{r:?}");
     assert!(r.stderr.contains("  | spinning now"), "{r:?}");
     // The dump, then the console's tail, then the final line.
     let dump = r.stderr.find("vcpu-0: RIP").unwrap();
     let tail = r.stderr.find("  | spinning now").unwrap();
     assert!(dump < tail, "{r:?}");
-    assert!(r.stderr.trim_end().ends_with("microvm: stopped after --timeout 2s"), "{r:?}");
+    assert!(
+        r.stderr
+            .trim_end()
+            .ends_with("microvm: stopped after --timeout 2s"),
+        "{r:?}"
+    );
 }
 
 /// A guest that exits before its timeout is not affected by it.
@@ -129,9 +200,19 @@ fn bad_timeout_and_log_path_are_usage_errors() {
         let r = run_microvm(&["--kernel", &k, &format!("--timeout={bad}")], T);
         assert_eq!(r.code(), 2, "{bad}: {r:?}");
         assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
-        assert!(r.stderr.contains(&format!("bad --timeout '{bad}'")), "{r:?}");
+        assert!(
+            r.stderr.contains(&format!("bad --timeout '{bad}'")),
+            "{r:?}"
+        );
     }
-    let r = run_microvm(&["--kernel", &k, "--console-log", "/nonexistent-dir/c.log"], T);
+    let r = run_microvm(
+        &["--kernel", &k, "--console-log", "/nonexistent-dir/c.log"],
+        T,
+    );
     assert_eq!(r.code(), 2, "{r:?}");
-    assert!(r.stderr.contains("cannot create --console-log file '/nonexistent-dir/c.log'"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("cannot create --console-log file '/nonexistent-dir/c.log'"),
+        "{r:?}"
+    );
 }

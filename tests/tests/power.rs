@@ -31,7 +31,10 @@ fn s5_write_powers_off() {
     write_elf(&k, &asm.code);
     let r = run_microvm(&["--kernel", k.to_str().unwrap()], T);
     assert_eq!(r.code(), 0, "{r:?}");
-    assert!(r.stdout.contains("S3 ignored\nSLP_TYP alone ignored\n"), "{r:?}");
+    assert!(
+        r.stdout.contains("S3 ignored\nSLP_TYP alone ignored\n"),
+        "{r:?}"
+    );
     assert!(!r.stdout.contains("still running"), "{r:?}");
     assert!(r.elapsed < Duration::from_secs(5), "{r:?}");
 }
@@ -42,8 +45,18 @@ fn rsdp_is_in_the_bios_area() {
     let dir = scratch_dir("rsdp");
     let k = dir.join("k.elf");
     let asm = Asm::default()
-        .if_mmio_eq(0xe0000, u32::from_le_bytes(*b"RSD "), "rsd ok\n", "rsd missing\n")
-        .if_mmio_eq(0xe0004, u32::from_le_bytes(*b"PTR "), "ptr ok\n", "ptr missing\n")
+        .if_mmio_eq(
+            0xe0000,
+            u32::from_le_bytes(*b"RSD "),
+            "rsd ok\n",
+            "rsd missing\n",
+        )
+        .if_mmio_eq(
+            0xe0004,
+            u32::from_le_bytes(*b"PTR "),
+            "ptr ok\n",
+            "ptr missing\n",
+        )
         .exit(0)
         .halt();
     write_elf(&k, &asm.code);

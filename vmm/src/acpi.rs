@@ -14,10 +14,12 @@
 //! stays for kernels without ACPI, as do the `virtio_mmio.device=` parameters.
 
 use acpi_tables::aml::{Name, Package, Path};
-use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -27,7 +29,9 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{ACPI_END, ACPI_PM_PORT, ACPI_SCI_IRQ, ACPI_START, APIC_ADDR, I8042_PORT, IOAPIC_ADDR};
+use crate::layout::{
+    ACPI_END, ACPI_PM_PORT, ACPI_SCI_IRQ, ACPI_START, APIC_ADDR, I8042_PORT, IOAPIC_ADDR,
+};
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"MICRVM";
@@ -101,7 +105,10 @@ fn io_gas(port: u16, bits: u8, access: AccessSize) -> GAS {
 /// DSDT: only `\_S5_` (the sleep type the PM1a control register must see for power-off).
 /// The devices are described by the MADT and the kernel command line instead.
 fn dsdt() -> Vec<u8> {
-    let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&acpi_pm::S5_SLP_TYP, &0u8]));
+    let s5 = Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&acpi_pm::S5_SLP_TYP, &0u8]),
+    );
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"MVMDSDT ", OEM_REVISION);
     t.append_slice(&bytes(&s5));
     t.as_slice().to_vec()
@@ -126,8 +133,11 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     f.pm1_cnt_len = acpi_pm::PM1_CNT_LEN;
     f.x_pm1a_evt_blk = io_gas(evt as u16, acpi_pm::PM1_EVT_LEN * 8, AccessSize::WordAccess);
     f.x_pm1a_cnt_blk = io_gas(cnt as u16, acpi_pm::PM1_CNT_LEN * 8, AccessSize::WordAccess);
-    f.iapc_boot_arch =
-        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_PCIE_ASPM_CONTROLS | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    f.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT
+        | IAPC_MSI_NOT_SUPPORTED
+        | IAPC_PCIE_ASPM_CONTROLS
+        | IAPC_CMOS_RTC_NOT_PRESENT)
+        .into();
     // ACPI reset = the i8042 reset pulse microvm already handles (a guest reset).
     f.reset_reg = io_gas(I8042_PORT + 4, 8, AccessSize::ByteAccess);
     f.reset_value = I8042_RESET_COMMAND;
@@ -138,13 +148,31 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
 /// MADT: one local APIC per vCPU, the IOAPIC (same IDs as the MP table), ISA IRQ 0 on
 /// GSI 0 as KVM's default routing has it, and LINT1 = NMI on every CPU.
 fn madt(cpus: u8) -> Vec<u8> {
-    let mut m = MADT::new(OEM_ID, *b"MVMAPIC ", OEM_REVISION, LocalInterruptController::Address(APIC_ADDR as u32));
+    let mut m = MADT::new(
+        OEM_ID,
+        *b"MVMAPIC ",
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_ADDR as u32),
+    );
     for cpu in 0..cpus {
         m.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
     m.add_structure(IoApic::new(cpus, IOAPIC_ADDR as u32, 0));
-    m.add_structure(InterruptSourceOverride { r#type: 2, length: 10, bus: 0, source: 0, gsi: 0, flags: 0 });
-    m.add_structure(LocalApicNmi { r#type: 4, length: 6, processor_uid: 0xff, flags: 0, lint: 1 });
+    m.add_structure(InterruptSourceOverride {
+        r#type: 2,
+        length: 10,
+        bus: 0,
+        source: 0,
+        gsi: 0,
+        flags: 0,
+    });
+    m.add_structure(LocalApicNmi {
+        r#type: 4,
+        length: 6,
+        processor_uid: 0xff,
+        flags: 0,
+        lint: 1,
+    });
     bytes(&m)
 }
 
@@ -187,7 +215,8 @@ pub fn build(cpus: u8) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
 /// Writes the tables into guest memory (the RSDP at 0xe0000, where Linux scans for it).
 pub fn setup(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), AcpiError> {
     for (addr, table) in build(cpus)? {
-        mem.write_slice(&table, GuestAddress(addr)).map_err(AcpiError::Write)?;
+        mem.write_slice(&table, GuestAddress(addr))
+            .map_err(AcpiError::Write)?;
     }
     Ok(())
 }
@@ -215,7 +244,11 @@ mod tests {
     fn tables_link_up_and_checksum() {
         let tables = build(4).unwrap();
         let at = |addr: u64| -> &[u8] {
-            &tables.iter().find(|(a, _)| *a == addr).unwrap_or_else(|| panic!("no table at {addr:#x}")).1
+            &tables
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .unwrap_or_else(|| panic!("no table at {addr:#x}"))
+                .1
         };
         let rsdp = at(ACPI_START);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -225,7 +258,10 @@ mod tests {
         assert_eq!(&xsdt[..4], b"XSDT");
         assert_eq!(u32_at(xsdt, 4) as usize, xsdt.len());
         assert_eq!(sum(xsdt), 0);
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
         assert_eq!(entries.len(), 2);
 
         let fadt = at(entries[0]);
@@ -233,9 +269,17 @@ mod tests {
         assert_eq!(u32_at(fadt, 4) as usize, fadt.len());
         assert_eq!(sum(fadt), 0);
         assert_eq!(u16_at(fadt, 46), ACPI_SCI_IRQ as u16);
-        assert_eq!(u32_at(fadt, 48), 0, "no SMI command port: already in ACPI mode");
+        assert_eq!(
+            u32_at(fadt, 48),
+            0,
+            "no SMI command port: already in ACPI mode"
+        );
         assert_eq!(u32_at(fadt, 56), u32::from(ACPI_PM_PORT), "PM1a_EVT_BLK");
-        assert_eq!(u32_at(fadt, 64), u32::from(ACPI_PM_PORT) + 4, "PM1a_CNT_BLK");
+        assert_eq!(
+            u32_at(fadt, 64),
+            u32::from(ACPI_PM_PORT) + 4,
+            "PM1a_CNT_BLK"
+        );
         assert_eq!((fadt[88], fadt[89]), (4, 2), "PM1_EVT_LEN, PM1_CNT_LEN");
         let flags = u32_at(fadt, 112);
         assert_eq!(flags & Flags::HwReducedAcpi as u32, 0);
@@ -244,18 +288,31 @@ mod tests {
         assert_eq!(u64_at(fadt, 120), u64::from(I8042_PORT) + 4);
         assert_eq!(fadt[128], I8042_RESET_COMMAND);
         // X_PM1a_CNT_BLK (offset 172) agrees with the 32-bit field.
-        assert_eq!((fadt[172], u64_at(fadt, 176)), (1, u64::from(ACPI_PM_PORT) + 4));
+        assert_eq!(
+            (fadt[172], u64_at(fadt, 176)),
+            (1, u64::from(ACPI_PM_PORT) + 4)
+        );
 
         let dsdt = at(u64_at(fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(u32_at(dsdt, 4) as usize, dsdt.len());
         assert_eq!(sum(dsdt), 0);
         // NameOp "_S5_" PackageOp len count=2 BytePrefix 5 Zero
-        let s5 = dsdt.windows(4).position(|w| w == b"_S5_").expect("_S5_ in the DSDT");
-        assert_eq!(&dsdt[s5 + 4..], &[0x12, 0x05, 0x02, 0x0a, acpi_pm::S5_SLP_TYP, 0x00]);
+        let s5 = dsdt
+            .windows(4)
+            .position(|w| w == b"_S5_")
+            .expect("_S5_ in the DSDT");
+        assert_eq!(
+            &dsdt[s5 + 4..],
+            &[0x12, 0x05, 0x02, 0x0a, acpi_pm::S5_SLP_TYP, 0x00]
+        );
         let facs = at(u64_at(fadt, 132));
         assert_eq!(&facs[..4], b"FACS");
-        assert_eq!(u64_at(fadt, 132) % 64, 0, "the FACS must be 64-byte aligned");
+        assert_eq!(
+            u64_at(fadt, 132) % 64,
+            0,
+            "the FACS must be 64-byte aligned"
+        );
 
         let madt = at(entries[1]);
         assert_eq!(&madt[..4], b"APIC");

@@ -53,10 +53,18 @@ impl ConsolePlan {
         let file = config.console_log.clone();
         if config.command.is_empty() {
             // Interactive: the console is the user's terminal. -v adds nothing to it.
-            return ConsolePlan { stdout: true, stderr: false, file };
+            return ConsolePlan {
+                stdout: true,
+                stderr: false,
+                file,
+            };
         }
         let stdout = !command_channel && !config.verbose && file.is_none();
-        ConsolePlan { stdout, stderr: config.verbose, file }
+        ConsolePlan {
+            stdout,
+            stderr: config.verbose,
+            file,
+        }
     }
 
     /// Whether a bad ending should repeat the console's last lines on stderr: not when
@@ -85,7 +93,10 @@ fn same_file(a: std::os::fd::BorrowedFd, b: std::os::fd::BorrowedFd) -> bool {
 }
 
 /// The console sink for the serial device, and the tail the VMM reads after the run.
-pub fn open(plan: &ConsolePlan, panicked: Arc<AtomicBool>) -> Result<(ConsoleWriter, Arc<ConsoleTail>), ConsoleError> {
+pub fn open(
+    plan: &ConsolePlan,
+    panicked: Arc<AtomicBool>,
+) -> Result<(ConsoleWriter, Arc<ConsoleTail>), ConsoleError> {
     let mut outputs = Vec::new();
     if plan.stdout {
         outputs.push(ConsoleOutput::new("stdout", Box::new(std::io::stdout())));
@@ -94,14 +105,20 @@ pub fn open(plan: &ConsolePlan, panicked: Arc<AtomicBool>) -> Result<(ConsoleWri
         outputs.push(ConsoleOutput::new("stderr", Box::new(std::io::stderr())));
     }
     if let Some(path) = &plan.file {
-        outputs.push(ConsoleOutput::new(path.display().to_string(), Box::new(create_log(path)?)));
+        outputs.push(ConsoleOutput::new(
+            path.display().to_string(),
+            Box::new(create_log(path)?),
+        ));
     }
     let tail = Arc::new(ConsoleTail::new(TAIL_BYTES));
     Ok((ConsoleWriter::new(outputs, tail.clone(), panicked), tail))
 }
 
 fn create_log(path: &Path) -> Result<File, ConsoleError> {
-    File::create(path).map_err(|source| ConsoleError::LogFile { path: path.to_path_buf(), source })
+    File::create(path).map_err(|source| ConsoleError::LogFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Prints the console's last lines to stderr, framed so they can't pass for microvm's own.
@@ -111,7 +128,10 @@ pub fn print_post_mortem(tail: &ConsoleTail) {
         eprintln!("microvm: the guest console printed nothing");
         return;
     }
-    let mut text = format!("microvm: last {} lines of the guest console:\n", lines.len());
+    let mut text = format!(
+        "microvm: last {} lines of the guest console:\n",
+        lines.len()
+    );
     for l in &lines {
         text.push_str("  | ");
         text.push_str(l);
@@ -126,7 +146,11 @@ mod tests {
 
     fn config(command: bool, verbose: bool, log: Option<&str>) -> VmConfig {
         VmConfig {
-            command: if command { vec!["true".into()] } else { Vec::new() },
+            command: if command {
+                vec!["true".into()]
+            } else {
+                Vec::new()
+            },
             verbose,
             console_log: log.map(PathBuf::from),
             ..Default::default()
@@ -136,16 +160,29 @@ mod tests {
     #[test]
     fn plans() {
         let p = |c, v, l, channel| ConsolePlan::new(&config(c, v, l), channel);
-        let plan = |stdout, stderr, file: Option<&str>| ConsolePlan { stdout, stderr, file: file.map(PathBuf::from) };
+        let plan = |stdout, stderr, file: Option<&str>| ConsolePlan {
+            stdout,
+            stderr,
+            file: file.map(PathBuf::from),
+        };
         // Interactive: always stdout; -v changes nothing; a log file is added.
         assert_eq!(p(false, false, None, false), plan(true, false, None));
         assert_eq!(p(false, true, None, true), plan(true, false, None));
-        assert_eq!(p(false, false, Some("c.log"), false), plan(true, false, Some("c.log")));
+        assert_eq!(
+            p(false, false, Some("c.log"), false),
+            plan(true, false, Some("c.log"))
+        );
         // Command, before the command channel: stdout unless -v or --console-log.
         assert_eq!(p(true, false, None, false), plan(true, false, None));
         assert_eq!(p(true, true, None, false), plan(false, true, None));
-        assert_eq!(p(true, false, Some("c.log"), false), plan(false, false, Some("c.log")));
-        assert_eq!(p(true, true, Some("c.log"), false), plan(false, true, Some("c.log")));
+        assert_eq!(
+            p(true, false, Some("c.log"), false),
+            plan(false, false, Some("c.log"))
+        );
+        assert_eq!(
+            p(true, true, Some("c.log"), false),
+            plan(false, true, Some("c.log"))
+        );
         // Command channel: never stdout.
         assert_eq!(p(true, false, None, true), plan(false, false, None));
         assert_eq!(p(true, true, None, true), plan(false, true, None));
@@ -154,18 +191,32 @@ mod tests {
     #[test]
     fn post_mortem_only_when_the_console_is_not_on_stderr() {
         assert!(!plan_on_stderr().post_mortem_wanted());
-        let hidden = ConsolePlan { stdout: false, stderr: false, file: Some("c.log".into()) };
+        let hidden = ConsolePlan {
+            stdout: false,
+            stderr: false,
+            file: Some("c.log".into()),
+        };
         assert!(hidden.post_mortem_wanted());
     }
 
     fn plan_on_stderr() -> ConsolePlan {
-        ConsolePlan { stdout: false, stderr: true, file: None }
+        ConsolePlan {
+            stdout: false,
+            stderr: true,
+            file: None,
+        }
     }
 
     #[test]
     fn log_file_errors_name_the_path() {
-        let plan = ConsolePlan { stdout: false, stderr: false, file: Some("/nonexistent-dir/c.log".into()) };
-        let err = open(&plan, Arc::default()).err().expect("cannot create in a missing directory");
+        let plan = ConsolePlan {
+            stdout: false,
+            stderr: false,
+            file: Some("/nonexistent-dir/c.log".into()),
+        };
+        let err = open(&plan, Arc::default())
+            .err()
+            .expect("cannot create in a missing directory");
         assert!(err.to_string().contains("/nonexistent-dir/c.log"), "{err}");
     }
 }

@@ -18,7 +18,9 @@ const DUMP_LIMIT: Duration = Duration::from_secs(1);
 /// Parses `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds (`1.5` allowed).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
     let scale = match unit {
         "" | "s" => 1.0,
@@ -62,7 +64,12 @@ impl Deadline {
     pub fn start(after: Duration, exit: Arc<ExitSignal>) -> std::io::Result<Self> {
         let mut timer = TimerFd::new()?;
         timer.reset(after, None)?;
-        Ok(Deadline { timer, after, exit, vcpus: Vec::new() })
+        Ok(Deadline {
+            timer,
+            after,
+            exit,
+            vcpus: Vec::new(),
+        })
     }
 
     pub fn set_vcpu_threads(&mut self, threads: Vec<libc::pthread_t>) {
@@ -87,7 +94,8 @@ impl MutEventSubscriber for Deadline {
         if let Err(e) = ops.add(Events::new_raw(self.timer.as_raw_fd(), EventSet::IN)) {
             // Without the timer the VM could run for ever: stop it now instead.
             eprintln!("microvm: cannot watch the --timeout timer: {e:?}");
-            self.exit.set(ExitReason::Fault("cannot watch the --timeout timer".into()));
+            self.exit
+                .set(ExitReason::Fault("cannot watch the --timeout timer".into()));
         }
     }
 
@@ -115,7 +123,9 @@ mod tests {
         assert_eq!(d("20"), Some(Duration::from_secs(20)));
         assert_eq!(d("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(d("250ms"), Some(Duration::from_millis(250)));
-        for bad in ["", "s", "0", "0s", "-5", "5x", "5 s", "1.", ".5", "1e3", "1h30m", "400d", "9999999h"] {
+        for bad in [
+            "", "s", "0", "0s", "-5", "5x", "5 s", "1.", ".5", "1e3", "1h30m", "400d", "9999999h",
+        ] {
             assert_eq!(d(bad), None, "{bad:?}");
         }
     }

@@ -50,7 +50,10 @@ impl AcpiPm {
             if slp_typ == S5_SLP_TYP {
                 (self.on_power_off)();
             } else {
-                tracing::debug!(slp_typ, "ignored request for a sleep state the DSDT does not offer");
+                tracing::debug!(
+                    slp_typ,
+                    "ignored request for a sleep state the DSDT does not offer"
+                );
             }
         }
         // SLP_EN and GBL_RLS are write-only; SCI_EN stays set (no legacy mode to go back to).
@@ -71,9 +74,15 @@ impl BusDevice for AcpiPm {
     /// Any width, any offset inside the block: each register touched is updated from the
     /// bytes written to it, the other byte of a 16-bit register keeping its value.
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(start) = usize::try_from(offset).ok().filter(|o| o.checked_add(data.len()).is_some_and(|end| end <= PM1_BLOCK_LEN as usize))
-        else {
-            tracing::trace!(offset, len = data.len(), "ignored write outside the PM1 block");
+        let Some(start) = usize::try_from(offset).ok().filter(|o| {
+            o.checked_add(data.len())
+                .is_some_and(|end| end <= PM1_BLOCK_LEN as usize)
+        }) else {
+            tracing::trace!(
+                offset,
+                len = data.len(),
+                "ignored write outside the PM1 block"
+            );
             return;
         };
         for reg in 0..self.regs.len() {
@@ -91,7 +100,9 @@ impl BusDevice for AcpiPm {
             }
             match reg {
                 STATUS => self.regs[STATUS] &= !(value & mask),
-                ENABLE => self.regs[ENABLE] = (self.regs[ENABLE] & !mask) | (value & mask & ENABLE_MASK),
+                ENABLE => {
+                    self.regs[ENABLE] = (self.regs[ENABLE] & !mask) | (value & mask & ENABLE_MASK)
+                }
                 CONTROL => self.write_control((self.regs[CONTROL] & !mask) | (value & mask)),
                 _ => unreachable!("three registers"),
             }
@@ -108,7 +119,12 @@ mod tests {
     fn device() -> (AcpiPm, Arc<AtomicU32>) {
         let count = Arc::new(AtomicU32::new(0));
         let c = count.clone();
-        (AcpiPm::new(Box::new(move || { c.fetch_add(1, Ordering::SeqCst); })), count)
+        (
+            AcpiPm::new(Box::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            })),
+            count,
+        )
     }
 
     fn read16(d: &mut AcpiPm, offset: u64) -> u16 {
@@ -126,7 +142,11 @@ mod tests {
         let cnt = read16(&mut d, 4);
         assert_eq!(cnt & SCI_EN, SCI_EN, "already in ACPI mode");
         d.write(4, &(cnt | S5).to_le_bytes());
-        assert_eq!(count.load(Ordering::SeqCst), 0, "SLP_TYP alone must not power off");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            0,
+            "SLP_TYP alone must not power off"
+        );
         d.write(4, &(cnt | S5 | SLP_EN).to_le_bytes());
         assert_eq!(count.load(Ordering::SeqCst), 1);
         assert_eq!(read16(&mut d, 4) & SLP_EN, 0, "SLP_EN is write-only");

@@ -57,7 +57,13 @@ impl ConsoleTail {
 fn sanitize(line: &str) -> String {
     line.chars()
         .filter(|c| *c != '\r')
-        .map(|c| if c == '\t' || !c.is_control() { c } else { '\u{fffd}' })
+        .map(|c| {
+            if c == '\t' || !c.is_control() {
+                c
+            } else {
+                '\u{fffd}'
+            }
+        })
         .collect()
 }
 
@@ -69,7 +75,10 @@ pub struct ConsoleOutput {
 
 impl ConsoleOutput {
     pub fn new(name: impl Into<String>, out: Box<dyn Write + Send>) -> Self {
-        ConsoleOutput { name: name.into(), out }
+        ConsoleOutput {
+            name: name.into(),
+            out,
+        }
     }
 }
 
@@ -82,7 +91,11 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
-    pub fn new(outputs: Vec<ConsoleOutput>, tail: Arc<ConsoleTail>, panicked: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        outputs: Vec<ConsoleOutput>,
+        tail: Arc<ConsoleTail>,
+        panicked: Arc<AtomicBool>,
+    ) -> Self {
         ConsoleWriter {
             outputs,
             tail,
@@ -98,7 +111,11 @@ impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.panicked.load(Ordering::Relaxed) {
             self.window.extend_from_slice(buf);
-            if self.window.windows(PANIC_MARKER.len()).any(|w| w == PANIC_MARKER) {
+            if self
+                .window
+                .windows(PANIC_MARKER.len())
+                .any(|w| w == PANIC_MARKER)
+            {
                 self.panicked.store(true, Ordering::SeqCst);
             }
             let keep = PANIC_MARKER.len() - 1;
@@ -108,13 +125,18 @@ impl Write for ConsoleWriter {
         }
         self.tail.push(buf);
         // The guest writes a byte at a time: flush so the console is live.
-        self.outputs.retain_mut(|o| match o.out.write_all(buf).and_then(|()| o.out.flush()) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("guest console: cannot write to {}: {e}; no more console output there", o.name);
-                false
-            }
-        });
+        self.outputs.retain_mut(
+            |o| match o.out.write_all(buf).and_then(|()| o.out.flush()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "guest console: cannot write to {}: {e}; no more console output there",
+                        o.name
+                    );
+                    false
+                }
+            },
+        );
         Ok(buf.len())
     }
 
@@ -155,7 +177,11 @@ mod tests {
     fn writer(outputs: Vec<ConsoleOutput>) -> (ConsoleWriter, Arc<ConsoleTail>, Arc<AtomicBool>) {
         let tail = Arc::new(ConsoleTail::new(TAIL_BYTES));
         let flag = Arc::new(AtomicBool::new(false));
-        (ConsoleWriter::new(outputs, tail.clone(), flag.clone()), tail, flag)
+        (
+            ConsoleWriter::new(outputs, tail.clone(), flag.clone()),
+            tail,
+            flag,
+        )
     }
 
     #[test]
@@ -212,6 +238,9 @@ mod tests {
     fn tail_is_safe_to_print() {
         let tail = ConsoleTail::new(TAIL_BYTES);
         tail.push(b"ok\r\n\x1b[2Jcleared?\x07\tend\xff\n");
-        assert_eq!(tail.last_lines(5), vec!["ok", "\u{fffd}[2Jcleared?\u{fffd}\tend\u{fffd}"]);
+        assert_eq!(
+            tail.last_lines(5),
+            vec!["ok", "\u{fffd}[2Jcleared?\u{fffd}\tend\u{fffd}"]
+        );
     }
 }
