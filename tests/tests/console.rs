@@ -73,6 +73,20 @@ fn command_mode_console_placement() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "kernel says hi\n");
 }
 
+/// A guest command failing with any status (even 1, 101 or 124) is the command's business,
+/// not a bad end of the VM: no post-mortem.
+#[test]
+fn command_failure_has_no_post_mortem() {
+    let dir = scratch_dir("console-cmd-fail");
+    let log = dir.join("c.log");
+    for status in [1, 101, 124] {
+        let k = payload(&dir, Asm::default().print("guest output\n").exit(status).halt());
+        let r = run_microvm(&["--kernel", &k, "--console-log", log.to_str().unwrap(), "--", "false"], T);
+        assert_eq!(r.code(), status as i32, "{r:?}");
+        assert!(!r.stderr.contains("guest console"), "{r:?}");
+    }
+}
+
 /// A panic with the console out of sight (in a file): the last 60 console lines are
 /// repeated on stderr, sanitized and framed, so a CI log shows why.
 #[test]

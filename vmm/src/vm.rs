@@ -166,8 +166,9 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
-    let (status, message) = exit_code(&reason, panicked.load(Ordering::SeqCst));
-    post_mortem(status, &console_plan, &console_tail);
+    let panicked = panicked.load(Ordering::SeqCst);
+    let (status, message) = exit_code(&reason, panicked);
+    post_mortem(&reason, panicked, &console_plan, &console_tail);
     if let Some(m) = message {
         eprintln!("microvm: {m}");
     }
@@ -177,8 +178,14 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
 
 /// After a panic, a VM fault or a timeout, the console's last lines tell why: repeat them
 /// on stderr when the console itself went somewhere a CI log may not show.
-fn post_mortem(status: i32, plan: &ConsolePlan, tail: &ConsoleTail) {
-    if matches!(status, code::GUEST_PANIC | code::VM_FAILURE | code::TIMEOUT) && plan.post_mortem_wanted() {
+/// (Not for the guest command's own failures: those statuses come from the exit device.)
+fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &ConsoleTail) {
+    let bad = match reason {
+        ExitReason::Reset(_) => panicked,
+        ExitReason::Fault(_) | ExitReason::Timeout(_) => true,
+        ExitReason::GuestStatus(_) | ExitReason::PowerOff | ExitReason::Signal(_) => false,
+    };
+    if bad && plan.post_mortem_wanted() {
         crate::console::print_post_mortem(tail);
     }
 }
