@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use microvm_tests::{guest, guest_with_own_rootfs, microvm_bin, scratch_dir};
+use microvm_tests::{guest_with_own_rootfs, microvm_bin, scratch_dir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 /// From the command's start (MICROVM-INIT-READY) to microvm's exit: a `poweroff -f`
@@ -129,14 +129,16 @@ fn guest_shell_poweroff_exits_zero() {
 /// with the register dump and the console's last lines on stderr.
 #[test]
 fn guest_timeout_exits_124_with_a_dump() {
-    let (kernel, _) = guest();
     let dir = scratch_dir("guest-timeout");
+    // A root disk, so a fast host reaches `sleep 1000` instead of a no-root panic.
+    let (kernel, root) = guest_with_own_rootfs(&dir);
     let log = dir.join("console.log");
     let start = Instant::now();
     let b = boot(
         &[
             "--kernel", kernel.to_str().unwrap(),
             "--cpus", "2",
+            "--disk", root.to_str().unwrap(),
             "--console-log", log.to_str().unwrap(),
             "--timeout", "20s",
             "--", "sleep", "1000",
