@@ -93,6 +93,8 @@ fn guest_kernel_panic_exits_101() {
     assert!(run.stdout.contains("Kernel panic - not syncing"), "{run:?}");
     assert_eq!(run.code(), 101, "{run:?}");
     assert!(run.stderr.contains("guest kernel panicked"), "{run:?}");
+    // stdout is a pipe, not stderr: the console's last lines are repeated on stderr.
+    assert!(run.stderr.contains("  | ") && run.stderr.contains("Kernel panic - not syncing"), "{run:?}");
 }
 
 /// Without a command the guest runs a shell on the console: host stdin reaches it and

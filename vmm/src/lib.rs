@@ -1,10 +1,12 @@
 //! The microvm VMM library: KVM VM, guest memory, vCPUs, direct Linux boot, the device
 //! buses, and the event loop. The `microvm` binary (main.rs) is a thin CLI over `vm::run`.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod debug;
@@ -21,6 +23,7 @@ pub mod share;
 pub mod snapshot;
 pub mod symbols;
 pub mod terminal;
+pub mod timeout;
 pub mod vcpu;
 pub mod virtio;
 pub mod virtiofsd;

@@ -137,6 +137,7 @@ impl Vcpu {
         while !exit.is_set() {
             if crate::debug::take_dump_request(self.index) {
                 crate::debug::print_state(self.index, &self.fd, symbols);
+                crate::debug::dump_done(self.index);
             }
             let result = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {

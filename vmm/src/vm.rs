@@ -3,22 +3,25 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{ConsoleWriter, ExitDevice, SerialDevice, I8042};
+use devices::legacy::{AcpiPm, ConsoleTail, ConsoleWriter, ExitDevice, SerialDevice, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::AcpiError;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, Preflight, VmConfig};
+use crate::console::{ConsoleError, ConsolePlan};
 use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
 use crate::guestinit::{self, GuestInitError, Root};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
+use crate::timeout::Deadline;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::virtio::{VirtioError, VirtioSlots};
 
@@ -39,6 +42,10 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
@@ -67,6 +74,7 @@ impl VmError {
             VmError::Config(e) => e.exit_code(),
             VmError::Share(e) if e.is_usage() => code::USAGE,
             VmError::GuestInit(e) if e.is_usage() => code::USAGE,
+            VmError::Console(_) => code::USAGE,
             VmError::Virtio(VirtioError::Disk(e)) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
@@ -120,14 +128,23 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         (None, None) => None,
     };
 
+    // The command's output still travels over ttyS0: there is no command channel yet.
+    let console_plan = ConsolePlan::new(config, false);
+    let panicked = Arc::new(AtomicBool::new(false));
+    let (console, console_tail) = crate::console::open(&console_plan, panicked.clone())?;
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let mut deadline = config
+        .timeout
+        .map(|after| Deadline::start(after, exit.clone()))
+        .transpose()
+        .map_err(io_err("--timeout timer"))?;
+
     let signals = control::block_signals().map_err(io_err("signal handling"))?;
     let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventManager)?;
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let panicked = Arc::new(AtomicBool::new(false));
 
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
-    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
+    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, console)?;
 
     // One virtiofsd per share, stopped by `release()` below (or on drop, on error paths).
     let (daemons, conns) = match &virtiofsd {
@@ -144,6 +161,7 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
+    crate::acpi::setup(&mem, config.cpus as u8)?;
 
     let raw_terminal = crate::terminal::RawTerminal::enable();
     let mut control = Control::new(serial, exit.clone(), signals);
@@ -152,10 +170,17 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut threads = Vec::new();
+    // Kept (never joined) so the pthread_t handles stay valid for signal kicks.
+    let mut handles = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
         let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone())?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
+        handles.push(handle);
+    }
+    if let Some(mut d) = deadline.take() {
+        d.set_vcpu_threads(threads.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(d)));
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
@@ -168,32 +193,52 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    let panicked = panicked.load(Ordering::SeqCst);
+    let (status, message) = exit_code(&reason, panicked);
+    post_mortem(&reason, panicked, &console_plan, &console_tail);
     // Ordered teardown: the NICs' host side (TAPs, networks), then the virtiofsd daemons.
     crate::nics::release_all(nics);
     daemons.release();
-    Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
+    if let Some(m) = message {
+        eprintln!("microvm: {m}");
+    }
+    drop(handles);
+    Ok(status)
 }
 
-fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
+/// After a panic, a VM fault or a timeout, the console's last lines tell why: repeat them
+/// on stderr when the console itself went somewhere a CI log may not show.
+/// (Not for the guest command's own failures: those statuses come from the exit device.)
+fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &ConsoleTail) {
+    let bad = match reason {
+        ExitReason::Reset(_) => panicked,
+        ExitReason::Fault(_) | ExitReason::Timeout(_) => true,
+        ExitReason::GuestStatus(_) | ExitReason::PowerOff | ExitReason::Signal(_) => false,
+    };
+    if bad && plan.post_mortem_wanted() {
+        crate::console::print_post_mortem(tail);
+    }
+}
+
+/// The process exit status for `reason`, and the line to print on stderr (last).
+fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
     match reason {
-        ExitReason::GuestStatus(s) => i32::from(*s),
-        ExitReason::Reset(how) if panicked => {
-            eprintln!("microvm: guest kernel panicked ({how})");
-            code::GUEST_PANIC
-        }
+        ExitReason::GuestStatus(s) => (i32::from(*s), None),
+        ExitReason::Reset(how) if panicked => (code::GUEST_PANIC, Some(format!("guest kernel panicked ({how})"))),
         ExitReason::Reset(how) => {
             tracing::info!("guest reset ({how})");
-            code::OK
+            (code::OK, None)
         }
-        ExitReason::Fault(msg) => {
-            eprintln!("microvm: {msg}");
-            code::VM_FAILURE
+        ExitReason::PowerOff => {
+            tracing::info!("guest powered off");
+            (code::OK, None)
         }
-        ExitReason::Signal(0) => code::OK,
-        ExitReason::Signal(sig) => {
-            eprintln!("microvm: stopped by signal {sig}");
-            128 + sig
+        ExitReason::Timeout(after) => {
+            (code::TIMEOUT, Some(format!("stopped after --timeout {}", crate::timeout::format_duration(*after))))
         }
+        ExitReason::Fault(msg) => (code::VM_FAILURE, Some(msg.clone())),
+        ExitReason::Signal(0) => (code::OK, None),
+        ExitReason::Signal(sig) => (128 + sig, Some(format!("stopped by signal {sig}"))),
     }
 }
 
@@ -250,23 +295,27 @@ fn user_sets(config: &VmConfig, key: &str) -> bool {
     config.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with(key)))
 }
 
-/// COM1 (irqfd on GSI 4), the i8042 reset line, and the exit-status device.
+/// COM1 (irqfd on GSI 4), the i8042 reset line, the ACPI PM1 registers, and the
+/// exit-status device.
 fn legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
     mmio: &mut Bus,
     exit: &Arc<ExitSignal>,
-    panicked: &Arc<AtomicBool>,
+    console: ConsoleWriter,
 ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
-    let console = ConsoleWriter::new(std::io::stdout(), panicked.clone());
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
 
     let e = exit.clone();
     let i8042 = I8042::new(Box::new(move || e.set(ExitReason::Reset("i8042 reset"))));
     pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(i8042)))?;
+
+    let e = exit.clone();
+    let pm = AcpiPm::new(Box::new(move || e.set(ExitReason::PowerOff)));
+    pio.insert(u64::from(ACPI_PM_PORT), devices::legacy::acpi_pm::PM1_BLOCK_LEN, Arc::new(Mutex::new(pm)))?;
 
     let e = exit.clone();
     let exit_dev = ExitDevice::new(Box::new(move |s| e.set(ExitReason::GuestStatus(s))));
