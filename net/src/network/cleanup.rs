@@ -46,8 +46,7 @@ pub(crate) fn delete_created_tap(rtnl: &Rtnl, tap: &str) -> Result<(), NetError>
     deleted.and(unguarded)
 }
 
-/// Removes guards whose TAP is gone (a crashed process's TAPs vanish with their fds), and
-/// the bridge table once no guard is left.
+/// Removes guards whose TAP is gone (a crashed process's TAPs vanish with their fds).
 fn cleanup_stale_guards(rtnl: &Rtnl) -> Result<(), NetError> {
     for tap in guard::guarded_taps()? {
         if rtnl.link(&tap)?.is_none() {
@@ -57,7 +56,6 @@ fn cleanup_stale_guards(rtnl: &Rtnl) -> Result<(), NetError> {
             }
         }
     }
-    guard::delete_table_if_unused()?;
     Ok(())
 }
 

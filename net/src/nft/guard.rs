@@ -17,7 +17,11 @@
 //! A guard is added after the TAP exists and before the guest runs, and removed after the
 //! TAP is deleted (`network::delete_created_tap`), so there is no moment when a TAP of ours
 //! forwards unguarded frames. Stale guards (of TAPs gone with a crashed process) are removed
-//! by stale cleanup; a new TAP reusing a stale guard's name replaces it.
+//! by stale cleanup; a new TAP reusing a stale guard's name replaces it. The table itself
+//! stays once made (empty, it passes everything): `bridge=BR` attachments do not take the
+//! state lock, so deleting it when it looks unused could race with another process adding
+//! its guard; only `teardown_all` removes it. Two processes creating it at once add the
+//! dispatch rule twice, which is harmless.
 
 use std::net::Ipv4Addr;
 
@@ -116,25 +120,17 @@ pub(crate) fn guarded_taps() -> Result<Vec<String>, NftError> {
     if !table_exists()? {
         return Ok(Vec::new());
     }
-    let out = super::output(&["list", "chains", "bridge", TABLE])?;
+    let out = super::output(&["list", "table", "bridge", TABLE])?;
     Ok(parse_chain_list(&out))
 }
 
-/// TAP names from `nft list chains` output (`chain guard-TAP {` lines).
+/// TAP names from `nft list table` output (`chain guard-TAP {` lines).
 fn parse_chain_list(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("chain ")?.strip_suffix(" {")?.strip_prefix(PREFIX))
         .filter(|tap| crate::spec::check_ifname("tap", tap).is_ok())
         .map(String::from)
         .collect()
-}
-
-/// Deletes `table bridge microvm` if it has no guard left.
-pub(crate) fn delete_table_if_unused() -> Result<(), NftError> {
-    if table_exists()? && guarded_taps()?.is_empty() {
-        run("delete the microvm bridge table", &format!("delete table bridge {TABLE}\n"))?;
-    }
-    Ok(())
 }
 
 /// Deletes `table bridge microvm` if it exists.
