@@ -102,6 +102,9 @@ impl World {
         if self.host.try_sh("nft list table ip microvm") {
             left.push("nft table ip microvm".into());
         }
+        // The bridge table may stay (empty); no TAP's anti-spoofing guard may.
+        let bridge_table = self.host.try_sh("nft list table bridge microvm").then(|| self.host.sh("nft list table bridge microvm"));
+        left.extend(bridge_table.iter().flat_map(|t| t.lines()).filter_map(|l| l.trim().strip_prefix("chain guard-")).map(|c| format!("nft guard {c}")));
         left
     }
 }
