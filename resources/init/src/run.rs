@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::protocol::Params;
 use crate::sys::{self, Fail, Result, STATUS_INIT_FAILED, STATUS_NOT_EXECUTABLE, STATUS_NOT_FOUND};
@@ -22,6 +22,28 @@ static EXIT_DEVICE: AtomicU64 = AtomicU64::new(0);
 
 pub fn set_exit_device(addr: Option<u64>) {
     EXIT_DEVICE.store(addr.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// A power request sent to PID 1 (busybox `poweroff`/`halt`/`reboot` without `-f`, or
+/// `kill` by hand): the signal number, 0 for none.
+static POWER_REQUEST: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_power_signal(sig: libc::c_int) {
+    POWER_REQUEST.store(sig, Ordering::Relaxed);
+}
+
+/// Catches the signals busybox's `poweroff` (SIGUSR2), `halt` (SIGUSR1) and `reboot`
+/// (SIGTERM) send to PID 1, without SA_RESTART so that `waitpid` returns EINTR and the
+/// reaping loop ends the VM. The command gets default dispositions back at exec.
+fn catch_power_signals() {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM] {
+        // SAFETY: an all-zero sigaction is valid (empty mask, no flags); the handler only
+        // stores to an atomic, which is async-signal-safe.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_power_signal as extern "C" fn(libc::c_int) as usize;
+        // SAFETY: a valid sigaction for a catchable signal; the old action is not needed.
+        unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+    }
 }
 
 /// Sets the environment, enters the working directory, runs the command (or a login
@@ -53,6 +75,7 @@ pub fn run(p: &Params) -> Result<u8> {
     argv_ptrs.push(std::ptr::null());
     let shown = String::from_utf8_lossy(if p.argv.is_some() { file.as_bytes() } else { SHELL.as_bytes() }).into_owned();
 
+    catch_power_signals();
     println!("{READY}");
     let _ = std::io::stdout().flush();
     // SAFETY: fork(2) in a single-threaded process; the child only calls async-signal-safe
@@ -89,13 +112,20 @@ pub fn run(p: &Params) -> Result<u8> {
 /// reports it (128+N when killed by signal N).
 fn wait_for(pid: libc::pid_t) -> u8 {
     loop {
+        if POWER_REQUEST.load(Ordering::Relaxed) != 0 {
+            power_off(0); // asked for while we were not waiting
+        }
         let mut st: libc::c_int = 0;
         // SAFETY: waitpid(2) writes the status into a live c_int.
         let r = unsafe { libc::waitpid(-1, &mut st, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+                match POWER_REQUEST.load(Ordering::Relaxed) {
+                    0 => continue,
+                    // The guest asked to power off, halt or reboot: the VM ends with 0.
+                    _ => power_off(0),
+                }
             }
             sys::say(format_args!("lost the command: waitpid: {e}"));
             return STATUS_INIT_FAILED;
