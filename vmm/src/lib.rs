@@ -28,3 +28,7 @@ pub mod vcpu;
 pub mod virtio;
 pub mod virtiofsd;
 pub mod vm;
+
+/// Entry points for the cargo-fuzz targets in `vmm/fuzz` (feature `fuzzing`); not API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
