@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -49,6 +49,8 @@ pub enum VmError {
     Share(#[from] crate::share::ShareError),
     #[error(transparent)]
     GuestInit(#[from] GuestInitError),
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error("cannot set up {what}")]
@@ -127,7 +129,8 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
 
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
-    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
+    let command_channel = crate::channel::wanted(config);
+    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked, command_channel)?;
 
     // One virtiofsd per share, stopped by `release()` below (or on drop, on error paths).
     let (daemons, conns) = match &virtiofsd {
@@ -139,14 +142,18 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
     // early error return, their Drop does it.
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
+    // The command's stdin/stdout/stderr (see channel.rs).
+    let channel = if command_channel { Some(crate::channel::attach(&mut virtio, &mut mmio)?) } else { None };
 
     let mounts = guest_mounts(&shares);
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
 
-    let raw_terminal = crate::terminal::RawTerminal::enable();
+    // With the command channel, stdin belongs to the command: no raw mode, no serial input.
+    let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
     let mut control = Control::new(serial, exit.clone(), signals);
+    control.set_stdin_to_serial(!command_channel);
 
     let symbols = Arc::new(crate::symbols::Symbols::new(checked.kernel.system_map.clone()));
     let pio = Arc::new(pio);
@@ -168,6 +175,9 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    if let Some(channel) = channel {
+        channel.finish(&reason);
+    }
     // Ordered teardown: the NICs' host side (TAPs, networks), then the virtiofsd daemons.
     crate::nics::release_all(nics);
     daemons.release();
@@ -257,10 +267,16 @@ fn legacy_devices(
     mmio: &mut Bus,
     exit: &Arc<ExitSignal>,
     panicked: &Arc<AtomicBool>,
+    command_channel: bool,
 ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
-    let console = ConsoleWriter::new(std::io::stdout(), panicked.clone());
+    // CHANNEL-INTERIM (until the console-log branch's sinks merge: there,
+    // `ConsolePlan::new(config, command_channel)` decides): with the command channel, stdout
+    // is the command's alone, so the kernel console goes to stderr.
+    let sink: Box<dyn std::io::Write + Send> =
+        if command_channel { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    let console = ConsoleWriter::new(sink, panicked.clone());
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
 
