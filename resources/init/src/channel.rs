@@ -60,7 +60,7 @@ pub fn open_ports() -> Option<[OwnedFd; 3]> {
     // returns 0 (EOF). microvm announces stdin first and the guest handles the control
     // messages in order, so when stdout and stderr are connected stdin was connected too
     // (and may since have been closed for real: microvm's stdin ended).
-    while !fds[1..].iter().all(|fd| host_connected(fd)) {
+    while !fds[1..].iter().all(host_connected) {
         if Instant::now() >= deadline {
             sys::say("microvm never opened the command channel's ports: the command's stdin/stdout/stderr are the console");
             return None;
