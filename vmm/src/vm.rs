@@ -56,6 +56,8 @@ pub enum VmError {
     Share(#[from] crate::share::ShareError),
     #[error(transparent)]
     GuestInit(#[from] GuestInitError),
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error("cannot set up {what}")]
@@ -128,8 +130,9 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         (None, None) => None,
     };
 
-    // The command's output still travels over ttyS0: there is no command channel yet.
-    let console_plan = ConsolePlan::new(config, false);
+    // With the command channel, stdout is the command's alone: the console goes elsewhere.
+    let command_channel = crate::channel::wanted(config);
+    let console_plan = ConsolePlan::new(config, command_channel);
     let panicked = Arc::new(AtomicBool::new(false));
     let (console, console_tail) = crate::console::open(&console_plan, panicked.clone())?;
     let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
@@ -156,6 +159,8 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
     // early error return, their Drop does it.
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
+    // The command's stdin/stdout/stderr (see channel.rs).
+    let channel = if command_channel { Some(crate::channel::attach(&mut virtio, &mut mmio)?) } else { None };
 
     let mounts = guest_mounts(&shares);
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
@@ -163,8 +168,10 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
     crate::acpi::setup(&mem, config.cpus as u8)?;
 
-    let raw_terminal = crate::terminal::RawTerminal::enable();
+    // With the command channel, stdin belongs to the command: no raw mode, no serial input.
+    let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
     let mut control = Control::new(serial, exit.clone(), signals);
+    control.set_stdin_to_serial(!command_channel);
 
     let symbols = Arc::new(crate::symbols::Symbols::new(checked.kernel.system_map.clone()));
     let pio = Arc::new(pio);
@@ -196,6 +203,9 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let panicked = panicked.load(Ordering::SeqCst);
     let (status, message) = exit_code(&reason, panicked);
     post_mortem(&reason, panicked, &console_plan, &console_tail);
+    if let Some(channel) = channel {
+        channel.finish(&reason);
+    }
     // Ordered teardown: the NICs' host side (TAPs, networks), then the virtiofsd daemons.
     crate::nics::release_all(nics);
     daemons.release();

@@ -70,7 +70,9 @@ pub fn run(p: &Params) -> Result<u8> {
         }
         None => (CString::from(c"/bin/sh"), vec![CString::from(c"-sh")]),
     };
-    let tty = console_tty();
+    // A command talks to microvm over the command channel; the shell gets the console.
+    let ports = if p.argv.is_some() { crate::channel::open_ports() } else { None };
+    let tty = if ports.is_none() { console_tty() } else { None };
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let shown = String::from_utf8_lossy(if p.argv.is_some() { file.as_bytes() } else { SHELL.as_bytes() }).into_owned();
@@ -86,11 +88,17 @@ pub fn run(p: &Params) -> Result<u8> {
         return Err(Fail::io("cannot fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        // SAFETY: setsid/ioctl/dup2 on our own descriptors; execvp with a NULL-terminated
+        // SAFETY: setsid/ioctl/dup2 on our own descriptors (the ports' dups lose
+        // O_CLOEXEC; the originals close on exec); execvp with a NULL-terminated
         // array of pointers into `argv`, which is alive until exec replaces the process.
         unsafe {
             libc::setsid();
-            if let Some(fd) = &tty {
+            if let Some(ports) = &ports {
+                // No controlling terminal: the command is not interactive (as `ssh host cmd`).
+                for (target, fd) in ports.iter().enumerate() {
+                    libc::dup2(fd.as_raw_fd(), target as libc::c_int);
+                }
+            } else if let Some(fd) = &tty {
                 libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 1);
                 for target in 0..3 {
                     libc::dup2(fd.as_raw_fd(), target);
@@ -104,7 +112,9 @@ pub fn run(p: &Params) -> Result<u8> {
         // SAFETY: _exit(2) ends the child without running the parent's atexit state.
         unsafe { libc::_exit(i32::from(status)) };
     }
+    // Only the command (and what it starts) keeps the ports open.
     drop(tty);
+    drop(ports);
     Ok(wait_for(pid))
 }
 
