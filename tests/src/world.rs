@@ -52,6 +52,9 @@ impl World {
             "--kernel".into(), kernel.display().to_string(),
             "--disk".into(), root.display().to_string(),
             "--cmdline".into(), "quiet".into(),
+            // The console (the init's READY line) and the command's output (the command
+            // channel) in one stream, as the network tests read them.
+            "--console-log".into(), "/dev/stdout".into(),
         ];
         for n in nets {
             args.push("--net".into());

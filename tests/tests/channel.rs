@@ -85,7 +85,7 @@ fn binary_stdout_stdin_to_eof_stderr_and_status_on_a_disk_root() {
     let args = [
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
-        "--cmdline", "quiet",
+        "-v", "--cmdline", "quiet",
         "--", "sh", "-c", script,
     ];
     let out = run(&args, b"abc\n", read_all);
@@ -110,7 +110,7 @@ fn sixteen_mib_to_a_slow_reader_on_the_host_root() {
     let expected: Vec<u8> = (1..=LINES).flat_map(|i| format!("{i}\n").into_bytes()).collect();
     assert!(expected.len() >= 16 << 20);
     let script = format!("cat > /dev/null; seq 1 {LINES}; echo done >&2");
-    let args = ["--kernel", kernel.to_str().unwrap(), "--cmdline", "quiet", "--", "sh", "-c", &script];
+    let args = ["--kernel", kernel.to_str().unwrap(), "-v", "--cmdline", "quiet", "--", "sh", "-c", &script];
     let out = run(&args, b"", |r| {
         let mut v = Vec::new();
         let mut buf = [0u8; 4096];

@@ -40,12 +40,12 @@ fn guest_boots_sees_its_resources_and_reports_status() {
             "--disk", root.to_str().unwrap(),
             "--disk", &format!("{},size=64M", data.display()),
             "--disk", &format!("{},readonly", ro.display()),
-            "--cmdline", "quiet",
+            "-v", "--cmdline", "quiet",
             "--", "sh", "-c", &script,
         ],
         BOOT_TIMEOUT,
     );
-    assert!(run.stdout.contains("MICROVM-INIT-READY"), "guest never reached init: {run:?}");
+    assert!(run.stderr.contains("MICROVM-INIT-READY"), "guest never reached init: {run:?}");
     assert_eq!(run.code(), 7, "exit status not propagated: {run:?}");
     assert!(run.stdout.contains("CPUS=2"), "{run:?}");
     let mem_kb: u64 = run

@@ -18,7 +18,7 @@ struct Boot {
     status: Option<i32>,
     stdout: String,
     stderr: String,
-    /// When MICROVM-INIT-READY appeared on stdout.
+    /// When MICROVM-INIT-READY appeared on stderr (the console, with `-v`).
     ready_at: Option<Instant>,
     exited_at: Instant,
 }
@@ -34,9 +34,11 @@ impl std::fmt::Debug for Boot {
     }
 }
 
-/// Runs microvm, timestamping the guest init's READY line; kills it after `limit`.
+/// Runs microvm with `-v` (the console, with the init's READY line, on stderr; the
+/// command's output on stdout), timestamping READY; kills it after `limit`.
 fn boot(args: &[&str], limit: Duration) -> Boot {
     let mut child = Command::new(microvm_bin())
+        .arg("-v")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -44,7 +46,7 @@ fn boot(args: &[&str], limit: Duration) -> Boot {
         .spawn()
         .expect("spawn microvm");
     let ready_at = Arc::new(Mutex::new(None));
-    let out = child.stdout.take().unwrap();
+    let out = child.stderr.take().unwrap();
     let r = ready_at.clone();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -57,7 +59,7 @@ fn boot(args: &[&str], limit: Duration) -> Boot {
         }
         text
     });
-    let mut err = child.stderr.take().unwrap();
+    let mut err = child.stdout.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = err.read_to_string(&mut s);
@@ -76,8 +78,8 @@ fn boot(args: &[&str], limit: Duration) -> Boot {
         std::thread::sleep(Duration::from_millis(100));
     };
     let exited_at = Instant::now();
-    let stdout = reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
+    let stderr = reader.join().unwrap();
+    let stdout = err_reader.join().unwrap();
     let ready_at = *ready_at.lock().unwrap();
     Boot { status, stdout, stderr, ready_at, exited_at }
 }
@@ -86,7 +88,7 @@ fn assert_prompt_power_off(b: &Boot) {
     let ready = b.ready_at.unwrap_or_else(|| panic!("guest never reached init: {b:?}"));
     assert_eq!(b.status, Some(0), "{b:?}");
     assert!(b.exited_at - ready < POWEROFF_WITHIN, "power-off took too long: {b:?}");
-    assert!(!b.stdout.contains("Power off not available"), "{b:?}");
+    assert!(!b.stderr.contains("Power off not available"), "{b:?}");
 }
 
 /// `poweroff -f` reaches ACPI S5 (the guest kernel has CONFIG_ACPI, microvm gives it

@@ -27,7 +27,7 @@ fn command_on_a_plain_busybox_root() {
     let mut args = vec![
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
-        "--cmdline", "quiet",
+        "-v", "--cmdline", "quiet",
         "--", "sh", "-c", script, "argv0",
     ];
     args.extend(words);
@@ -59,7 +59,7 @@ fn command_not_found_is_127() {
         &[
             "--kernel", kernel.to_str().unwrap(),
             "--disk", &format!("{},readonly", image.display()),
-            "--cmdline", "quiet",
+            "-v", "--cmdline", "quiet",
             "--", "no-such-command", "x",
         ],
         BOOT_TIMEOUT,
@@ -73,7 +73,7 @@ fn command_not_found_is_127() {
     assert!(!run.stderr.contains("MICROVM-INIT-READY"), "{run:?}");
 
     let run = run_microvm(
-        &["--kernel", kernel.to_str().unwrap(), "--disk", image.to_str().unwrap(), "--cmdline", "quiet", "--", "no-such-command", "x"],
+        &["--kernel", kernel.to_str().unwrap(), "--disk", image.to_str().unwrap(), "-v", "--cmdline", "quiet", "--", "no-such-command", "x"],
         BOOT_TIMEOUT,
     );
     assert!(run.stderr.contains("MICROVM-INIT-READY"), "{run:?}");
@@ -101,7 +101,7 @@ fn dhcp_and_signal_status() {
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
         "--net", "nat:i1,subnet=10.123.7.0/24",
-        "--cmdline", "quiet",
+        "-v", "--cmdline", "quiet",
         "--", "sh", "-c", &script,
     ]
     .iter()
