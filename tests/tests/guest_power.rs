@@ -34,11 +34,14 @@ impl std::fmt::Debug for Boot {
     }
 }
 
-/// Runs microvm with `-v` (the console, with the init's READY line, on stderr; the
-/// command's output on stdout), timestamping READY; kills it after `limit`.
+/// Runs microvm with `-v` unless the test gives `--console-log` (the console, with the
+/// init's READY line, on stderr; the command's output on stdout), timestamping READY when
+/// it shows; kills it after `limit`.
 fn boot(args: &[&str], limit: Duration) -> Boot {
+    // A test that sends the console to a file (--console-log) keeps it off stderr.
+    let verbose: &[&str] = if args.contains(&"--console-log") { &[] } else { &["-v"] };
     let mut child = Command::new(microvm_bin())
-        .arg("-v")
+        .args(verbose)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
