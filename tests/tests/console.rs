@@ -72,6 +72,27 @@ fn command_mode_console_placement() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "kernel says hi\n");
 }
 
+/// `--console-log /dev/stdout` with stdout redirected to a file (how the network tests
+/// join the console and the command's output) writes through microvm's own stdout: the
+/// file is not truncated and nothing already in it is written over.
+#[test]
+fn console_log_to_own_stdout_appends_to_it() {
+    use std::io::Write;
+    let dir = scratch_dir("console-own-stdout");
+    let k = payload(&dir, Asm::default().print("kernel line\n").exit(0).halt());
+    let out = dir.join("stdout");
+    let mut f = std::fs::File::create(&out).unwrap();
+    f.write_all(b"written before microvm started\n").unwrap();
+    let status = std::process::Command::new(microvm_tests::microvm_bin())
+        .args(["--kernel", &k, "--console-log", "/dev/stdout", "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .stdout(f)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "written before microvm started\nkernel line\n");
+}
+
 /// A guest command failing with any status (even 1, 101 or 124) is the command's business,
 /// not a bad end of the VM: no post-mortem.
 #[test]

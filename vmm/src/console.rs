@@ -14,7 +14,7 @@
 //! over ttyS0 too, so it stays on stdout by default.
 
 use std::fs::File;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -82,14 +82,16 @@ impl ConsolePlan {
 }
 
 fn same_file(a: std::os::fd::BorrowedFd, b: std::os::fd::BorrowedFd) -> bool {
-    let stat = |fd: std::os::fd::BorrowedFd| {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fstat fills the zeroed stat buffer for a descriptor we borrow.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `st` is a valid, writable stat.
-        (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
-    };
-    matches!((stat(a), stat(b)), (Some(x), Some(y)) if x == y)
+    matches!((file_id(a), file_id(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// (device, inode) of what `fd` refers to.
+fn file_id(fd: std::os::fd::BorrowedFd) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat fills the zeroed stat buffer for a descriptor we borrow.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a valid, writable stat.
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// The console sink for the serial device, and the tail the VMM reads after the run.
@@ -105,13 +107,27 @@ pub fn open(
         outputs.push(ConsoleOutput::new("stderr", Box::new(std::io::stderr())));
     }
     if let Some(path) = &plan.file {
-        outputs.push(ConsoleOutput::new(
-            path.display().to_string(),
-            Box::new(create_log(path)?),
-        ));
+        outputs.push(ConsoleOutput::new(path.display().to_string(), log_sink(path)?));
     }
     let tail = Arc::new(ConsoleTail::new(TAIL_BYTES));
     Ok((ConsoleWriter::new(outputs, tail.clone(), panicked), tail))
+}
+
+/// The `--console-log` sink. A path naming microvm's own stdout or stderr (`/dev/stdout`,
+/// or the file they were redirected to) is written through that descriptor: a second open
+/// would truncate the file and write at its own offset, over the command's output.
+fn log_sink(path: &Path) -> Result<Box<dyn Write + Send>, ConsoleError> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        let named = (meta.dev(), meta.ino());
+        if file_id(std::io::stdout().as_fd()) == Some(named) {
+            return Ok(Box::new(std::io::stdout()));
+        }
+        if file_id(std::io::stderr().as_fd()) == Some(named) {
+            return Ok(Box::new(std::io::stderr()));
+        }
+    }
+    Ok(Box::new(create_log(path)?))
 }
 
 fn create_log(path: &Path) -> Result<File, ConsoleError> {
