@@ -15,6 +15,7 @@ use super::{
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::device_base::{take_queues, DeviceBase};
+use crate::virtio::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use crate::virtio::{
     lock, ActivateContext, ActivateError, EventEndpoint, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
@@ -203,5 +204,21 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.base.is_activated()
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        self.base.snapshot(|h| DeviceState::Limited(vec![h.rate_limiter().map(RateLimiter::state)]))
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        let DeviceState::Limited(levels) = &saved.state else {
+            return Err(SnapshotError::Inconsistent("not a block device's state"));
+        };
+        self.base.restore(|h| {
+            if let (Some(l), Some(Some(level))) = (h.rate_limiter_mut(), levels.first()) {
+                l.restore_state(level);
+            }
+            Ok(())
+        })
     }
 }
