@@ -43,7 +43,7 @@ pub struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux, a bzImage, or a kernel build tree (its
     /// vmlinux, else arch/x86/boot/bzImage). A System.map in the tree or beside the image
     /// names functions in register dumps. Example: --kernel target/guest/vmlinux  or  --kernel ~/src/linux
-    #[arg(long, value_name = "PATH|DIR", required_unless_present = "kconfig")]
+    #[arg(long, value_name = "PATH|DIR", required_unless_present_any = ["kconfig", "restore"])]
     pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk loaded for the kernel (an uncompressed cpio boots fastest).
@@ -113,6 +113,19 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
 
+    /// Boot, and as soon as the guest's init is ready for a command, save the whole VM to
+    /// DIR (memory, vCPUs, devices, configuration; written atomically) and exit 0. Needs a
+    /// --disk root; restore it with --restore. Example: --snapshot-to /tmp/booted
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_to: Option<PathBuf>,
+
+    /// Start from a snapshot taken with --snapshot-to instead of booting: guest memory is
+    /// mapped copy-on-write from DIR, the command goes to the waiting init, microvm exits
+    /// with its status. The VM's shape (CPUs, memory, disks, NICs) is the snapshot's.
+    /// Example: microvm --restore /tmp/booted -- make -C /src test
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disk", "net", "share", "snapshot_to", "no_quirks", "cpus", "memory", "kconfig"])]
+    pub restore: Option<PathBuf>,
+
     /// Command to run in the guest instead of a shell, under microvm's own init (on any
     /// --disk root, or the host's files without one). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
@@ -145,6 +158,9 @@ impl Cli {
                 .timeout
                 .map(|t| crate::timeout::parse_duration(&t).ok_or(crate::config::ConfigError::Timeout(t)))
                 .transpose()?,
+            snapshot_to: self.snapshot_to,
+            from_snapshot: false,
+            specs: config::Specs { disks: self.disk, nets: self.net },
         })
     }
 }

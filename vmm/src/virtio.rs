@@ -52,11 +52,13 @@ pub struct VirtioSlots<'a> {
     mem: &'a GuestMemoryMmap,
     endpoint: EventEndpoint,
     attached: Vec<(u64, u32)>,
+    /// Every transport, in slot order (a snapshot saves them, a restore refills them).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl<'a> VirtioSlots<'a> {
     pub fn new(vm: &'a VmFd, mem: &'a GuestMemoryMmap, endpoint: EventEndpoint) -> Self {
-        VirtioSlots { vm, mem, endpoint, attached: Vec::new() }
+        VirtioSlots { vm, mem, endpoint, attached: Vec::new(), transports: Vec::new() }
     }
 
     pub fn endpoint(&self) -> EventEndpoint {
@@ -80,9 +82,16 @@ impl<'a> VirtioSlots<'a> {
         self.vm
             .register_irqfd(transport.irq_evt(), gsi)
             .map_err(|source| VirtioError::Kvm { what: "irqfd", source })?;
-        bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
         self.attached.push((base, gsi));
+        self.transports.push(transport);
         Ok(())
+    }
+
+    /// The transports, in slot order.
+    pub fn transports(&self) -> Vec<Arc<Mutex<MmioTransport>>> {
+        self.transports.clone()
     }
 
     /// `virtio_mmio.device=4K@0xd0001000:5` for each attached device.

@@ -40,6 +40,7 @@
 pub mod format;
 pub mod memory;
 pub mod pause;
+pub mod saved;
 mod pod;
 pub mod state;
 #[cfg(test)]
@@ -112,6 +113,8 @@ pub enum SnapshotError {
     PauseTimeout { index: usize, ms: u128 },
     #[error("vCPU {index} is not paused")]
     NotPaused { index: usize },
+    #[error(transparent)]
+    Saved(#[from] saved::SavedConfigError),
     #[error("vCPU {index}'s thread is gone")]
     VcpuGone { index: usize },
 }
@@ -132,7 +135,7 @@ impl SnapshotError {
                 | SnapshotError::XsaveSize { .. }
                 | SnapshotError::MsrRejected { .. }
                 | SnapshotError::NotASnapshotDir { .. }
-        )
+        ) || matches!(self, SnapshotError::Saved(e) if e.is_usage())
     }
 }
 

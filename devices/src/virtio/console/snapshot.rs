@@ -18,13 +18,16 @@ pub struct ConsoleState {
     pub outbox: Vec<Vec<u8>>,
 }
 
+/// A transmit chain the output had not taken: (head, [(guest address, length)], bytes
+/// written).
+pub type PendingChain = (u16, Vec<(u64, usize)>, usize);
+
 /// One port (see [`ConsoleState`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortState {
     pub ready: bool,
     pub guest_open: bool,
-    /// (head, [(guest address, length)], bytes written) of a chain the output had not taken.
-    pub tx_pending: Option<(u16, Vec<(u64, usize)>, usize)>,
+    pub tx_pending: Option<PendingChain>,
 }
 
 impl ConsoleHandler {
