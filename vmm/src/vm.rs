@@ -134,6 +134,11 @@ pub fn restore(dir: &std::path::Path, runtime: VmConfig) -> Result<i32, VmError>
 /// Runs the VM until it ends; with `--snapshot-to`, until the init is ready, then saves it.
 fn run_to_end(mut vmm: Vmm, config: &VmConfig) -> Result<i32, VmError> {
     match vmm.run()? {
+        Stop::Exit(reason) if config.snapshot_to.is_some() => {
+            let status = vmm.finish(&reason);
+            eprintln!("microvm: the guest ended before its init was ready for a command: no snapshot written");
+            Ok(if status == code::OK { code::VM_FAILURE } else { status })
+        }
         Stop::Exit(reason) => Ok(vmm.finish(&reason)),
         Stop::Ready => {
             let dir = config.snapshot_to.as_deref().ok_or(VmError::Io {
