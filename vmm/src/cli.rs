@@ -67,8 +67,11 @@ pub struct Cli {
 
     /// A virtio-blk disk backed by a host file; repeat for vdb, vdc, ... Options:
     /// size=SIZE creates the file sparse (or grows it; never shrinks), readonly (or ro),
-    /// bw=RATE and iops=COUNT limits. Example: --disk data.img,size=4G --disk seed.img,ro,bw=50M
-    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=COUNT]")]
+    /// snapshot (the guest writes to a private overlay thrown away at exit, so the image never
+    /// changes and many VMs can share it; with size= only the overlay grows), bw=RATE and
+    /// iops=COUNT limits. Example: --disk data.img,size=4G --disk seed.img,ro,bw=50M
+    /// --disk rootfs.ext4,snapshot
+    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,snapshot][,bw=RATE][,iops=COUNT]")]
     pub disk: Vec<String>,
 
     /// A host directory for the guest over virtio-fs; repeat for more. Mounted at the same

@@ -4,7 +4,7 @@
 use devices::rate_limiter::RateLimiterConfig;
 use std::os::unix::net::UnixStream;
 
-use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::block::{Block, BlockConfig, BlockError, Overlay};
 use devices::virtio::fs::{Fs, FsError};
 use devices::virtio::{EventEndpoint, VirtioDevice};
 
@@ -16,6 +16,8 @@ pub fn limiter(config: RateLimiterConfig) -> Option<RateLimiterConfig> {
     (config != RateLimiterConfig::default()).then_some(config)
 }
 
+/// A virtio-blk device for `cfg` over the opened image; a `snapshot` disk gets its
+/// copy-on-write overlay here (its upper file in [`crate::disk::overlay_dir`]).
 pub fn block_device(
     cfg: &DiskConfig,
     disk: OpenDisk,
@@ -27,6 +29,10 @@ pub fn block_device(
         rate_limiter: limiter(cfg.rate),
         ..Default::default()
     };
+    if cfg.overlay() {
+        let overlay = Overlay::new(disk.file, disk.len, &crate::disk::overlay_dir())?;
+        return Ok(Box::new(Block::with_overlay(config, overlay, endpoint)?));
+    }
     Ok(Box::new(Block::new(config, disk.file, disk.len, endpoint)?))
 }
 
