@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::legacy::{ConsoleTail, SerialDevice, SerialSnapshot};
+use devices::virtio::block::Disk;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::snapshot::TransportSnapshot;
 use event_manager::{EventManager, SubscriberOps};
@@ -71,6 +72,8 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The disks in `--disk` order: a `,snapshot` disk's overlay is saved with the VM.
+    disks: Vec<Arc<Disk>>,
     vcpus: Vec<VcpuThread>,
     nics: Vec<net::Attachment>,
     daemons: crate::share::Shares,
@@ -173,7 +176,8 @@ impl Vmm {
         let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
         // Released by `finish` (TAPs, and networks whose last user this VM is); on an
         // early error return, their Drop does it.
-        let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
+        let mut disks = Vec::new();
+        let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices, &mut disks)?;
         let mut ready = None;
         let channel = if command_channel {
             let mode = match (&start, &config.snapshot_to) {
@@ -207,7 +211,7 @@ impl Vmm {
                 .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
                 .collect::<Result<Vec<_>, _>>()?;
             return Self::assemble(Parts {
-                kvm, vm, mem, event_manager, exit, serial, transports, vcpus, nics, daemons, channel, ready,
+                kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
                 console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
                 system_map: match start { Start::Boot(c) => c.kernel.system_map.clone(), Start::Restore(..) => None }, pio, mmio,
             });
@@ -224,7 +228,7 @@ impl Vmm {
         snapshot::restore_vm(&vm, &snap.state.vm)?;
         restore_devices(&mut event_manager, &transports, &devices.virtio)?;
         Self::assemble(Parts {
-            kvm, vm, mem, event_manager, exit, serial, transports, vcpus, nics, daemons, channel, ready,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
             console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
             system_map: None, pio, mmio,
         })
@@ -232,7 +236,7 @@ impl Vmm {
 
     /// Starts the vCPU threads and the main thread's event sources.
     fn assemble(p: Parts) -> Result<Vmm, VmError> {
-        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, vcpus, nics, daemons, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
+        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
         // With the command channel, stdin belongs to the command: no raw mode, no serial input.
         let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
         let mut control = Control::new(serial.clone(), exit.clone(), signals);
@@ -255,7 +259,7 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(control)));
         event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
         Ok(Vmm {
-            kvm, vm, mem, event_manager, exit, serial, transports, vcpus: running, nics, daemons, channel, ready,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, nics, daemons, channel, ready,
             console_plan, console_tail, panicked, raw_terminal,
         })
     }
@@ -295,7 +299,19 @@ impl Vmm {
         let devices = DevicesState { serial: crate::bus::lock(&self.serial).save(), virtio };
         let devices = serde_json::to_value(&devices).map_err(snapshot::SnapshotError::Encode)?;
         let state = SnapshotState::new(vm_state, vcpus, config, devices);
-        Ok(snapshot::save(dir, &state, &self.mem)?)
+        // A `,snapshot` disk's writes so far live in its private overlay: they go with the
+        // VM (DIR/disk-N.data and .map), or the restored guest would find its disk older
+        // than its page cache.
+        let save_overlays = |tmp: &std::path::Path| {
+            for (index, disk) in self.disks.iter().enumerate() {
+                if let Some(overlay) = disk.overlay() {
+                    let (data, map) = crate::devices::layer_files(&tmp.join(layer_name(index)));
+                    overlay.save(&data, &map).map_err(|source| snapshot::SnapshotError::Overlay { index, source })?;
+                }
+            }
+            Ok(())
+        };
+        Ok(snapshot::save_with(dir, &state, &self.mem, save_overlays)?)
     }
 
     /// Ends the run: the exit status and message for `reason`, the console post-mortem, the
@@ -330,6 +346,7 @@ struct Parts {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    disks: Vec<Arc<Disk>>,
     vcpus: Vec<Vcpu>,
     nics: Vec<net::Attachment>,
     daemons: crate::share::Shares,
@@ -380,6 +397,11 @@ fn restore_devices(
             Err(_) => Err(VmError::Io { what: "device restore", source: std::io::Error::other("restore thread panicked") }),
         }
     })
+}
+
+/// The name (before `.data`/`.map`) of disk `index`'s saved overlay layer in a snapshot.
+pub fn layer_name(index: usize) -> String {
+    format!("disk-{index}")
 }
 
 /// The command line for the init waiting in a restored VM (protocol::command_message).

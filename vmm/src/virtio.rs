@@ -112,12 +112,14 @@ pub fn attach_all(
     bus: &mut Bus,
     config: &VmConfig,
     shares: Vec<(String, std::os::unix::net::UnixStream)>,
+    disks: &mut Vec<std::sync::Arc<devices::virtio::block::Disk>>,
 ) -> Result<Vec<net::Attachment>, VirtioError> {
     let nets = &config.nets;
     for d in &config.disks {
         let opened = disk::open(d)?;
-        let device = crate::devices::block_device(d, opened, slots.endpoint())
+        let (device, disk) = crate::devices::block_device(d, opened, slots.endpoint())
             .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
+        disks.push(disk);
         slots.attach(bus, device)?;
     }
     for (tag, conn) in shares {

@@ -59,6 +59,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Writes go to a private temporary overlay; the image is opened read-only.
     pub snapshot: bool,
+    /// Set by a restore (not an option): the saved overlay layer (`DIR/disk-N`, see
+    /// `devices::layer_files`) under this disk's new overlay.
+    pub layer: Option<PathBuf>,
     /// `bw=` (bytes/s) and `iops=` token buckets; the default is unlimited.
     pub rate: RateLimiterConfig,
 }
@@ -73,6 +76,7 @@ impl std::str::FromStr for DiskConfig {
             size: o.size("size")?,
             read_only: o.has("readonly"),
             snapshot: o.has("snapshot"),
+            layer: None,
             rate: RateLimiterConfig {
                 bandwidth: o.rate("bw")?.map(BucketConfig::new),
                 ops: o.count("iops")?.map(BucketConfig::new),
@@ -85,7 +89,7 @@ impl DiskConfig {
     /// A disk without rate limits (for tests).
     #[cfg(test)]
     pub(crate) fn plain(path: &Path, size: Option<u64>, read_only: bool) -> Self {
-        DiskConfig { path: path.to_path_buf(), size, read_only, snapshot: false, rate: RateLimiterConfig::default() }
+        DiskConfig { path: path.to_path_buf(), size, read_only, snapshot: false, layer: None, rate: RateLimiterConfig::default() }
     }
 
     /// True when the guest's writes go to an overlay (`snapshot` without `readonly`).

@@ -50,7 +50,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use format::{load, save, Snapshot, SnapshotState, FORMAT_VERSION};
+pub use format::{load, save, save_with, Snapshot, SnapshotState, FORMAT_VERSION};
 pub use pause::PauseHandle;
 pub use state::{capture_vcpu, capture_vm, restore_vcpu, restore_vm, KvmCaps, VcpuState, VmState};
 
@@ -115,6 +115,12 @@ pub enum SnapshotError {
     NotPaused { index: usize },
     #[error(transparent)]
     Saved(#[from] saved::SavedConfigError),
+    #[error("cannot save the overlay of disk {index}")]
+    Overlay {
+        index: usize,
+        #[source]
+        source: devices::virtio::block::OverlayError,
+    },
     #[error("vCPU {index}'s thread is gone")]
     VcpuGone { index: usize },
 }

@@ -102,12 +102,22 @@ pub fn config(snap: &Snapshot, runtime: VmConfig) -> Result<VmConfig, crate::vm:
         path: snap.dir.join(super::format::STATE_FILE),
         reason: format!("configuration: {e}"),
     })?;
-    let parsed = |s: &String| -> Result<crate::config::DiskConfig, ConfigError> {
+    let parsed = |(index, s): (usize, &String)| -> Result<crate::config::DiskConfig, ConfigError> {
         let mut d: crate::config::DiskConfig = s.parse()?;
         d.path = saved.cwd.join(&d.path);
+        // Restores never write the image (`,snapshot` by default): every restore starts
+        // from the same disk, and many can use it at once. A disk that was `,snapshot`
+        // when saved has its overlay in DIR.
+        if !d.read_only {
+            d.snapshot = true;
+        }
+        let layer = snap.dir.join(crate::machine::layer_name(index));
+        if crate::devices::layer_files(&layer).1.exists() {
+            d.layer = Some(layer);
+        }
         Ok(d)
     };
-    let disks = saved.specs.disks.iter().map(parsed).collect::<Result<Vec<_>, _>>()?;
+    let disks = saved.specs.disks.iter().enumerate().map(parsed).collect::<Result<Vec<_>, _>>()?;
     let nets = saved
         .specs
         .nets

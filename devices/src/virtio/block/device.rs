@@ -149,6 +149,12 @@ impl Block {
         self.disk.overlay()
     }
 
+    /// The disk, shared with the data plane: the VMM keeps it to save a `,snapshot` disk's
+    /// overlay with the VM.
+    pub fn disk(&self) -> Arc<Disk> {
+        self.disk.clone()
+    }
+
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
         self.base.acked_features()
