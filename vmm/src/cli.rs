@@ -124,7 +124,8 @@ pub struct Cli {
 
     /// Start from a snapshot taken with --snapshot-to instead of booting: guest memory is
     /// mapped copy-on-write from DIR, the command goes to the waiting init, microvm exits
-    /// with its status. The VM's shape (CPUs, memory, disks, NICs) is the snapshot's.
+    /// with its status. The VM's shape (CPUs, memory, disks, NICs) is the snapshot's; its
+    /// writable disks get a private overlay (as ,snapshot): the images never change.
     /// Example: microvm --restore /tmp/booted -- make -C /src test
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disk", "net", "share", "snapshot_to", "no_quirks", "cpus", "memory", "kconfig"])]
     pub restore: Option<PathBuf>,
