@@ -36,8 +36,8 @@
 //!
 //! [`Overlay::save`] writes the chunks the guest has written so far (upper and saved layer
 //! merged, so saved layers never chain) to a sparse data file and their map to a small
-//! versioned, CRC-checked file ([`saved`]); [`Overlay::restore`] stacks such a pair on the base
-//! as the read-only lower, with a fresh private upper on top.
+//! versioned, CRC-checked file (format in `overlay/saved.rs`); [`Overlay::restore`] stacks
+//! such a pair on the base as the read-only lower, with a fresh private upper on top.
 
 mod saved;
 #[cfg(test)]
@@ -274,7 +274,8 @@ impl std::fmt::Debug for Overlay {
             .field("len", &self.len)
             .field("base_len", &self.lower.base_id.len)
             .field("saved", &self.lower.saved.as_ref().map(|s| &s.map))
-            .field("upper", &lock(&self.upper).map)
+            // try_lock: never wait (or deadlock) for a log line.
+            .field("upper", &self.upper.try_lock().map(|u| u.map.count()).ok())
             .finish()
     }
 }
@@ -460,7 +461,7 @@ impl Overlay {
 
     /// Saves what the guest wrote (this overlay's upper and the saved layer it was restored
     /// from, merged) for [`restore`](Self::restore): the chunks to `data`, a sparse file as long as
-    /// the disk, and their map to `map` (see [`saved`] for the format). Both files are created
+    /// the disk, and their map to `map` (format in `overlay/saved.rs`). Both files are created
     /// or truncated, written and fsynced; making the pair appear atomically (a temporary
     /// directory renamed into place) is the caller's part. Writes wait meanwhile; call it
     /// with the VM paused so the guest's view and the saved layer agree.
