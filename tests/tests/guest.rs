@@ -184,11 +184,8 @@ fn guest_snapshot_disks_forget_writes_at_exit() {
         .map(String::from)
         .to_vec()
     };
-    // This host's PVM sometimes starts a guest process with a broken TLS base (a segfault
-    // at its first TLS access, seen as "exe[N]: segfault at 0"), whatever it runs. So every
-    // command is retried, and with pipefail a crash in a pipeline is never read as its result.
-    let check = "set -o pipefail; \
-         check() { n=$1; shift; for i in 1 2 3; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; ";
+    // Every command retried: see SH_CHECK.
+    let check = microvm_tests::SH_CHECK;
     let first = format!(
         "{check} echo first-run >/snapfile; check SYNC sync; check SNAPFILE cat /snapfile; \
          check VDA_RO cat /sys/block/vda/ro; check VDB_RO cat /sys/block/vdb/ro; \

@@ -469,9 +469,10 @@ fn restored_guest_keeps_its_lease_and_nat() {
         vec!["--restore".into(), s(&snap), "--".into(), "sh".into(), "-c".into(), cmd.into()]
     };
     let probe = format!(
-        "echo ADDR=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); \
-         echo MAC=$(cat /sys/class/net/eth0/address); \
-         echo FETCH=$(timeout 20 wget -q -O - http://{INTERNET_ADDR}/hello.txt)"
+        "{} check ADDR \"ip -4 -o addr show eth0 | awk '{{print \\$4}}'\"; \
+         check MAC cat /sys/class/net/eth0/address; \
+         check FETCH timeout 20 wget -q -O - http://{INTERNET_ADDR}/hello.txt",
+        microvm_tests::SH_CHECK
     );
     let first = world.run("snap-r1", &restore_args(&probe), BOOT_TIMEOUT);
     assert_eq!(first.code(), 0, "{first:?}");

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use microvm_tests::{guest_with_own_rootfs, microvm_bin, run_microvm, scratch_dir, Run};
+use microvm_tests::{guest_with_own_rootfs, microvm_bin, run_microvm, scratch_dir, Run, SH_CHECK};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -39,11 +39,11 @@ fn snapshot_once_restore_many_times() {
     // The boot's identity, as the saved guest knows it: the kernel log's timestamp (in µs)
     // of a line printed during boot, the same in every restore of one snapshot (a second
     // boot would print it at another time).
-    let boot_id = |r: &Run| r.stdout.lines().find_map(|l| l.strip_prefix("BOOT=")).map(str::to_string);
+    let boot_id = |r: &Run| r.stdout.lines().find_map(|l| l.strip_prefix("BOOT=")).filter(|b| *b != "FAILED").map(str::to_string);
     let mut ids = Vec::new();
     for (i, status) in [0, 3, 7, 42, 255].into_iter().enumerate() {
         let script = format!(
-            "echo BOOT=$(dmesg | grep -m1 'Freeing unused kernel'); echo run {i}; \
+            "{SH_CHECK} check BOOT \"dmesg | grep -m1 'Freeing unused kernel'\"; echo run {i}; \
              test -e /left-by-a-restore && echo SAW_EARLIER_WRITE; echo {i} > /left-by-a-restore; sync; exit {status}"
         );
         let t = Instant::now();
