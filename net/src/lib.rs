@@ -33,6 +33,7 @@ mod nft;
 mod spec;
 mod state;
 mod tap;
+mod thread_hook;
 
 pub use attach::{attach, Attachment};
 pub use bridge::BridgeError;
@@ -45,4 +46,5 @@ pub use spec::{
     TAP_PREFIX,
 };
 pub use state::{StateError, RUN_DIR_ENV};
+pub use thread_hook::{set_thread_start_hook, HookError, ThreadStartHook};
 pub use tap::{set_offload as set_tap_offload, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};

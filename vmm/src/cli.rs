@@ -67,6 +67,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_quirks: bool,
 
+    /// Run without seccomp filters (for debugging with strace or gdb, or when a host's libc
+    /// makes a system call microvm's filters do not list). Example: --no-seccomp
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Command to run in the guest instead of a shell (the guest init must support
     /// microvm.cmd=, as resources/guest/init does). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
@@ -90,6 +95,7 @@ impl Cli {
             nets: self.net.into_iter().filter(|n| n != "none").collect(),
             quirks: !self.no_quirks,
             command: self.command,
+            seccomp: !self.no_seccomp,
         })
     }
 }

@@ -94,6 +94,8 @@ pub struct VmConfig {
     pub quirks: bool,
     /// Command to run in the guest (handed to the guest init via `microvm.cmd=`).
     pub command: Vec<String>,
+    /// Confine each thread with its seccomp filter (see `seccomp`); off only for debugging.
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -108,6 +110,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             quirks: true,
             command: Vec::new(),
+            seccomp: true,
         }
     }
 }

@@ -16,6 +16,8 @@ pub mod layout;
 pub mod memory;
 pub mod nics;
 pub mod quirks;
+pub mod seccomp;
+pub mod teardown;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

@@ -17,13 +17,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    // A bug must not leave the terminal raw or the VM half-alive: restore the terminal,
-    // report, and exit 1 (whichever thread panicked).
+    // A bug must not leave the terminal raw, the VM half-alive or its network behind:
+    // restore the terminal, report, tear the network down, and exit 1 (whichever thread
+    // panicked).
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         vmm::terminal::restore_now();
         default_hook(info);
-        std::process::exit(code::VM_FAILURE);
+        vmm::teardown::exit_with_teardown(code::VM_FAILURE);
     }));
 
     let cli = Cli::parse();

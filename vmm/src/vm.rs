@@ -8,6 +8,7 @@ use devices::legacy::{ConsoleWriter, ExitDevice, SerialDevice, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
+use seccompiler::BpfProgram;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +20,7 @@ use crate::exit::{code, ExitReason, ExitSignal};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::virtio::{VirtioError, VirtioSlots};
 
@@ -50,6 +52,8 @@ pub enum VmError {
     Virtio(#[from] VirtioError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot set up {what}")]
     Io {
         what: &'static str,
@@ -114,9 +118,12 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let mut mmio = Bus::default();
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
+    // Filters are compiled up front; each thread installs its own (see seccomp.rs).
+    let filters = config.seccomp.then(Filters::new).transpose()?;
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // Dropped when run() returns: TAPs and (last-user) networks are torn down then.
-    let _nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
+    let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
+    // Owns the NICs and tears them down at exit (or when run() returns early), unfiltered.
+    let teardown = crate::teardown::Teardown::spawn(nics).map_err(io_err("teardown thread"))?;
 
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, &virtio.cmdline_entries()))?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
@@ -130,12 +137,18 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let mut threads = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone())?;
+        let filter = filters.as_ref().map(|f| f.vcpu.clone());
+        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), filter)?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
 
+    // Setup is over: from here on the main thread only runs the event loop.
+    if let Some(f) = &filters {
+        crate::seccomp::apply(ThreadKind::EventLoop, &f.event_loop)?;
+        crate::seccomp::test_forbidden_call(ThreadKind::EventLoop);
+    }
     let reason = loop {
         if let Some(reason) = exit.get() {
             break reason;
@@ -143,7 +156,31 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    teardown.finish();
     Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
+}
+
+/// The compiled filters of the threads `run` starts, and the SIGSYS reporter. The DHCP
+/// threads get theirs through net's thread-start hook.
+struct Filters {
+    vcpu: Arc<BpfProgram>,
+    event_loop: BpfProgram,
+}
+
+impl Filters {
+    fn new() -> Result<Filters, VmError> {
+        crate::seccomp::install_handler()?;
+        let dhcp = crate::seccomp::compile(ThreadKind::Dhcp)?;
+        net::set_thread_start_hook(Box::new(move |_kind| {
+            crate::seccomp::apply(ThreadKind::Dhcp, &dhcp)?;
+            crate::seccomp::test_forbidden_call(ThreadKind::Dhcp);
+            Ok(())
+        }));
+        Ok(Filters {
+            vcpu: Arc::new(crate::seccomp::compile(ThreadKind::Vcpu)?),
+            event_loop: crate::seccomp::compile(ThreadKind::EventLoop)?,
+        })
+    }
 }
 
 fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {

@@ -45,6 +45,12 @@ pub enum DhcpError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot confine the DHCP server thread for network {network}")]
+    ThreadStart {
+        network: String,
+        #[source]
+        source: crate::HookError,
+    },
 }
 
 /// What a network's DHCP server needs.
@@ -92,10 +98,32 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
     let macs: OwnedMacs = Arc::new(Mutex::new(HashMap::from([(mac, 1)])));
     let stop = Arc::new(AtomicBool::new(false));
     let (m, s, name) = (macs.clone(), stop.clone(), net.name.clone());
+    // The thread runs the start hook (microvm's seccomp filter) before it reads a packet,
+    // and reports the hook's result here so a failure fails `attach`.
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(format!("dhcp-{}", net.name))
-        .spawn(move || server::serve(sock, name, params, leases, m, s))
+        .spawn(move || {
+            let hooked = crate::thread_hook::run("dhcp");
+            let ok = hooked.is_ok();
+            let _ = started_tx.send(hooked);
+            if ok {
+                server::serve(sock, name, params, leases, m, s);
+            }
+        })
         .map_err(|source| DhcpError::Spawn { network: net.name.clone(), source })?;
+    let hook_err = |source| DhcpError::ThreadStart { network: net.name.clone(), source };
+    match started_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(hook_err(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(hook_err("the thread ended before starting".into()));
+        }
+    }
     map.insert(net.name.clone(), Running { macs, stop, thread: Some(thread) });
     Ok(DhcpRegistration { network: net.name.clone(), mac })
 }
