@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::spec::{MacAddr, Subnet};
 use lease::LeaseFile;
@@ -148,14 +149,31 @@ impl Drop for DhcpRegistration {
         if now_empty {
             running.stop.store(true, Ordering::Relaxed);
             if let Some(t) = running.thread.take() {
-                if t.join().is_err() {
-                    tracing::warn!(network = %self.network, "DHCP server thread panicked");
-                }
+                stop_thread(t, &self.network);
             }
             map.remove(&self.network);
         }
     }
 }
+
+/// Waits for a stopping server thread (it checks its flag every `server::POLL`). A thread
+/// that does not end in time is left behind rather than blocking teardown: it may be the
+/// thread whose panic or seccomp violation is ending the process, waiting for this very
+/// teardown in its panic hook or SIGSYS handler.
+fn stop_thread(t: JoinHandle<()>, network: &str) {
+    let deadline = Instant::now() + STOP_WAIT;
+    while !t.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !t.is_finished() {
+        tracing::warn!(network, "DHCP server thread did not stop; leaving it");
+    } else if t.join().is_err() {
+        tracing::warn!(network, "DHCP server thread panicked");
+    }
+}
+
+/// How long `stop_thread` waits: a few of the server's stop-flag polls.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
 pub fn server_running(network: &str) -> bool {

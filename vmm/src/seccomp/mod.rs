@@ -31,6 +31,9 @@
 //! 1. The report names the thread and the system call (x86_64 number and name). Check it is
 //!    legitimate: the code path is yours (a new device, a new library call), not a bug.
 //! 2. Reproduce with `--no-seccomp` under `strace -f -e trace=<name>` to see the arguments.
+//!    To collect every missing call of a test in one run (debug builds), set
+//!    `MICROVM_SECCOMP_LOG=1`: denied calls are then allowed and logged by the kernel
+//!    (`dmesg | grep type=1326`: `comm=` is the thread, `syscall=` the number).
 //! 3. Add the call to the thread kind's list in [`rules`] next to a comment saying who needs
 //!    it; narrow it with argument conditions where a number selects the operation (ioctl
 //!    requests, fcntl commands, socket domains, mmap protections), as the existing entries
@@ -97,7 +100,7 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let build = |source| SeccompError::Build { kind, source };
     let filter = SeccompFilter::new(
         kind.rules().map_err(build)?,
-        SeccompAction::Trap,
+        if log_only() { SeccompAction::Log } else { SeccompAction::Trap },
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
@@ -116,6 +119,13 @@ pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError>
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })?;
     tracing::debug!(?kind, thread = std::thread::current().name().unwrap_or("?"), "seccomp filter installed");
     Ok(())
+}
+
+/// Developer aid (debug builds only): `MICROVM_SECCOMP_LOG=1` lets denied calls through
+/// and has the kernel log each (`dmesg | grep type=1326` shows `syscall=NR` and the
+/// thread's `comm`), to collect everything a new code path needs in one run.
+fn log_only() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("MICROVM_SECCOMP_LOG").is_some_and(|v| v == "1")
 }
 
 /// Compiles and installs the filter of `kind` on the calling thread.
