@@ -1,8 +1,9 @@
 //! seccomp: a thread that makes a system call outside its filter ends microvm with a clear
-//! report and exit status 159 (and its network is still torn down); `--no-seccomp` turns
-//! the filters off. The forbidden call is made through microvm's test-only path
-//! (`MICROVM_TEST_FORBIDDEN_SYSCALL`, honoured by debug builds only): the named thread calls
-//! getppid(2) right after installing its filter.
+//! report and exit status 159, and its network is still torn down; a panic in a filtered
+//! thread is still reported and torn down; `--no-seccomp` turns the filters off. Faults are
+//! injected through microvm's test-only path (`MICROVM_TEST_FAULT=THREAD:syscall|panic`,
+//! honoured by debug builds only): right after installing its filter, the thread calls
+//! getppid(2), which no filter allows, or panics.
 
 use std::process::{Command, Stdio};
 
@@ -10,7 +11,7 @@ use microvm_tests::payload::{write_elf, Asm};
 use microvm_tests::world::World;
 use microvm_tests::{microvm_bin, scratch_dir};
 
-const TRIGGER: &str = "MICROVM_TEST_FORBIDDEN_SYSCALL";
+const FAULT: &str = "MICROVM_TEST_FAULT";
 const SECCOMP_EXIT: i32 = 128 + libc::SIGSYS;
 
 fn payload(name: &str, asm: Asm) -> String {
@@ -31,12 +32,10 @@ impl std::fmt::Debug for Out {
     }
 }
 
-/// Runs microvm with `args`; `trigger` names the thread that makes the forbidden call.
-fn run(args: &[&str], trigger: Option<&str>) -> Out {
-    let mut cmd = Command::new(microvm_bin());
-    cmd.args(args).stdin(Stdio::null()).env_remove(TRIGGER);
-    if let Some(t) = trigger {
-        cmd.env(TRIGGER, t);
+fn output(mut cmd: Command, fault: Option<&str>) -> Out {
+    cmd.stdin(Stdio::null()).env_remove(FAULT);
+    if let Some(f) = fault {
+        cmd.env(FAULT, f);
     }
     let out = cmd.output().expect("run microvm");
     Out {
@@ -46,6 +45,21 @@ fn run(args: &[&str], trigger: Option<&str>) -> Out {
     }
 }
 
+/// Runs microvm with `args` and the injected `fault`.
+fn run(args: &[&str], fault: Option<&str>) -> Out {
+    let mut cmd = Command::new(microvm_bin());
+    cmd.args(args);
+    output(cmd, fault)
+}
+
+/// Runs microvm with `args` in the world's host namespace.
+fn run_in(world: &World, args: &[&str], fault: Option<&str>) -> Out {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &world.host.name]).arg(microvm_bin()).args(args);
+    cmd.env("MICROVM_RUN_DIR", &world.run_dir.path);
+    output(cmd, fault)
+}
+
 fn report(thread: &str) -> String {
     format!("microvm: seccomp: thread {thread} made a forbidden system call {} (getppid) at 0x", libc::SYS_getppid)
 }
@@ -53,7 +67,7 @@ fn report(thread: &str) -> String {
 #[test]
 fn vcpu_forbidden_syscall_is_reported_and_ends_the_vm() {
     let k = payload("sc-vcpu", Asm::default().print("guest ran\n").exit(42).halt());
-    let r = run(&["--kernel", &k, "--cpus", "2"], Some("vcpu"));
+    let r = run(&["--kernel", &k, "--cpus", "2"], Some("vcpu:syscall"));
     assert_eq!(r.code, Some(SECCOMP_EXIT), "{r:?}");
     assert!(r.stderr.contains(&report("vcpu-0")), "{r:?}");
     assert_eq!(r.stderr.matches("microvm: seccomp:").count(), 1, "one report: {r:?}");
@@ -64,7 +78,7 @@ fn vcpu_forbidden_syscall_is_reported_and_ends_the_vm() {
 #[test]
 fn event_loop_forbidden_syscall_is_reported_and_ends_the_vm() {
     let k = payload("sc-main", Asm::default().halt());
-    let r = run(&["--kernel", &k], Some("main"));
+    let r = run(&["--kernel", &k], Some("main:syscall"));
     assert_eq!(r.code, Some(SECCOMP_EXIT), "{r:?}");
     assert!(r.stderr.contains(&report("main")), "{r:?}");
 }
@@ -72,36 +86,41 @@ fn event_loop_forbidden_syscall_is_reported_and_ends_the_vm() {
 #[test]
 fn no_seccomp_lets_the_same_call_through() {
     let k = payload("sc-off", Asm::default().print("guest ran\n").exit(42).halt());
-    for trigger in ["vcpu", "main"] {
-        let r = run(&["--kernel", &k, "--no-seccomp"], Some(trigger));
-        assert_eq!(r.code, Some(42), "{trigger}: {r:?}");
-        assert!(r.stdout.contains("guest ran") && !r.stderr.contains("seccomp"), "{trigger}: {r:?}");
+    for fault in ["vcpu:syscall", "main:syscall"] {
+        let r = run(&["--kernel", &k, "--no-seccomp"], Some(fault));
+        assert_eq!(r.code, Some(42), "{fault}: {r:?}");
+        assert!(r.stdout.contains("guest ran") && !r.stderr.contains("seccomp"), "{fault}: {r:?}");
     }
-    // And the filters are on by default: the same payload, no forbidden call, runs.
+    // The filters are on by default, and a VM without faults runs under them.
     let r = run(&["--kernel", &k, "--cpus", "2"], None);
     assert_eq!(r.code, Some(42), "{r:?}");
+    assert!(r.stdout.contains("guest ran"), "{r:?}");
 }
 
-/// The network of a VM killed by its filter is still torn down (by the teardown thread).
+/// The network of a VM ended by its filter is still torn down (by the teardown thread).
 #[test]
 fn seccomp_violation_tears_the_network_down() {
     let world = World::new();
     let k = payload("sc-net", Asm::default().halt());
-    let out = Command::new("ip")
-        .args(["netns", "exec", &world.host.name])
-        .arg(microvm_bin())
-        .args(["--kernel", &k, "--net", "nat:sc", "--net", "host-only:sc2"])
-        .env("MICROVM_RUN_DIR", &world.run_dir.path)
-        .env(TRIGGER, "vcpu")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run microvm");
-    let r = Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let r = run_in(&world, &["--kernel", &k, "--net", "nat:sc", "--net", "host-only:sc2"], Some("vcpu:syscall"));
     assert_eq!(r.code, Some(SECCOMP_EXIT), "{r:?}");
-    assert!(r.stderr.contains("TAP mvtap-") && r.stderr.contains(&report("vcpu-0")), "{r:?}");
+    assert_eq!(r.stderr.matches("TAP mvtap-").count(), 2, "both NICs were up: {r:?}");
+    assert!(r.stderr.contains(&report("vcpu-0")), "{r:?}");
     assert_eq!(world.leftovers(), Vec::<String>::new(), "{r:?}");
+}
+
+/// A panic in a filtered thread: reported (without a backtrace, which would need files),
+/// exit 1, and the network torn down.
+#[test]
+fn panic_in_a_filtered_thread_tears_the_network_down() {
+    let world = World::new();
+    let k = payload("sc-panic", Asm::default().halt());
+    for thread in ["vcpu", "main"] {
+        let fault = format!("{thread}:panic");
+        let r = run_in(&world, &["--kernel", &k, "--net", "nat:scp"], Some(&fault));
+        assert_eq!(r.code, Some(1), "{fault}: {r:?}");
+        assert!(r.stderr.contains("panicked at") && r.stderr.contains(&fault), "{fault}: {r:?}");
+        assert!(r.stderr.contains("no backtrace under seccomp") && !r.stderr.contains("seccomp: thread"), "{fault}: {r:?}");
+        assert_eq!(world.leftovers(), Vec::<String>::new(), "{fault}: {r:?}");
+    }
 }

@@ -18,7 +18,8 @@ Examples:
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
 reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
-instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N.
+instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N;
+159 when a microvm thread made a system call its seccomp filter forbids (reported).
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
 A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers.
 Logs: MICROVM_LOG=info (or debug, trace) on stderr.";

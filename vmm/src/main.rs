@@ -23,7 +23,19 @@ fn main() -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         vmm::terminal::restore_now();
-        default_hook(info);
+        if vmm::seccomp::is_confined() {
+            // The default hook would symbolise a backtrace (RUST_BACKTRACE), opening files
+            // the thread's seccomp filter forbids: report without one.
+            let thread = std::thread::current();
+            let what = info.payload_as_str().unwrap_or("(non-string payload)");
+            let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+            eprintln!(
+                "thread '{}' panicked at {at}:\n{what}\n(no backtrace under seccomp; --no-seccomp gives one)",
+                thread.name().unwrap_or("<unnamed>")
+            );
+        } else {
+            default_hook(info);
+        }
         vmm::teardown::exit_with_teardown(code::VM_FAILURE);
     }));
 

@@ -130,7 +130,7 @@ impl Vcpu {
                     return;
                 }
                 if index == 0 {
-                    crate::seccomp::test_forbidden_call(ThreadKind::Vcpu);
+                    crate::seccomp::test_fault(ThreadKind::Vcpu);
                 }
                 self.run(&mem, &pio, &mmio, &exit)
             })

@@ -147,8 +147,8 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     // Setup is over: from here on the main thread only runs the event loop.
     if let Some(f) = &filters {
         crate::seccomp::apply(ThreadKind::EventLoop, &f.event_loop)?;
-        crate::seccomp::test_forbidden_call(ThreadKind::EventLoop);
     }
+    crate::seccomp::test_fault(ThreadKind::EventLoop);
     let reason = loop {
         if let Some(reason) = exit.get() {
             break reason;
@@ -173,7 +173,6 @@ impl Filters {
         let dhcp = crate::seccomp::compile(ThreadKind::Dhcp)?;
         net::set_thread_start_hook(Box::new(move |_kind| {
             crate::seccomp::apply(ThreadKind::Dhcp, &dhcp)?;
-            crate::seccomp::test_forbidden_call(ThreadKind::Dhcp);
             Ok(())
         }));
         Ok(Filters {

@@ -24,7 +24,7 @@
 //! and [`sigsys`]'s handler prints
 //! `microvm: seccomp: thread vcpu-0 made a forbidden system call 39 (getpid) at 0x...`,
 //! asks the teardown thread to tear the network down, and the process exits with status
-//! 159 (128 + SIGSYS). `rt_sigaction` is in no list, so a filtered thread cannot replace
+//! 159 (128 + SIGSYS, `exit::code::SECCOMP_VIOLATION`). `rt_sigaction` is in no list, so a filtered thread cannot replace
 //! that handler.
 //!
 //! # When a test dies with the seccomp report
@@ -54,8 +54,6 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 use thiserror::Error;
-
-pub use sigsys::EXIT_STATUS;
 
 /// The thread kinds that run under a filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +115,7 @@ pub fn install_handler() -> Result<(), SeccompError> {
 pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     sigsys::remember_thread_name();
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })?;
+    sigsys::CONFINED.with(|c| c.set(true));
     tracing::debug!(?kind, thread = std::thread::current().name().unwrap_or("?"), "seccomp filter installed");
     Ok(())
 }
@@ -128,25 +127,40 @@ fn log_only() -> bool {
     cfg!(debug_assertions) && std::env::var_os("MICROVM_SECCOMP_LOG").is_some_and(|v| v == "1")
 }
 
+/// Whether the calling thread runs under a filter (then a panic report must not capture a
+/// backtrace: symbolising it opens files, which no filter allows).
+pub fn is_confined() -> bool {
+    sigsys::CONFINED.with(|c| c.get())
+}
+
 /// Compiles and installs the filter of `kind` on the calling thread.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     apply(kind, &compile(kind)?)
 }
 
-/// Test-only path (debug builds): `MICROVM_TEST_FORBIDDEN_SYSCALL=vcpu` makes vCPU 0 call
-/// getppid(2), which no list allows, right after installing its filter; the process must
-/// die with the seccomp report. Release builds ignore the variable.
-pub fn test_forbidden_call(kind: ThreadKind) {
+/// Test-only path (debug builds; release builds ignore the variable), run right after a
+/// thread installs its filter: `MICROVM_TEST_FAULT=vcpu:syscall` makes vCPU 0 call
+/// getppid(2), which no list allows (the process must die with the seccomp report);
+/// `vcpu:panic` makes it panic (the panic hook must still report and tear down). `main:`
+/// does the same on the event loop thread.
+pub fn test_fault(kind: ThreadKind) {
     if !cfg!(debug_assertions) {
         return;
     }
-    let wanted = match kind {
+    let thread = match kind {
         ThreadKind::Vcpu => "vcpu",
         ThreadKind::EventLoop => "main",
-        ThreadKind::Dhcp => "dhcp",
+        ThreadKind::Dhcp => return,
     };
-    if std::env::var("MICROVM_TEST_FORBIDDEN_SYSCALL").is_ok_and(|v| v == wanted) {
+    let Ok(fault) = std::env::var("MICROVM_TEST_FAULT") else {
+        return;
+    };
+    match fault.strip_prefix(thread).and_then(|f| f.strip_prefix(':')) {
         // SAFETY: getppid has no arguments and no side effects.
-        unsafe { libc::syscall(libc::SYS_getppid) };
+        Some("syscall") => unsafe {
+            libc::syscall(libc::SYS_getppid);
+        },
+        Some("panic") => panic!("test fault requested by MICROVM_TEST_FAULT={fault}"),
+        _ => {}
     }
 }

@@ -107,6 +107,10 @@ fn common() -> Result<List> {
 /// virtio-mmio registers; activation hands the queues to the event loop).
 pub(super) fn vcpu() -> Result<Rules> {
     let mut l = common()?;
+    // virtio-mmio reset drains the queue eventfds; activation duplicates them for the
+    // device's handler (std's try_clone is fcntl(F_DUPFD_CLOEXEC)).
+    l.any(&[libc::SYS_read]);
+    l.when(libc::SYS_fcntl, vec![eq(1, libc::F_DUPFD_CLOEXEC as u64)?])?;
     for request in [kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS(), kvm::KVM_TRANSLATE()] {
         // KVM_RUN; the others only for the SIGUSR1 register dump and fault reports.
         l.when(libc::SYS_ioctl, vec![eq(1, request)?])?;

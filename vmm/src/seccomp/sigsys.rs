@@ -9,16 +9,14 @@ use std::cell::Cell;
 
 use libc::{c_int, c_void, siginfo_t};
 
-/// Exit status after a denied system call: 128 + SIGSYS, as a shell reports a process
-/// killed by that signal.
-pub const EXIT_STATUS: i32 = 128 + libc::SIGSYS;
-
 /// `si_code` of a SIGSYS raised by a seccomp filter (SYS_SECCOMP in asm-generic/siginfo.h).
 const SYS_SECCOMP: c_int = 1;
 
 const NAME_MAX: usize = 32;
 
 thread_local! {
+    /// Whether this thread runs under a filter.
+    pub(super) static CONFINED: Cell<bool> = const { Cell::new(false) };
     /// This thread's name, NUL-padded; const-initialised and without a destructor, so
     /// reading it is a plain TLS access (safe in a signal handler).
     static THREAD_NAME: Cell<[u8; NAME_MAX]> = const { Cell::new([0; NAME_MAX]) };
@@ -78,7 +76,7 @@ extern "C" fn handle_sigsys(num: c_int, info: *mut siginfo_t, _ctx: *mut c_void)
         msg.push(b"microvm: received SIGSYS from outside seccomp\n");
     }
     msg.write_to_stderr();
-    crate::teardown::exit_with_teardown(EXIT_STATUS);
+    crate::teardown::exit_with_teardown(crate::exit::code::SECCOMP_VIOLATION);
 }
 
 /// A fixed-size message built without allocating.
