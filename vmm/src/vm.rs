@@ -118,7 +118,7 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
     let mut mmio = Bus::default();
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
-    // Filters are compiled up front; each thread installs its own (see seccomp.rs).
+    // Filters are compiled up front; each thread installs its own (see seccomp/mod.rs).
     let filters = config.seccomp.then(Filters::new).transpose()?;
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config)?;
@@ -169,16 +169,19 @@ struct Filters {
 
 impl Filters {
     fn new() -> Result<Filters, VmError> {
+        let started = std::time::Instant::now();
         crate::seccomp::install_handler()?;
         let dhcp = crate::seccomp::compile(ThreadKind::Dhcp)?;
         net::set_thread_start_hook(Box::new(move |_kind| {
             crate::seccomp::apply(ThreadKind::Dhcp, &dhcp)?;
             Ok(())
         }));
-        Ok(Filters {
+        let filters = Filters {
             vcpu: Arc::new(crate::seccomp::compile(ThreadKind::Vcpu)?),
             event_loop: crate::seccomp::compile(ThreadKind::EventLoop)?,
-        })
+        };
+        tracing::debug!(elapsed = ?started.elapsed(), "seccomp filters compiled");
+        Ok(filters)
     }
 }
 

@@ -111,6 +111,8 @@ pub(super) fn vcpu() -> Result<Rules> {
     // device's handler (std's try_clone is fcntl(F_DUPFD_CLOEXEC)).
     l.any(&[libc::SYS_read]);
     l.when(libc::SYS_fcntl, vec![eq(1, libc::F_DUPFD_CLOEXEC as u64)?])?;
+    // virtio-net activation and reset set the TAP's offloads to what the guest acked.
+    l.when(libc::SYS_ioctl, vec![eq(1, TUNSETOFFLOAD)?])?;
     for request in [kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS(), kvm::KVM_TRANSLATE()] {
         // KVM_RUN; the others only for the SIGUSR1 register dump and fault reports.
         l.when(libc::SYS_ioctl, vec![eq(1, request)?])?;
@@ -118,8 +120,9 @@ pub(super) fn vcpu() -> Result<Rules> {
     Ok(l.0)
 }
 
-/// `main` after setup: the event loop (epoll), stdin and the signalfd, virtio-blk disk
-/// I/O, virtio-net TAP I/O, rate-limiter timers, and kicking vCPUs for register dumps.
+/// `main` after setup: the event loop (epoll; device handlers are added and removed when
+/// the guest activates or resets a device), stdin and the signalfd, virtio-blk disk I/O,
+/// virtio-net TAP I/O, rate-limiter timers, and kicking vCPUs for register dumps.
 pub(super) fn event_loop() -> Result<Rules> {
     let mut l = common()?;
     l.any(&[
@@ -140,8 +143,6 @@ pub(super) fn event_loop() -> Result<Rules> {
         // Rate limiters re-arm their timerfds.
         libc::SYS_timerfd_settime,
     ]);
-    // virtio-net: the guest's negotiated offloads go to the TAP.
-    l.when(libc::SYS_ioctl, vec![eq(1, TUNSETOFFLOAD)?])?;
     // SIGUSR1 register dump: kick each vCPU thread with SIGRTMIN.
     l.when(libc::SYS_tgkill, vec![eq(2, vmm_sys_util::signal::SIGRTMIN() as u64)?])?;
     Ok(l.0)
