@@ -124,3 +124,41 @@ fn panic_in_a_filtered_thread_tears_the_network_down() {
         assert_eq!(world.leftovers(), Vec::<String>::new(), "{fault}: {r:?}");
     }
 }
+
+/// The DHCP thread works under its filter: a DHCP client on a veth in the VM's bridge
+/// (standing in for the guest, whose MAC it takes) gets a lease (socket I/O, lease file
+/// open/flock/rewrite/sync), and microvm then stops on SIGTERM, not on a violation.
+#[test]
+fn dhcp_thread_serves_under_its_filter() {
+    let world = World::new();
+    let k = payload("sc-dhcp", Asm::default().halt());
+    let mac = "52:54:00:5c:0d:01";
+    let dir = scratch_dir("sc-dhcp-run");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &world.host.name])
+        .arg(microvm_bin())
+        .args(["--kernel", &k, "--net", &format!("host-only:scd,mac={mac}")])
+        .env("MICROVM_RUN_DIR", &world.run_dir.path)
+        .env_remove(FAULT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .expect("spawn microvm");
+    let up = microvm_tests::netns::wait_until(30, || world.host.try_sh("ip link show dev mvbr-scd"));
+    assert!(up, "network never came up");
+    world.host.sh(&format!(
+        "ip link add scd-a type veth peer name scd-b && ip link set scd-a master mvbr-scd up && \
+         ip link set scd-b address {mac} up"
+    ));
+    let dhcp = world.host.sh("busybox udhcpc -i scd-b -n -q -t 5 -T 2 -s /bin/true 2>&1");
+    // SAFETY: kill(2) on our child (`ip netns exec` execs microvm itself).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait for microvm");
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert!(dhcp.contains("obtained"), "no lease: {dhcp}\n{stderr}");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+    world.host.sh("ip link del scd-a");
+    assert_eq!(world.leftovers(), Vec::<String>::new(), "{stderr}");
+}
