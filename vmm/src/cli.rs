@@ -29,7 +29,8 @@ Option values: SIZE is binary (4G = 4 GiB; K, M, G, T). RATE is per second: byte
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
 reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
-instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N.
+instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N;
+159 when a microvm thread made a system call its seccomp filter forbids (reported).
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
 A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers (RIP
 named from the kernel's System.map when one is in the --kernel tree or beside the image).
@@ -95,6 +96,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_quirks: bool,
 
+    /// Run without seccomp filters (for debugging with strace or gdb, or when a host's libc
+    /// makes a system call microvm's filters do not list). Example: --no-seccomp
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Command to run in the guest instead of a shell, under microvm's own init (on any
     /// --disk root, or the host's files without one). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
@@ -121,6 +127,7 @@ impl Cli {
             shares: self.share.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             quirks: !self.no_quirks,
             command: self.command,
+            seccomp: !self.no_seccomp,
         })
     }
 }

@@ -15,6 +15,8 @@ pub mod code {
     pub const USAGE: i32 = 2;
     /// The guest kernel panicked (seen on the console) and reset.
     pub const GUEST_PANIC: i32 = 101;
+    /// A microvm thread made a system call its seccomp filter forbids (128 + SIGSYS).
+    pub const SECCOMP_VIOLATION: i32 = 128 + libc::SIGSYS;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use seccompiler::BpfProgram;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -15,6 +16,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::pause::{PauseHandle, Resume};
 use crate::symbols::Symbols;
+use crate::seccomp::ThreadKind;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -48,6 +50,12 @@ pub enum VcpuError {
         what: &'static str,
         #[source]
         source: kvm_ioctls::Error,
+    },
+    #[error("cannot confine the thread of vCPU {index}")]
+    Seccomp {
+        index: u8,
+        #[source]
+        source: crate::seccomp::SeccompError,
     },
     #[error("cannot spawn the thread for vCPU {index}")]
     Spawn {
@@ -114,7 +122,8 @@ impl Vcpu {
         self
     }
 
-    /// Runs the vCPU on its own thread until the VM exits.
+    /// Runs the vCPU on its own thread until the VM exits. With a `filter`, the thread
+    /// installs it before the first KVM_RUN; the call returns once it is installed.
     pub fn spawn(
         self,
         mem: GuestMemoryMmap,
@@ -122,13 +131,31 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
         symbols: Arc<Symbols>,
+        filter: Option<Arc<BpfProgram>>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         crate::debug::install_kick_handler();
-        std::thread::Builder::new()
+        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
             .name(format!("vcpu-{index}"))
-            .spawn(move || self.run(&mem, &pio, &mmio, &exit, &symbols))
-            .map_err(|source| VcpuError::Spawn { index, source })
+            .spawn(move || {
+                let confined = filter.map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Vcpu, &f));
+                let ok = confined.is_ok();
+                let _ = confined_tx.send(confined);
+                if !ok {
+                    return;
+                }
+                if index == 0 {
+                    crate::seccomp::test_fault(ThreadKind::Vcpu);
+                }
+                self.run(&mem, &pio, &mmio, &exit, &symbols)
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        match confined_rx.recv() {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(source)) => Err(VcpuError::Seccomp { index, source }),
+            Err(_) => Err(VcpuError::Spawn { index, source: std::io::Error::other("the vCPU thread ended at start") }),
+        }
     }
 
     fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal, symbols: &Symbols) {

@@ -19,6 +19,7 @@ use crate::guestinit::{self, GuestInitError, Root};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::virtio::{VirtioError, VirtioSlots};
 
@@ -51,6 +52,8 @@ pub enum VmError {
     GuestInit(#[from] GuestInitError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot set up {what}")]
     Io {
         what: &'static str,
@@ -129,16 +132,22 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let mut mmio = Bus::default();
     let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
 
-    // One virtiofsd per share, stopped by `release()` below (or on drop, on error paths).
+    // Filters are compiled up front; each thread installs its own (see seccomp/mod.rs).
+    let filters = config.seccomp.then(crate::seccomp::Filters::new).transpose()?;
+    // One virtiofsd per share, stopped by the teardown thread (or on drop, on error paths).
     let (daemons, conns) = match &virtiofsd {
         Some(bin) => crate::share::Shares::start(&shares, bin)?,
         None => (crate::share::Shares::none(), Vec::new()),
     };
+    let share_watch = daemons.watcher(exit.clone())?;
     let fs_devices = shares.iter().map(|s| s.tag.clone()).zip(conns).collect();
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
-    // early error return, their Drop does it.
+    // On an early error return, their Drop releases them (TAPs, networks whose last user
+    // this VM is).
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
+    // From here the unfiltered teardown thread owns them and releases them in order at exit
+    // (or when this function returns early, or after a panic or seccomp violation).
+    let teardown = crate::teardown::Teardown::spawn(nics, daemons).map_err(io_err("teardown thread"))?;
 
     let mounts = guest_mounts(&shares);
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
@@ -154,13 +163,19 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
     let mut threads = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone())?;
+        let filter = filters.as_ref().map(|f| f.vcpu.clone());
+        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone(), filter)?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
-    event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
+    event_manager.add_subscriber(Arc::new(Mutex::new(share_watch)));
 
+    // Setup is over: from here on the main thread only runs the event loop.
+    if let Some(f) = &filters {
+        crate::seccomp::apply(ThreadKind::EventLoop, &f.event_loop)?;
+    }
+    crate::seccomp::test_fault(ThreadKind::EventLoop);
     let reason = loop {
         if let Some(reason) = exit.get() {
             break reason;
@@ -168,9 +183,9 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
-    // Ordered teardown: the NICs' host side (TAPs, networks), then the virtiofsd daemons.
-    crate::nics::release_all(nics);
-    daemons.release();
+    // Ordered teardown, on the teardown thread: the NICs' host side (TAPs, networks), then
+    // the virtiofsd daemons.
+    teardown.finish();
     Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
 }
 

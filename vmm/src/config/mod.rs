@@ -99,6 +99,8 @@ pub struct VmConfig {
     pub quirks: bool,
     /// Command to run in the guest (by microvm's own init, see guestinit.rs).
     pub command: Vec<String>,
+    /// Confine each thread with its seccomp filter (see `seccomp`); off only for debugging.
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -114,6 +116,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             quirks: true,
             command: Vec::new(),
+            seccomp: true,
         }
     }
 }
