@@ -93,6 +93,12 @@ impl Teardown {
             }
             WAKE_FD.store(-1, Ordering::SeqCst);
         }
+        // A panic or seccomp violation elsewhere is ending the process with its own status
+        // (e.g. the emergency path killed virtiofsd, which ended this VM's event loop):
+        // leave the exit to it rather than race it with this VM's status.
+        while ABNORMAL.load(Ordering::SeqCst) {
+            std::thread::park();
+        }
     }
 }
 

@@ -79,6 +79,8 @@ fn common() -> Result<List> {
         // Return from the SIGRTMIN kick and other handlers; glibc masks signals at thread
         // exit; Rust's thread exit disables its alternate signal stack.
         libc::SYS_rt_sigreturn,
+        // A blocking call (poll, futex, nanosleep) resumed after a signal handler.
+        libc::SYS_restart_syscall,
         libc::SYS_rt_sigprocmask,
         libc::SYS_sigaltstack,
         // tracing to stderr, eventfd signalling (interrupts, the exit event), console output.
