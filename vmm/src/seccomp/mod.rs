@@ -5,14 +5,14 @@
 //!
 //! | thread kind    | runs                                                  | filter installed      |
 //! |----------------|-------------------------------------------------------|-----------------------|
-//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, virtio-mmio) | at thread start, before the first KVM_RUN |
-//! | `main`         | the event loop: virtio-blk/net queues, TAP and disk I/O, stdin, signals | after all setup, right before the event loop |
-//! | `dhcp-NAME`    | the DHCP responder (net crate): UDP socket, lease file | at thread start (through `net::set_thread_start_hook`) |
-//! | `teardown`     | nothing until exit; then TAP/bridge/nft teardown      | **none** (see below)  |
+//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, virtio-mmio; device activation and reset, including virtio-fs's vhost-user messages to virtiofsd) | at thread start, before the first KVM_RUN |
+//! | `main`         | the event loop: virtio-blk/net/rng/console queues, TAP and disk I/O, stdin, signals, the virtiofsd watcher (pidfd) | after all setup, right before the event loop |
+//! | `dhcp-NAME`    | the DHCP responder (net crate): UDP socket, stop eventfd, lease file | at thread start (through `net::set_thread_start_hook`) |
+//! | `teardown`     | nothing until exit; then the ordered release (TAPs/bridges/nft, then virtiofsd) | **none** (see below)  |
 //!
 //! The lists themselves are in [`rules`]; each entry says who needs it.
 //!
-//! Teardown (rtnetlink, `nft` fork+exec, removing state files) needs exactly what a
+//! Teardown (rtnetlink, `nft` fork+exec, stopping virtiofsd, removing state files) needs exactly what a
 //! hostile guest must not get, and an exec'd `nft` would inherit any filter of its parent
 //! thread. So it runs on the `teardown` thread ([`crate::teardown`]), started before any
 //! filter is installed; it blocks in read(2) on an eventfd until the VM exits, the process
@@ -23,7 +23,7 @@
 //! kernel raises SIGSYS in the offending thread (it can be neither blocked nor ignored),
 //! and [`sigsys`]'s handler prints
 //! `microvm: seccomp: thread vcpu-0 made a forbidden system call 39 (getpid) at 0x...`,
-//! asks the teardown thread to tear the network down, and the process exits with status
+//! asks the teardown thread to tear the network and the virtiofsd daemons down, and the process exits with status
 //! 159 (128 + SIGSYS, `exit::code::SECCOMP_VIOLATION`). `rt_sigaction` is in no list, so a filtered thread cannot replace
 //! that handler.
 //!
