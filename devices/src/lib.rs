@@ -8,6 +8,10 @@ pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;
 
+/// Entry points for the cargo-fuzz targets in `devices/fuzz` (feature `fuzzing`); not API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 /// An error and its causes on one line, "outer: cause: root cause" (logs and CLI messages).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

@@ -152,27 +152,39 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
         NetMode::Bridge { bridge } => {
             let rtnl = Rtnl::new()?;
             let br = rtnl.existing_bridge(bridge)?;
-            let (tap, tap_cleanup) = network::create_tap(&rtnl, None)?;
+            // Only the MAC is enforced: addresses on a foreign bridge are not ours to know.
+            let (tap, tap_cleanup) = network::create_tap(&rtnl, None, mac, None)?;
             rtnl.set_master(tap.index(), tap.name(), br.index)?;
             tracing::info!(tap = tap.name(), bridge, %mac, "attached TAP to bridge");
             let host = HostSide { dhcp: None, tap, tap_cleanup: Some(tap_cleanup), membership: None };
             Ok(Attachment::new(host, mac, None, Some(bridge.clone())))
         }
-        NetMode::Nat { name, subnet, uplink, tap } => join(NetKind::Nat, name, *subnet, uplink.as_deref(), tap.as_deref(), mac, vm_id),
-        NetMode::HostOnly { name, subnet, tap } => join(NetKind::HostOnly, name, *subnet, None, tap.as_deref(), mac, vm_id),
+        NetMode::Nat { name, subnet, uplink, tap, allow_host } => join(JoinRequest {
+            kind: NetKind::Nat,
+            name,
+            subnet: *subnet,
+            uplink: uplink.as_deref(),
+            tap: tap.as_deref(),
+            mac,
+            vm_id,
+            allow_host: *allow_host,
+        }),
+        NetMode::HostOnly { name, subnet, tap, allow_host } => join(JoinRequest {
+            kind: NetKind::HostOnly,
+            name,
+            subnet: *subnet,
+            uplink: None,
+            tap: tap.as_deref(),
+            mac,
+            vm_id,
+            allow_host: *allow_host,
+        }),
     }
 }
 
-fn join(
-    kind: NetKind,
-    name: &str,
-    subnet: Option<Subnet>,
-    uplink: Option<&str>,
-    tap: Option<&str>,
-    mac: MacAddr,
-    vm_id: &str,
-) -> Result<Attachment, NetError> {
-    let j = network::join(&JoinRequest { kind, name, subnet, uplink, tap, mac, vm_id })?;
+fn join(req: JoinRequest<'_>) -> Result<Attachment, NetError> {
+    let (name, mac) = (req.name, req.mac);
+    let j = network::join(&req)?;
     let host = HostSide { dhcp: Some(j.dhcp), tap: j.tap, tap_cleanup: Some(j.tap_cleanup), membership: Some(j.membership) };
     Ok(Attachment::new(host, mac, Some((name.to_string(), j.subnet)), Some(j.bridge)))
 }

@@ -247,6 +247,8 @@ pub(crate) struct NetworkRecord {
     pub kind: NetKind,
     pub subnet: Subnet,
     pub uplink: Option<String>,
+    /// Guests may connect to the host (`allow-host`); fixed when the network is created.
+    pub allow_host: bool,
 }
 
 impl NetworkRecord {
@@ -255,12 +257,15 @@ impl NetworkRecord {
         if let Some(u) = &self.uplink {
             s += &format!("uplink={u}\n");
         }
+        if self.allow_host {
+            s += "allow-host=yes\n";
+        }
         s
     }
 
     /// Parses the file; `Err(line)` names the offending line.
     pub fn parse(text: &str) -> Result<NetworkRecord, String> {
-        let (mut kind, mut subnet, mut uplink) = (None, None, None);
+        let (mut kind, mut subnet, mut uplink, mut allow_host) = (None, None, None, false);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line.split_once('=').ok_or_else(|| line.to_string())?;
             match k {
@@ -271,11 +276,12 @@ impl NetworkRecord {
                     crate::spec::check_ifname("uplink", v).map_err(|_| line.to_string())?;
                     uplink = Some(v.to_string());
                 }
+                "allow-host" if v == "yes" => allow_host = true,
                 _ => return Err(line.to_string()),
             }
         }
         match (kind, subnet) {
-            (Some(kind), Some(subnet)) => Ok(NetworkRecord { kind, subnet, uplink }),
+            (Some(kind), Some(subnet)) => Ok(NetworkRecord { kind, subnet, uplink, allow_host }),
             _ => Err("(missing mode or subnet)".to_string()),
         }
     }
@@ -388,9 +394,9 @@ mod tests {
 
     #[test]
     fn record_round_trip() {
-        let r = NetworkRecord { kind: NetKind::Nat, subnet: Subnet::from_octets(10, 200, 3), uplink: Some("eth0".into()) };
+        let r = NetworkRecord { kind: NetKind::Nat, subnet: Subnet::from_octets(10, 200, 3), uplink: Some("eth0".into()), allow_host: false };
         assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
-        let r = NetworkRecord { kind: NetKind::HostOnly, subnet: Subnet::from_octets(10, 200, 4), uplink: None };
+        let r = NetworkRecord { kind: NetKind::HostOnly, subnet: Subnet::from_octets(10, 200, 4), uplink: None, allow_host: true };
         assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
         assert!(NetworkRecord::parse("mode=nat\n").is_err());
         assert!(NetworkRecord::parse("mode=weird\nsubnet=10.1.1.0/24").is_err());

@@ -132,3 +132,30 @@ pub fn run_microvm_in(cwd: &Path, args: &[&str], timeout: Duration) -> Run {
         elapsed: start.elapsed(),
     }
 }
+
+/// `dir/plain.ext4` (for microvm's own init on a root that knows nothing of microvm): busybox-static and a symlink per applet in /bin, nothing else.
+pub fn busybox_image(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(busybox.exists(), "no /bin/busybox: apt-get install busybox-static");
+    let tree = dir.join("tree");
+    let bin = tree.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(busybox, bin.join("busybox")).unwrap();
+    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let image = dir.join("plain.ext4");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("32M")
+        .status()
+        .expect("run mkfs.ext4 (apt-get install e2fsprogs)");
+    assert!(ok.success(), "mkfs.ext4 failed");
+    for d in ["proc", "sys", "dev", "etc", "sbin", "init"] {
+        assert!(!tree.join(d).exists(), "the image must know nothing of microvm: it has /{d}");
+    }
+    image
+}

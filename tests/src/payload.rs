@@ -67,6 +67,22 @@ impl Asm {
         self
     }
 
+    /// A 16-bit port write: mov dx, port; mov ax, value; out dx, ax.
+    pub fn out16(mut self, port: u16, value: u16) -> Self {
+        self.code.extend_from_slice(&[0x66, 0xba]);
+        self.code.extend_from_slice(&port.to_le_bytes());
+        self.code.extend_from_slice(&[0x66, 0xb8]);
+        self.code.extend_from_slice(&value.to_le_bytes());
+        self.code.extend_from_slice(&[0x66, 0xef]);
+        self
+    }
+
+    /// `jmp $` for ever: a guest that is busy, not halted, and never exits.
+    pub fn spin(mut self) -> Self {
+        self.code.extend_from_slice(&[0xeb, 0xfe]);
+        self
+    }
+
     /// Raw bytes (e.g. an instruction under test).
     pub fn bytes(mut self, b: &[u8]) -> Self {
         self.code.extend_from_slice(b);

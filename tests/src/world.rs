@@ -52,6 +52,9 @@ impl World {
             "--kernel".into(), kernel.display().to_string(),
             "--disk".into(), root.display().to_string(),
             "--cmdline".into(), "quiet".into(),
+            // The console (the init's READY line) and the command's output (the command
+            // channel) in one stream, as the network tests read them.
+            "--console-log".into(), "/dev/stdout".into(),
         ];
         for n in nets {
             args.push("--net".into());
@@ -102,6 +105,9 @@ impl World {
         if self.host.try_sh("nft list table ip microvm") {
             left.push("nft table ip microvm".into());
         }
+        // The bridge table may stay (empty); no TAP's anti-spoofing guard may.
+        let bridge_table = self.host.try_sh("nft list table bridge microvm").then(|| self.host.sh("nft list table bridge microvm"));
+        left.extend(bridge_table.iter().flat_map(|t| t.lines()).filter_map(|l| l.trim().strip_prefix("chain guard-")).map(|c| format!("nft guard {c}")));
         left
     }
 }

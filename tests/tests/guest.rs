@@ -40,12 +40,12 @@ fn guest_boots_sees_its_resources_and_reports_status() {
             "--disk", root.to_str().unwrap(),
             "--disk", &format!("{},size=64M", data.display()),
             "--disk", &format!("{},readonly", ro.display()),
-            "--cmdline", "quiet",
+            "-v", "--cmdline", "quiet",
             "--", "sh", "-c", &script,
         ],
         BOOT_TIMEOUT,
     );
-    assert!(run.stdout.contains("MICROVM-INIT-READY"), "guest never reached init: {run:?}");
+    assert!(run.stderr.contains("MICROVM-INIT-READY"), "guest never reached init: {run:?}");
     assert_eq!(run.code(), 7, "exit status not propagated: {run:?}");
     assert!(run.stdout.contains("CPUS=2"), "{run:?}");
     let mem_kb: u64 = run
@@ -93,6 +93,8 @@ fn guest_kernel_panic_exits_101() {
     assert!(run.stdout.contains("Kernel panic - not syncing"), "{run:?}");
     assert_eq!(run.code(), 101, "{run:?}");
     assert!(run.stderr.contains("guest kernel panicked"), "{run:?}");
+    // stdout is a pipe, not stderr: the console's last lines are repeated on stderr.
+    assert!(run.stderr.contains("  | ") && run.stderr.contains("Kernel panic - not syncing"), "{run:?}");
 }
 
 /// Without a command the guest runs a shell on the console: host stdin reaches it and

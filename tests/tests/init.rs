@@ -1,43 +1,17 @@
 //! microvm's own guest init (resources/init) on a root image that knows nothing of microvm:
 //! an ext4 image holding only busybox and its applet links (no init script, no /proc, /sys,
-//! /dev, /etc). Each boot checks several things; boots are expensive here.
+//! /dev, /etc). Each boot checks several things; boots are expensive here. The command's
+//! output is on stdout (the command channel); the console (kernel log, the init's own lines)
+//! on stderr.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use microvm_tests::netns::INTERNET_ADDR;
 use microvm_tests::world::World;
-use microvm_tests::{guest, run_microvm, scratch_dir};
+use microvm_tests::{busybox_image, guest, run_microvm, scratch_dir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// `dir/plain.ext4`: busybox-static and a symlink per applet in /bin, nothing else.
-fn busybox_image(dir: &Path) -> PathBuf {
-    let busybox = Path::new("/bin/busybox");
-    assert!(busybox.exists(), "no /bin/busybox: apt-get install busybox-static");
-    let tree = dir.join("tree");
-    let bin = tree.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy(busybox, bin.join("busybox")).unwrap();
-    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    let image = dir.join("plain.ext4");
-    let ok = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("32M")
-        .status()
-        .expect("run mkfs.ext4 (apt-get install e2fsprogs)");
-    assert!(ok.success(), "mkfs.ext4 failed");
-    for d in ["proc", "sys", "dev", "etc", "sbin", "init"] {
-        assert!(!tree.join(d).exists(), "the image must know nothing of microvm: it has /{d}");
-    }
-    image
-}
 
 /// The status, argv and environment of a command, and what the init set up around it.
 #[test]
@@ -53,12 +27,12 @@ fn command_on_a_plain_busybox_root() {
     let mut args = vec![
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
-        "--cmdline", "quiet",
+        "-v", "--cmdline", "quiet",
         "--", "sh", "-c", script, "argv0",
     ];
     args.extend(words);
     let run = run_microvm(&args, BOOT_TIMEOUT);
-    assert!(run.stdout.contains("MICROVM-INIT-READY"), "init never got ready: {run:?}");
+    assert!(run.stderr.contains("MICROVM-INIT-READY"), "init never got ready: {run:?}");
     assert_eq!(run.code(), 3, "exit status not propagated: {run:?}");
     assert!(run.stdout.contains("hello"), "{run:?}");
     let expected: String = words.iter().map(|w| format!("<{w}>")).collect();
@@ -67,7 +41,7 @@ fn command_on_a_plain_busybox_root() {
     for m in ["/proc proc", "/sys sysfs", "/dev devtmpfs", "/dev/pts devpts", "/run tmpfs", "/tmp tmpfs"] {
         assert!(run.stdout.contains(&format!("MOUNT {m}")), "{m} not mounted: {run:?}");
     }
-    assert!(!run.stdout.contains("microvm-init:"), "the init complained: {run:?}");
+    assert!(!run.stdout.contains("microvm-init:") && !run.stderr.contains("microvm-init:"), "the init complained: {run:?}");
     // The command's write reached the disk before the VM ended: the image is an ordinary
     // ext4 with a /kept (busybox's debugfs is not there, so use e2fsprogs' debugfs).
     let cat = Command::new("debugfs").args(["-R", "cat /kept"]).arg(&image).output().expect("debugfs");
@@ -85,7 +59,7 @@ fn command_not_found_is_127() {
         &[
             "--kernel", kernel.to_str().unwrap(),
             "--disk", &format!("{},readonly", image.display()),
-            "--cmdline", "quiet",
+            "-v", "--cmdline", "quiet",
             "--", "no-such-command", "x",
         ],
         BOOT_TIMEOUT,
@@ -93,18 +67,20 @@ fn command_not_found_is_127() {
     // The read-only image has no /proc to mount on: the init must say so and fail with 125
     // rather than run anything. (A root with mountpoints is the next boot's case.)
     assert_eq!(run.code(), 125, "{run:?}");
-    let lines: Vec<&str> = run.stdout.lines().filter(|l| l.contains("microvm-init:")).collect();
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.contains("microvm-init:")).collect();
     assert_eq!(lines.len(), 1, "want one init line: {run:?}");
     assert!(lines[0].contains("read-only root has no /proc"), "{run:?}");
-    assert!(!run.stdout.contains("MICROVM-INIT-READY"), "{run:?}");
+    assert!(!run.stderr.contains("MICROVM-INIT-READY"), "{run:?}");
 
     let run = run_microvm(
-        &["--kernel", kernel.to_str().unwrap(), "--disk", image.to_str().unwrap(), "--cmdline", "quiet", "--", "no-such-command", "x"],
+        &["--kernel", kernel.to_str().unwrap(), "--disk", image.to_str().unwrap(), "-v", "--cmdline", "quiet", "--", "no-such-command", "x"],
         BOOT_TIMEOUT,
     );
-    assert!(run.stdout.contains("MICROVM-INIT-READY"), "{run:?}");
+    assert!(run.stderr.contains("MICROVM-INIT-READY"), "{run:?}");
     assert_eq!(run.code(), 127, "{run:?}");
-    assert!(run.stdout.contains("microvm-init: cannot run 'no-such-command'"), "{run:?}");
+    // Said by the command's process, on its stderr: the command channel's.
+    assert!(run.stderr.contains("microvm-init: cannot run 'no-such-command'"), "{run:?}");
+    assert_eq!(run.stdout, "", "{run:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -125,7 +101,7 @@ fn dhcp_and_signal_status() {
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
         "--net", "nat:i1,subnet=10.123.7.0/24",
-        "--cmdline", "quiet",
+        "-v", "--cmdline", "quiet",
         "--", "sh", "-c", &script,
     ]
     .iter()

@@ -45,11 +45,13 @@ fn guests_share_isolate_and_interconnect() {
     let inet = format!(
         "timeout 10 wget -q -O - http://{INTERNET_ADDR}/hello.txt && timeout 10 wget -q -O - http://{INTERNET_ADDR}/cgi-bin/who"
     );
-    // A and B share network t1; B serves TCP on a fixed extra address until A says quit.
+    // A and B share network t1; B serves TCP until A says quit. B attaches first, so its
+    // lease is the pool's first address, 10.123.1.2 (a guest may only use its lease: extra
+    // addresses are dropped by the anti-spoofing guard).
     let mut b = world.spawn_guest(
         "b",
         &["nat:t1,subnet=10.123.1.0/24"],
-        "ip addr add 10.123.1.200/24 dev eth0; end=$(( $(cut -d. -f1 /proc/uptime) + 400 )); \
+        "end=$(( $(cut -d. -f1 /proc/uptime) + 400 )); \
          while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do \
            m=$(echo TCP_FROM_B | nc -l -p 7000); echo GOT=$m; [ \"$m\" = quit ] && exit 0; done; exit 1",
     );
@@ -59,10 +61,10 @@ fn guests_share_isolate_and_interconnect() {
         &["nat:t1,subnet=10.123.1.0/24"],
         &format!(
             "{lease}; ping -c 1 -W 5 10.123.1.1 >/dev/null && echo GW_OK; {inet}; \
-             for i in $(seq 120); do ping -c 1 -W 1 10.123.1.200 >/dev/null && break; sleep 1; done; \
-             ping -c 2 -W 2 10.123.1.200 >/dev/null && echo PING_B_OK; \
-             echo hello | nc -w 5 10.123.1.200 7000; \
-             sleep 60; echo quit | nc -w 5 10.123.1.200 7000; exit 0"
+             for i in $(seq 120); do ping -c 1 -W 1 10.123.1.2 >/dev/null && break; sleep 1; done; \
+             ping -c 2 -W 2 10.123.1.2 >/dev/null && echo PING_B_OK; \
+             echo hello | nc -w 5 10.123.1.2 7000; \
+             sleep 60; echo quit | nc -w 5 10.123.1.2 7000; exit 0"
         ),
     );
     // C is on another network: it must not reach B (it tries 12 times while B serves), but
@@ -72,7 +74,7 @@ fn guests_share_isolate_and_interconnect() {
         &["nat:t2,subnet=10.123.2.0/24"],
         &format!(
             "{lease}; {inet}; r=ISOLATED; for i in $(seq 12); do \
-               if ping -c 1 -W 1 10.123.1.200 >/dev/null || echo x | nc -w 1 10.123.1.200 7000 >/dev/null; then r=REACHED_B; break; fi; \
+               if ping -c 1 -W 1 10.123.1.2 >/dev/null || echo x | nc -w 1 10.123.1.2 7000 >/dev/null; then r=REACHED_B; break; fi; \
                sleep 1; done; echo $r; exit 0"
         ),
     );
@@ -133,7 +135,7 @@ fn guests_share_isolate_and_interconnect() {
 /// Fetches http://ip:8080/big (retrying until the guest serves it) and returns the receive
 /// rate in bytes/s, measured from 1 s after the first byte to EOF (skipping the token
 /// bucket's initial burst). `started` is signalled once data flows.
-fn fetch_rate(ip: &'static str, started: std::sync::mpsc::Sender<()>) -> f64 {
+fn fetch_rate(ip: String, started: std::sync::mpsc::Sender<()>) -> f64 {
     use std::io::{Read, Write};
     use std::time::Instant;
     let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -175,20 +177,24 @@ fn fetch_rate(ip: &'static str, started: std::sync::mpsc::Sender<()>) -> f64 {
 #[test]
 fn rate_limit_holds_and_neighbour_is_unaffected() {
     let world = World::new();
-    let serve = |ip: &str| {
-        format!(
-            "mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=64k count=16 2>/dev/null && \
-             ip addr add {ip}/24 dev eth0 && exec httpd -f -p 8080 -h /tmp/www"
-        )
+    // Each guest serves on its DHCP lease (the only address it may use) and prints it.
+    let serve = "mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=64k count=16 2>/dev/null && \
+                 echo LEASE=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1) && exec httpd -f -p 8080 -h /tmp/www";
+    let mut limited = world.spawn_guest("limited", &["nat:r1,subnet=10.123.9.0/24,rate=320kbit"], serve);
+    let mut free = world.spawn_guest("free", &["nat:r1,subnet=10.123.9.0/24"], serve);
+    let lease_of = |g: &mut microvm_tests::world::Guest| {
+        assert!(g.wait_ready(BOOT_TIMEOUT), "guest did not boot: {}", g.stderr_now());
+        let ok = microvm_tests::netns::wait_until(120, || field(&g.stdout_now(), "LEASE=").is_some_and(|l| !l.is_empty()));
+        assert!(ok, "no lease printed: {}", g.stdout_now());
+        field(&g.stdout_now(), "LEASE=").unwrap().to_string()
     };
-    let limited = world.spawn_guest("limited", &["nat:r1,subnet=10.123.9.0/24,rate=320kbit"], &serve("10.123.9.200"));
-    let free = world.spawn_guest("free", &["nat:r1,subnet=10.123.9.0/24"], &serve("10.123.9.201"));
+    let (limited_ip, free_ip) = (lease_of(&mut limited), lease_of(&mut free));
     // The unlimited transfer starts only once the limited one is flowing, so they overlap.
     let (tx, rx) = std::sync::mpsc::channel();
-    let limited_rate = world.host.spawn_in(move || fetch_rate("10.123.9.200", tx));
+    let limited_rate = world.host.spawn_in(move || fetch_rate(limited_ip, tx));
     rx.recv_timeout(BOOT_TIMEOUT).expect("limited transfer never started");
     let (tx2, _rx2) = std::sync::mpsc::channel();
-    let free_rate = world.host.spawn_in(move || fetch_rate("10.123.9.201", tx2));
+    let free_rate = world.host.spawn_in(move || fetch_rate(free_ip, tx2));
     let (lr, fr) = (limited_rate.join().expect("limited fetch"), free_rate.join().expect("free fetch"));
     // The guests serve forever: stop them (SIGTERM tears their NICs down).
     for g in [&limited, &free] {
@@ -200,6 +206,92 @@ fn rate_limit_holds_and_neighbour_is_unaffected() {
     assert!((34_000.0..=46_000.0).contains(&lr), "limited NIC ran at {lr:.0} B/s: {limited:?}");
     assert!(fr > 2.0 * 40_000.0, "unlimited NIC ran at {fr:.0} B/s only: {free:?}");
     assert_eq!(limited.code(), 128 + libc::SIGTERM, "{limited:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+}
+
+/// Guest-to-host policy and anti-spoofing with real guests. M (mallory) has two NICs: one
+/// on the default-policy network sp, shared with V (victim), one on an `allow-host` network.
+/// M finds a host service on 0.0.0.0 closed through sp and open through the allow-host
+/// network, cannot reach the link-local "metadata" address (which the host reaches), then
+/// takes V's address and MAC and announces them with gratuitous ARP: the host still maps
+/// V's address to V's MAC and still reaches V's service.
+#[test]
+fn guests_cannot_reach_the_host_or_take_a_neighbours_address() {
+    use std::io::{Read, Write};
+    let world = World::new();
+    world.inet.sh("ip addr add 169.254.169.254/32 dev lo && ip link set lo up");
+    assert!(world.host.try_sh("busybox ping -c 1 -W 5 169.254.169.254"), "the host must reach the metadata address");
+    let listener = world.host.spawn_in(|| std::net::TcpListener::bind("0.0.0.0:7777").expect("bind")).join().unwrap();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let _ = c.write_all(b"HOST_SERVICE\n");
+        }
+    });
+    let (v_mac, m_mac) = ("52:54:00:00:05:0a", "52:54:00:00:05:0b");
+    // V attaches first: its lease is the pool's first address, .2.
+    let v_ip = "10.123.5.2";
+    let mut v = world.spawn_guest(
+        "v",
+        &[&format!("nat:sp,subnet=10.123.5.0/24,mac={v_mac}")],
+        "echo LEASE=$(ip -4 -o addr show eth0 | awk '{print $4}'); \
+         while true; do echo FROM_V | nc -l -p 7000 >/dev/null; done",
+    );
+    assert!(v.wait_ready(BOOT_TIMEOUT), "guest v did not boot: {}", v.stderr_now());
+    let m = world.spawn_guest(
+        "m",
+        &[&format!("nat:sp,subnet=10.123.5.0/24,mac={m_mac}"), "host-only:ah,subnet=10.123.6.0/24,allow-host"],
+        &format!(
+            "echo LEASE=$(ip -4 -o addr show eth0 | awk '{{print $4}}'); \
+             r=$(nc -w 5 10.123.5.1 7777 </dev/null); echo \"DEFAULT_NET=${{r:-CLOSED}}\"; \
+             ping -c 1 -W 3 10.123.5.1 >/dev/null && echo GW_PING_OK; \
+             timeout 10 wget -q -O - http://{INTERNET_ADDR}/hello.txt; \
+             ping -c 2 -W 3 169.254.169.254 >/dev/null && echo META_REACHED || echo META_BLOCKED; \
+             ip link set eth1 up; udhcpc -i eth1 -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1; \
+             echo LEASE1=$(ip -4 -o addr show eth1 | awk '{{print $4}}'); \
+             r=$(nc -w 5 10.123.6.1 7777 </dev/null); echo \"ALLOW_HOST_NET=${{r:-CLOSED}}\"; \
+             ip addr flush dev eth0; ip addr add {v_ip}/24 dev eth0; \
+             arping -U -c 3 -I eth0 {v_ip}; arping -A -c 3 -I eth0 {v_ip}; \
+             ip link set eth0 down; ip link set eth0 address {v_mac}; ip link set eth0 up; \
+             arping -U -c 3 -I eth0 {v_ip}; arping -A -c 3 -I eth0 {v_ip}; ping -c 3 -W 1 10.123.5.1 >/dev/null; \
+             echo SPOOF_DONE; sleep 60; exit 0"
+        ),
+    );
+    let mut m = m;
+    assert!(m.wait_ready(BOOT_TIMEOUT), "guest m did not boot: {}", m.stderr_now());
+    let spoofed = microvm_tests::netns::wait_until(300, || m.stdout_now().contains("SPOOF_DONE"));
+    assert!(spoofed, "m never finished spoofing: {}", m.stdout_now());
+    // The host still maps V's address to V, and reaches V's service there.
+    let reach_v = || {
+        world
+            .host
+            .spawn_in(move || {
+                let addr: std::net::SocketAddr = format!("{v_ip}:7000").parse().unwrap();
+                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf).ok()?;
+                Some(buf)
+            })
+            .join()
+            .unwrap()
+    };
+    let got = reach_v();
+    let neigh = world.host.sh(&format!("ip neigh show {v_ip} dev mvbr-sp"));
+    assert!(got.as_deref().is_some_and(|b| b.contains("FROM_V")), "host -> V after M's spoofing: {got:?}");
+    assert!(neigh.contains(v_mac) && !neigh.contains(m_mac), "host ARP entry for V: {neigh}");
+    let m = m.wait(BOOT_TIMEOUT);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
+    let v = v.wait(Duration::from_secs(30));
+    println!("===== m: {m:?}\n===== v: {v:?}");
+    assert_eq!(m.code(), 0, "{m:?}");
+    assert!(field(&v.stdout, "LEASE=") == Some("10.123.5.2/24"), "{v:?}");
+    assert!(field(&m.stdout, "LEASE=").is_some_and(|l| l.starts_with("10.123.5.")), "{m:?}");
+    assert!(field(&m.stdout, "LEASE1=").is_some_and(|l| l.starts_with("10.123.6.")), "{m:?}");
+    assert_eq!(field(&m.stdout, "DEFAULT_NET="), Some("CLOSED"), "host service open to a guest: {m:?}");
+    assert_eq!(field(&m.stdout, "ALLOW_HOST_NET="), Some("HOST_SERVICE"), "allow-host: {m:?}");
+    assert!(m.stdout.contains("GW_PING_OK") && m.stdout.contains("hello-internet"), "{m:?}");
+    assert!(m.stdout.contains("META_BLOCKED") && !m.stdout.contains("META_REACHED"), "{m:?}");
     assert_eq!(world.leftovers(), Vec::<String>::new());
 }
 

@@ -28,9 +28,11 @@ Option values: SIZE is binary (4G = 4 GiB; K, M, G, T). RATE is per second: byte
 10,000,000; 5MB, 5MiB) or bits (50Mbit, 800kbit). COUNT is per second (1000, 10K).
 
 Exit status: the guest command's status (exit device, see README); 0 when the guest
-reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a vCPU hit an
-instruction KVM could not run); 2 for bad usage, nothing started; 128+N on signal N;
-159 when a microvm thread made a system call its seccomp filter forbids (reported).
+powers off or reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a
+vCPU hit an instruction KVM could not run); 124 when --timeout expired; 2 for bad usage,
+nothing started; 128+N on signal N; 159 when a microvm thread made a system call its
+seccomp filter forbids (reported). After a panic, a failure or a timeout, the console's
+last lines are repeated on stderr unless they are already there.
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
 A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers (RIP
 named from the kernel's System.map when one is in the --kernel tree or beside the image).
@@ -101,6 +103,22 @@ pub struct Cli {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// Also write the guest console (ttyS0: kernel log, and the command's output until it
+    /// gets its own channel) to FILE; with a command, it is then not on stdout.
+    /// Example: --console-log boot.log
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+
+    /// With a command: show the guest console on stderr instead of stdout.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Stop the VM after DURATION (90s, 10m, 1h; a plain number is seconds): print every
+    /// vCPU's registers and the console's last lines, tear down, exit 124.
+    /// Example: --timeout 10m
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+
     /// Command to run in the guest instead of a shell, under microvm's own init (on any
     /// --disk root, or the host's files without one). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
@@ -128,6 +146,12 @@ impl Cli {
             quirks: !self.no_quirks,
             command: self.command,
             seccomp: !self.no_seccomp,
+            console_log: self.console_log,
+            verbose: self.verbose,
+            timeout: self
+                .timeout
+                .map(|t| crate::timeout::parse_duration(&t).ok_or(crate::config::ConfigError::Timeout(t)))
+                .transpose()?,
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct Control {
     exit: Arc<ExitSignal>,
     signals: OwnedFd,
     escape_pending: bool,
+    /// Whether stdin feeds the serial console (not when it is the guest command's).
+    stdin_to_serial: bool,
     /// The vCPU threads, to kick for a register dump.
     vcpus: Vec<libc::pthread_t>,
 }
@@ -55,8 +57,14 @@ impl Control {
             exit,
             signals,
             escape_pending: false,
+            stdin_to_serial: true,
             vcpus: Vec::new(),
         }
+    }
+
+    /// Whether microvm's stdin goes to the serial console (the default).
+    pub fn set_stdin_to_serial(&mut self, on: bool) {
+        self.stdin_to_serial = on;
     }
 
     pub fn set_vcpu_threads(&mut self, threads: Vec<libc::pthread_t>) {
@@ -121,7 +129,10 @@ impl MutEventSubscriber for Control {
                 tracing::error!("cannot watch fd {fd}: {e:?}");
             }
         }
-        // stdin always goes to the guest. A regular file or /dev/null on stdin can't be
+        if !self.stdin_to_serial {
+            return;
+        }
+        // stdin goes to the guest's console. A regular file or /dev/null on stdin can't be
         // polled (EPERM): then there is simply no console input; at EOF we stop watching.
         if let Err(e) = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN)) {
             tracing::debug!("stdin is not pollable, no console input: {e:?}");

@@ -5,7 +5,8 @@
 //! the vCPU thread then prints its own state (only it may use its vCPU fd).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::{Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 
@@ -13,6 +14,8 @@ use crate::symbols::Symbols;
 
 /// Bit N set: vCPU N should print its state.
 static DUMP_REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// Bit N set: vCPU N has printed its state since the last `dump_and_wait`.
+static DUMPS_DONE: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -32,6 +35,30 @@ pub fn request_dump(threads: &[libc::pthread_t]) {
         // SAFETY: `t` is a live vCPU thread of this process (they run until exit).
         unsafe { libc::pthread_kill(*t, vmm_sys_util::signal::SIGRTMIN()) };
     }
+}
+
+/// Like `request_dump`, but returns only when every vCPU has printed (or after `limit`,
+/// e.g. for a vCPU thread that is gone): the caller's next lines follow the dump.
+pub fn dump_and_wait(threads: &[libc::pthread_t], limit: Duration) {
+    let all = threads.iter().take(64).enumerate().fold(0u64, |m, (i, _)| m | 1 << i);
+    *crate::bus::lock(&DUMPS_DONE.0) &= !all;
+    request_dump(threads);
+    let deadline = Instant::now() + limit;
+    let mut done = crate::bus::lock(&DUMPS_DONE.0);
+    while *done & all != all {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            eprintln!("microvm: not every vCPU answered the register dump request");
+            return;
+        }
+        done = DUMPS_DONE.1.wait_timeout(done, left).unwrap_or_else(|e| e.into_inner()).0;
+    }
+}
+
+/// Called by vCPU `index` after printing its state.
+pub fn dump_done(index: u8) {
+    *crate::bus::lock(&DUMPS_DONE.0) |= 1u64 << index.min(63);
+    DUMPS_DONE.1.notify_all();
 }
 
 pub fn take_dump_request(index: u8) -> bool {

@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Exit codes of the `microvm` process (also in the README and `--help`).
 pub mod code {
-    /// The guest rebooted / reset, or the guest command exited 0.
+    /// The guest powered off, rebooted / reset, or the guest command exited 0.
     pub const OK: i32 = 0;
     /// microvm or the VM failed at run time (vCPU fault, KVM error, I/O error).
     pub const VM_FAILURE: i32 = 1;
@@ -15,6 +15,8 @@ pub mod code {
     pub const USAGE: i32 = 2;
     /// The guest kernel panicked (seen on the console) and reset.
     pub const GUEST_PANIC: i32 = 101;
+    /// `--timeout` expired (the status `timeout(1)` uses).
+    pub const TIMEOUT: i32 = 124;
     /// A microvm thread made a system call its seccomp filter forbids (128 + SIGSYS).
     pub const SECCOMP_VIOLATION: i32 = 128 + libc::SIGSYS;
 }
@@ -25,6 +27,10 @@ pub enum ExitReason {
     GuestStatus(u8),
     /// The guest reset itself (i8042, triple fault or a KVM system event).
     Reset(&'static str),
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// `--timeout` expired.
+    Timeout(std::time::Duration),
     /// A vCPU failed; the message says where.
     Fault(String),
     /// microvm got a termination signal.

@@ -5,6 +5,7 @@
 //! 0x0000_9000  PML4           0x0000_a000  PDPT, 0xb000.. 4 page directories (identity 4 GiB)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (top of the 640 KiB base memory, reserved in e820)
+//! 0x000e_0000  ACPI tables, RSDP first (the BIOS area Linux scans; not RAM in e820)
 //! 0x0010_0000  kernel (bzImage protected-mode part; an ELF vmlinux loads at its own p_paddr)
 //! ...          initrd near the top of low RAM
 //! 0xc000_0000  MMIO gap: 0xd000_0000 exit device, 0xd000_1000.. virtio-mmio windows
@@ -48,3 +49,11 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 command/status port (data at 0x60).
 pub const I8042_PORT: u16 = 0x60;
+
+/// ACPI tables: the RSDP at the start of the BIOS area, where Linux scans for it.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// ACPI PM1a event (4 bytes) and control (2 bytes) registers: guest power-off.
+pub const ACPI_PM_PORT: u16 = 0x600;
+/// The ACPI SCI line (never raised: microvm signals no ACPI events).
+pub const ACPI_SCI_IRQ: u32 = 9;

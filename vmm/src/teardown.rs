@@ -1,7 +1,7 @@
-//! The `teardown` thread: owns the NICs' host attachments and the virtiofsd daemons and
-//! releases them, in order, when the VM ends: `nics::release_all` (TAPs, DHCP, bridges and
-//! nftables rules of networks whose last user this VM is), then `Shares::release`
-//! (virtiofsd stop and wait, state directory removal).
+//! The `teardown` thread: owns the NICs' host attachments and the virtiofsd daemons (from
+//! [`Teardown::adopt`], at the end of setup) and releases them, in order, when the VM ends:
+//! `nics::release_all` (TAPs, DHCP, bridges and nftables rules of networks whose last user
+//! this VM is), then `Shares::release` (virtiofsd stop and wait, state directory removal).
 //!
 //! Why a thread: teardown needs rtnetlink sockets, fork+exec of `nft`, kill/wait of
 //! virtiofsd and file removal, which no seccomp filter of a guest-facing thread allows (and
@@ -9,7 +9,8 @@
 //! installed, so it stays unfiltered, and sleeps in read(2) on an eventfd until asked.
 //!
 //! It is the one place teardown runs once it exists:
-//! - normal exit: `build_and_run` calls [`Teardown::finish`], the ordered release above;
+//! - normal exit: `build_and_run` calls [`Teardown::finish`], the ordered release above
+//!   (after the command channel's output is delivered);
 //! - a panic in any thread or a seccomp violation: the panic hook and the SIGSYS handler call
 //!   [`exit_with_teardown`] (async-signal-safe: atomics, a write to the eventfd, sleeps,
 //!   _exit), which wakes the thread in emergency mode: it runs the dying-process paths,
@@ -22,6 +23,7 @@
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -45,36 +47,52 @@ thread_local! {
     static IS_TEARDOWN_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
+/// What the teardown thread releases, in this order.
+type Owned = (Vec<net::Attachment>, Shares);
+
 /// The running teardown thread. `finish()` it on the normal exit path; dropping it does
 /// the same (for early error returns).
 pub struct Teardown {
     wake: EventFd,
+    owned: Arc<Mutex<Option<Owned>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Teardown {
-    /// Starts the thread, which takes ownership of `nics` and `daemons`.
-    pub fn spawn(nics: Vec<net::Attachment>, daemons: Shares) -> std::io::Result<Teardown> {
+    /// Starts the thread. Call before the first thread that runs under a seccomp filter, so
+    /// an abnormal exit of that thread finds it; hand it what to release with [`adopt`].
+    ///
+    /// [`adopt`]: Teardown::adopt
+    pub fn spawn() -> std::io::Result<Teardown> {
         let wake = EventFd::new(libc::EFD_CLOEXEC)?;
         let fd = wake.try_clone()?;
+        let owned: Arc<Mutex<Option<Owned>>> = Arc::default();
+        let to_release = owned.clone();
         let thread = std::thread::Builder::new().name("teardown".into()).spawn(move || {
             IS_TEARDOWN_THREAD.with(|t| t.set(true));
             // Blocks until someone writes the eventfd; an error means the same: go.
             let _ = fd.read();
             if ABNORMAL.load(Ordering::SeqCst) {
+                // The process is about to _exit: the emergency paths work from global
+                // state and take no lock another (stopped) thread may hold, so what was
+                // adopted is left alone.
                 crate::terminal::restore_now();
                 emergency();
-                // The process is about to _exit: what these own is gone or killed.
-                std::mem::forget(nics);
-                std::mem::forget(daemons);
-            } else {
+            } else if let Some((nics, daemons)) = crate::bus::lock(&to_release).take() {
                 crate::nics::release_all(nics);
                 daemons.release();
             }
             DONE.store(true, Ordering::SeqCst);
         })?;
         WAKE_FD.store(wake.as_raw_fd(), Ordering::SeqCst);
-        Ok(Teardown { wake, thread: Some(thread) })
+        Ok(Teardown { wake, owned, thread: Some(thread) })
+    }
+
+    /// Takes ownership of the NICs' host attachments and the virtiofsd daemons: from here
+    /// they are released on the teardown thread, whichever way the VM ends. Call before the
+    /// calling thread confines itself (its filter forbids what releasing them needs).
+    pub fn adopt(&self, nics: Vec<net::Attachment>, daemons: Shares) {
+        *crate::bus::lock(&self.owned) = Some((nics, daemons));
     }
 
     /// Releases everything in order and waits until that is done.

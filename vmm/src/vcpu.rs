@@ -6,7 +6,6 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use seccompiler::BpfProgram;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -15,8 +14,8 @@ use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::pause::{PauseHandle, Resume};
-use crate::symbols::Symbols;
 use crate::seccomp::ThreadKind;
+use crate::symbols::Symbols;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -51,17 +50,12 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("cannot confine the thread of vCPU {index}")]
-    Seccomp {
-        index: u8,
-        #[source]
-        source: crate::seccomp::SeccompError,
-    },
+    /// Starting the thread, or its seccomp filter, failed.
     #[error("cannot spawn the thread for vCPU {index}")]
     Spawn {
         index: u8,
         #[source]
-        source: std::io::Error,
+        source: crate::seccomp::SeccompError,
     },
 }
 
@@ -122,8 +116,8 @@ impl Vcpu {
         self
     }
 
-    /// Runs the vCPU on its own thread until the VM exits. With a `filter`, the thread
-    /// installs it before the first KVM_RUN; the call returns once it is installed.
+    /// Runs the vCPU on its own thread until the VM exits. The thread installs its seccomp
+    /// filter (when on) before the first KVM_RUN; the call returns once it is installed.
     pub fn spawn(
         self,
         mem: GuestMemoryMmap,
@@ -131,31 +125,13 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
         symbols: Arc<Symbols>,
-        filter: Option<Arc<BpfProgram>>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         crate::debug::install_kick_handler();
-        let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu-{index}"))
-            .spawn(move || {
-                let confined = filter.map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Vcpu, &f));
-                let ok = confined.is_ok();
-                let _ = confined_tx.send(confined);
-                if !ok {
-                    return;
-                }
-                if index == 0 {
-                    crate::seccomp::test_fault(ThreadKind::Vcpu);
-                }
-                self.run(&mem, &pio, &mmio, &exit, &symbols)
-            })
-            .map_err(|source| VcpuError::Spawn { index, source })?;
-        match confined_rx.recv() {
-            Ok(Ok(())) => Ok(handle),
-            Ok(Err(source)) => Err(VcpuError::Seccomp { index, source }),
-            Err(_) => Err(VcpuError::Spawn { index, source: std::io::Error::other("the vCPU thread ended at start") }),
-        }
+        crate::seccomp::spawn_confined(ThreadKind::Vcpu, format!("vcpu-{index}"), move || {
+            self.run(&mem, &pio, &mmio, &exit, &symbols)
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })
     }
 
     fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal, symbols: &Symbols) {
@@ -164,6 +140,7 @@ impl Vcpu {
         while !exit.is_set() {
             if crate::debug::take_dump_request(self.index) {
                 crate::debug::print_state(self.index, &self.fd, symbols);
+                crate::debug::dump_done(self.index);
             }
             let result = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {

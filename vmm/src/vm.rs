@@ -3,16 +3,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{ConsoleWriter, ExitDevice, SerialDevice, I8042};
+use devices::legacy::{AcpiPm, ConsoleTail, ConsoleWriter, ExitDevice, SerialDevice, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::AcpiError;
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, Preflight, VmConfig};
+use crate::console::{ConsoleError, ConsolePlan};
 use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
 use crate::guestinit::{self, GuestInitError, Root};
@@ -20,6 +22,7 @@ use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::quirks::Host;
 use crate::seccomp::ThreadKind;
+use crate::timeout::Deadline;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::virtio::{VirtioError, VirtioSlots};
 
@@ -41,6 +44,10 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -50,6 +57,8 @@ pub enum VmError {
     Share(#[from] crate::share::ShareError),
     #[error(transparent)]
     GuestInit(#[from] GuestInitError),
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error(transparent)]
@@ -70,6 +79,7 @@ impl VmError {
             VmError::Config(e) => e.exit_code(),
             VmError::Share(e) if e.is_usage() => code::USAGE,
             VmError::GuestInit(e) if e.is_usage() => code::USAGE,
+            VmError::Console(_) => code::USAGE,
             VmError::Virtio(VirtioError::Disk(e)) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
@@ -123,59 +133,79 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         (None, None) => None,
     };
 
+    // With the command channel, stdout is the command's alone: the console goes elsewhere.
+    let command_channel = crate::channel::wanted(config);
+    let console_plan = ConsolePlan::new(config, command_channel);
+    let panicked = Arc::new(AtomicBool::new(false));
+    let (console, console_tail) = crate::console::open(&console_plan, panicked.clone())?;
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let mut deadline = config
+        .timeout
+        .map(|after| Deadline::start(after, exit.clone()))
+        .transpose()
+        .map_err(io_err("--timeout timer"))?;
+
     let signals = control::block_signals().map_err(io_err("signal handling"))?;
     let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventManager)?;
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let panicked = Arc::new(AtomicBool::new(false));
 
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
-    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, &panicked)?;
+    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, console)?;
 
-    // Filters are compiled up front; each thread installs its own (see seccomp/mod.rs).
-    let filters = config.seccomp.then(crate::seccomp::Filters::new).transpose()?;
+    // Before any thread that runs under a seccomp filter (vCPUs, DHCP, channel pumps, and
+    // this one's event loop): the unfiltered teardown thread, and the filters.
+    let teardown = crate::teardown::Teardown::spawn().map_err(io_err("teardown thread"))?;
+    if config.seccomp {
+        crate::seccomp::enable()?;
+    }
     // One virtiofsd per share, stopped by the teardown thread (or on drop, on error paths).
     let (daemons, conns) = match &virtiofsd {
         Some(bin) => crate::share::Shares::start(&shares, bin)?,
         None => (crate::share::Shares::none(), Vec::new()),
     };
-    let share_watch = daemons.watcher(exit.clone())?;
     let fs_devices = shares.iter().map(|s| s.tag.clone()).zip(conns).collect();
     let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // On an early error return, their Drop releases them (TAPs, networks whose last user
-    // this VM is).
+    // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
+    // early error return, their Drop does it.
     let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
-    // From here the unfiltered teardown thread owns them and releases them in order at exit
-    // (or when this function returns early, or after a panic or seccomp violation).
-    let teardown = crate::teardown::Teardown::spawn(nics, daemons).map_err(io_err("teardown thread"))?;
+    // The command's stdin/stdout/stderr (see channel.rs).
+    let channel = if command_channel { Some(crate::channel::attach(&mut virtio, &mut mmio)?) } else { None };
 
     let mounts = guest_mounts(&shares);
     let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
     tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
     let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
+    crate::acpi::setup(&mem, config.cpus as u8)?;
 
-    let raw_terminal = crate::terminal::RawTerminal::enable();
+    // With the command channel, stdin belongs to the command: no raw mode, no serial input.
+    let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
     let mut control = Control::new(serial, exit.clone(), signals);
+    control.set_stdin_to_serial(!command_channel);
 
     let symbols = Arc::new(crate::symbols::Symbols::new(checked.kernel.system_map.clone()));
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
     let mut threads = Vec::new();
+    // Kept (never joined) so the pthread_t handles stay valid for signal kicks.
+    let mut handles = Vec::new();
     for index in 0..config.cpus as u8 {
         let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        let filter = filters.as_ref().map(|f| f.vcpu.clone());
-        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone(), filter)?;
+        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone())?;
         threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
+        handles.push(handle);
+    }
+    if let Some(mut d) = deadline.take() {
+        d.set_vcpu_threads(threads.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(d)));
     }
     control.set_vcpu_threads(threads);
     event_manager.add_subscriber(Arc::new(Mutex::new(control)));
-    event_manager.add_subscriber(Arc::new(Mutex::new(share_watch)));
+    event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
 
-    // Setup is over: from here on the main thread only runs the event loop.
-    if let Some(f) = &filters {
-        crate::seccomp::apply(ThreadKind::EventLoop, &f.event_loop)?;
-    }
-    crate::seccomp::test_fault(ThreadKind::EventLoop);
+    // Setup is over: the teardown thread releases the host resources however the VM ends,
+    // and this thread keeps only what its event loop needs.
+    teardown.adopt(nics, daemons);
+    crate::seccomp::confine(ThreadKind::EventLoop)?;
     let reason = loop {
         if let Some(reason) = exit.get() {
             break reason;
@@ -183,32 +213,55 @@ fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError>
         event_manager.run().map_err(VmError::EventManager)?;
     };
     drop(raw_terminal);
+    let panicked = panicked.load(Ordering::SeqCst);
+    let (status, message) = exit_code(&reason, panicked);
+    post_mortem(&reason, panicked, &console_plan, &console_tail);
+    if let Some(channel) = channel {
+        channel.finish(&reason);
+    }
     // Ordered teardown, on the teardown thread: the NICs' host side (TAPs, networks), then
     // the virtiofsd daemons.
     teardown.finish();
-    Ok(exit_code(&reason, panicked.load(Ordering::SeqCst)))
+    if let Some(m) = message {
+        eprintln!("microvm: {m}");
+    }
+    drop(handles);
+    Ok(status)
 }
 
-fn exit_code(reason: &ExitReason, panicked: bool) -> i32 {
+/// After a panic, a VM fault or a timeout, the console's last lines tell why: repeat them
+/// on stderr when the console itself went somewhere a CI log may not show.
+/// (Not for the guest command's own failures: those statuses come from the exit device.)
+fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &ConsoleTail) {
+    let bad = match reason {
+        ExitReason::Reset(_) => panicked,
+        ExitReason::Fault(_) | ExitReason::Timeout(_) => true,
+        ExitReason::GuestStatus(_) | ExitReason::PowerOff | ExitReason::Signal(_) => false,
+    };
+    if bad && plan.post_mortem_wanted() {
+        crate::console::print_post_mortem(tail);
+    }
+}
+
+/// The process exit status for `reason`, and the line to print on stderr (last).
+fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
     match reason {
-        ExitReason::GuestStatus(s) => i32::from(*s),
-        ExitReason::Reset(how) if panicked => {
-            eprintln!("microvm: guest kernel panicked ({how})");
-            code::GUEST_PANIC
-        }
+        ExitReason::GuestStatus(s) => (i32::from(*s), None),
+        ExitReason::Reset(how) if panicked => (code::GUEST_PANIC, Some(format!("guest kernel panicked ({how})"))),
         ExitReason::Reset(how) => {
             tracing::info!("guest reset ({how})");
-            code::OK
+            (code::OK, None)
         }
-        ExitReason::Fault(msg) => {
-            eprintln!("microvm: {msg}");
-            code::VM_FAILURE
+        ExitReason::PowerOff => {
+            tracing::info!("guest powered off");
+            (code::OK, None)
         }
-        ExitReason::Signal(0) => code::OK,
-        ExitReason::Signal(sig) => {
-            eprintln!("microvm: stopped by signal {sig}");
-            128 + sig
+        ExitReason::Timeout(after) => {
+            (code::TIMEOUT, Some(format!("stopped after --timeout {}", crate::timeout::format_duration(*after))))
         }
+        ExitReason::Fault(msg) => (code::VM_FAILURE, Some(msg.clone())),
+        ExitReason::Signal(0) => (code::OK, None),
+        ExitReason::Signal(sig) => (128 + sig, Some(format!("stopped by signal {sig}"))),
     }
 }
 
@@ -265,23 +318,27 @@ fn user_sets(config: &VmConfig, key: &str) -> bool {
     config.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with(key)))
 }
 
-/// COM1 (irqfd on GSI 4), the i8042 reset line, and the exit-status device.
+/// COM1 (irqfd on GSI 4), the i8042 reset line, the ACPI PM1 registers, and the
+/// exit-status device.
 fn legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
     mmio: &mut Bus,
     exit: &Arc<ExitSignal>,
-    panicked: &Arc<AtomicBool>,
+    console: ConsoleWriter,
 ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
-    let console = ConsoleWriter::new(std::io::stdout(), panicked.clone());
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
 
     let e = exit.clone();
     let i8042 = I8042::new(Box::new(move || e.set(ExitReason::Reset("i8042 reset"))));
     pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(i8042)))?;
+
+    let e = exit.clone();
+    let pm = AcpiPm::new(Box::new(move || e.set(ExitReason::PowerOff)));
+    pio.insert(u64::from(ACPI_PM_PORT), devices::legacy::acpi_pm::PM1_BLOCK_LEN, Arc::new(Mutex::new(pm)))?;
 
     let e = exit.clone();
     let exit_dev = ExitDevice::new(Box::new(move |s| e.set(ExitReason::GuestStatus(s))));

@@ -1,11 +1,14 @@
-//! Legacy devices: 8250 serial (COM1), the i8042 reset line, and microvm's exit-status device.
+//! Legacy devices: 8250 serial (COM1) and its console sink, the i8042 reset line, the ACPI
+//! PM1 registers (power-off), and microvm's exit-status device.
 
+pub mod acpi_pm;
 mod console;
 mod exit;
 mod i8042;
 mod serial;
 
-pub use console::{ConsoleWriter, PANIC_MARKER};
+pub use acpi_pm::AcpiPm;
+pub use console::{ConsoleOutput, ConsoleTail, ConsoleWriter, PANIC_MARKER, TAIL_BYTES};
 pub use exit::ExitDevice;
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, SerialDevice};

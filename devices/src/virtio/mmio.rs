@@ -44,32 +44,33 @@ pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 /// Feature bit for event-index notification suppression.
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
-// Register offsets (all 32-bit). Visible to the test support code (`super::test_utils`).
-pub(super) const REG_MAGIC: u64 = 0x00;
-pub(super) const REG_VERSION: u64 = 0x04;
-pub(super) const REG_DEVICE_ID: u64 = 0x08;
-pub(super) const REG_VENDOR_ID: u64 = 0x0c;
-pub(super) const REG_DEVICE_FEATURES: u64 = 0x10;
-pub(super) const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
-pub(super) const REG_DRIVER_FEATURES: u64 = 0x20;
-pub(super) const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
-pub(super) const REG_QUEUE_SEL: u64 = 0x30;
-pub(super) const REG_QUEUE_NUM_MAX: u64 = 0x34;
-pub(super) const REG_QUEUE_NUM: u64 = 0x38;
-pub(super) const REG_QUEUE_READY: u64 = 0x44;
-pub(super) const REG_INTERRUPT_STATUS: u64 = 0x60;
-pub(super) const REG_INTERRUPT_ACK: u64 = 0x64;
-pub(super) const REG_STATUS: u64 = 0x70;
-pub(super) const REG_QUEUE_DESC_LOW: u64 = 0x80;
-pub(super) const REG_QUEUE_DESC_HIGH: u64 = 0x84;
-pub(super) const REG_QUEUE_DRIVER_LOW: u64 = 0x90;
-pub(super) const REG_QUEUE_DRIVER_HIGH: u64 = 0x94;
-pub(super) const REG_QUEUE_DEVICE_LOW: u64 = 0xa0;
-pub(super) const REG_QUEUE_DEVICE_HIGH: u64 = 0xa4;
-pub(super) const REG_SHM_SEL: u64 = 0xac;
-pub(super) const REG_SHM_LEN_LOW: u64 = 0xb0;
-pub(super) const REG_SHM_BASE_HIGH: u64 = 0xbc;
-pub(super) const REG_CONFIG_GENERATION: u64 = 0xfc;
+// Register offsets (all 32-bit). Visible to the test support code (`super::test_utils`) and
+// the fuzz targets (`crate::fuzzing`).
+pub(crate) const REG_MAGIC: u64 = 0x00;
+pub(crate) const REG_VERSION: u64 = 0x04;
+pub(crate) const REG_DEVICE_ID: u64 = 0x08;
+pub(crate) const REG_VENDOR_ID: u64 = 0x0c;
+pub(crate) const REG_DEVICE_FEATURES: u64 = 0x10;
+pub(crate) const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x20;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x30;
+pub(crate) const REG_QUEUE_NUM_MAX: u64 = 0x34;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x38;
+pub(crate) const REG_QUEUE_READY: u64 = 0x44;
+pub(crate) const REG_INTERRUPT_STATUS: u64 = 0x60;
+pub(crate) const REG_INTERRUPT_ACK: u64 = 0x64;
+pub(crate) const REG_STATUS: u64 = 0x70;
+pub(crate) const REG_QUEUE_DESC_LOW: u64 = 0x80;
+pub(crate) const REG_QUEUE_DESC_HIGH: u64 = 0x84;
+pub(crate) const REG_QUEUE_DRIVER_LOW: u64 = 0x90;
+pub(crate) const REG_QUEUE_DRIVER_HIGH: u64 = 0x94;
+pub(crate) const REG_QUEUE_DEVICE_LOW: u64 = 0xa0;
+pub(crate) const REG_QUEUE_DEVICE_HIGH: u64 = 0xa4;
+pub(crate) const REG_SHM_SEL: u64 = 0xac;
+pub(crate) const REG_SHM_LEN_LOW: u64 = 0xb0;
+pub(crate) const REG_SHM_BASE_HIGH: u64 = 0xbc;
+pub(crate) const REG_CONFIG_GENERATION: u64 = 0xfc;
 
 // Per-queue record of rejected guest writes; any set bit makes the queue invalid.
 const BAD_SIZE: u8 = 1;

@@ -67,7 +67,9 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
-#[cfg(test)]
+// Also built for the fuzz targets (feature `fuzzing`), which use only part of it.
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod test_utils;
 
 use std::io;

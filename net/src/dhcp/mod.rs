@@ -201,6 +201,12 @@ fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
     }
 }
 
+/// The address the network's DHCP server hands `mac` (allocated, or renewed, now in the
+/// shared lease file); `None` when the pool is full.
+pub(crate) fn lease_for(net: &DhcpNetwork, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
+    LeaseFile::new(net.lease_path.clone(), net.subnet, u64::from(LEASE_SECS)).allocate(mac)
+}
+
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
 pub fn server_running(network: &str) -> bool {
     servers().lock().unwrap_or_else(|e| e.into_inner()).contains_key(network)

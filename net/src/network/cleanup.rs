@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::bridge_name;
 use crate::bridge::Rtnl;
-use crate::nft;
+use crate::nft::{self, guard};
 use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX};
 use crate::state::{StateRoot, UserEntry};
 use crate::tap::pid_from_tap_name;
@@ -33,12 +33,30 @@ fn delete_tap(rtnl: &Rtnl, tap: &str) {
     }
 }
 
-/// Deletes TAP `tap` if it exists and is a tun/tap device; gone already is fine.
+/// Deletes TAP `tap` if it exists and is a tun/tap device (gone already is fine), then its
+/// anti-spoofing guard: in this order, so a live TAP is never unguarded. The guard goes
+/// even if the TAP could not be deleted; the first error is returned.
 pub(crate) fn delete_created_tap(rtnl: &Rtnl, tap: &str) -> Result<(), NetError> {
-    match rtnl.link(tap)? {
-        Some(l) if l.is_tun() => Ok(rtnl.delete_link(l.index, tap)?),
-        _ => Ok(()),
+    let deleted = match rtnl.link(tap) {
+        Ok(Some(l)) if l.is_tun() => rtnl.delete_link(l.index, tap).map_err(NetError::from),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.into()),
+    };
+    let unguarded = guard::remove(tap).map_err(NetError::from);
+    deleted.and(unguarded)
+}
+
+/// Removes guards whose TAP is gone (a crashed process's TAPs vanish with their fds).
+fn cleanup_stale_guards(rtnl: &Rtnl) -> Result<(), NetError> {
+    for tap in guard::guarded_taps()? {
+        if rtnl.link(&tap)?.is_none() {
+            tracing::info!(tap = %tap, "removing anti-spoofing rules of a TAP that is gone");
+            if let Err(e) = guard::remove(&tap) {
+                tracing::warn!(tap = %tap, error = %e, "cannot remove stale anti-spoofing rules");
+            }
+        }
     }
+    Ok(())
 }
 
 /// Removes this process's user entries of network `name` that `mine` selects, forgets
@@ -143,11 +161,11 @@ pub fn cleanup_stale() -> Result<(), NetError> {
     if root.networks()?.is_empty() {
         nft::delete_table()?;
     }
-    Ok(())
+    cleanup_stale_guards(&rtnl)
 }
 
 /// Tears down every named network of this network namespace, whoever uses it, plus all
-/// `mvtap-*`/`mvbr-*` devices and the nft table. Meant for tests and manual recovery:
+/// `mvtap-*`/`mvbr-*` devices and the nft tables (with every TAP's anti-spoofing guard). Meant for tests and manual recovery:
 /// running VMs lose their networking.
 pub fn teardown_all() -> Result<(), NetError> {
     let root = StateRoot::open()?;
@@ -171,5 +189,6 @@ pub fn teardown_all() -> Result<(), NetError> {
         }
     }
     nft::delete_table()?;
+    guard::delete_table()?;
     Ok(())
 }

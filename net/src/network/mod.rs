@@ -14,7 +14,7 @@ pub(crate) use cleanup::{delete_created_tap, leave_network};
 use crate::bridge::{Link, Rtnl};
 use crate::dhcp::{self, DhcpNetwork, DhcpRegistration};
 use crate::emergency::{self, Tracked};
-use crate::nft::{self, NftNetwork};
+use crate::nft::{self, guard, NftNetwork};
 use crate::spec::{MacAddr, NetMode, NetSpec, Subnet, BRIDGE_PREFIX};
 use crate::state::{self, NetKind, NetworkRecord, StateRoot, UserEntry};
 use crate::tap::{self, Tap, TapError};
@@ -36,15 +36,37 @@ pub enum NetworkError {
     SubnetMismatch { name: String, existing: Subnet, requested: Subnet },
     #[error("network {name} already exists with uplink {existing}, not {requested}")]
     UplinkMismatch { name: String, existing: String, requested: String },
+    #[error("network {name} already exists {existing} allow-host; its VMs must all ask the same (it is a property of the network)")]
+    AllowHostMismatch { name: String, existing: &'static str },
+    #[error("network {name} has no free address for MAC {mac}: all of .2-.254 are leased")]
+    PoolFull { name: String, mac: MacAddr },
+    #[error("cannot update the DHCP leases of network {name}")]
+    Leases {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("network {name} is in use but its bridge {bridge} is gone; stop its VMs or delete {bridge}'s state")]
     BridgeMissing { name: String, bridge: String },
     #[error("cannot enable IPv4 forwarding (net.ipv4.ip_forward)")]
     IpForward(#[source] io::Error),
+    #[error("cannot turn IPv6 off on {bridge}")]
+    Ipv6Off {
+        bridge: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl NetworkError {
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, NetworkError::BridgeMissing { .. } | NetworkError::IpForward(_))
+        !matches!(
+            self,
+            NetworkError::BridgeMissing { .. }
+                | NetworkError::IpForward(_)
+                | NetworkError::Ipv6Off { .. }
+                | NetworkError::Leases { .. }
+        )
     }
 }
 
@@ -143,7 +165,14 @@ impl Drop for TapCleanup {
 static TAP_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Creates a TAP: `explicit` name or a fresh `mvtap-<pid>-<n>`; refuses names in use.
-pub(crate) fn create_tap(rtnl: &Rtnl, explicit: Option<&str>) -> Result<(Tap, TapCleanup), NetError> {
+/// Its anti-spoofing guard (see [`guard`]) is installed before it is returned, so the TAP
+/// never forwards unguarded frames: only `mac` may send, and with `ip`, only as `ip`.
+pub(crate) fn create_tap(
+    rtnl: &Rtnl,
+    explicit: Option<&str>,
+    mac: MacAddr,
+    ip: Option<std::net::Ipv4Addr>,
+) -> Result<(Tap, TapCleanup), NetError> {
     let name = match explicit {
         Some(n) => {
             check_free_name(rtnl, Some(n))?;
@@ -165,7 +194,10 @@ pub(crate) fn create_tap(rtnl: &Rtnl, explicit: Option<&str>) -> Result<(Tap, Ta
     };
     let tracked = emergency::track_tap(&name);
     let tap = Tap::create(&name)?;
-    Ok((tap, TapCleanup { name, tracked: Some(tracked) }))
+    // From here the cleanup (also on error) deletes the TAP and then its guard.
+    let cleanup = TapCleanup { name, tracked: Some(tracked) };
+    guard::add(&guard::Guard { tap: cleanup.name.clone(), mac, ip })?;
+    Ok((tap, cleanup))
 }
 
 /// This process's membership in a named network: its user entry. Ended by
@@ -246,6 +278,7 @@ pub(crate) struct JoinRequest<'a> {
     pub tap: Option<&'a str>,
     pub mac: MacAddr,
     pub vm_id: &'a str,
+    pub allow_host: bool,
 }
 
 /// Joins (creating if needed) a named network and plugs a new TAP into it.
@@ -273,12 +306,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
                 Some(l) if l.is_bridge() => l,
                 _ => return Err(NetworkError::BridgeMissing { name: req.name.to_string(), bridge }.into()),
             };
-            nft::ensure_network(&NftNetwork {
-                name: req.name.to_string(),
-                bridge: bridge.clone(),
-                subnet: rec.subnet,
-                uplink: rec.uplink.clone(),
-            })?;
+            nft::ensure_network(&nft_network(req.name, &rec))?;
             (rec, br)
         }
         None => {
@@ -287,18 +315,21 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
         }
     };
 
-    let (tap, tap_cleanup) = create_tap(&rtnl, req.tap)?;
+    let dhcp_net = DhcpNetwork {
+        name: req.name.to_string(),
+        bridge: bridge.clone(),
+        subnet: record.subnet,
+        lease_path: root.net_dir(req.name).join("leases"),
+        offer_dns: record.kind == NetKind::Nat,
+    };
+    // The guest's address, allocated now so the anti-spoofing guard can name it; the DHCP
+    // server hands out the same one (a MAC keeps its lease, see dhcp::lease).
+    let ip = dhcp::lease_for(&dhcp_net, req.mac)
+        .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
+        .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
+    let (tap, tap_cleanup) = create_tap(&rtnl, req.tap, req.mac, Some(ip))?;
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
-    let dhcp = dhcp::register(
-        &DhcpNetwork {
-            name: req.name.to_string(),
-            bridge: bridge.clone(),
-            subnet: record.subnet,
-            lease_path: root.net_dir(req.name).join("leases"),
-            offer_dns: record.kind == NetKind::Nat,
-        },
-        req.mac,
-    )?;
+    let dhcp = dhcp::register(&dhcp_net, req.mac)?;
     let (pid, start) = state::self_identity();
     let entry = UserEntry { pid, start, tap: tap.name().to_string(), vm_id: req.vm_id.to_string() };
     let mut users = root.read_users(req.name)?;
@@ -306,7 +337,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
     root.write_users(req.name, &users)?;
     guard.armed = false;
     drop(guard);
-    tracing::info!(network = req.name, tap = tap.name(), mac = %req.mac, subnet = %record.subnet, "joined network");
+    tracing::info!(network = req.name, tap = tap.name(), mac = %req.mac, %ip, subnet = %record.subnet, "joined network");
     Ok(Joined {
         dhcp,
         tap,
@@ -331,7 +362,35 @@ fn check_same(req: &JoinRequest<'_>, rec: &NetworkRecord) -> Result<(), NetworkE
             return Err(NetworkError::UplinkMismatch { name, existing: have.to_string(), requested: want.to_string() });
         }
     }
+    // Unlike subnet=, leaving allow-host out is a choice too (no host access): a VM must not
+    // silently join a network that opens the host, nor open it for VMs that did not ask.
+    if req.allow_host != rec.allow_host {
+        let existing = if rec.allow_host { "with" } else { "without" };
+        return Err(NetworkError::AllowHostMismatch { name, existing });
+    }
     Ok(())
+}
+
+/// The nftables view of a network record.
+fn nft_network(name: &str, rec: &NetworkRecord) -> NftNetwork {
+    NftNetwork {
+        name: name.to_string(),
+        bridge: bridge_name(name),
+        subnet: rec.subnet,
+        uplink: rec.uplink.clone(),
+        allow_host: rec.allow_host,
+        dns: if rec.kind == NetKind::Nat { dhcp::host_dns() } else { Vec::new() },
+    }
+}
+
+/// Turns IPv6 off on a bridge, so guests cannot reach the host over IPv6 (our rules are
+/// IPv4 only). A kernel without IPv6 has nothing to turn off.
+fn disable_ipv6(bridge: &str) -> Result<(), NetworkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(NetworkError::Ipv6Off { bridge: bridge.to_string(), source: e }),
+        _ => Ok(()),
+    }
 }
 
 /// Creates bridge, gateway address, forwarding, nft rules and the state record.
@@ -365,18 +424,21 @@ fn create_network(
         NetKind::HostOnly => None,
         NetKind::Nat => Some(find_uplink(rtnl, req)?),
     };
-    let record = NetworkRecord { kind: req.kind, subnet, uplink: uplink.clone() };
+    let record = NetworkRecord { kind: req.kind, subnet, uplink, allow_host: req.allow_host };
     // Write the record first so a crash mid-setup leaves something cleanup can find.
     root.write_record(req.name, &record)?;
     let index = rtnl.create_bridge(bridge)?;
     rtnl.add_address(index, bridge, subnet.gateway(), Subnet::PREFIX_LEN)?;
+    if !record.allow_host {
+        disable_ipv6(bridge)?;
+    }
     rtnl.set_up(index, bridge)?;
     if record.kind == NetKind::Nat {
         // Not reverted at teardown: other software may rely on it and we cannot know
         // whether it was on before.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetworkError::IpForward)?;
     }
-    nft::add_network(&NftNetwork { name: req.name.to_string(), bridge: bridge.to_string(), subnet, uplink })?;
+    nft::add_network(&nft_network(req.name, &record))?;
     let link = rtnl
         .link(bridge)?
         .ok_or_else(|| NetworkError::BridgeMissing { name: req.name.to_string(), bridge: bridge.to_string() })?;

@@ -1,14 +1,18 @@
 //! The `--net` value: parsing and input validation.
 //!
 //! ```text
-//! nat[:NAME][,subnet=A.B.C.0/24][,uplink=IFACE][,tap=TAP][,mac=..][,rate=..][,pps=..]
-//! host-only[:NAME][,subnet=A.B.C.0/24][,tap=TAP][,mac=..][,rate=..][,pps=..]
+//! nat[:NAME][,subnet=A.B.C.0/24][,uplink=IFACE][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..]
+//! host-only[:NAME][,subnet=A.B.C.0/24][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..]
 //! bridge=BR[,mac=..][,rate=..][,pps=..]      attach a new TAP to an existing bridge
 //! tap=NAME[,mac=..][,rate=..][,pps=..]       use an existing TAP as is
 //! none
 //! ```
 //! `NAME` defaults to `default` (at most 10 of `[A-Za-z0-9_-]`, so `mvbr-NAME` fits 15).
 //! `subnet=` must be a /24; without it the first free `10.200.X.0/24` is used.
+//! `allow-host` lets the network's guests connect to the host itself (by default they get
+//! only DHCP, DNS to a resolver on the host and ping of the gateway; see the `nft` module).
+//! It is a property of the network, fixed by the VM that creates it: joining an existing
+//! network with a different `allow-host` setting is a usage error, like a different subnet.
 //! `rate=` is a bandwidth and `pps=N` a packet rate, in the RATE and COUNT grammars of the
 //! `options` crate (`rate=50Mbit` bits/s, `rate=5MB` or `rate=5M` bytes/s); both end up in
 //! [`RateSpec`] in bytes/s and packets/s, applied in each direction.
@@ -39,8 +43,12 @@ pub const DEFAULT_NETWORK: &str = "default";
 const SYNTAX: &str = "nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none";
 
 /// The `--net` grammar: one parser per mode (each accepts different options).
-const NAT: OptionParser = OptionParser::new("--net", "mode").values(&["subnet", "uplink", "tap", "mac", "rate", "pps"]);
-const HOST_ONLY: OptionParser = OptionParser::new("--net", "mode").values(&["subnet", "tap", "mac", "rate", "pps"]);
+const NAT: OptionParser = OptionParser::new("--net", "mode")
+    .values(&["subnet", "uplink", "tap", "mac", "rate", "pps"])
+    .switches(&[("allow-host", "allow-host")]);
+const HOST_ONLY: OptionParser = OptionParser::new("--net", "mode")
+    .values(&["subnet", "tap", "mac", "rate", "pps"])
+    .switches(&[("allow-host", "allow-host")]);
 const ATTACH: OptionParser = OptionParser::new("--net", "mode").values(&["mac", "rate", "pps"]);
 const NONE: OptionParser = OptionParser::new("--net", "mode");
 
@@ -71,12 +79,16 @@ pub enum NetMode {
         subnet: Option<Subnet>,
         uplink: Option<String>,
         tap: Option<String>,
+        /// Guests may connect to the host itself (`allow-host`).
+        allow_host: bool,
     },
     /// Named host-only network: like `Nat` without masquerade or forwarding outside.
     HostOnly {
         name: String,
         subnet: Option<Subnet>,
         tap: Option<String>,
+        /// Guests may connect to the host itself (`allow-host`).
+        allow_host: bool,
     },
     /// A new TAP attached to an existing bridge; nothing else is changed.
     Bridge { bridge: String },
@@ -189,9 +201,10 @@ impl FromStr for NetSpec {
         };
         let subnet = opts.parsed::<Subnet>("subnet")?;
         let tap = ifname("tap", "tap")?;
+        let allow_host = opts.has("allow-host");
         let mode = match mode {
-            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink: ifname("uplink", "uplink")?, tap },
-            "host-only" => NetMode::HostOnly { name: net_name()?, subnet, tap },
+            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink: ifname("uplink", "uplink")?, tap, allow_host },
+            "host-only" => NetMode::HostOnly { name: net_name()?, subnet, tap, allow_host },
             "bridge" => {
                 let bridge = arg.unwrap_or("");
                 check_ifname("bridge", bridge).map_err(invalid)?;
@@ -217,7 +230,7 @@ impl fmt::Display for NetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.mode {
             NetMode::None => return f.write_str("none"),
-            NetMode::Nat { name, subnet, uplink, tap } => {
+            NetMode::Nat { name, subnet, uplink, tap, allow_host } => {
                 write!(f, "nat:{name}")?;
                 if let Some(s) = subnet {
                     write!(f, ",subnet={s}")?;
@@ -225,14 +238,20 @@ impl fmt::Display for NetSpec {
                 if let Some(u) = uplink {
                     write!(f, ",uplink={u}")?;
                 }
+                if *allow_host {
+                    f.write_str(",allow-host")?;
+                }
                 if let Some(t) = tap {
                     write!(f, ",tap={t}")?;
                 }
             }
-            NetMode::HostOnly { name, subnet, tap } => {
+            NetMode::HostOnly { name, subnet, tap, allow_host } => {
                 write!(f, "host-only:{name}")?;
                 if let Some(s) = subnet {
                     write!(f, ",subnet={s}")?;
+                }
+                if *allow_host {
+                    f.write_str(",allow-host")?;
                 }
                 if let Some(t) = tap {
                     write!(f, ",tap={t}")?;

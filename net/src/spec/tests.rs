@@ -21,7 +21,8 @@ fn nat_full() {
             name: "lab".into(),
             subnet: Some("10.77.0.0/24".parse().unwrap()),
             uplink: None,
-            tap: None
+            tap: None,
+            allow_host: false,
         }
     );
     assert_eq!(spec.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
@@ -51,10 +52,30 @@ fn other_modes() {
     let spec = p("nat:x,uplink=eth0,tap=mytap").unwrap();
     assert_eq!(
         spec.mode,
-        NetMode::Nat { name: "x".into(), subnet: None, uplink: Some("eth0".into()), tap: Some("mytap".into()) }
+        NetMode::Nat {
+            name: "x".into(),
+            subnet: None,
+            uplink: Some("eth0".into()),
+            tap: Some("mytap".into()),
+            allow_host: false
+        }
     );
     let spec = p("host-only:h1,subnet=192.168.50.0/24,tap=t").unwrap();
     assert!(matches!(spec.mode, NetMode::HostOnly { tap: Some(_), subnet: Some(_), .. }));
+}
+
+#[test]
+fn allow_host_switch() {
+    assert!(matches!(p("nat,allow-host").unwrap().mode, NetMode::Nat { allow_host: true, .. }));
+    assert!(matches!(p("host-only:h,allow-host,subnet=10.9.9.0/24").unwrap().mode, NetMode::HostOnly { allow_host: true, .. }));
+    assert!(matches!(p("nat:x").unwrap().mode, NetMode::Nat { allow_host: false, .. }));
+    // Only for the modes whose host side we own.
+    assert!(p("bridge=br0,allow-host").is_err());
+    assert!(p("tap=t0,allow-host").is_err());
+    assert!(p("nat,allow-host=1").is_err());
+    assert!(p("nat,allow-host,allow-host").is_err());
+    let spec = p("host-only:h,allow-host").unwrap();
+    assert_eq!(spec.to_string().parse::<NetSpec>().unwrap(), spec);
 }
 
 #[test]

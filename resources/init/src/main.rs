@@ -8,6 +8,7 @@
 //! It never panics on purpose: every failure prints one `microvm-init: ...` line and
 //! reports its own status (125 init failed, 126 not executable, 127 not found).
 
+mod channel;
 mod dhcp;
 mod mounts;
 mod net;

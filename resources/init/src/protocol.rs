@@ -39,6 +39,13 @@ pub const SHARE: &str = "microvm.share";
 pub const TERM: &str = "microvm.term";
 pub const EXIT_DEVICE: &str = "microvm.exitdev";
 
+/// Names of the virtio-console ports of the command channel (vmm/src/channel.rs): the
+/// command's stdin, stdout and stderr (`/sys/class/virtio-ports/*/name`). microvm attaches
+/// them when its init runs a command; the init gives them to the command as fds 0, 1, 2.
+pub const PORT_STDIN: &str = "microvm.stdin";
+pub const PORT_STDOUT: &str = "microvm.stdout";
+pub const PORT_STDERR: &str = "microvm.stderr";
+
 /// A parameter microvm sent that the init cannot read.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadParam {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::protocol::Params;
 use crate::sys::{self, Fail, Result, STATUS_INIT_FAILED, STATUS_NOT_EXECUTABLE, STATUS_NOT_FOUND};
@@ -22,6 +22,28 @@ static EXIT_DEVICE: AtomicU64 = AtomicU64::new(0);
 
 pub fn set_exit_device(addr: Option<u64>) {
     EXIT_DEVICE.store(addr.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// A power request sent to PID 1 (busybox `poweroff`/`halt`/`reboot` without `-f`, or
+/// `kill` by hand): the signal number, 0 for none.
+static POWER_REQUEST: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_power_signal(sig: libc::c_int) {
+    POWER_REQUEST.store(sig, Ordering::Relaxed);
+}
+
+/// Catches the signals busybox's `poweroff` (SIGUSR2), `halt` (SIGUSR1) and `reboot`
+/// (SIGTERM) send to PID 1, without SA_RESTART so that `waitpid` returns EINTR and the
+/// reaping loop ends the VM. The command gets default dispositions back at exec.
+fn catch_power_signals() {
+    for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM] {
+        // SAFETY: an all-zero sigaction is valid (empty mask, no flags); the handler only
+        // stores to an atomic, which is async-signal-safe.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_power_signal as extern "C" fn(libc::c_int) as usize;
+        // SAFETY: a valid sigaction for a catchable signal; the old action is not needed.
+        unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+    }
 }
 
 /// Sets the environment, enters the working directory, runs the command (or a login
@@ -48,11 +70,14 @@ pub fn run(p: &Params) -> Result<u8> {
         }
         None => (CString::from(c"/bin/sh"), vec![CString::from(c"-sh")]),
     };
-    let tty = console_tty();
+    // A command talks to microvm over the command channel; the shell gets the console.
+    let ports = if p.argv.is_some() { crate::channel::open_ports() } else { None };
+    let tty = if ports.is_none() { console_tty() } else { None };
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let shown = String::from_utf8_lossy(if p.argv.is_some() { file.as_bytes() } else { SHELL.as_bytes() }).into_owned();
 
+    catch_power_signals();
     println!("{READY}");
     let _ = std::io::stdout().flush();
     // SAFETY: fork(2) in a single-threaded process; the child only calls async-signal-safe
@@ -63,11 +88,17 @@ pub fn run(p: &Params) -> Result<u8> {
         return Err(Fail::io("cannot fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        // SAFETY: setsid/ioctl/dup2 on our own descriptors; execvp with a NULL-terminated
+        // SAFETY: setsid/ioctl/dup2 on our own descriptors (the ports' dups lose
+        // O_CLOEXEC; the originals close on exec); execvp with a NULL-terminated
         // array of pointers into `argv`, which is alive until exec replaces the process.
         unsafe {
             libc::setsid();
-            if let Some(fd) = &tty {
+            if let Some(ports) = &ports {
+                // No controlling terminal: the command is not interactive (as `ssh host cmd`).
+                for (target, fd) in ports.iter().enumerate() {
+                    libc::dup2(fd.as_raw_fd(), target as libc::c_int);
+                }
+            } else if let Some(fd) = &tty {
                 libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 1);
                 for target in 0..3 {
                     libc::dup2(fd.as_raw_fd(), target);
@@ -81,7 +112,9 @@ pub fn run(p: &Params) -> Result<u8> {
         // SAFETY: _exit(2) ends the child without running the parent's atexit state.
         unsafe { libc::_exit(i32::from(status)) };
     }
+    // Only the command (and what it starts) keeps the ports open.
     drop(tty);
+    drop(ports);
     Ok(wait_for(pid))
 }
 
@@ -89,13 +122,20 @@ pub fn run(p: &Params) -> Result<u8> {
 /// reports it (128+N when killed by signal N).
 fn wait_for(pid: libc::pid_t) -> u8 {
     loop {
+        if POWER_REQUEST.load(Ordering::Relaxed) != 0 {
+            power_off(0); // asked for while we were not waiting
+        }
         let mut st: libc::c_int = 0;
         // SAFETY: waitpid(2) writes the status into a live c_int.
         let r = unsafe { libc::waitpid(-1, &mut st, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+                match POWER_REQUEST.load(Ordering::Relaxed) {
+                    0 => continue,
+                    // The guest asked to power off, halt or reboot: the VM ends with 0.
+                    _ => power_off(0),
+                }
             }
             sys::say(format_args!("lost the command: waitpid: {e}"));
             return STATUS_INIT_FAILED;

@@ -41,6 +41,8 @@ pub enum ConfigError {
     /// A malformed `--disk`, `--net` or `--share` (names the spec).
     #[error(transparent)]
     Spec(#[from] OptionError),
+    #[error("bad --timeout '{0}': expected a duration like 90s, 10m, 1h or a number of seconds")]
+    Timeout(String),
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Cpus(u32),
     #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0} MiB")]
@@ -101,6 +103,12 @@ pub struct VmConfig {
     pub command: Vec<String>,
     /// Confine each thread with its seccomp filter (see `seccomp`); off only for debugging.
     pub seccomp: bool,
+    /// Also write the guest console to this file (see console.rs for where it goes).
+    pub console_log: Option<PathBuf>,
+    /// `-v`: with a command, show the guest console on stderr.
+    pub verbose: bool,
+    /// Stop the VM (exit 124) after this long.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Default for VmConfig {
@@ -117,6 +125,9 @@ impl Default for VmConfig {
             quirks: true,
             command: Vec::new(),
             seccomp: true,
+            console_log: None,
+            verbose: false,
+            timeout: None,
         }
     }
 }

@@ -80,13 +80,13 @@ impl ShareConfig {
                 return Err("at=/ would hide the guest's root; pick a directory".into());
             }
         }
-        if let Some(tag) = &self.tag {
+        // The rule is the init protocol's (the tag travels in `microvm.share=`); here only
+        // the message says which part of it failed.
+        if let Some(tag) = self.tag.as_deref().filter(|t| !crate::guestinit::protocol::valid_tag(t)) {
             if tag.is_empty() || tag.len() > MAX_TAG_LEN {
                 return Err(format!("tag '{tag}' must have 1 to {MAX_TAG_LEN} bytes"));
             }
-            if !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
-                return Err(format!("tag '{tag}': only letters, digits, '_', '.' and '-' are allowed"));
-            }
+            return Err(format!("tag '{tag}': only letters, digits, '_', '.' and '-' are allowed"));
         }
         Ok(())
     }

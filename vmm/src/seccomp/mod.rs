@@ -5,27 +5,30 @@
 //!
 //! | thread kind    | runs                                                  | filter installed      |
 //! |----------------|-------------------------------------------------------|-----------------------|
-//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, virtio-mmio; device activation and reset, including virtio-fs's vhost-user messages to virtiofsd) | at thread start, before the first KVM_RUN |
-//! | `main`         | the event loop: virtio-blk/net/rng/console queues, TAP and disk I/O, stdin, signals, the virtiofsd watcher (pidfd) | after all setup, right before the event loop |
+//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, ACPI PM, virtio-mmio; device activation and reset, including virtio-fs's vhost-user messages to virtiofsd), register dumps | at thread start, before the first KVM_RUN |
+//! | `main`         | the event loop: virtio-blk/net/rng/console queues, TAP and disk I/O, stdin, signals, the virtiofsd watcher (pidfd), the `--timeout` timer; after it, the console post-mortem and the command channel's last flush | after all setup, right before the event loop |
+//! | `microvm-stdin`, `microvm.stdout`, `microvm.stderr` | the command channel's pumps (channel.rs): fds 0/1/2 to and from the virtio-console's pipes | at thread start ([`spawn_confined`]) |
 //! | `dhcp-NAME`    | the DHCP responder (net crate): UDP socket, stop eventfd, lease file | at thread start (through `net::set_thread_start_hook`) |
 //! | `teardown`     | nothing until exit; then the ordered release (TAPs/bridges/nft, then virtiofsd) | **none** (see below)  |
 //!
-//! The lists themselves are in [`rules`]; each entry says who needs it.
+//! The lists themselves are in [`rules`]; each entry says who needs it. [`enable`] compiles
+//! them once; each thread installs its own ([`confine`], [`spawn_confined`]).
 //!
-//! Teardown (rtnetlink, `nft` fork+exec, stopping virtiofsd, removing state files) needs exactly what a
-//! hostile guest must not get, and an exec'd `nft` would inherit any filter of its parent
-//! thread. So it runs on the `teardown` thread ([`crate::teardown`]), started before any
-//! filter is installed; it blocks in read(2) on an eventfd until the VM exits, the process
-//! panics, or a filtered thread is caught by seccomp. It is the only unfiltered thread and
-//! owns nothing a guest reaches.
+//! Teardown (rtnetlink, `nft` fork+exec, stopping virtiofsd, removing state files) needs
+//! exactly what a hostile guest must not get, and an exec'd `nft` would inherit any filter
+//! of its parent thread. So it runs on the `teardown` thread ([`crate::teardown`]), started
+//! before any filtered thread; it takes over the NICs and the virtiofsd daemons at the end
+//! of setup and blocks in read(2) on an eventfd until the VM exits, the process panics, or
+//! a filtered thread is caught by seccomp. It is the only unfiltered thread and owns
+//! nothing a guest reaches.
 //!
 //! A denied system call is not an error return: the filter answers SECCOMP_RET_TRAP, the
 //! kernel raises SIGSYS in the offending thread (it can be neither blocked nor ignored),
 //! and [`sigsys`]'s handler prints
 //! `microvm: seccomp: thread vcpu-0 made a forbidden system call 39 (getpid) at 0x...`,
-//! asks the teardown thread to tear the network and the virtiofsd daemons down, and the process exits with status
-//! 159 (128 + SIGSYS, `exit::code::SECCOMP_VIOLATION`). `rt_sigaction` is in no list, so a filtered thread cannot replace
-//! that handler.
+//! asks the teardown thread to tear the network and the virtiofsd daemons down, and the
+//! process exits with status 159 (128 + SIGSYS, `exit::code::SECCOMP_VIOLATION`).
+//! `rt_sigaction` is in no list, so a filtered thread cannot replace that handler.
 //!
 //! # When a test dies with the seccomp report
 //! 1. The report names the thread and the system call (x86_64 number and name). Check it is
@@ -51,6 +54,8 @@ mod rules;
 mod sigsys;
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 use thiserror::Error;
@@ -63,6 +68,9 @@ pub enum ThreadKind {
     EventLoop,
     /// The net crate's DHCP responder threads.
     Dhcp,
+    /// The command channel's pumps (channel.rs): microvm's stdin/stdout/stderr to and
+    /// from the virtio-console's pipes.
+    Channel,
 }
 
 impl ThreadKind {
@@ -71,6 +79,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => rules::vcpu(),
             ThreadKind::EventLoop => rules::event_loop(),
             ThreadKind::Dhcp => rules::dhcp(),
+            ThreadKind::Channel => rules::channel(),
         }
     }
 }
@@ -91,10 +100,18 @@ pub enum SeccompError {
     },
     #[error("cannot install the SIGSYS handler")]
     Handler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start thread {name}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {0:?} filter is installed by net's thread-start hook, not by confine()")]
+    NotHere(ThreadKind),
 }
 
 /// Compiles the filter of `kind`: allowed calls pass, anything else traps (SIGSYS).
-pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let build = |source| SeccompError::Build { kind, source };
     let filter = SeccompFilter::new(
         kind.rules().map_err(build)?,
@@ -107,12 +124,12 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// Installs the SIGSYS reporter (once per process; call before any filter).
-pub fn install_handler() -> Result<(), SeccompError> {
+fn install_handler() -> Result<(), SeccompError> {
     sigsys::install().map_err(SeccompError::Handler)
 }
 
 /// Installs `program` (compiled for `kind`) on the calling thread, for the rest of its life.
-pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     sigsys::remember_thread_name();
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })?;
     sigsys::CONFINED.with(|c| c.set(true));
@@ -133,24 +150,19 @@ pub fn is_confined() -> bool {
     sigsys::CONFINED.with(|c| c.get())
 }
 
-/// Compiles and installs the filter of `kind` on the calling thread.
-pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
-    apply(kind, &compile(kind)?)
-}
-
 /// Test-only path (debug builds; release builds ignore the variable), run right after a
 /// thread installs its filter: `MICROVM_TEST_FAULT=vcpu:syscall` makes vCPU 0 call
 /// getppid(2), which no list allows (the process must die with the seccomp report);
 /// `vcpu:panic` makes it panic (the panic hook must still report and tear down). `main:`
 /// does the same on the event loop thread.
-pub fn test_fault(kind: ThreadKind) {
+fn test_fault(kind: ThreadKind) {
     if !cfg!(debug_assertions) {
         return;
     }
     let thread = match kind {
-        ThreadKind::Vcpu => "vcpu",
+        ThreadKind::Vcpu if std::thread::current().name() == Some("vcpu-0") => "vcpu",
         ThreadKind::EventLoop => "main",
-        ThreadKind::Dhcp => return,
+        ThreadKind::Vcpu | ThreadKind::Dhcp | ThreadKind::Channel => return,
     };
     let Ok(fault) = std::env::var("MICROVM_TEST_FAULT") else {
         return;
@@ -165,27 +177,76 @@ pub fn test_fault(kind: ThreadKind) {
     }
 }
 
-/// The compiled filters of the threads `run` starts, and the SIGSYS reporter. The DHCP
-/// threads get theirs through net's thread-start hook.
-pub struct Filters {
-    pub vcpu: std::sync::Arc<BpfProgram>,
-    pub event_loop: BpfProgram,
+/// The compiled filters of the threads microvm starts, set once per process by [`enable`].
+struct Filters {
+    vcpu: BpfProgram,
+    event_loop: BpfProgram,
+    channel: BpfProgram,
 }
 
-impl Filters {
-    pub fn new() -> Result<Filters, SeccompError> {
-        let started = std::time::Instant::now();
-        install_handler()?;
-        let dhcp = compile(ThreadKind::Dhcp)?;
-        net::set_thread_start_hook(Box::new(move |_kind| {
-            apply(ThreadKind::Dhcp, &dhcp)?;
-            Ok(())
-        }));
-        let filters = Filters {
-            vcpu: std::sync::Arc::new(compile(ThreadKind::Vcpu)?),
-            event_loop: compile(ThreadKind::EventLoop)?,
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Turns the filters on for the rest of the process: installs the SIGSYS reporter, compiles
+/// every list, and has net install the DHCP filter in its threads. Call before starting any
+/// thread that runs guest-facing code; each then calls [`confine`] (or is started by
+/// [`spawn_confined`]).
+pub fn enable() -> Result<(), SeccompError> {
+    let started = std::time::Instant::now();
+    install_handler()?;
+    let dhcp = compile(ThreadKind::Dhcp)?;
+    net::set_thread_start_hook(Box::new(move |_kind| {
+        apply(ThreadKind::Dhcp, &dhcp)?;
+        Ok(())
+    }));
+    let filters = Filters {
+        vcpu: compile(ThreadKind::Vcpu)?,
+        event_loop: compile(ThreadKind::EventLoop)?,
+        channel: compile(ThreadKind::Channel)?,
+    };
+    // A second VM in the same process would compile the same lists: keep the first.
+    let _ = FILTERS.set(filters);
+    tracing::debug!(elapsed = ?started.elapsed(), "seccomp filters compiled");
+    Ok(())
+}
+
+/// Installs the filter of `kind` on the calling thread if [`enable`] was called (else
+/// nothing), then runs the test-only fault path of `kind` (see [`test_fault`]).
+pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
+    if let Some(f) = FILTERS.get() {
+        let program = match kind {
+            ThreadKind::Vcpu => &f.vcpu,
+            ThreadKind::EventLoop => &f.event_loop,
+            ThreadKind::Channel => &f.channel,
+            ThreadKind::Dhcp => return Err(SeccompError::NotHere(kind)),
         };
-        tracing::debug!(elapsed = ?started.elapsed(), "seccomp filters compiled");
-        Ok(filters)
+        apply(kind, program)?;
+    }
+    test_fault(kind);
+    Ok(())
+}
+
+/// Starts thread `name` running `f` under the filter of `kind` ([`confine`] at its start,
+/// before `f`). Returns once the filter is installed, so a failure fails the caller's setup.
+pub fn spawn_confined(
+    kind: ThreadKind,
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, SeccompError> {
+    let (confined_tx, confined_rx) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let confined = confine(kind);
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if ok {
+                f();
+            }
+        })
+        .map_err(|source| SeccompError::Spawn { name: name.clone(), source })?;
+    match confined_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SeccompError::Spawn { name, source: std::io::Error::other("the thread ended at start") }),
     }
 }

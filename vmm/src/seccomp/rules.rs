@@ -161,8 +161,28 @@ pub(super) fn event_loop() -> Result<Rules> {
     l.when(libc::SYS_waitid, vec![eq(0, libc::P_PIDFD as u64)?])?;
     l.when(libc::SYS_fcntl, vec![eq(1, libc::F_GETFL as u64)?])?;
     l.when(libc::SYS_fcntl, vec![eq(1, libc::F_SETFL as u64)?])?;
-    // SIGUSR1 register dump: kick each vCPU thread with SIGRTMIN.
+    // SIGUSR1 register dump and --timeout: kick each vCPU thread with SIGRTMIN.
     l.when(libc::SYS_tgkill, vec![eq(2, vmm_sys_util::signal::SIGRTMIN() as u64)?])?;
+    // After the run, the console post-mortem asks whether stdout is a terminal (isatty:
+    // TCGETS) or the same file as stderr (fstat, which glibc makes newfstatat(fd, "",
+    // AT_EMPTY_PATH)). Only on fds 1 and 2; newfstatat's path cannot be checked by a
+    // filter, so an absolute one would reach any file's metadata, never its contents.
+    l.when(libc::SYS_ioctl, vec![eq(0, libc::STDOUT_FILENO as u64)?, eq(1, libc::TCGETS)?])?;
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        l.when(libc::SYS_fstat, vec![eq(0, fd as u64)?])?;
+        l.when(libc::SYS_newfstatat, vec![eq(0, fd as u64)?, eq(3, libc::AT_EMPTY_PATH as u64)?])?;
+    }
+    Ok(l.0)
+}
+
+/// The command channel's pumps (channel.rs): `microvm-stdin` copies microvm's stdin into
+/// a pipe, `microvm.stdout`/`microvm.stderr` copy pipes to fds 1 and 2 (blocking reads and
+/// writes; poll on the pipe and the stop eventfd; the pipe made nonblocking to drain it).
+pub(super) fn channel() -> Result<Rules> {
+    let mut l = common()?;
+    l.any(&[libc::SYS_read, libc::SYS_poll]);
+    l.when(libc::SYS_fcntl, vec![eq(1, libc::F_GETFL as u64)?])?;
+    l.when(libc::SYS_fcntl, vec![eq(1, libc::F_SETFL as u64)?])?;
     Ok(l.0)
 }
 
@@ -194,7 +214,7 @@ mod tests {
 
     #[test]
     fn every_list_compiles() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Dhcp] {
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Dhcp, ThreadKind::Channel] {
             let bpf = compile(kind).unwrap();
             assert!(!bpf.is_empty() && bpf.len() < 4096, "{kind:?}: {} instructions", bpf.len());
         }
@@ -218,7 +238,8 @@ mod tests {
         assert!(l.0[&libc::SYS_ioctl].is_empty());
         assert!(!vcpu().unwrap().contains_key(&libc::SYS_openat), "vCPUs open no files");
         assert!(!event_loop().unwrap().contains_key(&libc::SYS_execve));
-        for rules in [vcpu().unwrap(), event_loop().unwrap(), dhcp().unwrap()] {
+        assert!(!channel().unwrap().contains_key(&libc::SYS_openat), "pumps open no files");
+        for rules in [vcpu().unwrap(), event_loop().unwrap(), dhcp().unwrap(), channel().unwrap()] {
             assert!(!rules.contains_key(&libc::SYS_rt_sigaction), "the SIGSYS handler must stay");
         }
     }

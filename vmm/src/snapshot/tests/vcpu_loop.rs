@@ -71,7 +71,6 @@ fn run(mem: &GuestMemoryMmap, fd: VcpuFd) -> Running {
             Arc::new(Bus::default()),
             exit.clone(),
             Arc::new(crate::symbols::Symbols::new(None)),
-            None,
         )
         .unwrap();
     Running {

@@ -6,18 +6,35 @@
 //! debugging, and `nft` is the reference, well-kept nftables implementation; the Rust
 //! netlink crates for nf_tables are thin or unmaintained.
 //!
-//! Layout: two base chains dispatch through verdict maps keyed by bridge name, so each
+//! Layout: base chains dispatch through verdict maps keyed by bridge name, so each
 //! network owns its own chains and map elements and can be added or removed without touching
 //! the others' rules (no rule handles to track):
 //! ```text
+//! input       (filter hook input):        iifname vmap @in_net
 //! forward     (filter hook forward):      iifname vmap @from_net ; oifname vmap @to_net
 //! postrouting (nat hook postrouting):     iifname vmap @nat_net
-//! from-NAME / to-NAME / nat-NAME: per-network chains
+//! in-NAME / from-NAME / to-NAME / nat-NAME: per-network chains
 //! ```
+//!
+//! Guest-to-host policy (`in-NAME`, traffic a guest sends to any address of the host): by
+//! default the host accepts only replies to connections it opened (conntrack
+//! established/related), DHCP (udp port 67), ping (ICMP echo-request) of the gateway, and DNS
+//! (port 53) to the resolvers DHCP offers in case one of them is a host address; everything
+//! else is dropped, so host services listening on 0.0.0.0 are closed to guests. `allow-host`
+//! replaces that chain with a plain accept. Forwarded traffic to link-local addresses
+//! (169.254.0.0/16, e.g. a cloud metadata service) is dropped in every mode: NAT would
+//! otherwise send it out with the host's identity. IPv6 is off on the bridge of a network
+//! without `allow-host` (see `network`), so the host is not reachable over IPv6 either.
+//!
+//! Anti-spoofing of the guests' frames lives in a second table, `table bridge microvm`
+//! (module [`guard`]).
 //! Note: nftables base chains of other tables still run at the same hooks; an `accept` here
 //! cannot override a `drop` elsewhere (e.g. a Docker host's FORWARD policy drop).
 
+pub(crate) mod guard;
+
 use std::io::{self, Write};
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use crate::spec::Subnet;
@@ -42,7 +59,14 @@ pub(crate) struct NftNetwork {
     pub subnet: Subnet,
     /// `Some(uplink)` for NAT, `None` for host-only.
     pub uplink: Option<String>,
+    /// Guests may connect to the host (`allow-host`).
+    pub allow_host: bool,
+    /// DNS servers DHCP offers (reachable on port 53 even when one is a host address).
+    pub dns: Vec<Ipv4Addr>,
 }
+
+/// Link-local IPv4 addresses (cloud metadata services live at 169.254.169.254).
+pub(crate) const LINK_LOCAL: &str = "169.254.0.0/16";
 
 /// Commands creating the table, maps and base chains (only when the table is absent:
 /// `add rule` is not idempotent).
@@ -56,7 +80,18 @@ pub(crate) fn base_script() -> String {
          add chain ip {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
          add rule ip {TABLE} forward iifname vmap @from_net\n\
          add rule ip {TABLE} forward oifname vmap @to_net\n\
-         add rule ip {TABLE} postrouting iifname vmap @nat_net\n"
+         add rule ip {TABLE} postrouting iifname vmap @nat_net\n{}",
+        input_base_script()
+    )
+}
+
+/// The input hook's map and chain: also added on their own to a table made by an older
+/// microvm that had none.
+pub(crate) fn input_base_script() -> String {
+    format!(
+        "add map ip {TABLE} in_net {{ type ifname : verdict; }}\n\
+         add chain ip {TABLE} input {{ type filter hook input priority filter; policy accept; }}\n\
+         add rule ip {TABLE} input iifname vmap @in_net\n"
     )
 }
 
@@ -64,13 +99,15 @@ pub(crate) fn base_script() -> String {
 pub(crate) fn add_script(net: &NftNetwork) -> String {
     let (t, n, br, sub) = (TABLE, &net.name, &net.bridge, net.subnet);
     let mut s = String::new();
-    for chain in ["from", "to", "nat"] {
+    for chain in CHAINS {
         s += &format!("add chain ip {t} {chain}-{n}\nflush chain ip {t} {chain}-{n}\n");
     }
+    s += &input_rules(net);
     // Traffic entering from the bridge. Same-bridge traffic only shows up here with
     // br_netfilter; it stays allowed. Other microvm bridges are always dropped (isolation).
     s += &format!("add rule ip {t} from-{n} oifname \"{br}\" accept comment \"same network\"\n");
     s += &format!("add rule ip {t} from-{n} oifname \"mvbr-*\" drop comment \"isolate networks\"\n");
+    s += &format!("add rule ip {t} from-{n} ip daddr {LINK_LOCAL} drop comment \"no link-local (cloud metadata)\"\n");
     match &net.uplink {
         Some(up) => {
             s += &format!("add rule ip {t} from-{n} ip saddr {sub} oifname \"{up}\" accept comment \"nat: out via uplink\"\n");
@@ -89,6 +126,28 @@ pub(crate) fn add_script(net: &NftNetwork) -> String {
     }
     s += &format!("add element ip {t} from_net {{ \"{br}\" : jump from-{n} }}\n");
     s += &format!("add element ip {t} to_net {{ \"{br}\" : jump to-{n} }}\n");
+    s += &format!("add element ip {t} in_net {{ \"{br}\" : jump in-{n} }}\n");
+    s
+}
+
+/// Per-network chains, in removal order.
+const CHAINS: [&str; 4] = ["in", "from", "to", "nat"];
+
+/// `in-NAME`: what the host accepts from the network's guests (see the module docs).
+fn input_rules(net: &NftNetwork) -> String {
+    let (t, n) = (TABLE, &net.name);
+    if net.allow_host {
+        return format!("add rule ip {t} in-{n} accept comment \"allow-host\"\n");
+    }
+    let gw = net.subnet.gateway();
+    let mut s = format!("add rule ip {t} in-{n} ct state established,related accept comment \"replies to the host\"\n");
+    s += &format!("add rule ip {t} in-{n} udp dport 67 accept comment \"dhcp\"\n");
+    s += &format!("add rule ip {t} in-{n} ip daddr {gw} icmp type echo-request accept comment \"ping the gateway\"\n");
+    if !net.dns.is_empty() {
+        let dns = net.dns.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(", ");
+        s += &format!("add rule ip {t} in-{n} ip daddr {{ {dns} }} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"dns on the host\"\n");
+    }
+    s += &format!("add rule ip {t} in-{n} drop comment \"no host access without allow-host\"\n");
     s
 }
 
@@ -97,13 +156,14 @@ pub(crate) fn add_script(net: &NftNetwork) -> String {
 pub(crate) fn remove_commands(name: &str, bridge: &str, with_nat: bool) -> Vec<String> {
     let t = TABLE;
     let mut cmds = vec![
+        format!("delete element ip {t} in_net {{ \"{bridge}\" }}"),
         format!("delete element ip {t} from_net {{ \"{bridge}\" }}"),
         format!("delete element ip {t} to_net {{ \"{bridge}\" }}"),
     ];
     if with_nat {
         cmds.push(format!("delete element ip {t} nat_net {{ \"{bridge}\" }}"));
     }
-    for chain in ["from", "to", "nat"] {
+    for chain in CHAINS {
         cmds.push(format!("flush chain ip {t} {chain}-{name}"));
         cmds.push(format!("delete chain ip {t} {chain}-{name}"));
     }
@@ -154,6 +214,16 @@ fn succeeds(args: &[&str]) -> Result<bool, NftError> {
     Ok(status.success())
 }
 
+/// Runs `nft ARGS` and returns its standard output.
+fn output(args: &[&str]) -> Result<String, NftError> {
+    let out = Command::new("nft").args(args).stdin(Stdio::null()).output().map_err(NftError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NftError::Failed { action: format!("run nft {}", args.join(" ")), stderr: one_line(&out.stderr) })
+    }
+}
+
 /// Whether chain `chain` exists in our table.
 fn chain_exists(chain: &str) -> Result<bool, NftError> {
     succeeds(&["list", "chain", "ip", TABLE, chain])
@@ -169,6 +239,8 @@ pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
     let mut script = String::new();
     if !exists {
         script += &base_script();
+    } else if !chain_exists("input")? {
+        script += &input_base_script();
     }
     script += &add_script(net);
     run(&format!("add firewall rules for network {}", net.name), &script)
@@ -227,6 +299,8 @@ mod tests {
             bridge: "mvbr-t1".into(),
             subnet: Subnet::from_octets(10, 200, 0),
             uplink: uplink.map(String::from),
+            allow_host: false,
+            dns: vec![Ipv4Addr::new(10, 0, 0, 53)],
         }
     }
 
@@ -250,6 +324,42 @@ mod tests {
         assert!(!s.contains("nat_net"));
         assert!(s.contains("from-t1 drop"));
         assert!(s.contains("to-t1 drop"));
+    }
+
+    #[test]
+    fn guests_get_only_dhcp_dns_and_ping_of_the_host() {
+        for uplink in [Some("eth0"), None] {
+            let s = add_script(&net(uplink));
+            let input: Vec<&str> = s.lines().filter(|l| l.contains(" in-t1 ") && l.contains("add rule")).collect();
+            assert_eq!(input.len(), 5, "{input:#?}");
+            assert!(input[0].ends_with("in-t1 ct state established,related accept comment \"replies to the host\""));
+            assert!(input[1].contains("in-t1 udp dport 67 accept"));
+            assert!(input[2].contains("in-t1 ip daddr 10.200.0.1 icmp type echo-request accept"));
+            assert!(input[3].contains("in-t1 ip daddr { 10.0.0.53 } meta l4proto { tcp, udp } th dport 53 accept"));
+            assert!(input[4].contains("in-t1 drop"));
+            assert!(s.contains("add element ip microvm in_net { \"mvbr-t1\" : jump in-t1 }"));
+            assert!(s.contains("from-t1 ip daddr 169.254.0.0/16 drop"));
+        }
+        let mut n = net(Some("eth0"));
+        n.dns.clear();
+        assert!(!add_script(&n).contains("dport 53"));
+    }
+
+    #[test]
+    fn allow_host_accepts_everything_but_link_local_forwarding() {
+        let mut n = net(Some("eth0"));
+        n.allow_host = true;
+        let s = add_script(&n);
+        let input: Vec<&str> = s.lines().filter(|l| l.contains(" in-t1 ") && l.contains("add rule")).collect();
+        assert_eq!(input, vec!["add rule ip microvm in-t1 accept comment \"allow-host\""]);
+        // Link-local is dropped before the uplink accept.
+        assert!(s.find("169.254.0.0/16 drop").unwrap() < s.find("nat: out via uplink").unwrap());
+    }
+
+    #[test]
+    fn input_hook_in_base_and_upgrade() {
+        assert!(base_script().contains("add chain ip microvm input { type filter hook input priority filter; policy accept; }"));
+        assert!(base_script().ends_with(&input_base_script()));
     }
 
     #[test]

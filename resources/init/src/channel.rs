@@ -1,0 +1,131 @@
+//! The command channel's guest end: the virtio-console ports microvm names
+//! `protocol::PORT_STDIN/STDOUT/STDERR` (vmm/src/channel.rs), opened for the command's fds
+//! 0, 1 and 2. Without them (a kernel without CONFIG_VIRTIO_CONSOLE) the command gets the
+//! console, after a one-line warning.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{PORT_STDERR, PORT_STDIN, PORT_STDOUT};
+use crate::sys;
+
+/// How long the ports may take to appear after the driver bound the device (the kernel
+/// creates them from a workqueue as microvm's control messages arrive; in practice they
+/// are there long before init runs).
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(10);
+/// virtio device ID of a console (virtio 1.x, 5).
+const VIRTIO_ID_CONSOLE: &str = "0x0003";
+
+/// The command's stdin, stdout and stderr ports, opened; None (after a warning) when the
+/// kernel did not give them.
+pub fn open_ports() -> Option<[OwnedFd; 3]> {
+    match console_device() {
+        Device::Absent => {
+            sys::say("no virtio-console device: the command's stdin/stdout/stderr are the console");
+            return None;
+        }
+        Device::NoDriver => {
+            sys::say("the kernel has no virtio-console driver (CONFIG_VIRTIO_CONSOLE): the command's stdin/stdout/stderr are the console");
+            return None;
+        }
+        Device::Bound => {}
+    }
+    let deadline = Instant::now() + WAIT;
+    let names = [PORT_STDIN, PORT_STDOUT, PORT_STDERR];
+    let devs = loop {
+        let found = names.map(find_port);
+        if let [Some(a), Some(b), Some(c)] = found {
+            break [a, b, c];
+        }
+        if Instant::now() >= deadline {
+            sys::say(format_args!("the command channel's ports did not appear in {}s: the command's stdin/stdout/stderr are the console", WAIT.as_secs()));
+            return None;
+        }
+        std::thread::sleep(POLL);
+    };
+    let flags = [libc::O_RDONLY, libc::O_WRONLY, libc::O_WRONLY];
+    let mut fds = Vec::with_capacity(3);
+    for (dev, flag) in devs.iter().zip(flags) {
+        match open(dev, flag) {
+            Ok(fd) => fds.push(fd),
+            Err(e) => {
+                sys::say(format_args!("cannot open {dev}: {e}: the command's stdin/stdout/stderr are the console"));
+                return None;
+            }
+        }
+    }
+    // A port's host side is open once microvm's PORT_OPEN arrived; before that a read
+    // returns 0 (EOF). microvm announces stdin first and the guest handles the control
+    // messages in order, so when stdout and stderr are connected stdin was connected too
+    // (and may since have been closed for real: microvm's stdin ended).
+    while !fds[1..].iter().all(host_connected) {
+        if Instant::now() >= deadline {
+            sys::say("microvm never opened the command channel's ports: the command's stdin/stdout/stderr are the console");
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+    let [a, b, c]: [OwnedFd; 3] = fds.try_into().ok()?;
+    Some([a, b, c])
+}
+
+enum Device {
+    Absent,
+    NoDriver,
+    Bound,
+}
+
+/// Whether a virtio console exists and has a driver.
+fn console_device() -> Device {
+    let Ok(entries) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return Device::Absent;
+    };
+    let mut seen = Device::Absent;
+    for e in entries.flatten() {
+        let id = std::fs::read_to_string(e.path().join("device")).unwrap_or_default();
+        if id.trim() == VIRTIO_ID_CONSOLE {
+            if e.path().join("driver").exists() {
+                return Device::Bound;
+            }
+            seen = Device::NoDriver;
+        }
+    }
+    seen
+}
+
+/// `/dev/vportNpM` of the port named `name`, once its name is known.
+fn find_port(name: &str) -> Option<String> {
+    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    for e in entries.flatten() {
+        let Ok(n) = std::fs::read_to_string(e.path().join("name")) else {
+            continue;
+        };
+        if n.trim_end_matches('\n') == name {
+            let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+            // devtmpfs creates the node with the device; wait for it like for the name.
+            return Path::new(&dev).exists().then_some(dev);
+        }
+    }
+    None
+}
+
+fn open(path: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    let c = sys::cstring(path.as_bytes())?;
+    // SAFETY: a NUL-terminated path; the descriptor is checked and then owned.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// No POLLHUP: the port's host side is open.
+fn host_connected(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one live pollfd; zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r >= 0 && p.revents & libc::POLLHUP == 0
+}
