@@ -2,8 +2,8 @@
 //! report and exit status 159, and its network is still torn down; a panic in a filtered
 //! thread is still reported and torn down; `--no-seccomp` turns the filters off. Faults are
 //! injected through microvm's test-only path (`MICROVM_TEST_FAULT=THREAD:syscall|panic`,
-//! honoured by debug builds only): right after installing its filter, the thread calls
-//! getppid(2), which no filter allows, or panics.
+//! honoured by debug builds only; THREAD is vcpu, main or channel): right after installing
+//! its filter, the thread calls getppid(2), which no filter allows, or panics.
 
 use std::process::{Command, Stdio};
 
@@ -81,6 +81,17 @@ fn event_loop_forbidden_syscall_is_reported_and_ends_the_vm() {
     let r = run(&["--kernel", &k], Some("main:syscall"));
     assert_eq!(r.code, Some(SECCOMP_EXIT), "{r:?}");
     assert!(r.stderr.contains(&report("main")), "{r:?}");
+}
+
+/// The command channel's pumps run under their own filter. `-- true` without a disk is the
+/// host root (virtiofsd) with the channel; the fault comes before any vCPU runs.
+#[test]
+fn channel_pump_forbidden_syscall_is_reported_and_ends_the_vm() {
+    let k = payload("sc-chan", Asm::default().halt());
+    let r = run(&["--kernel", &k, "--", "true"], Some("channel:syscall"));
+    assert_eq!(r.code, Some(SECCOMP_EXIT), "{r:?}");
+    assert!(r.stderr.contains(&report("microvm.stdout")), "{r:?}");
+    assert_eq!(r.stderr.matches("microvm: seccomp:").count(), 1, "one report: {r:?}");
 }
 
 #[test]

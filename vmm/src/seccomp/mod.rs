@@ -154,14 +154,16 @@ pub fn is_confined() -> bool {
 /// thread installs its filter: `MICROVM_TEST_FAULT=vcpu:syscall` makes vCPU 0 call
 /// getppid(2), which no list allows (the process must die with the seccomp report);
 /// `vcpu:panic` makes it panic (the panic hook must still report and tear down). `main:`
-/// does the same on the event loop thread.
+/// does the same on the event loop thread, `channel:` on the command channel's stdout pump.
 fn test_fault(kind: ThreadKind) {
     if !cfg!(debug_assertions) {
         return;
     }
+    let name = std::thread::current().name().map(str::to_owned);
     let thread = match kind {
-        ThreadKind::Vcpu if std::thread::current().name() == Some("vcpu-0") => "vcpu",
+        ThreadKind::Vcpu if name.as_deref() == Some("vcpu-0") => "vcpu",
         ThreadKind::EventLoop => "main",
+        ThreadKind::Channel if name.as_deref() == Some("microvm.stdout") => "channel",
         ThreadKind::Vcpu | ThreadKind::Dhcp | ThreadKind::Channel => return,
     };
     let Ok(fault) = std::env::var("MICROVM_TEST_FAULT") else {
@@ -220,6 +222,8 @@ pub fn confine(kind: ThreadKind) -> Result<(), SeccompError> {
             ThreadKind::Dhcp => return Err(SeccompError::NotHere(kind)),
         };
         apply(kind, program)?;
+    } else if kind == ThreadKind::Dhcp {
+        return Err(SeccompError::NotHere(kind));
     }
     test_fault(kind);
     Ok(())
@@ -248,5 +252,23 @@ pub fn spawn_confined(
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(SeccompError::Spawn { name, source: std::io::Error::other("the thread ended at start") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawned_threads_run_under_their_filter() {
+        enable().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn_confined(ThreadKind::Channel, "test-pump".into(), move || tx.send(is_confined()).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(rx.recv().unwrap(), "the thread ran confined");
+        assert!(!is_confined(), "the caller is not");
+        assert!(matches!(confine(ThreadKind::Dhcp), Err(SeccompError::NotHere(ThreadKind::Dhcp))));
     }
 }
