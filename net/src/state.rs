@@ -296,13 +296,19 @@ pub(crate) struct UserEntry {
     pub start: u64,
     pub tap: String,
     pub vm_id: String,
+    /// The guest's MAC (None in entries written before it was recorded).
+    pub mac: Option<crate::spec::MacAddr>,
 }
 
 impl UserEntry {
-    /// `pid start tap vm_id`, the vm_id percent-encoded (see [`encode_field`]) so any
-    /// string, e.g. a disk path with spaces, reads back unchanged.
+    /// `pid start tap vm_id [mac]`, the vm_id percent-encoded (see [`encode_field`]) so
+    /// any string, e.g. a disk path with spaces, reads back unchanged.
     pub fn render(&self) -> String {
-        format!("{} {} {} {}", self.pid, self.start, self.tap, encode_field(&self.vm_id))
+        let mut line = format!("{} {} {} {}", self.pid, self.start, self.tap, encode_field(&self.vm_id));
+        if let Some(mac) = self.mac {
+            line += &format!(" {mac}");
+        }
+        line
     }
 
     pub fn parse(line: &str) -> Option<UserEntry> {
@@ -315,7 +321,8 @@ impl UserEntry {
         // is kept as it is rather than losing the entry.
         let raw = it.next().unwrap_or("-");
         let vm_id = decode_field(raw).unwrap_or_else(|| raw.to_string());
-        Some(UserEntry { pid, start, tap, vm_id })
+        let mac = it.next().and_then(|m| m.parse().ok());
+        Some(UserEntry { pid, start, tap, vm_id, mac })
     }
 
     /// Whether `other` is the same NIC: pid, process start time and TAP name identify an
@@ -406,7 +413,7 @@ mod tests {
     #[test]
     fn user_round_trip() {
         for vm_id in ["vm 1", "/var/lib/my vms/disk 1.img", "", "-", "--", "100%\tdone\n", "tab\there", "ünï cödé", "%41"] {
-            let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: vm_id.into() };
+            let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: vm_id.into(), mac: None };
             let line = u.render();
             assert_eq!(line.split_whitespace().count(), 4, "{line}");
             let parsed = UserEntry::parse(&line).unwrap();
@@ -416,7 +423,7 @@ mod tests {
         // Files written before the encoding still parse (their vm_id had '_' for blanks).
         assert_eq!(UserEntry::parse("1 2 mvtap-1-0 vm_1").unwrap().vm_id, "vm_1");
         assert_eq!(UserEntry::parse("1 2 mvtap-1-0 bad%zz").unwrap().vm_id, "bad%zz");
-        let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "a".into() };
+        let u = UserEntry { pid: 42, start: 777, tap: "mvtap-16-0".into(), vm_id: "a".into(), mac: Some("52:54:00:12:34:56".parse().unwrap()) };
         assert!(u.same_nic(&UserEntry { vm_id: "b".into(), ..u.clone() }));
         assert!(!u.same_nic(&UserEntry { tap: "mvtap-16-1".into(), ..u.clone() }));
         assert!(!u.same_nic(&UserEntry { start: 778, ..u.clone() }));
@@ -453,7 +460,7 @@ mod tests {
         assert_eq!(parse_start_time("garbage"), None);
         let (pid, start) = self_identity();
         assert!(start > 0);
-        assert!(UserEntry { pid, start, tap: "t".into(), vm_id: "v".into() }.alive());
-        assert!(!UserEntry { pid, start: start + 1, tap: "t".into(), vm_id: "v".into() }.alive());
+        assert!(UserEntry { pid, start, tap: "t".into(), vm_id: "v".into(), mac: None }.alive());
+        assert!(!UserEntry { pid, start: start + 1, tap: "t".into(), vm_id: "v".into(), mac: None }.alive());
     }
 }

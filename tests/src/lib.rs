@@ -11,6 +11,15 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The workspace root (this crate lives in `<root>/tests`).
+/// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to three
+/// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED`.
+/// This host's PVM sometimes starts a guest process with a broken TLS base (a segfault at
+/// its first TLS access, "exe[N]: segfault at 0"), whatever it runs, in booted and restored
+/// guests alike (~30% of `$(a | b)` here): so commands are retried, and with pipefail a crash
+/// in a pipeline is never read as its result.
+pub const SH_CHECK: &str = "set -o pipefail; \
+     check() { n=$1; shift; for i in 1 2 3; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; ";
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }

@@ -150,3 +150,136 @@ fn interactive_shell_on_the_console() {
     assert_eq!(status.code(), Some(0), "{seen:#?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--disk PATH,snapshot`, in two boots of one root image and one data image (grown by
+/// `size=`). The first boot writes a file on /, bytes across a 64 KiB chunk boundary of vdb
+/// and bytes past the end of vdb's image, and reads them back; while it runs, another VM
+/// uses the same root image (shared) and a read-write one is refused. The second boot sees
+/// none of those writes, and neither image's bytes ever change.
+#[test]
+fn guest_snapshot_disks_forget_writes_at_exit() {
+    use std::hash::{DefaultHasher, Hasher};
+    let dir = scratch_dir("guest-snapshot");
+    let (kernel, root) = guest_with_own_rootfs(&dir);
+    let data = dir.join("data.img");
+    // Sector s holds bytes (s | 1): never zero; sectors 127 and 128 are 0o177 and 0o201.
+    let data_bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i / 512) as u8 | 1).collect();
+    std::fs::write(&data, &data_bytes).unwrap();
+    let hash = |p: &std::path::Path| {
+        let mut h = DefaultHasher::new();
+        h.write(&std::fs::read(p).unwrap());
+        h.finish()
+    };
+    let root_hash = hash(&root);
+    let root_snap = format!("{},snapshot", root.display());
+    let data_snap = format!("{},snapshot,size=8M", data.display());
+    let args = |script: &str| -> Vec<String> {
+        [
+            "--kernel", kernel.to_str().unwrap(),
+            "--disk", &root_snap,
+            "--disk", &data_snap,
+            "-v", "--cmdline", "quiet",
+            "--", "sh", "-c", script,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // Every command retried: see SH_CHECK.
+    let check = microvm_tests::SH_CHECK;
+    let first = format!(
+        "{check} echo first-run >/snapfile; check SYNC sync; check SNAPFILE cat /snapfile; \
+         check VDA_RO cat /sys/block/vda/ro; check VDB_RO cat /sys/block/vdb/ro; \
+         check VDB_SECTORS cat /sys/block/vdb/size; \
+         check W1 'printf MARK-ACROSS-CHUNKS | dd of=/dev/vdb bs=1 seek=65530 conv=notrunc,fsync'; \
+         check W2 'printf MARK-PAST-THE-IMAGE | dd of=/dev/vdb bs=1 seek=6291456 conv=notrunc,fsync'; \
+         echo 3 >/proc/sys/vm/drop_caches; \
+         check READ1 dd if=/dev/vdb bs=1 skip=65530 count=18; \
+         check AROUND 'dd if=/dev/vdb bs=512 skip=127 count=2 | tr -d \"\\177\\201\" | wc -c'; \
+         check READ2 dd if=/dev/vdb bs=1 skip=6291456 count=19; \
+         check TAIL 'dd if=/dev/vdb bs=512 skip=16383 count=1 | tr -d \"\\000\" | wc -c'; \
+         exit 3"
+    );
+    let mut child = Command::new(microvm_bin())
+        .args(args(&first))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (out_tx, out_rx) = mpsc::channel();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let readers = [
+        std::thread::spawn(move || std::io::read_to_string(&mut stdout).unwrap_or_default()),
+        std::thread::spawn(move || std::io::read_to_string(&mut stderr).unwrap_or_default()),
+    ];
+    std::thread::spawn(move || {
+        let _ = out_tx.send(child.wait());
+    });
+    // Once the VM holds both images (before its guest runs), other VMs try the root image.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let holds = |p: &std::path::Path| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).any(|l| l == p))
+            .unwrap_or(false)
+    };
+    while !(holds(&root) && holds(&data)) {
+        assert!(Instant::now() < deadline, "microvm never opened its disks");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = dir.join("probe.elf");
+    microvm_tests::payload::write_elf(&probe, &microvm_tests::payload::Asm::default().exit(0).halt().code);
+    let shared = run_microvm(&["--kernel", probe.to_str().unwrap(), "--disk", &root_snap], Duration::from_secs(60));
+    let writer = run_microvm(&["--kernel", probe.to_str().unwrap(), "--disk", root.to_str().unwrap()], Duration::from_secs(60));
+
+    let status = match out_rx.recv_timeout(BOOT_TIMEOUT) {
+        Ok(s) => s.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            out_rx.recv().unwrap().unwrap()
+        }
+    };
+    let [out, err] = readers.map(|r| r.join().unwrap());
+    let run1 = format!("exit {status:?}\n--- stdout ---\n{out}\n--- stderr ---\n{err}");
+    assert!(err.contains("MICROVM-INIT-READY"), "guest never reached init: {run1}");
+    assert_eq!(status.code(), Some(3), "{run1}");
+    assert_eq!(shared.code(), 0, "a second snapshot user of the image: {shared:?}");
+    assert_eq!(writer.code(), 2, "a read-write user while snapshot VMs run: {writer:?}");
+    assert!(writer.stderr.contains("in use"), "{writer:?}");
+    assert!(!out.contains("FAILED"), "{run1}");
+    for want in [
+        "SNAPFILE=first-run",
+        "VDA_RO=0",
+        "VDB_RO=0",
+        "VDB_SECTORS=16384",
+        "READ1=MARK-ACROSS-CHUNKS",
+        // The two sectors around the chunk boundary hold the base's bytes and the marker.
+        "AROUND=18",
+        "READ2=MARK-PAST-THE-IMAGE",
+        // Past the image, unwritten: zeros.
+        "TAIL=0",
+    ] {
+        assert!(out.contains(want), "{want}: {run1}");
+    }
+    assert_eq!(hash(&root), root_hash, "the root image changed");
+    assert!(std::fs::read(&data).unwrap() == data_bytes, "the data image changed");
+
+    let second = format!(
+        "{check} test -e /snapfile && echo SNAPFILE_PRESENT || echo SNAPFILE_ABSENT; \
+         check READ1 'dd if=/dev/vdb bs=512 skip=127 count=2 | tr -d \"\\177\\201\" | wc -c'; \
+         check READ2 'dd if=/dev/vdb bs=1 skip=6291456 count=19 | tr -d \"\\000\" | wc -c'; \
+         exit 4"
+    );
+    let a = args(&second);
+    let run2 = run_microvm(&a.iter().map(String::as_str).collect::<Vec<_>>(), BOOT_TIMEOUT);
+    assert_eq!(run2.code(), 4, "{run2:?}");
+    assert!(!run2.stdout.contains("FAILED"), "{run2:?}");
+    for want in ["SNAPFILE_ABSENT", "READ1=0", "READ2=0"] {
+        assert!(run2.stdout.contains(want), "{want}: {run2:?}");
+    }
+    assert_eq!(hash(&root), root_hash, "the root image changed");
+    assert!(std::fs::read(&data).unwrap() == data_bytes, "the data image changed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

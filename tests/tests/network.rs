@@ -440,3 +440,58 @@ fn bad_net_input_exits_2_and_leaves_nothing() {
     assert!(stderr.contains("CAP_NET_ADMIN") || stderr.contains("root"), "{stderr}");
     assert_eq!(world.leftovers(), Vec::<String>::new());
 }
+
+/// A snapshot of a guest on a NAT network: each restore gets a new TAP on the network, the
+/// guest keeps its MAC and its DHCP address, and reaches the "internet" through NAT. A
+/// second restore of the same snapshot while the first runs would put one MAC twice on the
+/// bridge: it is refused (exit 2, one line) and the first keeps working. Nothing is left
+/// behind.
+#[test]
+fn restored_guest_keeps_its_lease_and_nat() {
+    let world = World::new();
+    let dir = scratch_dir("net-snapshot");
+    let (kernel, root) = microvm_tests::guest_with_own_rootfs(&dir);
+    let snap = dir.join("snap");
+    let s = |p: &std::path::Path| p.display().to_string();
+    let boot = world.run(
+        "snap-boot",
+        &[
+            "--kernel".into(), s(&kernel),
+            "--disk".into(), format!("{},snapshot", s(&root)),
+            "--cmdline".into(), "quiet".into(),
+            "--net".into(), "nat:sn,subnet=10.123.11.0/24".into(),
+            "--snapshot-to".into(), s(&snap),
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(boot.code(), 0, "{boot:?}");
+    let restore_args = |cmd: &str| -> Vec<String> {
+        vec!["--restore".into(), s(&snap), "--".into(), "sh".into(), "-c".into(), cmd.into()]
+    };
+    let probe = format!(
+        "{} check ADDR \"ip -4 -o addr show eth0 | awk '{{print \\$4}}'\"; \
+         check MAC cat /sys/class/net/eth0/address; \
+         check FETCH timeout 20 wget -q -O - http://{INTERNET_ADDR}/hello.txt",
+        microvm_tests::SH_CHECK
+    );
+    let first = world.run("snap-r1", &restore_args(&probe), BOOT_TIMEOUT);
+    assert_eq!(first.code(), 0, "{first:?}");
+    let addr = field(&first.stdout, "ADDR=").map(str::to_string);
+    assert!(addr.as_deref().is_some_and(|a| a.starts_with("10.123.11.")), "no lease kept: {first:?}");
+    assert!(first.stdout.contains("FETCH=hello-internet"), "no NAT after restore: {first:?}");
+
+    // The first restore holds the network; the second is refused, the first carries on.
+    let long = world.spawn("snap-r2", &restore_args(&format!("sleep 15; {probe}")), scratch_dir("net-snapshot-r2"));
+    std::thread::sleep(Duration::from_secs(5));
+    let second = world.run("snap-r3", &restore_args("echo SHOULD_NOT_RUN"), BOOT_TIMEOUT);
+    assert_eq!(second.code(), 2, "{second:?}");
+    assert!(second.stderr.contains("already in use on network sn"), "{second:?}");
+    assert!(!second.stdout.contains("SHOULD_NOT_RUN"), "{second:?}");
+    let long = long.wait(BOOT_TIMEOUT);
+    assert_eq!(long.code(), 0, "{long:?}");
+    assert_eq!(field(&long.stdout, "ADDR="), addr.as_deref(), "{long:?}");
+    assert_eq!(field(&long.stdout, "MAC="), field(&first.stdout, "MAC="), "{long:?}");
+    assert!(long.stdout.contains("FETCH=hello-internet"), "{long:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -70,9 +70,23 @@ pub enum ChannelError {
     Attach(#[from] VirtioError),
 }
 
-/// Whether the command gets the channel: microvm's own init runs a command.
+/// Whether the command gets the channel: microvm's own init runs a command (now, or in
+/// the restores of the snapshot this run takes).
 pub fn wanted(config: &VmConfig) -> bool {
-    guestinit::own_init(config).is_some() && !config.command.is_empty()
+    guestinit::own_init(config).is_some()
+        && (!config.command.is_empty() || config.snapshot_to.is_some() || config.from_snapshot)
+}
+
+/// What the channel is for in this run.
+pub enum Mode {
+    /// The command is on the kernel command line: stdin, stdout, stderr.
+    Command,
+    /// `--snapshot-to`: the init waits for its command on the control port; its READY
+    /// sets the flag and wakes the main loop. stdin is not read (a restore's is).
+    SnapshotTo { ready: Arc<AtomicBool>, wake: EventFd },
+    /// `--restore`: the command line for the waiting init (protocol::command_message);
+    /// `stdin`: whether microvm's stdin is the command's (not for a shell on the console).
+    Restore { message: Vec<u8>, stdin: bool },
 }
 
 /// The host side of the command channel while the VM runs.
@@ -93,15 +107,17 @@ struct Pump {
 /// Attaches the console with ports stdin (port 0: the init relies on it being announced
 /// first, see resources/init/src/channel.rs), stdout and stderr, and starts the pumps.
 /// Call after the termination signals are blocked (the threads inherit the mask).
-pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus) -> Result<Channel, ChannelError> {
+pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus, mode: Mode) -> Result<Channel, ChannelError> {
     let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ChannelError::Event)?);
-    let (stdin_rx, stdin_tx) = pipe()?;
-    spawn("microvm-stdin", move || pump_stdin(stdin_tx))?;
-    let mut ports = vec![PortConfig {
-        name: protocol::PORT_STDIN.into(),
-        input: Some(Box::new(FdInput::new(stdin_rx).map_err(ChannelError::Console)?)),
-        output: None,
-    }];
+    let stdin: Option<Box<dyn devices::virtio::console::ConsoleInput>> = match mode {
+        Mode::SnapshotTo { .. } | Mode::Restore { stdin: false, .. } => None,
+        _ => {
+            let (stdin_rx, stdin_tx) = pipe()?;
+            spawn("microvm-stdin", move || pump_stdin(stdin_tx))?;
+            Some(Box::new(FdInput::new(stdin_rx).map_err(ChannelError::Console)?))
+        }
+    };
+    let mut ports = vec![PortConfig { name: protocol::PORT_STDIN.into(), input: stdin, output: None }];
     let mut pumps = Vec::new();
     for (name, fd) in [(protocol::PORT_STDOUT, libc::STDOUT_FILENO), (protocol::PORT_STDERR, libc::STDERR_FILENO)] {
         let (rx, tx) = pipe()?;
@@ -115,6 +131,9 @@ pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus) -> Result<Channel, Channel
             input: None,
             output: Some(Box::new(FdOutput::new(tx).map_err(ChannelError::Console)?)),
         });
+    }
+    if let Some(control) = control_port(mode)? {
+        ports.push(control);
     }
     let console = Console::new(ports, slots.endpoint()).map_err(ChannelError::Console)?;
     let flush = console.flush_handle();
@@ -162,6 +181,63 @@ impl Channel {
                 STALL.as_secs(),
                 stuck.join(", ")
             );
+        }
+    }
+}
+
+/// The control port (protocol::PORT_CONTROL) of a snapshot or a restore: the init's READY
+/// in, the command line out.
+fn control_port(mode: Mode) -> Result<Option<PortConfig>, ChannelError> {
+    match mode {
+        Mode::Command => Ok(None),
+        Mode::SnapshotTo { ready, wake } => {
+            let (rx, tx) = pipe()?;
+            spawn("microvm-control", move || watch_ready(rx, &ready, &wake))?;
+            Ok(Some(PortConfig {
+                name: protocol::PORT_CONTROL.into(),
+                input: None,
+                output: Some(Box::new(FdOutput::new(tx).map_err(ChannelError::Console)?)),
+            }))
+        }
+        Mode::Restore { message, .. } => {
+            let (rx, tx) = pipe()?;
+            spawn("microvm-control", move || {
+                // Then the pipe closes: after the line, the port reads as closed.
+                if let Err(e) = File::from(tx).write_all(&message) {
+                    tracing::error!("command channel: cannot send the command: {e}");
+                }
+            })?;
+            Ok(Some(PortConfig {
+                name: protocol::PORT_CONTROL.into(),
+                input: Some(Box::new(FdInput::new(rx).map_err(ChannelError::Console)?)),
+                output: None,
+            }))
+        }
+    }
+}
+
+/// Reads what the init says on the control port until READY, then raises `ready`.
+fn watch_ready(pipe: OwnedFd, ready: &AtomicBool, wake: &EventFd) {
+    let mut pipe = File::from(pipe);
+    let mut said = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        if said.windows(protocol::READY_MESSAGE.len()).any(|w| w == protocol::READY_MESSAGE) {
+            ready.store(true, Ordering::SeqCst);
+            if let Err(e) = wake.write(1) {
+                tracing::error!("command channel: cannot wake the main loop: {e}");
+            }
+            return;
+        }
+        // A guest that never says READY must not grow this without bound.
+        if said.len() > 4096 {
+            said.drain(..said.len() - protocol::READY_MESSAGE.len());
         }
     }
 }

@@ -44,7 +44,7 @@ pub struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux, a bzImage, or a kernel build tree (its
     /// vmlinux, else arch/x86/boot/bzImage). A System.map in the tree or beside the image
     /// names functions in register dumps. Example: --kernel target/guest/vmlinux  or  --kernel ~/src/linux
-    #[arg(long, value_name = "PATH|DIR", required_unless_present = "kconfig")]
+    #[arg(long, value_name = "PATH|DIR", required_unless_present_any = ["kconfig", "restore"])]
     pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk loaded for the kernel (an uncompressed cpio boots fastest).
@@ -68,8 +68,11 @@ pub struct Cli {
 
     /// A virtio-blk disk backed by a host file; repeat for vdb, vdc, ... Options:
     /// size=SIZE creates the file sparse (or grows it; never shrinks), readonly (or ro),
-    /// bw=RATE and iops=COUNT limits. Example: --disk data.img,size=4G --disk seed.img,ro,bw=50M
-    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,bw=RATE][,iops=COUNT]")]
+    /// snapshot (the guest writes to a private overlay thrown away at exit, so the image never
+    /// changes and many VMs can share it; with size= only the overlay grows), bw=RATE and
+    /// iops=COUNT limits. Example: --disk data.img,size=4G --disk seed.img,ro,bw=50M
+    /// --disk rootfs.ext4,snapshot
+    #[arg(long, value_name = "PATH[,size=SIZE][,readonly][,snapshot][,bw=RATE][,iops=COUNT]")]
     pub disk: Vec<String>,
 
     /// A host directory for the guest over virtio-fs; repeat for more. Mounted at the same
@@ -119,6 +122,20 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
 
+    /// Boot, and as soon as the guest's init is ready for a command, save the whole VM to
+    /// DIR (memory, vCPUs, devices, configuration; written atomically) and exit 0. Needs a
+    /// --disk root; restore it with --restore. Example: --snapshot-to /tmp/booted
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_to: Option<PathBuf>,
+
+    /// Start from a snapshot taken with --snapshot-to instead of booting: guest memory is
+    /// mapped copy-on-write from DIR, the command goes to the waiting init, microvm exits
+    /// with its status. The VM's shape (CPUs, memory, disks, NICs) is the snapshot's; its
+    /// writable disks get a private overlay (as ,snapshot): the images never change.
+    /// Example: microvm --restore /tmp/booted -- make -C /src test
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "disk", "net", "share", "snapshot_to", "no_quirks", "cpus", "memory", "kconfig"])]
+    pub restore: Option<PathBuf>,
+
     /// Command to run in the guest instead of a shell, under microvm's own init (on any
     /// --disk root, or the host's files without one). Example: -- sh -c 'exit 7'
     #[arg(last = true, value_name = "COMMAND")]
@@ -152,6 +169,9 @@ impl Cli {
                 .timeout
                 .map(|t| crate::timeout::parse_duration(&t).ok_or(crate::config::ConfigError::Timeout(t)))
                 .transpose()?,
+            snapshot_to: self.snapshot_to,
+            from_snapshot: false,
+            specs: config::Specs { disks: self.disk, nets: self.net },
         })
     }
 }

@@ -3,6 +3,13 @@
 //! create sparse / grow to the requested size. The config's preflight (`config::disk`)
 //! already refused what must not happen (shrinking, resizing a read-only disk, a missing
 //! disk without size=).
+//!
+//! A `snapshot` disk is opened read-only under the shared lock, like `readonly`: any number
+//! of `snapshot` and `readonly` users (VMs, or `--disk`s of one VM) share an image, and a
+//! read-write user is refused while any of them holds it (and they while it does), since the
+//! image must not change under their overlays. It is never created or resized: `size=`
+//! larger than the image grows only the overlay. The overlay's private upper file goes to
+//! [`overlay_dir`].
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
@@ -44,20 +51,25 @@ pub struct OpenDisk {
     pub len: u64,
 }
 
-/// Opens (creating or growing as asked) the image for `cfg`; never shrinks it.
+/// Opens (creating or growing as asked) the image for `cfg`; never shrinks it. For a
+/// `snapshot` disk, `len` is the overlay's (the larger of the image and `size=`).
 pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
     let path = cfg.path.as_path();
     let open_err = |source| DiskError::Open { path: path.to_path_buf(), source };
+    let shared = cfg.read_only || cfg.snapshot;
     let file = OpenOptions::new()
         .read(true)
-        .write(!cfg.read_only)
-        .create(!cfg.read_only && cfg.size.is_some())
+        .write(!shared)
+        .create(!shared && cfg.size.is_some())
         .truncate(false)
         .open(path)
         .map_err(open_err)?;
     // Before anything changes the image (resize).
-    lock(&file, path, cfg.read_only)?;
+    lock(&file, path, shared)?;
     let current = file.metadata().map_err(open_err)?.len();
+    if cfg.snapshot {
+        return Ok(OpenDisk { file, len: cfg.size.unwrap_or(current).max(current) });
+    }
     match cfg.size {
         Some(requested) if requested > current && !cfg.read_only => {
             // set_len on a regular file extends it sparsely.
@@ -69,15 +81,25 @@ pub fn open(cfg: &DiskConfig) -> Result<OpenDisk, DiskError> {
     }
 }
 
-/// Takes an OFD lock on the whole image: shared (F_RDLCK) if `read_only`, else exclusive. The
+/// Where the private upper files of `snapshot` disks are created: `$TMPDIR`, else `/var/tmp`
+/// (QEMU's choice for `-snapshot`: /tmp is often a small tmpfs, and guest writes can be
+/// large). Not beside the image: its directory may be read-only or shared by many VMs.
+pub fn overlay_dir() -> PathBuf {
+    match std::env::var_os("TMPDIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from("/var/tmp"),
+    }
+}
+
+/// Takes an OFD lock on the whole image: shared (F_RDLCK) if `shared`, else exclusive. The
 /// lock belongs to the open file description, so it lasts as long as the device holds the file
 /// (and its dups), and conflicts with any other open of the image, in this process or another.
 /// A filesystem without lock support only gets a warning.
-fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), DiskError> {
+fn lock(file: &File, path: &Path, shared: bool) -> Result<(), DiskError> {
     // SAFETY: all-zero bytes are a valid `flock` (plain integers); l_start = l_len = 0 covers
     // the whole file, and l_pid must be 0 for OFD locks.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = (if read_only { libc::F_RDLCK } else { libc::F_WRLCK }) as libc::c_short;
+    fl.l_type = (if shared { libc::F_RDLCK } else { libc::F_WRLCK }) as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     // SAFETY: F_OFD_SETLK reads the flock struct we pass, which outlives the call; the fd is
     // open (owned by `file`).
@@ -142,6 +164,38 @@ mod tests {
         assert!(matches!(open(&cfg(None, false)), Err(DiskError::Locked(_))));
         drop((ro1, ro2));
         open(&cfg(None, false)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snapshot_images_are_shared_and_never_changed() {
+        let dir = std::env::temp_dir().join(format!("mvsnaplock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.img");
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let snap = |size| DiskConfig { snapshot: true, ..DiskConfig::plain(&p, size, false) };
+        // Any number of snapshot users at once, beside read-only ones.
+        let s1 = open(&snap(None)).unwrap();
+        let s2 = open(&snap(Some(4 << 20))).unwrap();
+        let ro = open(&DiskConfig::plain(&p, None, true)).unwrap();
+        assert_eq!(s1.len, 1 << 20);
+        assert_eq!(s2.len, 4 << 20, "size= is the overlay's length");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20, "the image is not grown");
+        // The file is open read-only.
+        use std::io::Write;
+        assert!((&s1.file).write(b"x").is_err());
+        // A writer is refused while they hold it...
+        let e = open(&DiskConfig::plain(&p, None, false)).err().expect("read-write open");
+        assert!(matches!(&e, DiskError::Locked(q) if q == &p) && e.is_usage(), "{e}");
+        drop((s1, s2, ro));
+        // ...and they are refused while a writer holds it.
+        let rw = open(&DiskConfig::plain(&p, None, false)).unwrap();
+        assert!(matches!(open(&snap(None)), Err(DiskError::Locked(_))));
+        drop(rw);
+        // Never created.
+        assert!(matches!(open(&DiskConfig { snapshot: true, ..DiskConfig::plain(&dir.join("none"), Some(1 << 20), false) }), Err(DiskError::Open { .. })));
+        assert!(!dir.join("none").exists());
+        assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 1 << 20]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

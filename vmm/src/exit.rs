@@ -35,6 +35,8 @@ pub enum ExitReason {
     Fault(String),
     /// microvm got a termination signal.
     Signal(i32),
+    /// `--snapshot-to`: the VM was saved (or saving it failed) and is not resumed.
+    Saved,
 }
 
 pub struct ExitSignal {

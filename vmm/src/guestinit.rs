@@ -61,6 +61,8 @@ pub fn own_init(config: &VmConfig) -> Option<Root> {
         (true, _, _) => None,
         (false, true, _) => Some(Root::Host),
         (false, false, false) => Some(Root::Disk),
+        // A snapshot's init waits for the command a restore sends.
+        (false, false, true) if config.snapshot_to.is_some() || config.from_snapshot => Some(Root::Disk),
         (false, false, true) => None,
     }
 }
@@ -91,19 +93,24 @@ pub fn params(config: &VmConfig, root: Option<Root>, shares: &[protocol::Share])
         p.push(s.param().ok_or_else(|| GuestInitError::BadTag(s.tag.clone()))?);
     }
     if root.is_some() {
-        if let Some(term) = std::env::var("TERM").ok().filter(|t| plain_word(t)) {
-            p.push(format!("{}={term}", protocol::TERM));
-        }
+        p.extend(term_param());
     }
     if root == Some(Root::Host) {
         use std::os::unix::ffi::OsStrExt;
         let cwd = std::env::current_dir().map_err(GuestInitError::Cwd)?;
         p.push(protocol::cwd_param(cwd.as_os_str().as_bytes()));
     }
-    if !config.command.is_empty() {
+    if config.snapshot_to.is_some() {
+        p.push(protocol::WAIT.to_string());
+    } else if !config.command.is_empty() {
         p.push(protocol::argv_param(&config.command));
     }
     Ok(p)
+}
+
+/// `microvm.term=` with the host's TERM, if it is a plain word.
+pub fn term_param() -> Option<String> {
+    std::env::var("TERM").ok().filter(|t| plain_word(t)).map(|term| format!("{}={term}", protocol::TERM))
 }
 
 fn plain_word(s: &str) -> bool {

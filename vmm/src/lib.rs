@@ -17,6 +17,7 @@ pub mod exit;
 pub mod guestinit;
 pub mod kconfig;
 pub mod layout;
+pub mod machine;
 pub mod memory;
 pub mod nics;
 pub mod quirks;

@@ -49,10 +49,11 @@ fn main() -> ExitCode {
         print!("{}", vmm::kconfig::fragment());
         return ExitCode::SUCCESS;
     }
-    let result = cli
-        .into_config()
-        .map_err(vmm::vm::VmError::from)
-        .and_then(|config| vmm::vm::run(&config));
+    let restore = cli.restore.clone();
+    let result = cli.into_config().map_err(vmm::vm::VmError::from).and_then(|config| match &restore {
+        Some(dir) => vmm::vm::restore(dir, config),
+        None => vmm::vm::run(&config),
+    });
     let status = match result {
         Ok(status) => status,
         Err(e) => {

@@ -9,7 +9,7 @@
 //! installed, so it stays unfiltered, and sleeps in read(2) on an eventfd until asked.
 //!
 //! It is the one place teardown runs once it exists:
-//! - normal exit: `build_and_run` calls [`Teardown::finish`], the ordered release above
+//! - normal exit: `Vmm::finish` (machine.rs) calls [`Teardown::finish`], the ordered release above
 //!   (after the command channel's output is delivered);
 //! - a panic in any thread or a seccomp violation: the panic hook and the SIGSYS handler call
 //!   [`exit_with_teardown`] (async-signal-safe: atomics, a write to the eventfd, sleeps,

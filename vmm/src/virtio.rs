@@ -52,11 +52,13 @@ pub struct VirtioSlots<'a> {
     mem: &'a GuestMemoryMmap,
     endpoint: EventEndpoint,
     attached: Vec<(u64, u32)>,
+    /// Every transport, in slot order (a snapshot saves them, a restore refills them).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl<'a> VirtioSlots<'a> {
     pub fn new(vm: &'a VmFd, mem: &'a GuestMemoryMmap, endpoint: EventEndpoint) -> Self {
-        VirtioSlots { vm, mem, endpoint, attached: Vec::new() }
+        VirtioSlots { vm, mem, endpoint, attached: Vec::new(), transports: Vec::new() }
     }
 
     pub fn endpoint(&self) -> EventEndpoint {
@@ -80,9 +82,16 @@ impl<'a> VirtioSlots<'a> {
         self.vm
             .register_irqfd(transport.irq_evt(), gsi)
             .map_err(|source| VirtioError::Kvm { what: "irqfd", source })?;
-        bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
         self.attached.push((base, gsi));
+        self.transports.push(transport);
         Ok(())
+    }
+
+    /// The transports, in slot order.
+    pub fn transports(&self) -> Vec<Arc<Mutex<MmioTransport>>> {
+        self.transports.clone()
     }
 
     /// `virtio_mmio.device=4K@0xd0001000:5` for each attached device.
@@ -103,12 +112,14 @@ pub fn attach_all(
     bus: &mut Bus,
     config: &VmConfig,
     shares: Vec<(String, std::os::unix::net::UnixStream)>,
+    disks: &mut Vec<std::sync::Arc<devices::virtio::block::Disk>>,
 ) -> Result<Vec<net::Attachment>, VirtioError> {
     let nets = &config.nets;
     for d in &config.disks {
         let opened = disk::open(d)?;
-        let device = crate::devices::block_device(d, opened, slots.endpoint())
+        let (device, disk) = crate::devices::block_device(d, opened, slots.endpoint())
             .map_err(|source| VirtioError::Block { path: d.path.clone(), source })?;
+        disks.push(disk);
         slots.attach(bus, device)?;
     }
     for (tag, conn) in shares {

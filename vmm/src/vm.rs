@@ -1,30 +1,26 @@
 //! Builds the VM from a `VmConfig` and runs it until it exits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{AcpiPm, ConsoleTail, ConsoleWriter, ExitDevice, SerialDevice, I8042};
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::AcpiError;
-use crate::boot::{self, BootError};
+use crate::boot::BootError;
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, Preflight, VmConfig};
 use crate::console::{ConsoleError, ConsolePlan};
-use crate::control::{self, Control};
 use crate::exit::{code, ExitReason, ExitSignal};
 use crate::guestinit::{self, GuestInitError, Root};
 use crate::layout::*;
-use crate::memory::{self, MemoryError};
+use crate::memory::MemoryError;
 use crate::quirks::Host;
-use crate::seccomp::ThreadKind;
-use crate::timeout::Deadline;
-use crate::vcpu::{Vcpu, VcpuError};
-use crate::virtio::{VirtioError, VirtioSlots};
+use crate::vcpu::VcpuError;
+use crate::machine::{Stop, Vmm};
+use crate::virtio::VirtioError;
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -59,6 +55,10 @@ pub enum VmError {
     GuestInit(#[from] GuestInitError),
     #[error(transparent)]
     Channel(#[from] crate::channel::ChannelError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("cannot save or restore a virtio device")]
+    DeviceSnapshot(#[source] devices::virtio::snapshot::SnapshotError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
     #[error(transparent)]
@@ -81,6 +81,7 @@ impl VmError {
             VmError::GuestInit(e) if e.is_usage() => code::USAGE,
             VmError::Console(_) => code::USAGE,
             VmError::Virtio(VirtioError::Disk(e)) if e.is_usage() => code::USAGE,
+            VmError::Snapshot(e) if e.is_usage() => code::USAGE,
             _ => code::VM_FAILURE,
         }
     }
@@ -98,11 +99,11 @@ fn late_input_error(e: VmError) -> VmError {
     }
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+pub(crate) fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
@@ -114,129 +115,61 @@ pub fn run(config: &VmConfig) -> Result<i32, VmError> {
 }
 
 fn build_and_run(config: &VmConfig, checked: &Preflight) -> Result<i32, VmError> {
-    let shares = crate::share::plan(config)?;
-    let virtiofsd = if shares.is_empty() { None } else { Some(crate::share::find_virtiofsd()?) };
-    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    // virtiofsd maps guest RAM itself: it must be shareable then.
-    let mem = memory::create(&vm, config.memory_mib, !shares.is_empty())?;
+    let vmm = Vmm::boot(config, checked)?;
+    run_to_end(vmm, config)
+}
 
-    let (kernel, entry) = boot::load_kernel(&mem, &checked.kernel.image)?;
-    let own_init = guestinit::own_init(config);
-    let initrd = match (&config.initrd, own_init) {
-        (Some(path), _) => Some(boot::load_initrd(&mem, path)?),
-        (None, Some(_)) => Some(boot::load_initrd_bytes(&mem, &guestinit::initramfs()?)?),
-        (None, None) => None,
-    };
-
-    // With the command channel, stdout is the command's alone: the console goes elsewhere.
-    let command_channel = crate::channel::wanted(config);
-    let console_plan = ConsolePlan::new(config, command_channel);
-    let panicked = Arc::new(AtomicBool::new(false));
-    let (console, console_tail) = crate::console::open(&console_plan, panicked.clone())?;
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let mut deadline = config
-        .timeout
-        .map(|after| Deadline::start(after, exit.clone()))
-        .transpose()
-        .map_err(io_err("--timeout timer"))?;
-
-    let signals = control::block_signals().map_err(io_err("signal handling"))?;
-    let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventManager)?;
-
-    let mut pio = Bus::default();
-    let mut mmio = Bus::default();
-    let serial = legacy_devices(&vm, &mut pio, &mut mmio, &exit, console)?;
-
-    // Before any thread that runs under a seccomp filter (vCPUs, DHCP, channel pumps, and
-    // this one's event loop): the unfiltered teardown thread, and the filters.
-    let teardown = crate::teardown::Teardown::spawn().map_err(io_err("teardown thread"))?;
-    if config.seccomp {
-        crate::seccomp::enable()?;
+/// `--restore DIR`: the VM saved in DIR, with `runtime`'s command, console and timeout.
+pub fn restore(dir: &std::path::Path, runtime: VmConfig) -> Result<i32, VmError> {
+    let snap = crate::snapshot::load(dir)?;
+    let config = crate::snapshot::saved::config(&snap, runtime)?;
+    for d in &config.disks {
+        d.preflight().map_err(ConfigError::from)?;
     }
-    // One virtiofsd per share, stopped by the teardown thread (or on drop, on error paths).
-    let (daemons, conns) = match &virtiofsd {
-        Some(bin) => crate::share::Shares::start(&shares, bin)?,
-        None => (crate::share::Shares::none(), Vec::new()),
-    };
-    let fs_devices = shares.iter().map(|s| s.tag.clone()).zip(conns).collect();
-    let mut virtio = VirtioSlots::new(&vm, &mem, event_manager.remote_endpoint());
-    // Released when the VM ends (TAPs, and networks whose last user this VM is); on an
-    // early error return, their Drop does it.
-    let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices)?;
-    // The command's stdin/stdout/stderr (see channel.rs).
-    let channel = if command_channel { Some(crate::channel::attach(&mut virtio, &mut mmio)?) } else { None };
-
-    let mounts = guest_mounts(&shares);
-    let cmdline = boot::build_cmdline(&kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?)?;
-    tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
-    let boot = boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
-    crate::acpi::setup(&mem, config.cpus as u8)?;
-
-    // With the command channel, stdin belongs to the command: no raw mode, no serial input.
-    let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
-    let mut control = Control::new(serial, exit.clone(), signals);
-    control.set_stdin_to_serial(!command_channel);
-
-    let symbols = Arc::new(crate::symbols::Symbols::new(checked.kernel.system_map.clone()));
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
-    let mut threads = Vec::new();
-    // Kept (never joined) so the pthread_t handles stay valid for signal kicks.
-    let mut handles = Vec::new();
-    for index in 0..config.cpus as u8 {
-        let vcpu = Vcpu::new(&kvm, &vm, index, config.cpus as u8, boot.entry)?;
-        let handle = vcpu.spawn(mem.clone(), pio.clone(), mmio.clone(), exit.clone(), symbols.clone())?;
-        threads.push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle));
-        handles.push(handle);
+    for n in &config.nets {
+        n.preflight().map_err(ConfigError::from)?;
     }
-    if let Some(mut d) = deadline.take() {
-        d.set_vcpu_threads(threads.clone());
-        event_manager.add_subscriber(Arc::new(Mutex::new(d)));
-    }
-    control.set_vcpu_threads(threads);
-    event_manager.add_subscriber(Arc::new(Mutex::new(control)));
-    event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
+    let vmm = Vmm::restore(&config, &snap).map_err(late_input_error)?;
+    run_to_end(vmm, &config)
+}
 
-    // Setup is over: the teardown thread releases the host resources however the VM ends,
-    // and this thread keeps only what its event loop needs.
-    teardown.adopt(nics, daemons);
-    crate::seccomp::confine(ThreadKind::EventLoop)?;
-    let reason = loop {
-        if let Some(reason) = exit.get() {
-            break reason;
+/// Runs the VM until it ends; with `--snapshot-to`, until the init is ready, then saves it.
+fn run_to_end(mut vmm: Vmm, config: &VmConfig) -> Result<i32, VmError> {
+    match vmm.run()? {
+        Stop::Exit(reason) if config.snapshot_to.is_some() => {
+            let status = vmm.finish(&reason);
+            eprintln!("microvm: the guest ended before its init was ready for a command: no snapshot written");
+            Ok(if status == code::OK { code::VM_FAILURE } else { status })
         }
-        event_manager.run().map_err(VmError::EventManager)?;
-    };
-    drop(raw_terminal);
-    let panicked = panicked.load(Ordering::SeqCst);
-    let (status, message) = exit_code(&reason, panicked);
-    post_mortem(&reason, panicked, &console_plan, &console_tail);
-    if let Some(channel) = channel {
-        channel.finish(&reason);
+        Stop::Exit(reason) => Ok(vmm.finish(&reason)),
+        Stop::Ready => {
+            let dir = config.snapshot_to.as_deref().ok_or(VmError::Io {
+                what: "a snapshot",
+                source: std::io::Error::other("ready without --snapshot-to"),
+            })?;
+            let started = std::time::Instant::now();
+            let saved = vmm.pause().and_then(|()| vmm.save(dir, config));
+            let status = vmm.finish(&ExitReason::Saved);
+            let stats = saved?;
+            eprintln!(
+                "microvm: snapshot saved to {} ({} MiB of guest memory written, {} ms)",
+                dir.display(),
+                stats.memory.written >> 20,
+                started.elapsed().as_millis()
+            );
+            Ok(status)
+        }
     }
-    // Ordered teardown, on the teardown thread: the NICs' host side (TAPs, networks), then
-    // the virtiofsd daemons.
-    teardown.finish();
-    if let Some(m) = message {
-        eprintln!("microvm: {m}");
-    }
-    drop(handles);
-    Ok(status)
 }
 
 /// After a panic, a VM fault or a timeout, the console's last lines tell why: repeat them
 /// on stderr when the console itself went somewhere a CI log may not show.
 /// (Not for the guest command's own failures: those statuses come from the exit device.)
-fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &ConsoleTail) {
+pub(crate) fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &ConsoleTail) {
     let bad = match reason {
         ExitReason::Reset(_) => panicked,
         ExitReason::Fault(_) | ExitReason::Timeout(_) => true,
-        ExitReason::GuestStatus(_) | ExitReason::PowerOff | ExitReason::Signal(_) => false,
+        ExitReason::GuestStatus(_) | ExitReason::PowerOff | ExitReason::Signal(_) | ExitReason::Saved => false,
     };
     if bad && plan.post_mortem_wanted() {
         crate::console::print_post_mortem(tail);
@@ -244,7 +177,7 @@ fn post_mortem(reason: &ExitReason, panicked: bool, plan: &ConsolePlan, tail: &C
 }
 
 /// The process exit status for `reason`, and the line to print on stderr (last).
-fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
+pub(crate) fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
     match reason {
         ExitReason::GuestStatus(s) => (i32::from(*s), None),
         ExitReason::Reset(how) if panicked => (code::GUEST_PANIC, Some(format!("guest kernel panicked ({how})"))),
@@ -252,6 +185,7 @@ fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
             tracing::info!("guest reset ({how})");
             (code::OK, None)
         }
+        ExitReason::Saved => (code::OK, None),
         ExitReason::PowerOff => {
             tracing::info!("guest powered off");
             (code::OK, None)
@@ -269,7 +203,7 @@ fn exit_code(reason: &ExitReason, panicked: bool) -> (i32, Option<String>) {
 /// microvm's init (see guestinit.rs).
 /// The shares the guest init mounts (`microvm.share=`): all but the host root, which is
 /// the root itself (`root=`).
-fn guest_mounts(shares: &[crate::share::Share]) -> Vec<guestinit::protocol::Share> {
+pub(crate) fn guest_mounts(shares: &[crate::share::Share]) -> Vec<guestinit::protocol::Share> {
     use std::os::unix::ffi::OsStrExt;
     shares
         .iter()
@@ -282,7 +216,7 @@ fn guest_mounts(shares: &[crate::share::Share]) -> Vec<guestinit::protocol::Shar
         .collect()
 }
 
-fn kernel_cmdline(
+pub(crate) fn kernel_cmdline(
     config: &VmConfig,
     own_init: Option<Root>,
     virtio_devices: &[String],
@@ -297,6 +231,13 @@ fn kernel_cmdline(
         }
     }
     cmdline.extend_from_slice(virtio_devices);
+    if config.snapshot_to.is_some() {
+        // A restored guest's TSC has jumped by the time the snapshot sat on disk (KVM cannot
+        // set it back on every host): with the TSC as clocksource the kernel would spend
+        // seconds catching up on timekeeping and load averages. kvm-clock is set back to the
+        // saved time by KVM_SET_CLOCK, so the guest's clock just continues.
+        cmdline.push("clocksource=kvm-clock".into());
+    }
     let host = Host::detect();
     let mut user = config.cmdline.clone().unwrap_or_default();
     if config.quirks && host == Host::Pvm {
@@ -320,16 +261,26 @@ fn user_sets(config: &VmConfig, key: &str) -> bool {
 
 /// COM1 (irqfd on GSI 4), the i8042 reset line, the ACPI PM1 registers, and the
 /// exit-status device.
-fn legacy_devices(
+pub(crate) fn legacy_devices(
     vm: &VmFd,
     pio: &mut Bus,
     mmio: &mut Bus,
     exit: &Arc<ExitSignal>,
     console: ConsoleWriter,
+    saved: Option<&devices::legacy::SerialSnapshot>,
 ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial interrupt"))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_err("serial irqfd"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
+    let serial = match saved {
+        None => SerialDevice::new(serial_irq, Box::new(console)),
+        Some(s) => SerialDevice::restored(serial_irq, Box::new(console), s).ok_or_else(|| {
+            VmError::from(crate::snapshot::SnapshotError::Corrupt {
+                path: "state".into(),
+                reason: "serial port state".into(),
+            })
+        })?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
 
     let e = exit.clone();

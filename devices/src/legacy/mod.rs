@@ -11,7 +11,7 @@ pub use acpi_pm::AcpiPm;
 pub use console::{ConsoleOutput, ConsoleTail, ConsoleWriter, PANIC_MARKER, TAIL_BYTES};
 pub use exit::ExitDevice;
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, SerialSnapshot};
 
 /// A trigger that runs a callback: lets a device report to the VMM without an eventfd.
 pub struct CallbackTrigger(pub Box<dyn Fn() + Send>);

@@ -101,6 +101,14 @@ impl TokenBucket {
         self.one_time_burst
     }
 
+    /// Sets the level (a restored snapshot's), capped at the bucket's size; refill counts
+    /// from `now`.
+    pub fn set_level(&mut self, budget: u64, one_time_burst: u64, now: Instant) {
+        self.budget = budget.min(self.size);
+        self.one_time_burst = one_time_burst;
+        self.last_update = now;
+    }
+
     fn refill(&mut self, now: Instant) {
         let Some(elapsed) = now.checked_duration_since(self.last_update) else {
             // Still repaying a debt (last_update in the future).

@@ -69,6 +69,14 @@ impl RateLimiterConfig {
     }
 }
 
+/// The bucket levels of a limiter, for a VM snapshot: (budget, one-time burst left) of the
+/// bandwidth and ops buckets. The configuration (rates, sizes) is the VM's, saved apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LimiterState {
+    pub bandwidth: Option<(u64, u64)>,
+    pub ops: Option<(u64, u64)>,
+}
+
 /// Two token buckets plus the timer that wakes the event loop when tokens are back.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -102,6 +110,23 @@ impl RateLimiter {
             timer,
             blocked: false,
         })
+    }
+
+    /// The buckets' levels now (see [`LimiterState`]).
+    pub fn state(&self) -> LimiterState {
+        let level = |b: &Option<TokenBucket>| b.as_ref().map(|b| (b.budget(), b.one_time_burst()));
+        LimiterState { bandwidth: level(&self.bandwidth), ops: level(&self.ops) }
+    }
+
+    /// Sets the buckets to saved levels (capped at their sizes; a bucket the limiter does not
+    /// have is ignored). Refill counts from now: the time the VM was saved does not count.
+    pub fn restore_state(&mut self, state: &LimiterState) {
+        let now = Instant::now();
+        for (bucket, saved) in [(&mut self.bandwidth, state.bandwidth), (&mut self.ops, state.ops)] {
+            if let (Some(b), Some((budget, burst))) = (bucket.as_mut(), saved) {
+                b.set_level(budget, burst, now);
+            }
+        }
     }
 
     /// A limiter with no bucket: `consume` always succeeds.

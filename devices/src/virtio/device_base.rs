@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::guest_log::GuestLog;
 use crate::guest_warn;
 
+use super::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use super::{
     lock, read_config_bytes, register_subscriber, unregister_subscriber, ActivateError, DataPlane,
     EventEndpoint, Subscriber,
@@ -104,6 +105,30 @@ impl<H: DataPlane> DeviceBase<H> {
     /// The data-plane handler while activated.
     pub(crate) fn handler(&self) -> Option<&Arc<Mutex<H>>> {
         self.active.as_ref().map(|(handler, _)| handler)
+    }
+
+    /// The handler's queue positions with `state` (see [`VirtioDevice::snapshot`]); the
+    /// handler is locked while `state` reads it.
+    pub(crate) fn snapshot(
+        &self,
+        state: impl FnOnce(&H) -> DeviceState,
+    ) -> Result<DeviceSnapshot, SnapshotError> {
+        let handler = self
+            .handler()
+            .ok_or(SnapshotError::Inconsistent("snapshot of an inactive device"))?;
+        let h = lock(handler);
+        Ok(DeviceSnapshot { queues: h.queue_positions(), state: state(&h) })
+    }
+
+    /// Gives the restored handler its state (see [`VirtioDevice::restore`]).
+    pub(crate) fn restore(
+        &self,
+        f: impl FnOnce(&mut H) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        let handler = self
+            .handler()
+            .ok_or(SnapshotError::Inconsistent("restore into an inactive device"))?;
+        f(&mut lock(handler))
     }
 
     /// Registers `handler` with the event manager (its `init` adds its fds) and checks that

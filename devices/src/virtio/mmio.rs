@@ -9,6 +9,7 @@
 //! Everything written by the guest is checked: bad sizes/addresses make the queue invalid and
 //! activation fail (`DEVICE_NEEDS_RESET`), out-of-range indexes and accesses are ignored.
 
+mod snapshot;
 #[cfg(test)]
 mod tests;
 

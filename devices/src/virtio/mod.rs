@@ -67,6 +67,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod snapshot;
 // Also built for the fuzz targets (feature `fuzzing`), which use only part of it.
 #[cfg(any(test, feature = "fuzzing"))]
 #[cfg_attr(not(test), allow(dead_code))]
@@ -104,6 +105,7 @@ pub fn device_name(device_type: u32) -> &'static str {
         TYPE_BLOCK => "virtio-blk",
         TYPE_CONSOLE => "virtio-console",
         TYPE_RNG => "virtio-rng",
+        TYPE_FS => "virtio-fs",
         _ => "virtio",
     }
 }
@@ -138,6 +140,8 @@ pub trait DataPlane: MutEventSubscriber + Send + 'static {
     /// Takes the error recorded by `init` (which cannot return one) if registering one of the
     /// handler's fds failed.
     fn take_registration_error(&mut self) -> Option<event_manager::Error>;
+    /// Where the handler is in each of its queues, in queue index order (for a snapshot).
+    fn queue_positions(&self) -> Vec<snapshot::QueuePosition>;
 }
 
 /// What the VMM's event manager holds: any data-plane handler.
@@ -217,6 +221,18 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
     /// True between a successful `activate` and `reset`.
     fn is_activated(&self) -> bool;
+    /// While activated: the data plane's queue positions and the device's own state, for a
+    /// VM snapshot (see [`snapshot`]). Called with the vCPUs paused, on the event-loop
+    /// thread. Devices whose state cannot be saved keep this default.
+    fn snapshot(&self) -> Result<snapshot::DeviceSnapshot, snapshot::SnapshotError> {
+        Err(snapshot::SnapshotError::Unsupported(device_name(self.device_type())))
+    }
+    /// Right after a restore activated the device at the saved queue positions: takes back
+    /// the rest of what [`VirtioDevice::snapshot`] saved.
+    fn restore(&mut self, state: &snapshot::DeviceSnapshot) -> Result<(), snapshot::SnapshotError> {
+        let _ = state;
+        Err(snapshot::SnapshotError::Unsupported(device_name(self.device_type())))
+    }
 }
 
 /// Which interrupt cause to raise.
@@ -275,6 +291,12 @@ impl IrqTrigger {
     /// and nobody else would set it. A spurious look finds nothing new and costs little.
     pub fn set_sticky(&self, kind: IrqKind) {
         self.sticky.fetch_or(kind.bit(), Ordering::SeqCst);
+    }
+
+    /// Sets causes as pending without signalling (a restore: the interrupt controller's
+    /// saved state already has the line's level).
+    pub fn set_pending(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
     }
 
     /// InterruptACK: clears the given bits.

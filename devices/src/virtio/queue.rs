@@ -85,6 +85,14 @@ impl DeviceQueue {
         }
     }
 
+    /// Where the device is in the queue (for a snapshot).
+    pub fn position(&self) -> super::snapshot::QueuePosition {
+        super::snapshot::QueuePosition {
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+        }
+    }
+
     /// Resets the eventfd's counter (call first when it fires, so kicks arriving during
     /// processing fire again). EAGAIN only means it was already reset.
     pub fn drain_evt(&self) {

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::device_base::{take_queues, DeviceBase};
 use super::queue::{DeviceQueue, Step, DEFAULT_BUDGET};
+use super::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use super::{
     ActivateContext, ActivateError, DataPlane, EventEndpoint, IrqTrigger, VirtioDevice, TYPE_RNG,
     VIRTIO_F_VERSION_1,
@@ -101,6 +102,17 @@ impl VirtioDevice for Rng {
     fn is_activated(&self) -> bool {
         self.base.is_activated()
     }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        self.base.snapshot(|_| DeviceState::None)
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        match saved.state {
+            DeviceState::None => Ok(()),
+            _ => Err(SnapshotError::Inconsistent("not an entropy device's state")),
+        }
+    }
 }
 
 /// The data plane: fills the request queue's buffers.
@@ -166,6 +178,9 @@ fn fill_chain(
 impl DataPlane for RngHandler {
     fn take_registration_error(&mut self) -> Option<event_manager::Error> {
         self.registration_error.take()
+    }
+    fn queue_positions(&self) -> Vec<super::snapshot::QueuePosition> {
+        vec![self.queue.position()]
     }
 }
 

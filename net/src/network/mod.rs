@@ -40,6 +40,8 @@ pub enum NetworkError {
     AllowHostMismatch { name: String, existing: &'static str },
     #[error("network {name} has no free address for MAC {mac}: all of .2-.254 are leased")]
     PoolFull { name: String, mac: MacAddr },
+    #[error("MAC {mac} is already in use on network {name} (by microvm pid {pid}; two restores of one snapshot at once? give each NIC its own mac=, or run them on different networks)")]
+    MacInUse { name: String, mac: MacAddr, pid: u32 },
     #[error("cannot update the DHCP leases of network {name}")]
     Leases {
         name: String,
@@ -298,6 +300,11 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
             tracing::warn!(network = req.name, error = %e, "leftovers not fully removed");
         }
     }
+    // Two NICs with one MAC on one bridge would steal each other's frames (e.g. two
+    // restores of one snapshot at once): the second is refused.
+    if let Some(u) = live.iter().find(|u| u.mac == Some(req.mac)) {
+        return Err(NetworkError::MacInUse { name: req.name.to_string(), mac: req.mac, pid: u.pid }.into());
+    }
     let mut guard = NewNetworkGuard { root: &root, rtnl: &rtnl, name: req.name.to_string(), armed: false };
     let (record, br) = match root.read_record(req.name)? {
         Some(rec) => {
@@ -331,7 +338,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
     let dhcp = dhcp::register(&dhcp_net, req.mac)?;
     let (pid, start) = state::self_identity();
-    let entry = UserEntry { pid, start, tap: tap.name().to_string(), vm_id: req.vm_id.to_string() };
+    let entry = UserEntry { pid, start, tap: tap.name().to_string(), vm_id: req.vm_id.to_string(), mac: Some(req.mac) };
     let mut users = root.read_users(req.name)?;
     users.push(entry.clone());
     root.write_users(req.name, &users)?;

@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{PORT_STDERR, PORT_STDIN, PORT_STDOUT};
-use crate::sys;
+use crate::protocol::{Params, COMMAND_MESSAGE_MAX, PORT_CONTROL, PORT_STDERR, PORT_STDIN, PORT_STDOUT, READY_MESSAGE};
+use crate::sys::{self, Fail, Result};
 
 /// How long the ports may take to appear after the driver bound the device (the kernel
 /// creates them from a workqueue as microvm's control messages arrive; in practice they
@@ -69,6 +69,51 @@ pub fn open_ports() -> Option<[OwnedFd; 3]> {
     }
     let [a, b, c]: [OwnedFd; 3] = fds.try_into().ok()?;
     Some([a, b, c])
+}
+
+/// `microvm.wait`: says READY on the control port and reads the command line microvm
+/// sends (see protocol.rs), into `params`.
+pub fn wait_for_command(params: &mut Params) -> Result<()> {
+    if !matches!(console_device(), Device::Bound) {
+        return Err(Fail::new("microvm.wait needs the command channel (a virtio-console and its driver)"));
+    }
+    let deadline = Instant::now() + WAIT;
+    let dev = loop {
+        if let Some(dev) = find_port(PORT_CONTROL) {
+            break dev;
+        }
+        if Instant::now() >= deadline {
+            return Err(Fail::new(format!("the control port did not appear in {}s", WAIT.as_secs())));
+        }
+        std::thread::sleep(POLL);
+    };
+    let fd = open(&dev, libc::O_RDWR).map_err(|e| Fail::io(format_args!("cannot open {dev}"), e))?;
+    let mut port = std::fs::File::from(fd);
+    use std::io::{Read, Write};
+    port.write_all(READY_MESSAGE).map_err(|e| Fail::io("cannot say READY on the control port", e))?;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.ends_with(b"\n") {
+        match port.read(&mut buf) {
+            // The host side not open yet (or closed and reopened by a restore): wait.
+            Ok(0) => std::thread::sleep(POLL),
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Fail::io("cannot read the command from the control port", e)),
+        }
+        if line.len() > COMMAND_MESSAGE_MAX {
+            return Err(Fail::new("the command from the control port is too long"));
+        }
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| Fail::new("the command from the control port is not text"))?;
+    let sent = Params::parse(text.trim_end());
+    if let Some(e) = sent.errors.first() {
+        return Err(Fail::new(e.to_string()));
+    }
+    params.argv = sent.argv;
+    params.cwd = sent.cwd.or(params.cwd.take());
+    params.term = sent.term.or(params.term.take());
+    Ok(())
 }
 
 enum Device {

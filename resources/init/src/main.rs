@@ -54,5 +54,10 @@ fn boot() -> Result<u8> {
     }
     let dns = net::up();
     net::write_resolv_conf(&dns, root.writable);
+    let mut params = params;
+    if params.wait {
+        // Snapshots are taken here: the command arrives in the restored VM.
+        channel::wait_for_command(&mut params)?;
+    }
     run::run(&params)
 }

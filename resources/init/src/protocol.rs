@@ -21,6 +21,16 @@
 //! | `microvm.share=TAG,B64[,ro]`| mount virtio-fs `TAG` at the path B64 (repeatable)       |
 //! | `microvm.term=TERM`         | `TERM` for the command (default `linux`)                 |
 //! | `microvm.exitdev=0xADDR`    | physical address of microvm's exit device (a 32-bit write of the status) |
+//! | `microvm.wait`              | the command comes later, over the control port (below)   |
+//!
+//! # Waiting for the command (snapshots)
+//!
+//! With `microvm.wait` the init does everything up to the command (root, mounts, network),
+//! then opens the port named [`PORT_CONTROL`], writes [`READY_MESSAGE`] and reads one line:
+//! the command, as the `microvm.argv=`, `microvm.cwd=` and `microvm.term=` words above,
+//! space-separated, ending in `\n` (at most [`COMMAND_MESSAGE_MAX`] bytes). A line without
+//! `microvm.argv=` starts a shell on the console. microvm snapshots the VM when READY
+//! arrives (`--snapshot-to`), and a restore (`--restore`) writes the command line.
 
 // Each side uses half of this file (the vmm writes, the init reads).
 #![allow(dead_code)]
@@ -38,6 +48,22 @@ pub const CWD: &str = "microvm.cwd";
 pub const SHARE: &str = "microvm.share";
 pub const TERM: &str = "microvm.term";
 pub const EXIT_DEVICE: &str = "microvm.exitdev";
+pub const WAIT: &str = "microvm.wait";
+
+/// The control port: READY from the init, then the command from microvm (see above).
+pub const PORT_CONTROL: &str = "microvm.control";
+/// What the init writes on the control port when it waits for the command.
+pub const READY_MESSAGE: &[u8] = b"READY\n";
+/// The longest command line the init reads from the control port.
+pub const COMMAND_MESSAGE_MAX: usize = 256 * 1024;
+
+/// The command line a restore writes on the control port: `words` (`argv_param`, ...)
+/// space-separated, then a newline.
+pub fn command_message<W: AsRef<str>>(words: &[W]) -> Vec<u8> {
+    let mut line = words.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" ").into_bytes();
+    line.push(b'\n');
+    line
+}
 
 /// Names of the virtio-console ports of the command channel (vmm/src/channel.rs): the
 /// command's stdin, stdout and stderr (`/sys/class/virtio-ports/*/name`). microvm attaches
@@ -131,6 +157,8 @@ pub struct Params {
     pub shares: Vec<Share>,
     pub term: Option<String>,
     pub exit_device: Option<u64>,
+    /// `microvm.wait`: the command comes over the control port.
+    pub wait: bool,
     /// Parameters of microvm's that could not be read (the init reports the first, after
     /// it has learnt where the exit device is).
     pub errors: Vec<BadParam>,
@@ -157,6 +185,7 @@ impl Params {
             let bad = |name: &'static str| BadParam { name, value: value.unwrap_or_default().to_string() };
             match (key, value) {
                 ("ro", None) => p.read_write = false,
+                (WAIT, None) => p.wait = true,
                 ("rw", None) => p.read_write = true,
                 ("root", Some(v)) => p.root = Some(v.to_string()),
                 ("rootfstype", Some(v)) => p.rootfstype = Some(v.to_string()),

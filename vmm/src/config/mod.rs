@@ -67,6 +67,8 @@ pub enum ConfigError {
     KvmOpen(#[source] kvm_ioctls::Error),
     #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: u32, max: usize },
+    #[error("--snapshot-to {0}")]
+    SnapshotTo(&'static str),
     /// Input found wrong only while booting (initrd too big, command line too long).
     #[error(transparent)]
     Boot(crate::boot::BootError),
@@ -109,6 +111,21 @@ pub struct VmConfig {
     pub verbose: bool,
     /// Stop the VM (exit 124) after this long.
     pub timeout: Option<std::time::Duration>,
+    /// `--snapshot-to DIR`: boot, and when the init is ready for a command, save the VM to
+    /// DIR and exit 0 (see snapshot/vmm.rs).
+    pub snapshot_to: Option<PathBuf>,
+    /// Built from a snapshot (`--restore`): microvm's init is already waiting in the guest.
+    pub from_snapshot: bool,
+    /// The `--disk` and `--net` specs as given, which a snapshot keeps so that a restore
+    /// reads them again with the same parser.
+    pub specs: Specs,
+}
+
+/// See [`VmConfig::specs`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Specs {
+    pub disks: Vec<String>,
+    pub nets: Vec<String>,
 }
 
 impl Default for VmConfig {
@@ -128,6 +145,9 @@ impl Default for VmConfig {
             console_log: None,
             verbose: false,
             timeout: None,
+            snapshot_to: None,
+            from_snapshot: false,
+            specs: Specs::default(),
         }
     }
 }
@@ -156,6 +176,9 @@ impl VmConfig {
         for d in &self.disks {
             d.validate()?;
         }
+        if self.snapshot_to.is_some() {
+            self.validate_snapshot_to()?;
+        }
         let tags = self.share_tags();
         for (i, s) in self.shares.iter().enumerate() {
             s.validate()?;
@@ -169,6 +192,25 @@ impl VmConfig {
                     second: s.host.display().to_string(),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// What a snapshot can hold: a disk root booted by microvm's own init, no state in
+    /// another process (virtiofsd), the command given to the restore instead.
+    fn validate_snapshot_to(&self) -> Result<(), ConfigError> {
+        let refuse = |why| Err(ConfigError::SnapshotTo(why));
+        if self.disks.is_empty() {
+            return refuse("needs a --disk root: the host root is shared over virtio-fs, whose state a snapshot cannot hold");
+        }
+        if !self.shares.is_empty() {
+            return refuse("cannot be used with --share: virtiofsd holds the guest's open files, which a snapshot cannot hold");
+        }
+        if self.initrd.is_some() {
+            return refuse("cannot be used with --initrd: microvm's own init must say when the guest is ready");
+        }
+        if !self.command.is_empty() {
+            return refuse("takes no command: give it to each --restore (microvm --restore DIR -- CMD)");
         }
         Ok(())
     }

@@ -5,11 +5,12 @@
 //!
 //! | thread kind    | runs                                                  | filter installed      |
 //! |----------------|-------------------------------------------------------|-----------------------|
-//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, ACPI PM, virtio-mmio; device activation and reset, including virtio-fs's vhost-user messages to virtiofsd), register dumps | at thread start, before the first KVM_RUN |
-//! | `main`         | the event loop: virtio-blk/net/rng/console queues, TAP and disk I/O, stdin, signals, the virtiofsd watcher (pidfd), the `--timeout` timer; after it, the console post-mortem and the command channel's last flush | after all setup, right before the event loop |
-//! | `microvm-stdin`, `microvm.stdout`, `microvm.stderr` | the command channel's pumps (channel.rs): fds 0/1/2 to and from the virtio-console's pipes | at thread start ([`spawn_confined`]) |
+//! | `vcpu-N`       | KVM_RUN, PIO/MMIO dispatch (serial, exit, ACPI PM, virtio-mmio; device activation and reset, including virtio-fs's vhost-user messages to virtiofsd), register dumps; in a `--snapshot-to` run only, reading its own state for the save (KVM_GET_*, see [`Extras`]) | at thread start, before the first KVM_RUN |
+//! | `main`         | the event loop: virtio-blk/net/rng/console queues, TAP and disk I/O, stdin, signals, the virtiofsd watcher (pidfd), the `--timeout` timer; after it, pausing the vCPUs for a snapshot, the console post-mortem and the command channel's last flush | after all setup (a boot's or a restore's), right before the event loop |
+//! | `microvm-stdin`, `microvm.stdout`, `microvm.stderr`, `microvm-control` | the command channel's pumps (channel.rs): fds 0/1/2 to and from the virtio-console's pipes; a snapshot's READY watcher or a restore's command writer on the control port | at thread start ([`spawn_confined`]) |
 //! | `dhcp-NAME`    | the DHCP responder (net crate): UDP socket, stop eventfd, lease file | at thread start (through `net::set_thread_start_hook`) |
 //! | `teardown`     | nothing until exit; then the ordered release (TAPs/bridges/nft, then virtiofsd) | **none** (see below)  |
+//! | `snapshot-save` | `--snapshot-to` runs only: nothing until the init is ready; then the save (VM state, disk metadata, the snapshot's files) while `main` waits ([`Unconfined`]) | **none** |
 //!
 //! The lists themselves are in [`rules`]; each entry says who needs it. [`enable`] compiles
 //! them once; each thread installs its own ([`confine`], [`spawn_confined`]).
@@ -19,8 +20,16 @@
 //! of its parent thread. So it runs on the `teardown` thread ([`crate::teardown`]), started
 //! before any filtered thread; it takes over the NICs and the virtiofsd daemons at the end
 //! of setup and blocks in read(2) on an eventfd until the VM exits, the process panics, or
-//! a filtered thread is caught by seccomp. It is the only unfiltered thread and owns
-//! nothing a guest reaches.
+//! a filtered thread is caught by seccomp. It owns nothing a guest reaches.
+//!
+//! Snapshots: the save needs KVM_GET_* on the VM fd and creates, writes, syncs and renames
+//! files, so the main thread hands it to `snapshot-save`, the other unfiltered thread, which
+//! exists only in `--snapshot-to` runs and only ever runs that one job. Each vCPU's state is
+//! read on its own thread (`snapshot::PauseHandle::save`), so those threads' filter allows
+//! the read-only KVM_GET_* calls in `--snapshot-to` runs, and no other run's. A restore
+//! sets every state (KVM_SET_*, device restores on a short-lived helper thread) during
+//! setup, before any filter but the channel pumps'; its vCPUs and event loop then run under
+//! the same filters as a boot's.
 //!
 //! A denied system call is not an error return: the filter answers SECCOMP_RET_TRAP, the
 //! kernel raises SIGSYS in the offending thread (it can be neither blocked nor ignored),
@@ -52,6 +61,7 @@
 
 mod rules;
 mod sigsys;
+mod unconfined;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -59,6 +69,8 @@ use std::thread::JoinHandle;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 use thiserror::Error;
+
+pub use unconfined::Unconfined;
 
 /// The thread kinds that run under a filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,10 +85,18 @@ pub enum ThreadKind {
     Channel,
 }
 
+/// What a run's filters allow beyond a plain run's (set by [`enable`] from the configuration).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// `--snapshot-to`: the vCPU threads read their own state for the save
+    /// (`snapshot::PauseHandle::save`). Other runs' vCPUs cannot.
+    pub snapshot: bool,
+}
+
 impl ThreadKind {
-    fn rules(self) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    fn rules(self, extras: Extras) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
         match self {
-            ThreadKind::Vcpu => rules::vcpu(),
+            ThreadKind::Vcpu => rules::vcpu(extras.snapshot),
             ThreadKind::EventLoop => rules::event_loop(),
             ThreadKind::Dhcp => rules::dhcp(),
             ThreadKind::Channel => rules::channel(),
@@ -111,10 +131,10 @@ pub enum SeccompError {
 }
 
 /// Compiles the filter of `kind`: allowed calls pass, anything else traps (SIGSYS).
-fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+fn compile(kind: ThreadKind, extras: Extras) -> Result<BpfProgram, SeccompError> {
     let build = |source| SeccompError::Build { kind, source };
     let filter = SeccompFilter::new(
-        kind.rules().map_err(build)?,
+        kind.rules(extras).map_err(build)?,
         if log_only() { SeccompAction::Log } else { SeccompAction::Trap },
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -188,27 +208,37 @@ struct Filters {
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
-/// Turns the filters on for the rest of the process: installs the SIGSYS reporter, compiles
-/// every list, and has net install the DHCP filter in its threads. Call before starting any
-/// thread that runs guest-facing code; each then calls [`confine`] (or is started by
-/// [`spawn_confined`]).
-pub fn enable() -> Result<(), SeccompError> {
+/// Turns the filters on for the rest of the process (unless `config` says `--no-seccomp`):
+/// installs the SIGSYS reporter, compiles every list (with what `config`'s run needs beyond
+/// a plain one, see [`Extras`]), and has net install the DHCP filter in its threads. Call
+/// before starting any thread that runs guest-facing code; each then calls [`confine`] (or
+/// is started by [`spawn_confined`]).
+pub fn enable(config: &crate::config::VmConfig) -> Result<(), SeccompError> {
+    if !config.seccomp {
+        return Ok(());
+    }
+    let extras = Extras { snapshot: config.snapshot_to.is_some() };
     let started = std::time::Instant::now();
     install_handler()?;
-    let dhcp = compile(ThreadKind::Dhcp)?;
+    let dhcp = compile(ThreadKind::Dhcp, extras)?;
     net::set_thread_start_hook(Box::new(move |_kind| {
         apply(ThreadKind::Dhcp, &dhcp)?;
         Ok(())
     }));
     let filters = Filters {
-        vcpu: compile(ThreadKind::Vcpu)?,
-        event_loop: compile(ThreadKind::EventLoop)?,
-        channel: compile(ThreadKind::Channel)?,
+        vcpu: compile(ThreadKind::Vcpu, extras)?,
+        event_loop: compile(ThreadKind::EventLoop, extras)?,
+        channel: compile(ThreadKind::Channel, extras)?,
     };
     // A second VM in the same process would compile the same lists: keep the first.
     let _ = FILTERS.set(filters);
-    tracing::debug!(elapsed = ?started.elapsed(), "seccomp filters compiled");
+    tracing::debug!(elapsed = ?started.elapsed(), ?extras, "seccomp filters compiled");
     Ok(())
+}
+
+/// Whether [`enable`] turned the filters on.
+fn enabled() -> bool {
+    FILTERS.get().is_some()
 }
 
 /// Installs the filter of `kind` on the calling thread if [`enable`] was called (else
@@ -261,7 +291,7 @@ mod tests {
 
     #[test]
     fn spawned_threads_run_under_their_filter() {
-        enable().unwrap();
+        enable(&crate::config::VmConfig::default()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         spawn_confined(ThreadKind::Channel, "test-pump".into(), move || tx.send(is_confined()).unwrap())
             .unwrap()

@@ -12,11 +12,26 @@ type Result<T> = std::result::Result<T, BackendError>;
 /// KVM ioctl numbers. kvm-ioctls keeps its own private, so they are declared here with
 /// vmm-sys-util's macros from the same kvm-bindings types.
 mod kvm {
-    use kvm_bindings::{kvm_regs, kvm_sregs, kvm_translation, KVMIO};
+    use kvm_bindings::{
+        kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs,
+        kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    };
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+    // What snapshot::capture_vcpu reads.
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
 }
 
 /// TUNSETOFFLOAD = _IOW('T', 208, unsigned int) (linux/if_tun.h; not in libc).
@@ -106,8 +121,9 @@ fn common() -> Result<List> {
 }
 
 /// `vcpu-N`: KVM_RUN and the devices' PIO/MMIO handlers (serial to stdout, exit device,
-/// virtio-mmio registers; activation hands the queues to the event loop).
-pub(super) fn vcpu() -> Result<Rules> {
+/// virtio-mmio registers; activation hands the queues to the event loop). With `snapshot`
+/// (a `--snapshot-to` run) also what saving a paused vCPU reads on its own thread.
+pub(super) fn vcpu(snapshot: bool) -> Result<Rules> {
     let mut l = common()?;
     // virtio-mmio reset drains the queue eventfds; activation duplicates them for the
     // device's handler (std's try_clone is fcntl(F_DUPFD_CLOEXEC)).
@@ -124,6 +140,25 @@ pub(super) fn vcpu() -> Result<Rules> {
     for request in [kvm::KVM_RUN(), kvm::KVM_GET_REGS(), kvm::KVM_GET_SREGS(), kvm::KVM_TRANSLATE()] {
         // KVM_RUN; the others only for the SIGUSR1 register dump and fault reports.
         l.when(libc::SYS_ioctl, vec![eq(1, request)?])?;
+    }
+    if snapshot {
+        // snapshot::capture_vcpu, run on the parked vCPU's thread by PauseHandle::save
+        // (KVM_GET_REGS and KVM_GET_SREGS are allowed above). Read-only: no KVM_SET_*.
+        for request in [
+            kvm::KVM_GET_MP_STATE(),
+            kvm::KVM_GET_FPU(),
+            kvm::KVM_GET_XSAVE(),
+            kvm::KVM_GET_XSAVE2(),
+            kvm::KVM_GET_XCRS(),
+            kvm::KVM_GET_DEBUGREGS(),
+            kvm::KVM_GET_LAPIC(),
+            kvm::KVM_GET_TSC_KHZ(),
+            kvm::KVM_GET_CPUID2(),
+            kvm::KVM_GET_MSRS(),
+            kvm::KVM_GET_VCPU_EVENTS(),
+        ] {
+            l.when(libc::SYS_ioctl, vec![eq(1, request)?])?;
+        }
     }
     Ok(l.0)
 }
@@ -209,14 +244,16 @@ pub(super) fn dhcp() -> Result<Rules> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{compile, ThreadKind};
+    use super::super::{compile, Extras, ThreadKind};
     use super::*;
 
     #[test]
     fn every_list_compiles() {
         for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Dhcp, ThreadKind::Channel] {
-            let bpf = compile(kind).unwrap();
-            assert!(!bpf.is_empty() && bpf.len() < 4096, "{kind:?}: {} instructions", bpf.len());
+            for extras in [Extras::default(), Extras { snapshot: true }] {
+                let bpf = compile(kind, extras).unwrap();
+                assert!(!bpf.is_empty() && bpf.len() < 4096, "{kind:?} {extras:?}: {} instructions", bpf.len());
+            }
         }
     }
 
@@ -227,7 +264,25 @@ mod tests {
         assert_eq!(kvm::KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(kvm::KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(kvm::KVM_TRANSLATE(), 0xc018_ae85);
+        assert_eq!(kvm::KVM_GET_MP_STATE(), 0x8004_ae98);
+        assert_eq!(kvm::KVM_GET_FPU(), 0x81a0_ae8c);
+        assert_eq!(kvm::KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(kvm::KVM_GET_XSAVE2(), 0x9000_aecf);
+        assert_eq!(kvm::KVM_GET_XCRS(), 0x8188_aea6);
+        assert_eq!(kvm::KVM_GET_DEBUGREGS(), 0x8080_aea1);
+        assert_eq!(kvm::KVM_GET_LAPIC(), 0x8400_ae8e);
+        assert_eq!(kvm::KVM_GET_TSC_KHZ(), 0xaea3);
+        assert_eq!(kvm::KVM_GET_CPUID2(), 0xc008_ae91);
+        assert_eq!(kvm::KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(kvm::KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
+    }
+
+    #[test]
+    fn only_snapshot_runs_let_vcpus_read_their_state() {
+        let ioctls = |snapshot| vcpu(snapshot).unwrap()[&libc::SYS_ioctl].len();
+        assert_eq!(ioctls(true), ioctls(false) + 11, "the KVM_GET_* of capture_vcpu");
+        assert_eq!(vcpu(true).unwrap().len(), vcpu(false).unwrap().len(), "no other call");
     }
 
     #[test]
@@ -236,10 +291,10 @@ mod tests {
         l.any(&[libc::SYS_ioctl]);
         l.when(libc::SYS_ioctl, vec![eq(1, 1).unwrap()]).unwrap();
         assert!(l.0[&libc::SYS_ioctl].is_empty());
-        assert!(!vcpu().unwrap().contains_key(&libc::SYS_openat), "vCPUs open no files");
+        assert!(!vcpu(true).unwrap().contains_key(&libc::SYS_openat), "vCPUs open no files");
         assert!(!event_loop().unwrap().contains_key(&libc::SYS_execve));
         assert!(!channel().unwrap().contains_key(&libc::SYS_openat), "pumps open no files");
-        for rules in [vcpu().unwrap(), event_loop().unwrap(), dhcp().unwrap(), channel().unwrap()] {
+        for rules in [vcpu(false).unwrap(), vcpu(true).unwrap(), event_loop().unwrap(), dhcp().unwrap(), channel().unwrap()] {
             assert!(!rules.contains_key(&libc::SYS_rt_sigaction), "the SIGSYS handler must stay");
         }
     }

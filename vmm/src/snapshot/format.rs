@@ -136,7 +136,22 @@ pub fn save(
     state: &SnapshotState,
     mem: &GuestMemoryMmap,
 ) -> Result<SaveStats, SnapshotError> {
+    save_with(dir, state, mem, |_| Ok(()))
+}
+
+/// [`save`], with `extra` writing (and fsyncing) more files into the temporary directory
+/// before it becomes DIR: they appear atomically with the rest.
+pub fn save_with(
+    dir: &Path,
+    state: &SnapshotState,
+    mem: &GuestMemoryMmap,
+    extra: impl FnOnce(&Path) -> Result<(), SnapshotError>,
+) -> Result<SaveStats, SnapshotError> {
     let (tmp, mut stats) = write_tmp(dir, state, mem)?;
+    if let Err(e) = extra(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let t = Instant::now();
     if let Err(e) = commit(&tmp, dir) {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -40,6 +40,7 @@
 pub mod format;
 pub mod memory;
 pub mod pause;
+pub mod saved;
 mod pod;
 pub mod state;
 #[cfg(test)]
@@ -49,7 +50,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use format::{load, save, Snapshot, SnapshotState, FORMAT_VERSION};
+pub use format::{load, save, save_with, Snapshot, SnapshotState, FORMAT_VERSION};
 pub use pause::PauseHandle;
 pub use state::{capture_vcpu, capture_vm, restore_vcpu, restore_vm, KvmCaps, VcpuState, VmState};
 
@@ -112,6 +113,14 @@ pub enum SnapshotError {
     PauseTimeout { index: usize, ms: u128 },
     #[error("vCPU {index} is not paused")]
     NotPaused { index: usize },
+    #[error(transparent)]
+    Saved(#[from] saved::SavedConfigError),
+    #[error("cannot save the overlay of disk {index}")]
+    Overlay {
+        index: usize,
+        #[source]
+        source: devices::virtio::block::OverlayError,
+    },
     #[error("vCPU {index}'s thread is gone")]
     VcpuGone { index: usize },
 }
@@ -132,7 +141,7 @@ impl SnapshotError {
                 | SnapshotError::XsaveSize { .. }
                 | SnapshotError::MsrRejected { .. }
                 | SnapshotError::NotASnapshotDir { .. }
-        )
+        ) || matches!(self, SnapshotError::Saved(e) if e.is_usage())
     }
 }
 

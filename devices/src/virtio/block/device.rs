@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 use super::handler::BlockHandler;
+use super::overlay::Overlay;
 use super::request::Disk;
 use super::{
     BlockError, QUEUE_SIZES, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH,
@@ -15,6 +16,7 @@ use super::{
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::device_base::{take_queues, DeviceBase};
+use crate::virtio::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use crate::virtio::{
     lock, ActivateContext, ActivateError, EventEndpoint, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
@@ -62,6 +64,32 @@ impl Block {
         disk_len: u64,
         endpoint: EventEndpoint,
     ) -> Result<Self, BlockError> {
+        let serial = serial(&config, &file)?;
+        let disk = Disk::new(file, disk_len, config.read_only, &serial);
+        Self::with_disk(config, disk, disk_len, endpoint)
+    }
+
+    /// Creates an inactive block device whose writes go to `overlay` (`--disk PATH,snapshot`);
+    /// the guest sees a writable disk of `overlay.len()` bytes (unless `config.read_only`).
+    /// The default serial is the base image's, as for a plain disk of that image.
+    pub fn with_overlay(
+        config: BlockConfig,
+        overlay: Overlay,
+        endpoint: EventEndpoint,
+    ) -> Result<Self, BlockError> {
+        let serial = serial(&config, overlay.base())?;
+        let disk_len = overlay.len();
+        let disk = Disk::with_overlay(overlay, config.read_only, &serial);
+        Self::with_disk(config, disk, disk_len, endpoint)
+    }
+
+    /// The common part; `disk_len` is the disk's length in bytes before rounding.
+    fn with_disk(
+        config: BlockConfig,
+        disk: Disk,
+        disk_len: u64,
+        endpoint: EventEndpoint,
+    ) -> Result<Self, BlockError> {
         if let Some(bs) = config.block_size {
             if !(512..=4096).contains(&bs) || !bs.is_power_of_two() {
                 return Err(BlockError::InvalidBlockSize(bs));
@@ -74,15 +102,8 @@ impl Block {
                 "virtio-blk: image size is not a multiple of 512, the tail is not visible"
             );
         }
-        let serial = match &config.serial {
-            Some(s) => s.clone(),
-            None => {
-                let md = file.metadata().map_err(BlockError::Metadata)?;
-                default_serial(md.dev(), md.ino())
-            }
-        };
         let rate_limiter = config.rate_limiter.map(RateLimiter::new).transpose()?;
-        let disk = Arc::new(Disk::new(file, disk_len, config.read_only, &serial));
+        let disk = Arc::new(disk);
 
         let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_BLK_F_FLUSH)
@@ -102,6 +123,7 @@ impl Block {
             path = %config.path.display(),
             sectors = disk.nsectors(),
             read_only = config.read_only,
+            snapshot = disk.overlay().is_some(),
             "virtio-blk: device created"
         );
         Ok(Block {
@@ -122,6 +144,17 @@ impl Block {
         self.disk.nsectors()
     }
 
+    /// The copy-on-write overlay of a `,snapshot` disk (for saving it in a VM snapshot).
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.disk.overlay()
+    }
+
+    /// The disk, shared with the data plane: the VMM keeps it to save a `,snapshot` disk's
+    /// overlay with the VM.
+    pub fn disk(&self) -> Arc<Disk> {
+        self.disk.clone()
+    }
+
     /// Features acked by the driver.
     pub fn acked_features(&self) -> u64 {
         self.base.acked_features()
@@ -130,6 +163,17 @@ impl Block {
     /// The data-plane handler while activated (e.g. for inspection in tests).
     pub fn handler(&self) -> Option<&Arc<Mutex<BlockHandler>>> {
         self.base.handler()
+    }
+}
+
+/// The GET_ID answer: the configured serial, or one derived from the image file.
+fn serial(config: &BlockConfig, file: &File) -> Result<String, BlockError> {
+    match &config.serial {
+        Some(s) => Ok(s.clone()),
+        None => {
+            let md = file.metadata().map_err(BlockError::Metadata)?;
+            Ok(default_serial(md.dev(), md.ino()))
+        }
     }
 }
 
@@ -203,5 +247,21 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.base.is_activated()
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        self.base.snapshot(|h| DeviceState::Limited(vec![h.rate_limiter().map(RateLimiter::state)]))
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        let DeviceState::Limited(levels) = &saved.state else {
+            return Err(SnapshotError::Inconsistent("not a block device's state"));
+        };
+        self.base.restore(|h| {
+            if let (Some(l), Some(Some(level))) = (h.rate_limiter_mut(), levels.first()) {
+                l.restore_state(level);
+            }
+            Ok(())
+        })
     }
 }

@@ -12,6 +12,9 @@ impl DataPlane for BlockHandler {
     fn take_registration_error(&mut self) -> Option<event_manager::Error> {
         self.registration_error.take()
     }
+    fn queue_positions(&self) -> Vec<crate::virtio::snapshot::QueuePosition> {
+        vec![self.queue.position()]
+    }
 }
 
 impl MutEventSubscriber for BlockHandler {

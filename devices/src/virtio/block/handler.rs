@@ -84,6 +84,11 @@ impl BlockHandler {
         self.rate_limiter.as_ref()
     }
 
+    /// The rate limiter, to restore its levels.
+    pub fn rate_limiter_mut(&mut self) -> Option<&mut RateLimiter> {
+        self.rate_limiter.as_mut()
+    }
+
     /// Takes the rate limiter back (device reset).
     pub fn take_rate_limiter(&mut self) -> Option<RateLimiter> {
         self.rate_limiter.take()

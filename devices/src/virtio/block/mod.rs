@@ -6,10 +6,28 @@
 //! * [`handler`]: the data plane, [`BlockHandler`]: drains the request queue, applies the rate
 //!   limiter, signals the guest. Testable without KVM.
 //! * [`event_handler`]: `event_manager::MutEventSubscriber` glue for [`BlockHandler`].
+//! * [`overlay`]: the copy-on-write [`Overlay`] behind `--disk PATH,snapshot`.
+//!
+//! # Snapshot disks and VM snapshots
+//!
+//! A `,snapshot` disk is a [`Block`] built with [`Block::with_overlay`] over an
+//! [`Overlay`]: the image opened read-only (the VMM holds a shared lock on it) and a private
+//! anonymous upper file that takes the guest's writes and vanishes with the process. For a
+//! VM snapshot, the VMM (with the VM paused):
+//!
+//! * `block.overlay()` -> `Some(overlay)`: `overlay.save(&data, &map)` writes what the guest
+//!   wrote so far (a sparse data file and a small CRC-checked map, fsynced);
+//! * on restore, `Overlay::restore(base, &data, &map, &upper_dir)` stacks that pair over the
+//!   image read-only, with a fresh private upper, and `Block::with_overlay` makes the device;
+//!   it refuses a damaged map or data file, another map version, and an image whose length
+//!   or modification time changed since the save;
+//! * a plain (not `,snapshot`) disk of a snapshotted VM restores as `Overlay::new(base, len,
+//!   &upper_dir)`: its image is as the snapshot left it, and a restore must not change it.
 
 pub mod device;
 pub mod event_handler;
 pub mod handler;
+pub mod overlay;
 pub mod request;
 
 #[cfg(test)]
@@ -19,6 +37,7 @@ use std::io;
 
 pub use device::{Block, BlockConfig};
 pub use handler::{BlockHandler, ProcessStats};
+pub use overlay::{Overlay, OverlayError};
 pub use request::{Disk, RequestError};
 
 use crate::rate_limiter::RateLimiterError;
@@ -67,4 +86,7 @@ pub enum BlockError {
     /// The rate limiter could not be created.
     #[error("creating the rate limiter failed")]
     RateLimiter(#[from] RateLimiterError),
+    /// The copy-on-write overlay of a `,snapshot` disk could not be created.
+    #[error("creating the snapshot overlay failed")]
+    Overlay(#[from] OverlayError),
 }

@@ -21,6 +21,7 @@ use vm_memory::{
     ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
+use super::overlay::{Overlay, OverlayError, CHUNK_SIZE};
 use super::{
     REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -89,24 +90,52 @@ impl RequestError {
 /// The backing image, shared by the device and its data plane.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
+    backend: Backend,
     nsectors: u64,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+/// Where the disk's bytes live.
+#[derive(Debug)]
+enum Backend {
+    /// The image file itself: reads and writes go straight between it and guest memory.
+    File(File),
+    /// A copy-on-write overlay (`--disk PATH,snapshot`).
+    Overlay(Overlay),
 }
 
 impl Disk {
     /// `disk_len` bytes of `file` are exposed (rounded down to whole sectors). `id` is the
     /// GET_ID answer, truncated to 20 bytes.
     pub fn new(file: File, disk_len: u64, read_only: bool, id: &str) -> Self {
+        Self::with_backend(Backend::File(file), disk_len, read_only, id)
+    }
+
+    /// A disk whose writes go to `overlay`, all of it exposed (rounded down to whole
+    /// sectors). `read_only` still refuses writes (a pointless overlay, but allowed).
+    pub fn with_overlay(overlay: Overlay, read_only: bool, id: &str) -> Self {
+        let len = overlay.len();
+        Self::with_backend(Backend::Overlay(overlay), len, read_only, id)
+    }
+
+    fn with_backend(backend: Backend, disk_len: u64, read_only: bool, id: &str) -> Self {
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
         let n = id.len().min(VIRTIO_BLK_ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         Disk {
-            file,
+            backend,
             nsectors: disk_len >> SECTOR_SHIFT,
             read_only,
             id: id_bytes,
+        }
+    }
+
+    /// The overlay, for a `,snapshot` disk.
+    pub fn overlay(&self) -> Option<&Overlay> {
+        match &self.backend {
+            Backend::Overlay(o) => Some(o),
+            Backend::File(_) => None,
         }
     }
 
@@ -258,11 +287,16 @@ impl Request {
                 if write && disk.read_only {
                     return Err(RequestError::ReadOnly);
                 }
-                let mut file = FileAt {
-                    file: &disk.file,
-                    // check_range ensures this cannot overflow.
-                    offset: self.sector << SECTOR_SHIFT,
+                // check_range ensures this cannot overflow.
+                let offset = self.sector << SECTOR_SHIFT;
+                let file = match &disk.backend {
+                    Backend::File(file) => file,
+                    Backend::Overlay(overlay) => {
+                        overlay_io(mem, overlay, offset, &self.data, self.data_len, write)?;
+                        return Ok(if write { 0 } else { self.data_len as u32 });
+                    }
                 };
+                let mut file = FileAt { file, offset };
                 for d in &self.data {
                     if write {
                         guest_to_file(mem, d.addr(), d.len() as usize, &mut file)?;
@@ -274,7 +308,11 @@ impl Request {
                 Ok(if write { 0 } else { self.data_len as u32 })
             }
             RequestType::Flush => {
-                disk.file.sync_data().map_err(RequestError::Io)?;
+                // An overlay has nothing to make durable: its upper file is thrown away at
+                // exit and its lower layers are never written.
+                if let Backend::File(file) = &disk.backend {
+                    file.sync_data().map_err(RequestError::Io)?;
+                }
                 Ok(0)
             }
             RequestType::GetId => {
@@ -308,6 +346,107 @@ impl Request {
                 nsectors: disk.nsectors,
             }),
         }
+    }
+}
+
+/// IN/OUT on an overlay disk, through a bounce buffer. The guest's data is treated as one
+/// stream over its descriptors and cut at chunk boundaries, so each overlay call covers as
+/// much of one chunk as the request does (a request covering a whole chunk needs no
+/// copy-up). Not zero-copy, unlike plain disks: a copy-up must merge the guest's bytes with
+/// the lower chunk in a buffer anyway, and the bounce keeps the overlay a byte-range API that
+/// knows nothing of guest memory; one memcpy per request is small next to its syscalls.
+fn overlay_io(
+    mem: &GuestMemoryMmap,
+    overlay: &Overlay,
+    offset: u64,
+    data: &[Descriptor],
+    data_len: u64,
+    write: bool,
+) -> Result<(), RequestError> {
+    let mut buf = vec![0u8; data_len.min(CHUNK_SIZE) as usize];
+    let mut guest = GuestStream {
+        mem,
+        descs: data,
+        done: 0,
+    };
+    let mut pos = offset;
+    let mut remaining = data_len;
+    while remaining > 0 {
+        // The part of the request inside pos's chunk.
+        let n = (CHUNK_SIZE - pos % CHUNK_SIZE).min(remaining) as usize;
+        let piece = &mut buf[..n];
+        if write {
+            guest.read(piece)?;
+            overlay.write_at(pos, piece).map_err(overlay_to_request)?;
+        } else {
+            overlay.read_at(pos, piece).map_err(overlay_to_request)?;
+            guest.write(piece)?;
+        }
+        pos += n as u64;
+        remaining -= n as u64;
+    }
+    Ok(())
+}
+
+fn overlay_to_request(e: OverlayError) -> RequestError {
+    match e {
+        OverlayError::Io(e) => RequestError::Io(e),
+        // check_range already refused requests beyond the disk.
+        other => RequestError::Io(io::Error::other(other)),
+    }
+}
+
+/// The data descriptors of a request as one byte stream.
+struct GuestStream<'a> {
+    mem: &'a GuestMemoryMmap,
+    descs: &'a [Descriptor],
+    /// Bytes of `descs[0]` already consumed.
+    done: u32,
+}
+
+impl GuestStream<'_> {
+    /// The next `want` bytes' place: (address, length) inside the current descriptor.
+    fn next(&mut self, want: usize) -> Result<(GuestAddress, usize), RequestError> {
+        while let Some(d) = self.descs.first() {
+            if self.done < d.len() {
+                let n = ((d.len() - self.done) as usize).min(want);
+                let addr =
+                    d.addr()
+                        .checked_add(u64::from(self.done))
+                        .ok_or(RequestError::GuestMemory(
+                            GuestMemoryError::InvalidGuestAddress(d.addr()),
+                        ))?;
+                // n <= d.len() - done, so done + n <= d.len().
+                self.done += n as u32;
+                return Ok((addr, n));
+            }
+            self.descs = &self.descs[1..];
+            self.done = 0;
+        }
+        // Unreachable: the pieces add up to data_len, the descriptors' total.
+        Err(RequestError::Io(io::ErrorKind::UnexpectedEof.into()))
+    }
+
+    /// Fills `buf` from guest memory.
+    fn read(&mut self, mut buf: &mut [u8]) -> Result<(), RequestError> {
+        while !buf.is_empty() {
+            let (addr, n) = self.next(buf.len())?;
+            let (head, tail) = buf.split_at_mut(n);
+            self.mem.read_slice(head, addr)?;
+            buf = tail;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into guest memory.
+    fn write(&mut self, mut buf: &[u8]) -> Result<(), RequestError> {
+        while !buf.is_empty() {
+            let (addr, n) = self.next(buf.len())?;
+            let (head, tail) = buf.split_at(n);
+            self.mem.write_slice(head, addr)?;
+            buf = tail;
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::info;
 
+use crate::virtio::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use super::handler::{Backends, ConsoleHandler};
 use super::{
     ConsoleError, ConsoleInput, ConsoleOutput, MAX_NAME_LEN, MAX_PORTS, QUEUE_SIZE,
@@ -193,5 +194,16 @@ impl VirtioDevice for Console {
 
     fn is_activated(&self) -> bool {
         self.base.is_activated()
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        self.base.snapshot(|h| DeviceState::Console(h.state()))
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        let DeviceState::Console(state) = &saved.state else {
+            return Err(SnapshotError::Inconsistent("not a console's state"));
+        };
+        self.base.restore(|h| h.restore_state(state))
     }
 }

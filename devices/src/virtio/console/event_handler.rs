@@ -100,6 +100,9 @@ impl DataPlane for ConsoleHandler {
     fn take_registration_error(&mut self) -> Option<event_manager::Error> {
         self.registration_error.take()
     }
+    fn queue_positions(&self) -> Vec<crate::virtio::snapshot::QueuePosition> {
+        self.queue_positions()
+    }
 }
 
 impl MutEventSubscriber for ConsoleHandler {

@@ -33,31 +33,31 @@ pub(crate) type Backends = Vec<(
 /// A transmit chain the output has not taken entirely yet: where its bytes are in guest
 /// memory, and how many were written.
 #[derive(Debug)]
-struct TxChain {
-    head: u16,
-    bufs: Vec<(GuestAddress, usize)>,
-    done: usize,
+pub(super) struct TxChain {
+    pub(super) head: u16,
+    pub(super) bufs: Vec<(GuestAddress, usize)>,
+    pub(super) done: usize,
 }
 
 /// One port's state.
 pub(crate) struct Port {
-    name: String,
+    pub(super) name: String,
     pub(crate) rx: DeviceQueue,
     pub(crate) tx: DeviceQueue,
     pub(crate) input: Option<Box<dyn ConsoleInput>>,
     pub(crate) output: Option<Box<dyn ConsoleOutput>>,
     /// The guest sent PORT_READY.
-    ready: bool,
+    pub(super) ready: bool,
     /// The guest has the port open (PORT_OPEN 1).
-    guest_open: bool,
+    pub(super) guest_open: bool,
     /// The input reported EOF: the host side is closed.
-    input_eof: bool,
+    pub(super) input_eof: bool,
     /// The receive queue had no buffers: the input waits for an RX kick.
-    rx_starved: bool,
+    pub(super) rx_starved: bool,
     /// The output failed: what the guest writes is discarded.
-    output_failed: bool,
+    pub(super) output_failed: bool,
     /// The chain being written to the output.
-    tx_pending: Option<TxChain>,
+    pub(super) tx_pending: Option<TxChain>,
     /// Whether the input / output fd is registered with the event manager.
     pub(crate) input_watched: bool,
     pub(crate) output_watched: bool,
@@ -97,9 +97,9 @@ pub struct ConsoleHandler {
     pub(crate) ctrl_rx: DeviceQueue,
     pub(crate) ctrl_tx: DeviceQueue,
     /// The driver sent DEVICE_READY.
-    device_ready: bool,
+    pub(super) device_ready: bool,
     /// Control messages waiting for control receive buffers (bounded: see `send_control`).
-    outbox: VecDeque<Vec<u8>>,
+    pub(super) outbox: VecDeque<Vec<u8>>,
     /// Scratch buffer of [`CHUNK`] bytes.
     buf: Vec<u8>,
     /// Set by `init` if registering an fd with the event manager failed.

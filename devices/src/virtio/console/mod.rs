@@ -66,6 +66,7 @@ pub mod device;
 pub mod event_handler;
 pub mod fd;
 pub mod handler;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;
@@ -76,6 +77,7 @@ use std::os::unix::io::AsRawFd;
 pub use device::{Console, ConsoleFlush, PortConfig};
 pub use fd::{FdInput, FdOutput};
 pub use handler::ConsoleHandler;
+pub use snapshot::{ConsoleState, PortState};
 
 /// Feature bit: ports and control queues (virtio 5.3.3).
 pub const VIRTIO_CONSOLE_F_MULTIPORT: u32 = 1;

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::virtio::device_base::{take_queues, DeviceBase};
+use crate::virtio::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use crate::virtio::{
     lock, ActivateContext, ActivateError, EventEndpoint, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
@@ -220,5 +221,29 @@ impl VirtioDevice for Net {
 
     fn is_activated(&self) -> bool {
         self.base.is_activated()
+    }
+
+    fn snapshot(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        self.base.snapshot(|h| {
+            DeviceState::Limited(vec![
+                h.rx_rate_limiter().map(RateLimiter::state),
+                h.tx_rate_limiter().map(RateLimiter::state),
+            ])
+        })
+    }
+
+    fn restore(&mut self, saved: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        let DeviceState::Limited(levels) = &saved.state else {
+            return Err(SnapshotError::Inconsistent("not a network card's state"));
+        };
+        self.base.restore(|h| {
+            let (rx, tx) = h.rate_limiters_mut();
+            for (limiter, level) in [rx, tx].into_iter().zip(levels) {
+                if let (Some(l), Some(level)) = (limiter, level) {
+                    l.restore_state(level);
+                }
+            }
+            Ok(())
+        })
     }
 }

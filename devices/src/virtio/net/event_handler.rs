@@ -64,6 +64,9 @@ impl DataPlane for NetHandler {
     fn take_registration_error(&mut self) -> Option<event_manager::Error> {
         self.registration_error.take()
     }
+    fn queue_positions(&self) -> Vec<crate::virtio::snapshot::QueuePosition> {
+        vec![self.rx.position(), self.tx.position()]
+    }
 }
 
 impl MutEventSubscriber for NetHandler {

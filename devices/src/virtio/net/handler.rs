@@ -226,6 +226,11 @@ impl NetHandler {
     }
 
     /// The RX rate limiter, if any.
+    /// Both rate limiters (RX, TX), to restore their levels.
+    pub fn rate_limiters_mut(&mut self) -> (Option<&mut RateLimiter>, Option<&mut RateLimiter>) {
+        (self.rx_limiter.as_mut(), self.tx_limiter.as_mut())
+    }
+
     pub fn rx_rate_limiter(&self) -> Option<&RateLimiter> {
         self.rx_limiter.as_ref()
     }

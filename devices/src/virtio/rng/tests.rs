@@ -115,3 +115,52 @@ fn fill_random_handles_large_buffers() {
     fill_random(&mut buf).unwrap();
     assert!(buf[buf.len() - 4096..].iter().any(|&b| b != 0));
 }
+
+/// Save an active device after some requests, restore it into a fresh transport (as a VM
+/// restore does, on the same guest memory): it is active at once and carries on where the
+/// first left off; the first transport's queue is untouched afterwards.
+#[test]
+fn save_and_restore_continue_at_the_saved_queue_position() {
+    use crate::virtio::snapshot::SnapshotError;
+    use crate::virtio::test_utils::{r, ALL_OK};
+    let ev = EventLoop::start();
+    let mem = guest_memory(MEM_SIZE);
+    let (t, vq) = setup(&ev, &mem);
+    for i in 0..3u16 {
+        vq.add_chain(i, &[(BUF + u64::from(i) * 16, 16, true)]);
+    }
+    run(&t, &vq, 3);
+    let snap = t.save().unwrap();
+    assert_eq!(snap.status, ALL_OK);
+    let pos = &snap.device.as_ref().unwrap().queues[0];
+    assert_eq!((pos.next_avail, pos.next_used), (3, 3));
+    // The JSON the VMM writes round-trips.
+    let json = serde_json::to_string(&snap).unwrap();
+    let snap: crate::virtio::snapshot::TransportSnapshot = serde_json::from_str(&json).unwrap();
+    drop(t);
+
+    let mut t2 = MmioTransport::new(mem.clone(), Box::new(Rng::new(ev.endpoint.clone()))).unwrap();
+    t2.restore(&snap).unwrap();
+    assert!(t2.device().is_activated());
+    assert_eq!(r(&mut t2, crate::virtio::mmio::REG_STATUS), ALL_OK);
+    // A request published after the snapshot is served by the restored device, in the next
+    // used slot.
+    vq.add_chain(3, &[(BUF + 0x1000, 32, true)]);
+    run(&t2, &vq, 4);
+    assert_eq!(vq.used.entry(3), (3, 32));
+
+    // A restore refuses a damaged state instead of running on it.
+    let mut bad = snap.clone();
+    bad.queues[0].size = 3; // not a power of two
+    let mut t3 = MmioTransport::new(mem.clone(), Box::new(Rng::new(ev.endpoint.clone()))).unwrap();
+    assert!(matches!(t3.restore(&bad), Err(SnapshotError::Queue { index: 0, .. })));
+    let mut bad = snap.clone();
+    bad.device = None; // DRIVER_OK without the device's state
+    assert!(matches!(t3.restore(&bad), Err(SnapshotError::Inconsistent(_))));
+    let mut bad = snap.clone();
+    bad.queues[0].used_ring = MEM_SIZE as u64 + 0x1000;
+    assert!(matches!(t3.restore(&bad), Err(SnapshotError::Inconsistent(_))));
+    let mut bad = snap;
+    bad.device_type = crate::virtio::TYPE_BLOCK;
+    assert!(matches!(t3.restore(&bad), Err(SnapshotError::WrongDevice { .. })));
+}
