@@ -31,7 +31,9 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::guestinit;
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::seccomp::{ThreadKind, Unconfined};
 use crate::snapshot::{self, KvmCaps, PauseHandle, Snapshot, SnapshotState};
+use crate::teardown::Teardown;
 use crate::timeout::Deadline;
 use crate::vcpu::Vcpu;
 use crate::virtio::VirtioSlots;
@@ -75,8 +77,10 @@ pub struct Vmm {
     /// The disks in `--disk` order: a `,snapshot` disk's overlay is saved with the VM.
     disks: Vec<Arc<Disk>>,
     vcpus: Vec<VcpuThread>,
-    nics: Vec<net::Attachment>,
-    daemons: crate::share::Shares,
+    /// Owns the NICs' host side and the virtiofsd daemons (teardown.rs).
+    teardown: Teardown,
+    /// Where the `--snapshot-to` save runs under seccomp (seccomp/unconfined.rs).
+    unconfined: Unconfined,
     channel: Option<crate::channel::Channel>,
     /// Raised by the command channel when the init says READY (`--snapshot-to`).
     ready: Option<Arc<AtomicBool>>,
@@ -167,6 +171,12 @@ impl Vmm {
         };
         let serial = crate::vm::legacy_devices(&vm, &mut pio, &mut mmio, &exit, console, saved_serial)?;
 
+        // Before any thread that runs under a seccomp filter (vCPUs, DHCP, channel pumps, and
+        // this one's event loop): the unfiltered teardown and save threads, and the filters.
+        let teardown = Teardown::spawn().map_err(io_err("teardown thread"))?;
+        crate::seccomp::enable(config)?;
+        let unconfined = Unconfined::spawn("snapshot-save", config.snapshot_to.is_some())
+            .map_err(io_err("snapshot thread"))?;
         // One virtiofsd per share, stopped by `finish` (or on drop, on error paths).
         let (daemons, conns) = match &virtiofsd {
             Some(bin) => crate::share::Shares::start(&shares, bin)?,
@@ -211,8 +221,8 @@ impl Vmm {
                 .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
                 .collect::<Result<Vec<_>, _>>()?;
             return Self::assemble(Parts {
-                kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
-                console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
+                kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined,
+                channel, ready, console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
                 system_map: match start { Start::Boot(c) => c.kernel.system_map.clone(), Start::Restore(..) => None }, pio, mmio,
             });
         }
@@ -228,15 +238,15 @@ impl Vmm {
         snapshot::restore_vm(&vm, &snap.state.vm)?;
         restore_devices(&mut event_manager, &transports, &devices.virtio)?;
         Self::assemble(Parts {
-            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
-            console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined,
+            channel, ready, console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
             system_map: None, pio, mmio,
         })
     }
 
     /// Starts the vCPU threads and the main thread's event sources.
     fn assemble(p: Parts) -> Result<Vmm, VmError> {
-        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
+        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
         // With the command channel, stdin belongs to the command: no raw mode, no serial input.
         let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
         let mut control = Control::new(serial.clone(), exit.clone(), signals);
@@ -258,9 +268,13 @@ impl Vmm {
         control.set_vcpu_threads(threads);
         event_manager.add_subscriber(Arc::new(Mutex::new(control)));
         event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
+        // Setup is over: the teardown thread releases the host resources however the VM
+        // ends, and this thread keeps only what its event loop needs.
+        teardown.adopt(nics, daemons);
+        crate::seccomp::confine(ThreadKind::EventLoop)?;
         Ok(Vmm {
-            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, nics, daemons, channel, ready,
-            console_plan, console_tail, panicked, raw_terminal,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, teardown, unconfined,
+            channel, ready, console_plan, console_tail, panicked, raw_terminal,
         })
     }
 
@@ -285,39 +299,44 @@ impl Vmm {
         Ok(())
     }
 
-    /// Saves the paused VM to `dir` (atomically), with `config` as its configuration.
-    pub fn save(&self, dir: &std::path::Path, config: serde_json::Value) -> Result<snapshot::format::SaveStats, VmError> {
-        let caps = Arc::new(KvmCaps::new(&self.kvm, &self.vm)?);
-        let vcpus = self.vcpus.iter().map(|v| v.pause.save(&caps)).collect::<Result<Vec<_>, _>>()?;
-        let vm_state = snapshot::capture_vm(&self.vm)?;
-        let virtio = self
-            .transports
-            .iter()
-            .map(|t| crate::bus::lock(t).save())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VmError::DeviceSnapshot)?;
-        let devices = DevicesState { serial: crate::bus::lock(&self.serial).save(), virtio };
-        let devices = serde_json::to_value(&devices).map_err(snapshot::SnapshotError::Encode)?;
-        let state = SnapshotState::new(vm_state, vcpus, config, devices);
-        // A `,snapshot` disk's writes so far live in its private overlay: they go with the
-        // VM (DIR/disk-N.data and .map), or the restored guest would find its disk older
-        // than its page cache.
-        let save_overlays = |tmp: &std::path::Path| {
-            for (index, disk) in self.disks.iter().enumerate() {
-                if let Some(overlay) = disk.overlay() {
-                    let (data, map) = crate::devices::layer_files(&tmp.join(layer_name(index)));
-                    overlay.save(&data, &map).map_err(|source| snapshot::SnapshotError::Overlay { index, source })?;
+    /// Saves the paused VM to `dir` (atomically), with `config` as its configuration. Under
+    /// seccomp it runs on the unfiltered save thread: reading the VM's state, the disks'
+    /// metadata and writing files are beyond the event loop's filter.
+    pub fn save(&self, dir: &std::path::Path, config: &VmConfig) -> Result<snapshot::format::SaveStats, VmError> {
+        let Vmm { kvm, vm, mem, serial, transports, disks, vcpus, .. } = self;
+        self.unconfined.run(|| {
+            let config = snapshot::saved::describe(config)?;
+            let caps = Arc::new(KvmCaps::new(kvm, vm)?);
+            let vcpus = vcpus.iter().map(|v| v.pause.save(&caps)).collect::<Result<Vec<_>, _>>()?;
+            let vm_state = snapshot::capture_vm(vm)?;
+            let virtio = transports
+                .iter()
+                .map(|t| crate::bus::lock(t).save())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(VmError::DeviceSnapshot)?;
+            let devices = DevicesState { serial: crate::bus::lock(serial).save(), virtio };
+            let devices = serde_json::to_value(&devices).map_err(snapshot::SnapshotError::Encode)?;
+            let state = SnapshotState::new(vm_state, vcpus, config, devices);
+            // A `,snapshot` disk's writes so far live in its private overlay: they go with the
+            // VM (DIR/disk-N.data and .map), or the restored guest would find its disk older
+            // than its page cache.
+            let save_overlays = |tmp: &std::path::Path| {
+                for (index, disk) in disks.iter().enumerate() {
+                    if let Some(overlay) = disk.overlay() {
+                        let (data, map) = crate::devices::layer_files(&tmp.join(layer_name(index)));
+                        overlay.save(&data, &map).map_err(|source| snapshot::SnapshotError::Overlay { index, source })?;
+                    }
                 }
-            }
-            Ok(())
-        };
-        Ok(snapshot::save_with(dir, &state, &self.mem, save_overlays)?)
+                Ok(())
+            };
+            Ok(snapshot::save_with(dir, &state, mem, save_overlays)?)
+        })
     }
 
     /// Ends the run: the exit status and message for `reason`, the console post-mortem, the
     /// command's last output, then the ordered teardown (NICs' host side, virtiofsd).
     pub fn finish(self, reason: &ExitReason) -> i32 {
-        let Vmm { vcpus, nics, daemons, channel, console_plan, console_tail, panicked, raw_terminal, .. } = self;
+        let Vmm { vcpus, teardown, channel, console_plan, console_tail, panicked, raw_terminal, .. } = self;
         for v in &vcpus {
             v.pause.exit();
         }
@@ -328,8 +347,8 @@ impl Vmm {
         if let Some(channel) = channel {
             channel.finish(reason);
         }
-        crate::nics::release_all(nics);
-        daemons.release();
+        // On the teardown thread: the NICs' host side (TAPs, networks), then virtiofsd.
+        teardown.finish();
         if let Some(m) = message {
             eprintln!("microvm: {m}");
         }
@@ -350,6 +369,8 @@ struct Parts {
     vcpus: Vec<Vcpu>,
     nics: Vec<net::Attachment>,
     daemons: crate::share::Shares,
+    teardown: Teardown,
+    unconfined: Unconfined,
     channel: Option<crate::channel::Channel>,
     ready: Option<Arc<AtomicBool>>,
     console_plan: ConsolePlan,

@@ -61,6 +61,8 @@ pub enum VmError {
     DeviceSnapshot(#[source] devices::virtio::snapshot::SnapshotError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot set up {what}")]
     Io {
         what: &'static str,
@@ -146,12 +148,7 @@ fn run_to_end(mut vmm: Vmm, config: &VmConfig) -> Result<i32, VmError> {
                 source: std::io::Error::other("ready without --snapshot-to"),
             })?;
             let started = std::time::Instant::now();
-            let saved = crate::snapshot::saved::describe(config)
-                .map_err(VmError::from)
-                .and_then(|c| {
-                    vmm.pause()?;
-                    vmm.save(dir, c)
-                });
+            let saved = vmm.pause().and_then(|()| vmm.save(dir, config));
             let status = vmm.finish(&ExitReason::Saved);
             let stats = saved?;
             eprintln!(
