@@ -234,8 +234,9 @@ pub(crate) fn kernel_cmdline(
     if config.snapshot_to.is_some() {
         // A restored guest's TSC has jumped by the time the snapshot sat on disk (KVM cannot
         // set it back on every host): with the TSC as clocksource the kernel would spend
-        // seconds catching up on timekeeping and load averages. kvm-clock is set back to the
-        // saved time by KVM_SET_CLOCK, so the guest's clock just continues.
+        // seconds catching up on timekeeping and load averages. With kvm-clock it takes the
+        // jump in one step (on PVM its time base still includes the snapshot's age: the
+        // guest's clocks jump forward by it, see the README).
         cmdline.push("clocksource=kvm-clock".into());
     }
     let host = Host::detect();

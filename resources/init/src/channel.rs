@@ -90,6 +90,7 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
     let fd = open(&dev, libc::O_RDWR).map_err(|e| Fail::io(format_args!("cannot open {dev}"), e))?;
     let mut port = std::fs::File::from(fd);
     use std::io::{Read, Write};
+    warm_page_cache();
     port.write_all(READY_MESSAGE).map_err(|e| Fail::io("cannot say READY on the control port", e))?;
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
@@ -114,6 +115,20 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
     params.cwd = sent.cwd.or(params.cwd.take());
     params.term = sent.term.or(params.term.take());
     Ok(())
+}
+
+/// Reads the programs a restored command will most likely exec (the shell, which on the
+/// usual roots is busybox, and `/bin/true`) so they are in the page cache the snapshot saves:
+/// otherwise every restore reads them from the disk again, through the (emulated, on some
+/// hosts) guest kernel's block and filesystem code. Best effort: a missing file is fine.
+fn warm_page_cache() {
+    use std::io::Read;
+    let mut buf = vec![0u8; 256 * 1024];
+    for path in ["/bin/sh", "/bin/true", "/usr/bin/env"] {
+        if let Ok(mut f) = std::fs::File::open(path) {
+            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
 }
 
 enum Device {
