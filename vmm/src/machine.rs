@@ -209,38 +209,40 @@ impl Vmm {
         };
         let transports = virtio.transports();
 
-        if let Some((kernel, entry, initrd)) = boot_image {
-            let mounts = crate::vm::guest_mounts(&shares);
-            let parts = crate::vm::kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?;
-            let cmdline = crate::boot::build_cmdline(&parts)?;
-            tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
-            let boot = crate::boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
-            crate::acpi::setup(&mem, config.cpus as u8)?;
-            drop(virtio);
-            let vcpus = (0..config.cpus as u8)
-                .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
-                .collect::<Result<Vec<_>, _>>()?;
-            return Self::assemble(Parts {
-                kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined,
-                channel, ready, console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
-                system_map: match start { Start::Boot(c) => c.kernel.system_map.clone(), Start::Restore(..) => None }, pio, mmio,
-            });
-        }
-        drop(virtio);
-        let Start::Restore(snap, devices) = start else { unreachable!("boot returned above") };
-        let caps = KvmCaps::new(&kvm, &vm)?;
-        let mut vcpus = Vec::with_capacity(snap.state.vcpus.len());
-        for (i, state) in snap.state.vcpus.iter().enumerate() {
-            let fd = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            snapshot::restore_vcpu(&fd, state, &caps)?;
-            vcpus.push(Vcpu::restored(i as u8, fd));
-        }
-        snapshot::restore_vm(&vm, &snap.state.vm)?;
-        restore_devices(&mut event_manager, &transports, &devices.virtio)?;
+        // Where the guest starts: at the kernel's entry, or where the snapshot stopped.
+        let (vcpus, system_map) = match (start, boot_image) {
+            (Start::Boot(checked), Some((kernel, entry, initrd))) => {
+                let mounts = crate::vm::guest_mounts(&shares);
+                let parts = crate::vm::kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?;
+                let cmdline = crate::boot::build_cmdline(&parts)?;
+                tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
+                let boot = crate::boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
+                crate::acpi::setup(&mem, config.cpus as u8)?;
+                drop(virtio);
+                let vcpus = (0..config.cpus as u8)
+                    .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (vcpus, checked.kernel.system_map.clone())
+            }
+            (Start::Restore(snap, devices), _) => {
+                drop(virtio);
+                let caps = KvmCaps::new(&kvm, &vm)?;
+                let mut vcpus = Vec::with_capacity(snap.state.vcpus.len());
+                for (i, state) in snap.state.vcpus.iter().enumerate() {
+                    let fd = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                    snapshot::restore_vcpu(&fd, state, &caps)?;
+                    vcpus.push(Vcpu::restored(i as u8, fd));
+                }
+                snapshot::restore_vm(&vm, &snap.state.vm)?;
+                restore_devices(&mut event_manager, &transports, &devices.virtio)?;
+                (vcpus, None)
+            }
+            (Start::Boot(_), None) => unreachable!("a boot always loads a kernel image"),
+        };
         Self::assemble(Parts {
             kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined,
             channel, ready, console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
-            system_map: None, pio, mmio,
+            system_map, pio, mmio,
         })
     }
 
