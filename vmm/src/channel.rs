@@ -38,6 +38,7 @@ use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,7 @@ pub struct Channel {
     flush: ConsoleFlush,
     /// Output pumps (stdout, stderr).
     pumps: Vec<Pump>,
+    ended: Arc<Ended>,
     stop: Arc<EventFd>,
 }
 
@@ -102,6 +104,21 @@ struct Pump {
     /// Bytes written to the host fd so far.
     written: Arc<AtomicU64>,
     done: Arc<AtomicBool>,
+}
+
+/// How many pumps have ended, and a condition variable that wakes `Channel::finish` the
+/// moment one does (the exit path waits for the pumps, never polls them).
+#[derive(Default)]
+struct Ended {
+    count: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Ended {
+    fn one(&self) {
+        *crate::bus::lock(&self.count) += 1;
+        self.cv.notify_all();
+    }
 }
 
 /// Attaches the console with ports stdin (port 0: the init relies on it being announced
@@ -119,12 +136,17 @@ pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus, mode: Mode) -> Result<Chan
     };
     let mut ports = vec![PortConfig { name: protocol::PORT_STDIN.into(), input: stdin, output: None }];
     let mut pumps = Vec::new();
+    let ended = Arc::new(Ended::default());
     for (name, fd) in [(protocol::PORT_STDOUT, libc::STDOUT_FILENO), (protocol::PORT_STDERR, libc::STDERR_FILENO)] {
         let (rx, tx) = pipe()?;
         let written = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
-        let (w, d, s) = (written.clone(), done.clone(), stop.clone());
-        spawn(name, move || pump_out(name, rx, fd, &w, &s, &d))?;
+        let (w, d, s, e) = (written.clone(), done.clone(), stop.clone(), ended.clone());
+        spawn(name, move || {
+            pump_out(name, rx, fd, &w, &s);
+            d.store(true, Ordering::SeqCst);
+            e.one();
+        })?;
         pumps.push(Pump { name, written, done });
         ports.push(PortConfig {
             name: name.into(),
@@ -138,7 +160,7 @@ pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus, mode: Mode) -> Result<Chan
     let console = Console::new(ports, slots.endpoint()).map_err(ChannelError::Console)?;
     let flush = console.flush_handle();
     slots.attach(bus, Box::new(console))?;
-    Ok(Channel { flush, pumps, stop })
+    Ok(Channel { flush, pumps, ended, stop })
 }
 
 impl Channel {
@@ -168,12 +190,15 @@ impl Channel {
             tracing::error!("command channel: cannot stop the pumps: {e}");
             return;
         }
-        while complete && !self.pumps.iter().all(|p| p.done.load(Ordering::SeqCst)) {
-            if stalled(&mut last) {
+        let mut ended = crate::bus::lock(&self.ended.count);
+        while complete && *ended < self.pumps.len() {
+            // Woken the moment a pump ends; the timeout only paces the stall check.
+            ended = self.ended.cv.wait_timeout(ended, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner()).0;
+            if *ended < self.pumps.len() && stalled(&mut last) {
                 complete = false;
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
+        drop(ended);
         if !complete {
             let stuck: Vec<&str> = self.pumps.iter().filter(|p| !p.done.load(Ordering::SeqCst)).map(|p| p.name).collect();
             eprintln!(
@@ -302,7 +327,7 @@ fn pump_stdin(pipe: OwnedFd) {
 /// The pipe → host fd `fd`, until `stop` is signalled and the pipe is empty. A host fd
 /// that fails (EPIPE: its reader went away) is reported once; the pipe is still drained
 /// so the guest never blocks on it.
-fn pump_out(name: &str, pipe: OwnedFd, fd: RawFd, written: &AtomicU64, stop: &EventFd, done: &AtomicBool) {
+fn pump_out(name: &str, pipe: OwnedFd, fd: RawFd, written: &AtomicU64, stop: &EventFd) {
     let mut out = std_fd(fd);
     let mut failed = false;
     let mut buf = vec![0u8; CHUNK];
@@ -348,5 +373,4 @@ fn pump_out(name: &str, pipe: OwnedFd, fd: RawFd, written: &AtomicU64, stop: &Ev
         }
         written.fetch_add(n as u64, Ordering::Relaxed);
     }
-    done.store(true, Ordering::SeqCst);
 }

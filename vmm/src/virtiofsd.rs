@@ -315,15 +315,22 @@ impl Daemon {
 
     fn wait_for(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(Some(status));
         }
+        // The pidfd turns readable the moment the child exits: the exit path waits for that
+        // instead of polling.
+        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one live pollfd, its count passed with it; `self.pidfd` outlives the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted || left.is_zero() {
+                break;
+            }
+        }
+        self.child.try_wait()
     }
 }
 
