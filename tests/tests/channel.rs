@@ -75,14 +75,20 @@ fn read_all(r: &mut dyn Read) -> Vec<u8> {
 /// On a root that knows nothing of microvm: a binary file arrives byte-exact on stdout
 /// (nothing else is there: the kernel log and the init's lines are on stderr), stdin
 /// reaches the command and ends (`tr` reads it to EOF), stderr is separate, and the
-/// status comes back.
+/// status comes back. The command is longer than the kernel command line holds.
 #[test]
 fn binary_stdout_stdin_to_eof_stderr_and_status_on_a_disk_root() {
     let dir = scratch_dir("channel-disk");
     let image = busybox_image(&dir);
     let (kernel, _) = guest();
     // `again`: see SH_CHECK (this host's PVM sometimes crashes a process as it starts).
-    let script = format!("{} again cat /bin/busybox; again tr a-z A-Z; echo out; echo err >&2; exit 3", microvm_tests::SH_CHECK);
+    // The 3000-character word makes the command too long for the kernel command line: it
+    // travels over the control port, and arrives whole.
+    let long = "0123456789".repeat(300);
+    let script = format!(
+        "{} L={long}; echo LEN=${{#L}} >&2; again cat /bin/busybox; again tr a-z A-Z; echo out; echo err >&2; exit 3",
+        microvm_tests::SH_CHECK
+    );
     let args = [
         "--kernel", kernel.to_str().unwrap(),
         "--disk", image.to_str().unwrap(),
@@ -95,6 +101,7 @@ fn binary_stdout_stdin_to_eof_stderr_and_status_on_a_disk_root() {
     expected.extend_from_slice(b"ABC\nout\n");
     assert!(out.stdout == expected, "stdout is not exactly busybox + ABC + out: {out:?}");
     assert!(out.stderr.lines().any(|l| l == "err"), "{out:?}");
+    assert!(out.stderr.lines().any(|l| l == "LEN=3000"), "the long command did not arrive whole: {out:?}");
     // The console (the init's marker) went to stderr, not into the command's stdout.
     assert!(out.stderr.contains("MICROVM-INIT-READY"), "{out:?}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -85,9 +85,15 @@ pub enum Mode {
     /// `--snapshot-to`: the init waits for its command on the control port; its READY
     /// sets the flag and wakes the main loop. stdin is not read (a restore's is).
     SnapshotTo { ready: Arc<AtomicBool>, wake: EventFd },
-    /// `--restore`: the command line for the waiting init (protocol::command_message);
-    /// `stdin`: whether microvm's stdin is the command's (not for a shell on the console).
-    Restore { message: Vec<u8>, stdin: bool },
+    /// The command line for the waiting init (protocol::command_message), sent on the
+    /// control port: `--restore`, or a boot whose command is too long for the kernel
+    /// command line; `stdin`: whether microvm's stdin is the command's (not for a shell on
+    /// the console).
+    /// `hold`: keep the port's host side open after the line, until the channel ends (a
+    /// boot: the init writes READY after it opened the port, and the guest's write would
+    /// block for ever on a port whose host side closed; a restored init wrote it before
+    /// the snapshot, and sees the port close after the line).
+    SendCommand { message: Vec<u8>, stdin: bool, hold: bool },
 }
 
 /// The host side of the command channel while the VM runs.
@@ -127,7 +133,7 @@ impl Ended {
 pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus, mode: Mode) -> Result<Channel, ChannelError> {
     let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ChannelError::Event)?);
     let stdin: Option<Box<dyn devices::virtio::console::ConsoleInput>> = match mode {
-        Mode::SnapshotTo { .. } | Mode::Restore { stdin: false, .. } => None,
+        Mode::SnapshotTo { .. } | Mode::SendCommand { stdin: false, .. } => None,
         _ => {
             let (stdin_rx, stdin_tx) = pipe()?;
             spawn("microvm-stdin", move || pump_stdin(stdin_tx))?;
@@ -154,7 +160,7 @@ pub fn attach(slots: &mut VirtioSlots, bus: &mut Bus, mode: Mode) -> Result<Chan
             output: Some(Box::new(FdOutput::new(tx).map_err(ChannelError::Console)?)),
         });
     }
-    if let Some(control) = control_port(mode)? {
+    if let Some(control) = control_port(mode, &stop)? {
         ports.push(control);
     }
     let console = Console::new(ports, slots.endpoint()).map_err(ChannelError::Console)?;
@@ -212,7 +218,7 @@ impl Channel {
 
 /// The control port (protocol::PORT_CONTROL) of a snapshot or a restore: the init's READY
 /// in, the command line out.
-fn control_port(mode: Mode) -> Result<Option<PortConfig>, ChannelError> {
+fn control_port(mode: Mode, stop: &Arc<EventFd>) -> Result<Option<PortConfig>, ChannelError> {
     match mode {
         Mode::Command => Ok(None),
         Mode::SnapshotTo { ready, wake } => {
@@ -224,13 +230,18 @@ fn control_port(mode: Mode) -> Result<Option<PortConfig>, ChannelError> {
                 output: Some(Box::new(FdOutput::new(tx).map_err(ChannelError::Console)?)),
             }))
         }
-        Mode::Restore { message, .. } => {
+        Mode::SendCommand { message, hold, .. } => {
             let (rx, tx) = pipe()?;
+            let stop = stop.clone();
             spawn("microvm-control", move || {
-                // Then the pipe closes: after the line, the port reads as closed.
-                if let Err(e) = File::from(tx).write_all(&message) {
+                let mut tx = File::from(tx);
+                if let Err(e) = tx.write_all(&message) {
                     tracing::error!("command channel: cannot send the command: {e}");
                 }
+                if hold {
+                    wait_readable(&*stop);
+                }
+                // Then the pipe closes: the port reads as closed.
             })?;
             Ok(Some(PortConfig {
                 name: protocol::PORT_CONTROL.into(),
@@ -239,6 +250,14 @@ fn control_port(mode: Mode) -> Result<Option<PortConfig>, ChannelError> {
             }))
         }
     }
+}
+
+/// Blocks until `fd` is readable (the channel's stop eventfd: polled, not read, as the
+/// pumps poll it too).
+fn wait_readable(fd: &impl AsRawFd) {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd, its count passed with it; `fd` outlives the call.
+    while unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {}
 }
 
 /// Reads what the init says on the control port until READY, then raises `ready`.

@@ -100,12 +100,24 @@ pub fn params(config: &VmConfig, root: Option<Root>, shares: &[protocol::Share])
         let cwd = std::env::current_dir().map_err(GuestInitError::Cwd)?;
         p.push(protocol::cwd_param(cwd.as_os_str().as_bytes()));
     }
-    if config.snapshot_to.is_some() {
+    if config.snapshot_to.is_some() || !command_on_cmdline(config) {
         p.push(protocol::WAIT.to_string());
     } else if !config.command.is_empty() {
         p.push(protocol::argv_param(&config.command));
     }
     Ok(p)
+}
+
+/// The longest `microvm.argv=` parameter put on the kernel command line (x86's is at most
+/// 2048 bytes, shared with the user's and microvm's other parameters). A longer command
+/// goes over the command channel's control port instead, as a restore's does: the init
+/// waits for it (`microvm.wait`), so a command's length is bounded by
+/// `protocol::COMMAND_MESSAGE_MAX` (256 KiB), not by the command line.
+pub const ARGV_ON_CMDLINE_MAX: usize = 1024;
+
+/// Whether the command travels on the kernel command line (else on the control port).
+pub fn command_on_cmdline(config: &VmConfig) -> bool {
+    config.command.is_empty() || protocol::argv_param(&config.command).len() <= ARGV_ON_CMDLINE_MAX
 }
 
 /// `microvm.term=` with the host's TERM, if it is a plain word.
@@ -169,9 +181,19 @@ mod tests {
         assert_eq!(parsed.argv.unwrap(), vec![b"printf".to_vec(), b"%s|".to_vec(), b"a b".to_vec()]);
         assert!(!params(&c, Some(Root::Disk), &[]).unwrap().iter().any(|x| x.starts_with("microvm.cwd=")));
         check_length(&p, &c).unwrap();
+        // A long command waits for the control port instead of taking the command line.
         c.command = vec!["x".repeat(1600)];
+        assert!(!command_on_cmdline(&c));
         let p = params(&c, Some(Root::Disk), &[]).unwrap();
-        let e = check_length(&p, &c).unwrap_err();
+        assert!(p.contains(&protocol::WAIT.to_string()) && !p.iter().any(|x| x.starts_with("microvm.argv=")), "{p:?}");
+        check_length(&p, &c).unwrap();
+        // The command line can still be too long (the user's own parameters).
+        let mut long = p.clone();
+        c.command = vec!["x".repeat(700)];
+        assert!(command_on_cmdline(&c));
+        long.push("y".repeat(1200));
+        long.extend(params(&c, Some(Root::Disk), &[]).unwrap());
+        let e = check_length(&long, &c).unwrap_err();
         assert!(e.is_usage() && e.to_string().contains("too long"), "{e}");
         let share = protocol::Share { tag: "t 1".into(), path: b"/data".to_vec(), read_only: true };
         assert!(matches!(params(&c, None, &[share]), Err(GuestInitError::BadTag(_))));

@@ -191,10 +191,15 @@ impl Vmm {
         let mut ready = None;
         let channel = if command_channel {
             let mode = match (&start, &config.snapshot_to) {
-                (Start::Restore(..), _) => crate::channel::Mode::Restore {
+                (Start::Restore(..), _) => crate::channel::Mode::SendCommand {
                     message: command_message(config)?,
                     stdin: !config.command.is_empty(),
+                    hold: false,
                 },
+                // The init waits for it (guestinit::params put `microvm.wait` instead).
+                (Start::Boot(_), None) if !guestinit::command_on_cmdline(config) => {
+                    crate::channel::Mode::SendCommand { message: command_message(config)?, stdin: true, hold: true }
+                }
                 (Start::Boot(_), Some(_)) => {
                     let flag = Arc::new(AtomicBool::new(false));
                     ready = Some(flag.clone());
@@ -427,7 +432,8 @@ pub fn layer_name(index: usize) -> String {
     format!("disk-{index}")
 }
 
-/// The command line for the init waiting in a restored VM (protocol::command_message).
+/// The command line for the init waiting in a restored VM, or in a booted one whose command
+/// was too long for the kernel command line (protocol::command_message).
 fn command_message(config: &VmConfig) -> Result<Vec<u8>, VmError> {
     let mut words = Vec::new();
     if let Some(term) = guestinit::term_param() {

@@ -23,14 +23,15 @@
 //! | `microvm.exitdev=0xADDR`    | physical address of microvm's exit device (a 32-bit write of the status) |
 //! | `microvm.wait`              | the command comes later, over the control port (below)   |
 //!
-//! # Waiting for the command (snapshots)
+//! # Waiting for the command (snapshots, long commands)
 //!
 //! With `microvm.wait` the init does everything up to the command (root, mounts, network),
 //! then opens the port named [`PORT_CONTROL`], writes [`READY_MESSAGE`] and reads one line:
 //! the command, as the `microvm.argv=`, `microvm.cwd=` and `microvm.term=` words above,
 //! space-separated, ending in `\n` (at most [`COMMAND_MESSAGE_MAX`] bytes). A line without
 //! `microvm.argv=` starts a shell on the console. microvm snapshots the VM when READY
-//! arrives (`--snapshot-to`), and a restore (`--restore`) writes the command line.
+//! arrives (`--snapshot-to`), and a restore (`--restore`) writes the command line; so does
+//! a boot whose command is too long for the kernel command line.
 
 // Each side uses half of this file (the vmm writes, the init reads).
 #![allow(dead_code)]
