@@ -630,7 +630,7 @@ fn inner_release_tears_down_in_order() {
     let b = net::attach(&"host-only:sp".parse().unwrap(), "", 1).unwrap();
     let (tap_a, tap_b) = (a.tap_name().to_string(), b.tap_name().to_string());
     let users = std::fs::read_to_string(state_dir_of("sp").join("users")).unwrap();
-    assert!(users.contains(" /var/lib/my%20vms/disk%091.img\n"), "{users}");
+    assert!(users.contains(" /var/lib/my%20vms/disk%091.img "), "{users}");
     assert_eq!(users.lines().count(), 2, "{users}");
 
     a.release().unwrap();
