@@ -38,7 +38,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::netlink::{Batch, Family, Key, Nfnl};
+use super::netlink::{self, Batch, Family, Key, Nfnl};
 use super::{nl_err, run, NftError, TABLE};
 use crate::spec::MacAddr;
 
@@ -97,25 +97,27 @@ pub(crate) fn checks_script() -> String {
 
 /// Creates the table, or adds what an older version's table lacks, with `nft -f` (once per
 /// network namespace).
-fn ensure_layout(nl: &mut Nfnl) -> Result<(), NftError> {
+fn ensure_layout() -> Result<(), NftError> {
     let action = "check the microvm bridge table";
-    if nl.set_exists(Family::Bridge, TABLE, IP_SET).map_err(nl_err(action))? {
-        return Ok(());
+    let script = netlink::with(|nl| {
+        if nl.set_exists(Family::Bridge, TABLE, IP_SET)? {
+            return Ok(None);
+        }
+        let base = if nl.table_exists(Family::Bridge, TABLE)? { String::new() } else { base_script() };
+        Ok(Some(base + &checks_script()))
+    })
+    .map_err(nl_err(action))?;
+    match script {
+        Some(s) => run("create the anti-spoofing table", &s),
+        None => Ok(()),
     }
-    let mut script = String::new();
-    if !nl.table_exists(Family::Bridge, TABLE).map_err(nl_err(action))? {
-        script += &base_script();
-    }
-    script += &checks_script();
-    run("create the anti-spoofing table", &script)
 }
 
 /// Queues the deletion of every element (and old-style chain) of `tap`'s guard.
-fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> Result<(), NftError> {
-    let action = format!("list the anti-spoofing rules of {tap}");
+fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> std::io::Result<()> {
     let mut old_chains = Vec::new();
     for set in [MAP, MAC_SET, IP_SET] {
-        for e in nl.elements(Family::Bridge, TABLE, set).map_err(nl_err(&action))? {
+        for e in nl.elements(Family::Bridge, TABLE, set)? {
             if e.key.leading_ifname() == Some(tap) {
                 batch.delete_element(set, &e.key);
                 if let Some(chain) = e.jump.filter(|c| c.starts_with(OLD_PREFIX)) {
@@ -133,46 +135,50 @@ fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> Result<(), NftE
 /// Installs the guard of a TAP (and the table on first use) in one transaction, replacing
 /// whatever a stale guard of the same name left.
 pub(crate) fn add(g: &Guard) -> Result<(), NftError> {
+    ensure_layout()?;
     let action = format!("add the anti-spoofing rules of {}", g.tap);
-    let mut nl = Nfnl::open().map_err(nl_err(&action))?;
-    ensure_layout(&mut nl)?;
-    let mut batch = Batch::new(Family::Bridge, TABLE);
-    queue_removal(&mut nl, &mut batch, &g.tap)?;
-    let tap = Key::default().ifname(&g.tap);
-    batch.add_element(MAC_SET, &tap.clone().ether(g.mac.0), None);
-    let check = match g.ip {
-        Some(ip) => {
-            batch.add_element(IP_SET, &tap.clone().ipv4(ip), None);
-            CHECK_LEASE
-        }
-        None => CHECK_MAC,
-    };
-    // Last: the TAP is checked only once its allowed MAC and address are in (all of it
-    // commits at once anyway).
-    batch.add_element(MAP, &tap, Some(check));
-    batch.commit(&mut nl).map_err(nl_err(&action))
+    netlink::with(|nl| {
+        let mut batch = Batch::new(Family::Bridge, TABLE);
+        queue_removal(nl, &mut batch, &g.tap)?;
+        let tap = Key::default().ifname(&g.tap);
+        batch.add_element(MAC_SET, &tap.clone().ether(g.mac.0), None);
+        let check = match g.ip {
+            Some(ip) => {
+                batch.add_element(IP_SET, &tap.clone().ipv4(ip), None);
+                CHECK_LEASE
+            }
+            None => CHECK_MAC,
+        };
+        // Last, though all of it commits at once anyway: the TAP is checked against its
+        // allowed MAC and address.
+        batch.add_element(MAP, &tap, Some(check));
+        batch.commit(nl)
+    })
+    .map_err(nl_err(&action))
 }
 
 /// Removes a TAP's guard if there is one (one transaction).
 pub(crate) fn remove(tap: &str) -> Result<(), NftError> {
     let action = format!("remove the anti-spoofing rules of {tap}");
-    let mut nl = Nfnl::open().map_err(nl_err(&action))?;
-    let mut batch = Batch::new(Family::Bridge, TABLE);
-    queue_removal(&mut nl, &mut batch, tap)?;
-    batch.commit(&mut nl).map_err(nl_err(&action))
+    netlink::with(|nl| {
+        let mut batch = Batch::new(Family::Bridge, TABLE);
+        queue_removal(nl, &mut batch, tap)?;
+        batch.commit(nl)
+    })
+    .map_err(nl_err(&action))
 }
 
 /// TAP names that have a guard.
 pub(crate) fn guarded_taps() -> Result<Vec<String>, NftError> {
-    let action = "list the anti-spoofing rules";
-    let mut nl = Nfnl::open().map_err(nl_err(action))?;
+    let lists = netlink::with(|nl| {
+        [MAP, MAC_SET, IP_SET].iter().map(|set| nl.elements(Family::Bridge, TABLE, set)).collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(nl_err("list the anti-spoofing rules"))?;
     let mut taps: Vec<String> = Vec::new();
-    for set in [MAP, MAC_SET, IP_SET] {
-        for e in nl.elements(Family::Bridge, TABLE, set).map_err(nl_err(action))? {
-            if let Some(tap) = e.key.leading_ifname().filter(|t| crate::spec::check_ifname("tap", t).is_ok()) {
-                if !taps.iter().any(|t| t == tap) {
-                    taps.push(tap.to_string());
-                }
+    for e in lists.iter().flatten() {
+        if let Some(tap) = e.key.leading_ifname().filter(|t| crate::spec::check_ifname("tap", t).is_ok()) {
+            if !taps.iter().any(|t| t == tap) {
+                taps.push(tap.to_string());
             }
         }
     }
@@ -181,14 +187,7 @@ pub(crate) fn guarded_taps() -> Result<Vec<String>, NftError> {
 
 /// Deletes `table bridge microvm` if it exists.
 pub(crate) fn delete_table() -> Result<(), NftError> {
-    let action = "delete the microvm bridge table";
-    let mut nl = Nfnl::open().map_err(nl_err(action))?;
-    if nl.table_exists(Family::Bridge, TABLE).map_err(nl_err(action))? {
-        let mut batch = Batch::new(Family::Bridge, TABLE);
-        batch.delete_table();
-        batch.commit(&mut nl).map_err(nl_err(action))?;
-    }
-    Ok(())
+    super::delete_table_of(Family::Bridge).map_err(nl_err("delete the microvm bridge table"))
 }
 
 #[cfg(test)]

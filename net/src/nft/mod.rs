@@ -230,29 +230,28 @@ fn one_line(stderr: &[u8]) -> String {
 /// Installs one network's rules (and the table on first use) in one transaction.
 pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
     let action = format!("add firewall rules for network {}", net.name);
-    let mut nl = Nfnl::open().map_err(nl_err(&action))?;
+    let from = format!("from-{}", net.name);
     // Leftovers of a crashed process would make `add element` fail: clear them first.
-    let exists = nl.table_exists(Family::Ip, TABLE).map_err(nl_err(&action))?;
-    if exists && nl.chain_exists(Family::Ip, TABLE, &format!("from-{}", net.name)).map_err(nl_err(&action))? {
-        remove_network_with(&mut nl, &net.name, &net.bridge);
-    }
-    let mut script = String::new();
-    if !exists {
-        script += &base_script();
-    } else if !nl.chain_exists(Family::Ip, TABLE, "input").map_err(nl_err(&action))? {
-        script += &input_base_script();
-    }
-    script += &add_script(net);
-    run(&action, &script)
+    let base = netlink::with(|nl| {
+        if !nl.table_exists(Family::Ip, TABLE)? {
+            return Ok(base_script());
+        }
+        if nl.chain_exists(Family::Ip, TABLE, &from)? {
+            remove_network_with(nl, &net.name, &net.bridge);
+        }
+        Ok(if nl.chain_exists(Family::Ip, TABLE, "input")? { String::new() } else { input_base_script() })
+    })
+    .map_err(nl_err(&action))?;
+    run(&action, &(base + &add_script(net)))
 }
 
 /// Re-installs a network's rules if they are missing (e.g. someone flushed the ruleset
 /// while the network was in use).
 pub(crate) fn ensure_network(net: &NftNetwork) -> Result<(), NftError> {
     let action = format!("check the firewall rules of network {}", net.name);
-    let mut nl = Nfnl::open().map_err(nl_err(&action))?;
     // A missing table answers "no such chain" too.
-    if nl.chain_exists(Family::Ip, TABLE, &format!("from-{}", net.name)).map_err(nl_err(&action))? {
+    let from = format!("from-{}", net.name);
+    if netlink::with(|nl| nl.chain_exists(Family::Ip, TABLE, &from)).map_err(nl_err(&action))? {
         return Ok(());
     }
     tracing::warn!(network = %net.name, "firewall rules missing; re-installing");
@@ -262,9 +261,12 @@ pub(crate) fn ensure_network(net: &NftNetwork) -> Result<(), NftError> {
 /// Removes one network's rules. Best effort: tries one atomic transaction, then each step
 /// alone (so leftovers of a partial setup still go away). Never fails; problems are logged.
 pub(crate) fn remove_network(name: &str, bridge: &str) {
-    match Nfnl::open() {
-        Ok(mut nl) => remove_network_with(&mut nl, name, bridge),
-        Err(e) => tracing::warn!(error = %e, network = name, "cannot open nf_tables netlink to remove firewall rules"),
+    let res = netlink::with(|nl| {
+        remove_network_with(nl, name, bridge);
+        Ok(())
+    });
+    if let Err(e) = res {
+        tracing::warn!(error = %e, network = name, "cannot open nf_tables netlink to remove firewall rules");
     }
 }
 
@@ -300,14 +302,19 @@ fn remove_network_with(nl: &mut Nfnl, name: &str, bridge: &str) {
 
 /// Deletes `table ip microvm` if it exists.
 pub(crate) fn delete_table() -> Result<(), NftError> {
-    let action = "delete the microvm table";
-    let mut nl = Nfnl::open().map_err(nl_err(action))?;
-    if nl.table_exists(Family::Ip, TABLE).map_err(nl_err(action))? {
-        let mut batch = Batch::new(Family::Ip, TABLE);
-        batch.delete_table();
-        batch.commit(&mut nl).map_err(nl_err(action))?;
-    }
-    Ok(())
+    delete_table_of(Family::Ip).map_err(nl_err("delete the microvm table"))
+}
+
+/// Deletes our table of `family` if it exists (one transaction).
+fn delete_table_of(family: Family) -> io::Result<()> {
+    netlink::with(|nl| {
+        if nl.table_exists(family, TABLE)? {
+            let mut batch = Batch::new(family, TABLE);
+            batch.delete_table();
+            batch.commit(nl)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //! waiting. Only dumps are continued on `recv`.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Mutex, TryLockError};
 
 use netlink_packet_core::{NetlinkBuffer, NlaBuffer, NlasIterator, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
@@ -191,6 +193,33 @@ impl Msg {
 pub(crate) struct Nfnl {
     sock: Socket,
     seq: u32,
+}
+
+/// This process's socket and the network namespace it was opened in.
+static SHARED: Mutex<Option<(u64, Nfnl)>> = Mutex::new(None);
+
+/// Runs `f` with this process's nf_tables socket for the calling thread's network namespace,
+/// (re)opened as needed. One socket for the process's life, not one per operation: closing
+/// an nf_tables socket waits for the deferred destruction of the last transaction's deleted
+/// objects (an RCU grace period, milliseconds), so closing one per change put that wait on
+/// every join and leave. Never blocks on another thread: if the shared socket is busy (or
+/// held by a thread that panicked), `f` gets a private one. A socket whose operation failed
+/// is not reused (it may hold a half-read reply).
+pub(crate) fn with<R>(f: impl FnOnce(&mut Nfnl) -> io::Result<R>) -> io::Result<R> {
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    let mut shared = match SHARED.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::WouldBlock) | Err(TryLockError::Poisoned(_)) => return f(&mut Nfnl::open()?),
+    };
+    let nl = match &mut *shared {
+        Some((id, nl)) if *id == ns => nl,
+        other => &mut other.insert((ns, Nfnl::open()?)).1,
+    };
+    let res = f(nl);
+    if res.is_err() {
+        *shared = None;
+    }
+    res
 }
 
 /// Most nf_tables replies fit a page; dumps come in up to 16 KiB parts (NLMSG_GOODSIZE),
