@@ -61,7 +61,7 @@ impl HostSide {
             // Should no thread start, the closure is dropped unrun and the TapCleanup in
             // it deletes the TAP on drop (its fallback), still before the network is left.
             let tap_job = tap_cleanup.and_then(|t| {
-                std::thread::Builder::new().name("net-release".into()).spawn_scoped(s, move || t.release()).ok()
+                std::thread::Builder::new().name("net-release".into()).spawn_scoped(s, move || t.release_alone()).ok()
             });
             if let Some(m) = membership {
                 keep(m.release());

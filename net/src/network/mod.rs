@@ -149,14 +149,26 @@ pub(crate) struct TapCleanup {
 
 impl TapCleanup {
     pub fn release(mut self) -> Result<(), NetError> {
-        self.delete()
+        let rtnl = self.rtnl.clone();
+        self.delete(&rtnl)
     }
 
-    fn delete(&mut self) -> Result<(), NetError> {
+    /// Like [`TapCleanup::release`], on a netlink connection of its own, for a thread that
+    /// runs beside another user of the attachment's: a link deletion blocks its connection
+    /// (the kernel answers only after its RCU barrier, 15-40 ms), and the two would queue
+    /// behind each other on a shared one.
+    pub fn release_alone(mut self) -> Result<(), NetError> {
+        match Rtnl::new() {
+            Ok(own) => self.delete(&own),
+            Err(_) => self.release(),
+        }
+    }
+
+    fn delete(&mut self, rtnl: &Rtnl) -> Result<(), NetError> {
         let Some(tracked) = self.tracked.take() else {
             return Ok(());
         };
-        let res = delete_created_tap(&self.rtnl, &self.name);
+        let res = delete_created_tap(rtnl, &self.name);
         drop(tracked);
         res
     }
@@ -164,7 +176,8 @@ impl TapCleanup {
 
 impl Drop for TapCleanup {
     fn drop(&mut self) {
-        if let Err(e) = self.delete() {
+        let rtnl = self.rtnl.clone();
+        if let Err(e) = self.delete(&rtnl) {
             tracing::warn!(tap = %self.name, error = %e, "cannot delete TAP device");
         }
     }
