@@ -57,19 +57,29 @@ impl HostSide {
             keep(d.release().map_err(NetError::from));
         }
         drop(tap);
-        std::thread::scope(|s| {
-            // Should no thread start, the closure is dropped unrun and the TapCleanup in
-            // it deletes the TAP on drop (its fallback), still before the network is left.
-            let tap_job = tap_cleanup.and_then(|t| {
-                std::thread::Builder::new().name("net-release".into()).spawn_scoped(s, move || t.release_alone()).ok()
-            });
-            if let Some(m) = membership {
+        match (tap_cleanup, membership) {
+            (Some(t), Some(m)) => std::thread::scope(|s| {
+                // Should no thread start, the closure is dropped unrun and the TapCleanup
+                // in it deletes the TAP on drop (its fallback), before the network is left.
+                let tap_job = std::thread::Builder::new()
+                    .name("net-release".into())
+                    .spawn_scoped(s, move || t.release_alone())
+                    .ok();
                 keep(m.release());
+                if let Some(job) = tap_job {
+                    keep(job.join().unwrap_or(Err(NetError::ReleasePanicked)));
+                }
+            }),
+            // Nothing to overlap with.
+            (t, m) => {
+                if let Some(t) = t {
+                    keep(t.release());
+                }
+                if let Some(m) = m {
+                    keep(m.release());
+                }
             }
-            if let Some(job) = tap_job {
-                keep(job.join().unwrap_or(Err(NetError::ReleasePanicked)));
-            }
-        });
+        }
         first.map_or(Ok(()), Err)
     }
 }

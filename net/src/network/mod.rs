@@ -312,10 +312,10 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
     let _lock = root.lock()?;
     let bridge = bridge_name(req.name);
 
-    let live = cleanup::prune_users(&root, &rtnl, req.name)?;
+    let live = cleanup::prune_users(&root, rtnl, req.name)?;
     if live.is_empty() && root.read_record(req.name).ok().flatten().is_some() {
         tracing::info!(network = req.name, "removing leftovers of a network without live users");
-        if let Err(e) = cleanup::teardown_network(&root, &rtnl, req.name) {
+        if let Err(e) = cleanup::teardown_network(&root, rtnl, req.name) {
             tracing::warn!(network = req.name, error = %e, "leftovers not fully removed");
         }
     }
@@ -324,7 +324,7 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
     if let Some(u) = live.iter().find(|u| u.mac == Some(req.mac)) {
         return Err(NetworkError::MacInUse { name: req.name.to_string(), mac: req.mac, pid: u.pid }.into());
     }
-    let mut guard = NewNetworkGuard { root: &root, rtnl: &rtnl, name: req.name.to_string(), armed: false };
+    let mut guard = NewNetworkGuard { root: &root, rtnl, name: req.name.to_string(), armed: false };
     let (record, br) = match root.read_record(req.name)? {
         Some(rec) => {
             check_same(req, &rec)?;
@@ -337,7 +337,7 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
         }
         None => {
             guard.armed = true;
-            create_network(&root, &rtnl, req, &bridge)?
+            create_network(&root, rtnl, req, &bridge)?
         }
     };
 
@@ -353,7 +353,7 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
     let ip = dhcp::lease_for(&dhcp_net, req.mac)
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
-    let (tap, tap_cleanup) = create_tap(&rtnl, req.tap, req.mac, Some(ip))?;
+    let (tap, tap_cleanup) = create_tap(rtnl, req.tap, req.mac, Some(ip))?;
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
     let dhcp = dhcp::register(&dhcp_net, req.mac)?;
     let (pid, start) = state::self_identity();
