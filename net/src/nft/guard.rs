@@ -38,7 +38,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::netlink::{self, Batch, Family, Key, Nfnl};
+use super::netlink::{self, Batch, Element, Family, Key, Nfnl};
 use super::{nl_err, run, NftError, TABLE};
 use crate::spec::MacAddr;
 
@@ -119,7 +119,7 @@ fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> std::io::Result
     for set in [MAP, MAC_SET, IP_SET] {
         for e in nl.elements(Family::Bridge, TABLE, set)? {
             if e.key.leading_ifname() == Some(tap) {
-                batch.delete_element(set, &e.key);
+                batch.delete_element(set, &e);
                 if let Some(chain) = e.jump.filter(|c| c.starts_with(OLD_PREFIX)) {
                     old_chains.push(chain);
                 }
@@ -141,17 +141,17 @@ pub(crate) fn add(g: &Guard) -> Result<(), NftError> {
         let mut batch = Batch::new(Family::Bridge, TABLE);
         queue_removal(nl, &mut batch, &g.tap)?;
         let tap = Key::default().ifname(&g.tap);
-        batch.add_element(MAC_SET, &tap.clone().ether(g.mac.0), None);
+        batch.add_element(MAC_SET, &Element::new(tap.clone().ether(g.mac.0)));
         let check = match g.ip {
             Some(ip) => {
-                batch.add_element(IP_SET, &tap.clone().ipv4(ip), None);
+                batch.add_element(IP_SET, &Element::new(tap.clone().ipv4(ip)));
                 CHECK_LEASE
             }
             None => CHECK_MAC,
         };
         // Last, though all of it commits at once anyway: the TAP is checked against its
         // allowed MAC and address.
-        batch.add_element(MAP, &tap, Some(check));
+        batch.add_element(MAP, &Element::new(tap).jump(check));
         batch.commit(nl)
     })
     .map_err(nl_err(&action))

@@ -56,6 +56,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -112,11 +113,27 @@ impl Key {
     }
 }
 
-/// One element as listed: its key, and for a verdict map the chain it jumps to.
+/// One element: its key (the range's first key in an interval set, with `key_end` its
+/// last), and for a verdict map the chain it jumps to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Element {
     pub key: Key,
+    pub key_end: Option<Key>,
     pub jump: Option<String>,
+}
+
+impl Element {
+    pub fn new(key: Key) -> Element {
+        Element { key, key_end: None, jump: None }
+    }
+
+    pub fn jump(self, chain: &str) -> Element {
+        Element { jump: Some(chain.to_string()), ..self }
+    }
+
+    pub fn up_to(self, key_end: Key) -> Element {
+        Element { key_end: Some(key_end), ..self }
+    }
 }
 
 /// A netlink message under construction: header, nfgenmsg, attributes.
@@ -326,19 +343,19 @@ impl Batch {
         Batch { family, table: table.to_string(), msgs: Vec::new() }
     }
 
-    fn elem_list(&self, msg: u16, flags: u16, set: &str) -> Msg {
-        Msg::nft(msg, NLM_F_REQUEST | NLM_F_ACK | flags, self.family)
+    fn element_msg(&self, msg: u16, flags: u16, set: &str, e: &Element, with_data: bool) -> Msg {
+        let mut m = Msg::nft(msg, NLM_F_REQUEST | NLM_F_ACK | flags, self.family)
             .str(NFTA_SET_ELEM_LIST_TABLE, &self.table)
             .str(NFTA_SET_ELEM_LIST_SET, set)
             .begin(NFTA_SET_ELEM_LIST_ELEMENTS)
             .begin(NFTA_LIST_ELEM)
             .begin(NFTA_SET_ELEM_KEY)
-    }
-
-    /// `add element ... set { key }`, or with `jump`, `{ key : jump CHAIN }` in a vmap.
-    pub fn add_element(&mut self, set: &str, key: &Key, jump: Option<&str>) -> &mut Batch {
-        let mut m = self.elem_list(NFT_MSG_NEWSETELEM, NLM_F_CREATE, set).attr(NFTA_DATA_VALUE, key.bytes()).end();
-        if let Some(chain) = jump {
+            .attr(NFTA_DATA_VALUE, e.key.bytes())
+            .end();
+        if let Some(end) = &e.key_end {
+            m = m.begin(NFTA_SET_ELEM_KEY_END).attr(NFTA_DATA_VALUE, end.bytes()).end();
+        }
+        if let (true, Some(chain)) = (with_data, &e.jump) {
             m = m
                 .begin(NFTA_SET_ELEM_DATA)
                 .begin(NFTA_DATA_VERDICT)
@@ -347,14 +364,21 @@ impl Batch {
                 .end()
                 .end();
         }
-        self.msgs.push(m.end().end().end());
+        m.end().end()
+    }
+
+    /// `add element ... set { key }`, `{ key-key_end }` in an interval set, or
+    /// `{ key : jump CHAIN }` in a verdict map.
+    pub fn add_element(&mut self, set: &str, e: &Element) -> &mut Batch {
+        let m = self.element_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, e, true);
+        self.msgs.push(m);
         self
     }
 
-    /// `delete element ... set { key }` (fails the batch if absent).
-    pub fn delete_element(&mut self, set: &str, key: &Key) -> &mut Batch {
-        let m = self.elem_list(NFT_MSG_DELSETELEM, 0, set).attr(NFTA_DATA_VALUE, key.bytes()).end();
-        self.msgs.push(m.end().end().end());
+    /// `delete element` (fails the batch if absent).
+    pub fn delete_element(&mut self, set: &str, e: &Element) -> &mut Batch {
+        let m = self.element_msg(NFT_MSG_DELSETELEM, 0, set, e, false);
+        self.msgs.push(m);
         self
     }
 
@@ -497,6 +521,7 @@ fn parse_elements(payload: &[u8], out: &mut Vec<Element>) -> io::Result<()> {
         else {
             continue;
         };
+        let key_end = find(elem, NFTA_SET_ELEM_KEY_END)?.map(|k| find(k, NFTA_DATA_VALUE)).transpose()?.flatten();
         let verdict = match find(elem, NFTA_SET_ELEM_DATA)? {
             Some(data) => find(data, NFTA_DATA_VERDICT)?,
             None => None,
@@ -506,7 +531,7 @@ fn parse_elements(payload: &[u8], out: &mut Vec<Element>) -> io::Result<()> {
                 .map(|c| String::from_utf8_lossy(c.split(|&b| b == 0).next().unwrap_or_default()).into_owned()),
             None => None,
         };
-        out.push(Element { key: Key(key.to_vec()), jump });
+        out.push(Element { key: Key(key.to_vec()), key_end: key_end.map(|k| Key(k.to_vec())), jump });
     }
     Ok(())
 }
@@ -534,8 +559,8 @@ mod tests {
     #[test]
     fn batch_framing() {
         let mut b = Batch::new(Family::Bridge, "microvm");
-        b.add_element("guard_tap", &Key::default().ifname("t"), Some("check_lease"));
-        b.delete_element("guard_mac", &Key::default().ifname("t").ether([1, 2, 3, 4, 5, 6]));
+        b.add_element("guard_tap", &Element::new(Key::default().ifname("t")).jump("check_lease"));
+        b.delete_element("guard_mac", &Element::new(Key::default().ifname("t").ether([1, 2, 3, 4, 5, 6])));
         let (bytes, count) = b.encode(100);
         assert_eq!(count, 2);
         let mut seen = Vec::new();
@@ -561,13 +586,18 @@ mod tests {
     #[test]
     fn element_round_trip() {
         // A NEWSETELEM as the kernel lists it has the same attribute layout we send.
-        let key = Key::default().ifname("mvtap-1-0");
+        let map = Element::new(Key::default().ifname("mvtap-1-0")).jump("check_lease");
+        let ip = |last| Key::default().ifname("mvbr-a").ifname("up0").ipv4(std::net::Ipv4Addr::new(10, 200, 0, last));
+        let range = Element::new(ip(0)).up_to(ip(255));
         let mut b = Batch::new(Family::Bridge, "microvm");
-        b.add_element("guard_tap", &key, Some("check_lease"));
-        let msg = b.msgs.pop().unwrap().finish(1);
+        b.add_element("guard_tap", &map);
+        b.add_element("net_nat", &range);
         let mut out = Vec::new();
-        for_each_message(&msg, |_, _, payload| parse_elements(payload, &mut out)).unwrap();
-        assert_eq!(out, vec![Element { key, jump: Some("check_lease".into()) }]);
+        for m in b.msgs {
+            let msg = m.finish(1);
+            for_each_message(&msg, |_, _, payload| parse_elements(payload, &mut out)).unwrap();
+        }
+        assert_eq!(out, vec![map, range]);
     }
 
     #[test]
