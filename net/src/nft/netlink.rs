@@ -65,6 +65,8 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
 
 const NLM_F_REQUEST: u16 = 0x1;
+/// In a dump's replies: the dumped objects changed meanwhile.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
@@ -251,6 +253,28 @@ impl Nfnl {
         Ok(Nfnl { sock, seq: 1 })
     }
 
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        loop {
+            match self.sock.send(bytes, 0) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                res => return res.map(drop),
+            }
+        }
+    }
+
+    /// One datagram into `buf`; `Ok(None)` if `nonblocking` and none is queued.
+    fn recv(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<Option<usize>> {
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        loop {
+            match self.sock.recv(&mut &mut buf[..], flags) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
@@ -259,12 +283,12 @@ impl Nfnl {
     /// Sends one request and reads until its ack: Ok(true) if answered, Ok(false) on ENOENT.
     fn exists(&mut self, msg: Msg) -> io::Result<bool> {
         let seq = self.next_seq();
-        self.sock.send(&msg.finish(seq), 0)?;
+        self.send(&msg.finish(seq))?;
         let mut result = None;
         let mut buf = vec![0u8; RECV_BUF];
         while result.is_none() {
-            let n = self.sock.recv(&mut &mut buf[..], 0)?;
-            for_each_reply(&buf[..n], seq, |kind, payload| {
+            let n = self.recv(&mut buf, false)?.unwrap_or_default();
+            for_each_reply(&buf[..n], seq, |kind, _, payload| {
                 if kind == NLMSG_ERROR {
                     result = Some(match error_code(payload)? {
                         0 => Ok(true),
@@ -298,19 +322,37 @@ impl Nfnl {
         )
     }
 
-    /// Every element of a set or map (empty if the set or its table does not exist).
+    /// Every element of a set or map (empty if the set or its table does not exist). A dump
+    /// that a concurrent change interrupted (NLM_F_DUMP_INTR: it may miss or repeat
+    /// elements) is done again.
     pub fn elements(&mut self, family: Family, table: &str, set: &str) -> io::Result<Vec<Element>> {
+        const TRIES: usize = 5;
+        for _ in 1..TRIES {
+            if let (out, false) = self.dump_elements(family, table, set)? {
+                return Ok(out);
+            }
+        }
+        let (out, interrupted) = self.dump_elements(family, table, set)?;
+        if interrupted {
+            return Err(io::Error::other(format!("the elements of {set} kept changing while listed")));
+        }
+        Ok(out)
+    }
+
+    /// One dump: (elements, whether it was interrupted).
+    fn dump_elements(&mut self, family: Family, table: &str, set: &str) -> io::Result<(Vec<Element>, bool)> {
         let seq = self.next_seq();
         let msg = Msg::nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, family)
             .str(NFTA_SET_ELEM_LIST_TABLE, table)
             .str(NFTA_SET_ELEM_LIST_SET, set);
-        self.sock.send(&msg.finish(seq), 0)?;
-        let mut out = Vec::new();
+        self.send(&msg.finish(seq))?;
+        let (mut out, mut interrupted) = (Vec::new(), false);
         let mut buf = vec![0u8; RECV_BUF];
         let mut done = false;
         while !done {
-            let n = self.sock.recv(&mut &mut buf[..], 0)?;
-            for_each_reply(&buf[..n], seq, |kind, payload| {
+            let n = self.recv(&mut buf, false)?.unwrap_or_default();
+            for_each_reply(&buf[..n], seq, |kind, flags, payload| {
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 match kind {
                     NLMSG_DONE => done = true,
                     NLMSG_ERROR => {
@@ -327,7 +369,7 @@ impl Nfnl {
                 Ok(())
             })?;
         }
-        Ok(out)
+        Ok((out, interrupted))
     }
 }
 
@@ -429,17 +471,12 @@ impl Batch {
         let first = nl.seq.wrapping_add(1);
         let (bytes, count) = self.encode(first);
         nl.seq = first.wrapping_add(count + 1);
-        nl.sock.send(&bytes, 0)?;
+        nl.send(&bytes)?;
         let mut acks = 0u32;
         let mut failure = None;
         let mut buf = vec![0u8; RECV_BUF];
-        loop {
-            let n = match nl.sock.recv(&mut &mut buf[..], libc::MSG_DONTWAIT) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            for_each_message(&buf[..n], |kind, seq, payload| {
+        while let Some(n) = nl.recv(&mut buf, true)? {
+            for_each_message(&buf[..n], |kind, _, seq, payload| {
                 let ours = seq.wrapping_sub(first) <= count;
                 if kind == NLMSG_ERROR && ours {
                     match error_code(payload)? {
@@ -460,21 +497,21 @@ impl Batch {
     }
 }
 
-/// Calls `f(type, seq, payload)` for each netlink message in a datagram.
-fn for_each_message(mut data: &[u8], mut f: impl FnMut(u16, u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
+/// Calls `f(type, flags, seq, payload)` for each netlink message in a datagram.
+fn for_each_message(mut data: &[u8], mut f: impl FnMut(u16, u16, u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
     while !data.is_empty() {
         let msg = NetlinkBuffer::new_checked(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let len = msg.length() as usize;
-        f(msg.message_type(), msg.sequence_number(), msg.payload())?;
+        f(msg.message_type(), msg.flags(), msg.sequence_number(), msg.payload())?;
         let step = len.next_multiple_of(4).min(data.len());
         data = &data[step..];
     }
     Ok(())
 }
 
-/// Like [`for_each_message`], only the replies to `seq`.
-fn for_each_reply(data: &[u8], seq: u32, mut f: impl FnMut(u16, &[u8]) -> io::Result<()>) -> io::Result<()> {
-    for_each_message(data, |kind, s, payload| if s == seq { f(kind, payload) } else { Ok(()) })
+/// Like [`for_each_message`], only the replies to `seq`: `f(type, flags, payload)`.
+fn for_each_reply(data: &[u8], seq: u32, mut f: impl FnMut(u16, u16, &[u8]) -> io::Result<()>) -> io::Result<()> {
+    for_each_message(data, |kind, flags, s, payload| if s == seq { f(kind, flags, payload) } else { Ok(()) })
 }
 
 /// The errno of an NLMSG_ERROR payload (0 for an ack).
@@ -564,7 +601,7 @@ mod tests {
         let (bytes, count) = b.encode(100);
         assert_eq!(count, 2);
         let mut seen = Vec::new();
-        for_each_message(&bytes, |kind, seq, payload| {
+        for_each_message(&bytes, |kind, _, seq, payload| {
             seen.push((kind, seq, payload.len()));
             Ok(())
         })
@@ -595,7 +632,7 @@ mod tests {
         let mut out = Vec::new();
         for m in b.msgs {
             let msg = m.finish(1);
-            for_each_message(&msg, |_, _, payload| parse_elements(payload, &mut out)).unwrap();
+            for_each_message(&msg, |_, _, _, payload| parse_elements(payload, &mut out)).unwrap();
         }
         assert_eq!(out, vec![map, range]);
     }
@@ -604,7 +641,7 @@ mod tests {
     fn hostile_replies_are_errors_not_panics() {
         let mut out = Vec::new();
         for bad in [&[0xffu8, 0xff, 0, 0][..], &[8, 0, 0, 0, 1], &[]] {
-            let _ = for_each_message(bad, |_, _, p| parse_elements(p, &mut out));
+            let _ = for_each_message(bad, |_, _, _, p| parse_elements(p, &mut out));
             let _ = parse_elements(bad, &mut out);
         }
         assert!(error_code(&[1, 2]).is_err());
