@@ -40,8 +40,8 @@ struct HostSide {
 impl HostSide {
     /// Every step runs even if an earlier one failed; the first error is returned.
     ///
-    /// Deleting a link makes the kernel wait for an RCU barrier (~15-20 ms for a TAP here,
-    /// twice that for a bridge, whatever the machine's speed), so the TAP is deleted on a
+    /// Deleting a link makes the kernel wait for an RCU barrier (~20 ms for a TAP here,
+    /// ~40-50 ms for a bridge, whatever the machine's speed), so the TAP is deleted on a
     /// helper thread while this one leaves the network, which deletes the bridge if this was
     /// its last user: the two waits overlap instead of adding up. Nothing else depends on
     /// their order (the VM no longer runs; the TAP's guard still goes only after the TAP).

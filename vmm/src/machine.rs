@@ -328,7 +328,7 @@ impl Vmm {
         if let Some(channel) = channel {
             channel.finish(reason);
         }
-        // Deleting a TAP and destroying the VM both wait in the kernel (~15-20 ms each
+        // Deleting a TAP and destroying the VM both wait in the kernel (~20 ms each
         // here): the NICs go on a helper thread while the VM fd closes.
         let nics = crate::nics::release_all(nics);
         daemons.release();

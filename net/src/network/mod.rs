@@ -155,7 +155,7 @@ impl TapCleanup {
 
     /// Like [`TapCleanup::release`], on a netlink connection of its own, for a thread that
     /// runs beside another user of the attachment's: a link deletion blocks its connection
-    /// (the kernel answers only after its RCU barrier, 15-40 ms), and the two would queue
+    /// (the kernel answers only after its RCU barrier, 20-50 ms), and the two would queue
     /// behind each other on a shared one.
     pub fn release_alone(mut self) -> Result<(), NetError> {
         match Rtnl::new() {

@@ -218,12 +218,10 @@ pub(crate) struct Nfnl {
 static SHARED: Mutex<Option<(u64, Nfnl)>> = Mutex::new(None);
 
 /// Runs `f` with this process's nf_tables socket for the calling thread's network namespace,
-/// (re)opened as needed. One socket for the process's life, not one per operation: closing
-/// an nf_tables socket waits for the deferred destruction of the last transaction's deleted
-/// objects (an RCU grace period, milliseconds), so closing one per change put that wait on
-/// every join and leave. Never blocks on another thread: if the shared socket is busy (or
-/// held by a thread that panicked), `f` gets a private one. A socket whose operation failed
-/// is not reused (it may hold a half-read reply).
+/// (re)opened as needed: one socket for the process's life rather than one per operation
+/// (socket, bind, getsockname, connect each time). Never blocks on another thread: if the
+/// shared socket is busy (or held by a thread that panicked), `f` gets a private one. A
+/// socket whose operation failed is not reused (it may hold a half-read reply).
 pub(crate) fn with<R>(f: impl FnOnce(&mut Nfnl) -> io::Result<R>) -> io::Result<R> {
     let ns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
     let mut shared = match SHARED.try_lock() {
