@@ -39,6 +39,7 @@ mod ratelog;
 mod spec;
 mod state;
 mod tap;
+mod thread_hook;
 
 pub use attach::{attach, Attachment};
 pub use bridge::BridgeError;
@@ -53,6 +54,7 @@ pub use spec::{
     TAP_PREFIX,
 };
 pub use state::{StateError, DEFAULT_RUN_DIR, RUN_DIR_ENV};
+pub use thread_hook::{set_thread_start_hook, HookError, ThreadStartHook};
 pub use tap::{set_offload as set_tap_offload, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
 
 /// Entry points for the cargo-fuzz targets in `net/fuzz` (feature `fuzzing`); not API.

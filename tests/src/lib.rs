@@ -10,7 +10,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The workspace root (this crate lives in `<root>/tests`).
 /// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to three
 /// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED`.
 /// This host's PVM sometimes starts a guest process with a broken TLS base (a segfault at
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 pub const SH_CHECK: &str = "set -o pipefail; \
      check() { n=$1; shift; for i in 1 2 3; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; ";
 
+/// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
@@ -66,6 +66,40 @@ pub fn guest_with_own_rootfs(dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("root.ext4");
     std::fs::copy(&rootfs, &root).expect("copy the guest rootfs");
     (kernel, root)
+}
+
+/// A snapshot of the test guest booted to its init's READY (1 vCPU, its rootfs as a
+/// `,snapshot` disk, no NIC), for tests that only need a booted guest: `microvm --restore
+/// DIR -- CMD` takes seconds where a boot takes a minute here. Made by the first test that
+/// asks (under a lock, so parallel tests wait for one boot) and reused while the microvm
+/// binary, the kernel and the rootfs are unchanged (their sizes and modification times name
+/// the directory). Restores never write the rootfs copy beside it.
+pub fn booted_snapshot() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let (kernel, rootfs) = guest();
+    let id = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        format!("{:x}-{:x}", m.len(), m.mtime())
+    };
+    let key = format!("{}-{}-{}", id(&microvm_bin()), id(&kernel), id(&rootfs));
+    let dir = workspace_root().join("target/test-snapshots").join(key);
+    std::fs::create_dir_all(&dir).expect("create the test snapshot directory");
+    let lock = std::fs::File::create(dir.join("lock")).expect("create the lock file");
+    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+    let snap = dir.join("snap");
+    if !snap.join("state").exists() {
+        let root = dir.join("root.ext4");
+        std::fs::copy(&rootfs, &root).expect("copy the guest rootfs");
+        let disk = format!("{},snapshot", root.display());
+        let boot = run_microvm(
+            &["--kernel", kernel.to_str().unwrap(), "--disk", &disk, "--cmdline", "quiet",
+              "--snapshot-to", snap.to_str().unwrap()],
+            Duration::from_secs(600),
+        );
+        assert_eq!(boot.code(), 0, "booting the shared test snapshot failed: {boot:?}");
+    }
+    snap
 }
 
 /// A fresh scratch directory under the target dir, removed by the caller when done.

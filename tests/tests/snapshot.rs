@@ -43,7 +43,7 @@ fn snapshot_once_restore_many_times() {
     let mut ids = Vec::new();
     for (i, status) in [0, 3, 7, 42, 255].into_iter().enumerate() {
         let script = format!(
-            "{SH_CHECK} check BOOT \"dmesg | grep -m1 'Freeing unused kernel'\"; echo run {i}; \
+            "{SH_CHECK} check BOOT \"dmesg | grep 'Freeing unused kernel image (initmem)'\"; echo run {i}; \
              test -e /left-by-a-restore && echo SAW_EARLIER_WRITE; echo {i} > /left-by-a-restore; sync; exit {status}"
         );
         let t = Instant::now();

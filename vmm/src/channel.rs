@@ -63,7 +63,7 @@ pub enum ChannelError {
     #[error("cannot create the command channel's stop event")]
     Event(#[source] io::Error),
     #[error("cannot start a command channel thread")]
-    Thread(#[source] io::Error),
+    Thread(#[source] crate::seccomp::SeccompError),
     #[error("cannot create the command channel's virtio-console")]
     Console(#[source] ConsoleError),
     #[error(transparent)]
@@ -244,7 +244,9 @@ fn watch_ready(pipe: OwnedFd, ready: &AtomicBool, wake: &EventFd) {
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), ChannelError> {
     // Detached: the stdin pump may sit in a read() of a terminal until microvm exits.
-    std::thread::Builder::new().name(name.into()).spawn(f).map(drop).map_err(ChannelError::Thread)
+    // Each pump runs under its seccomp filter (seccomp/rules.rs: `channel`).
+    let kind = crate::seccomp::ThreadKind::Channel;
+    crate::seccomp::spawn_confined(kind, name.into(), f).map(drop).map_err(ChannelError::Thread)
 }
 
 /// A close-on-exec pipe: (read end, write end).

@@ -30,7 +30,8 @@ Option values: SIZE is binary (4G = 4 GiB; K, M, G, T). RATE is per second: byte
 Exit status: the guest command's status (exit device, see README); 0 when the guest
 powers off or reboots; 101 when the guest kernel panicked; 1 when the VM failed (e.g. a
 vCPU hit an instruction KVM could not run); 124 when --timeout expired; 2 for bad usage,
-nothing started; 128+N on signal N. After a panic, a failure or a timeout, the console's
+nothing started; 128+N on signal N; 159 when a microvm thread made a system call its
+seccomp filter forbids (reported). After a panic, a failure or a timeout, the console's
 last lines are repeated on stderr unless they are already there.
 Console: the guest's ttyS0 is microvm's stdin/stdout. In a terminal, Ctrl-A x quits.
 A guest that seems hung: `kill -USR1 <microvm pid>` prints every vCPU's registers (RIP
@@ -100,6 +101,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_quirks: bool,
 
+    /// Run without seccomp filters (for debugging with strace or gdb, or when a host's libc
+    /// makes a system call microvm's filters do not list). Example: --no-seccomp
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Also write the guest console (ttyS0: kernel log, and the command's output until it
     /// gets its own channel) to FILE; with a command, it is then not on stdout.
     /// Example: --console-log boot.log
@@ -156,6 +162,7 @@ impl Cli {
             shares: self.share.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             quirks: !self.no_quirks,
             command: self.command,
+            seccomp: !self.no_seccomp,
             console_log: self.console_log,
             verbose: self.verbose,
             timeout: self

@@ -17,6 +17,8 @@ pub mod code {
     pub const GUEST_PANIC: i32 = 101;
     /// `--timeout` expired (the status `timeout(1)` uses).
     pub const TIMEOUT: i32 = 124;
+    /// A microvm thread made a system call its seccomp filter forbids (128 + SIGSYS).
+    pub const SECCOMP_VIOLATION: i32 = 128 + libc::SIGSYS;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub const REQUIRED: &[(&str, &str)] = &[
     ("CONFIG_FUTEX=y", "threaded programs need futexes"),
     ("CONFIG_EPOLL=y", "ordinary programs need epoll"),
     ("CONFIG_MULTIUSER=y", "setuid/setgid and file ownership"),
+    ("CONFIG_INOTIFY_USER=y", "ordinary programs of a host root (udevd, tail -f, file watchers) need inotify"),
     // Console and exit status.
     ("CONFIG_TTY=y", "the console"),
     ("CONFIG_SERIAL_8250=y", "the console is an 8250 UART at 0x3f8 (ttyS0)"),

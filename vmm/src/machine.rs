@@ -31,7 +31,9 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::guestinit;
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::seccomp::{ThreadKind, Unconfined};
 use crate::snapshot::{self, KvmCaps, PauseHandle, Snapshot, SnapshotState};
+use crate::teardown::Teardown;
 use crate::timeout::Deadline;
 use crate::vcpu::Vcpu;
 use crate::virtio::VirtioSlots;
@@ -75,8 +77,10 @@ pub struct Vmm {
     /// The disks in `--disk` order: a `,snapshot` disk's overlay is saved with the VM.
     disks: Vec<Arc<Disk>>,
     vcpus: Vec<VcpuThread>,
-    nics: Vec<net::Attachment>,
-    daemons: crate::share::Shares,
+    /// Owns the NICs' host side and the virtiofsd daemons (teardown.rs).
+    teardown: Teardown,
+    /// Where the `--snapshot-to` save runs under seccomp (seccomp/unconfined.rs).
+    unconfined: Unconfined,
     channel: Option<crate::channel::Channel>,
     /// Raised by the command channel when the init says READY (`--snapshot-to`).
     ready: Option<Arc<AtomicBool>>,
@@ -167,6 +171,12 @@ impl Vmm {
         };
         let serial = crate::vm::legacy_devices(&vm, &mut pio, &mut mmio, &exit, console, saved_serial)?;
 
+        // Before any thread that runs under a seccomp filter (vCPUs, DHCP, channel pumps, and
+        // this one's event loop): the unfiltered teardown and save threads, and the filters.
+        let teardown = Teardown::spawn().map_err(io_err("teardown thread"))?;
+        crate::seccomp::enable(config)?;
+        let unconfined = Unconfined::spawn("snapshot-save", config.snapshot_to.is_some())
+            .map_err(io_err("snapshot thread"))?;
         // One virtiofsd per share, stopped by `finish` (or on drop, on error paths).
         let (daemons, conns) = match &virtiofsd {
             Some(bin) => crate::share::Shares::start(&shares, bin)?,
@@ -199,44 +209,46 @@ impl Vmm {
         };
         let transports = virtio.transports();
 
-        if let Some((kernel, entry, initrd)) = boot_image {
-            let mounts = crate::vm::guest_mounts(&shares);
-            let parts = crate::vm::kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?;
-            let cmdline = crate::boot::build_cmdline(&parts)?;
-            tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
-            let boot = crate::boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
-            crate::acpi::setup(&mem, config.cpus as u8)?;
-            drop(virtio);
-            let vcpus = (0..config.cpus as u8)
-                .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
-                .collect::<Result<Vec<_>, _>>()?;
-            return Self::assemble(Parts {
-                kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
-                console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
-                system_map: match start { Start::Boot(c) => c.kernel.system_map.clone(), Start::Restore(..) => None }, pio, mmio,
-            });
-        }
-        drop(virtio);
-        let Start::Restore(snap, devices) = start else { unreachable!("boot returned above") };
-        let caps = KvmCaps::new(&kvm, &vm)?;
-        let mut vcpus = Vec::with_capacity(snap.state.vcpus.len());
-        for (i, state) in snap.state.vcpus.iter().enumerate() {
-            let fd = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            snapshot::restore_vcpu(&fd, state, &caps)?;
-            vcpus.push(Vcpu::restored(i as u8, fd));
-        }
-        snapshot::restore_vm(&vm, &snap.state.vm)?;
-        restore_devices(&mut event_manager, &transports, &devices.virtio)?;
+        // Where the guest starts: at the kernel's entry, or where the snapshot stopped.
+        let (vcpus, system_map) = match (start, boot_image) {
+            (Start::Boot(checked), Some((kernel, entry, initrd))) => {
+                let mounts = crate::vm::guest_mounts(&shares);
+                let parts = crate::vm::kernel_cmdline(config, own_init, &virtio.cmdline_entries(), &mounts)?;
+                let cmdline = crate::boot::build_cmdline(&parts)?;
+                tracing::info!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), "kernel command line");
+                let boot = crate::boot::configure(&mem, &kernel, entry, &cmdline, initrd, config.cpus as u8)?;
+                crate::acpi::setup(&mem, config.cpus as u8)?;
+                drop(virtio);
+                let vcpus = (0..config.cpus as u8)
+                    .map(|i| Vcpu::new(&kvm, &vm, i, config.cpus as u8, boot.entry))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (vcpus, checked.kernel.system_map.clone())
+            }
+            (Start::Restore(snap, devices), _) => {
+                drop(virtio);
+                let caps = KvmCaps::new(&kvm, &vm)?;
+                let mut vcpus = Vec::with_capacity(snap.state.vcpus.len());
+                for (i, state) in snap.state.vcpus.iter().enumerate() {
+                    let fd = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                    snapshot::restore_vcpu(&fd, state, &caps)?;
+                    vcpus.push(Vcpu::restored(i as u8, fd));
+                }
+                snapshot::restore_vm(&vm, &snap.state.vm)?;
+                restore_devices(&mut event_manager, &transports, &devices.virtio)?;
+                (vcpus, None)
+            }
+            (Start::Boot(_), None) => unreachable!("a boot always loads a kernel image"),
+        };
         Self::assemble(Parts {
-            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready,
-            console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
-            system_map: None, pio, mmio,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined,
+            channel, ready, console_plan, console_tail, panicked, deadline: deadline.take(), signals, command_channel,
+            system_map, pio, mmio,
         })
     }
 
     /// Starts the vCPU threads and the main thread's event sources.
     fn assemble(p: Parts) -> Result<Vmm, VmError> {
-        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, disks, vcpus, nics, daemons, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
+        let Parts { kvm, vm, mem, mut event_manager, exit, serial, transports, disks, vcpus, nics, daemons, teardown, unconfined, channel, ready, console_plan, console_tail, panicked, deadline, signals, command_channel, system_map, pio, mmio } = p;
         // With the command channel, stdin belongs to the command: no raw mode, no serial input.
         let raw_terminal = if command_channel { None } else { crate::terminal::RawTerminal::enable() };
         let mut control = Control::new(serial.clone(), exit.clone(), signals);
@@ -258,9 +270,13 @@ impl Vmm {
         control.set_vcpu_threads(threads);
         event_manager.add_subscriber(Arc::new(Mutex::new(control)));
         event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
+        // Setup is over: the teardown thread releases the host resources however the VM
+        // ends, and this thread keeps only what its event loop needs.
+        teardown.adopt(nics, daemons);
+        crate::seccomp::confine(ThreadKind::EventLoop)?;
         Ok(Vmm {
-            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, nics, daemons, channel, ready,
-            console_plan, console_tail, panicked, raw_terminal,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, teardown, unconfined,
+            channel, ready, console_plan, console_tail, panicked, raw_terminal,
         })
     }
 
@@ -285,39 +301,44 @@ impl Vmm {
         Ok(())
     }
 
-    /// Saves the paused VM to `dir` (atomically), with `config` as its configuration.
-    pub fn save(&self, dir: &std::path::Path, config: serde_json::Value) -> Result<snapshot::format::SaveStats, VmError> {
-        let caps = Arc::new(KvmCaps::new(&self.kvm, &self.vm)?);
-        let vcpus = self.vcpus.iter().map(|v| v.pause.save(&caps)).collect::<Result<Vec<_>, _>>()?;
-        let vm_state = snapshot::capture_vm(&self.vm)?;
-        let virtio = self
-            .transports
-            .iter()
-            .map(|t| crate::bus::lock(t).save())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VmError::DeviceSnapshot)?;
-        let devices = DevicesState { serial: crate::bus::lock(&self.serial).save(), virtio };
-        let devices = serde_json::to_value(&devices).map_err(snapshot::SnapshotError::Encode)?;
-        let state = SnapshotState::new(vm_state, vcpus, config, devices);
-        // A `,snapshot` disk's writes so far live in its private overlay: they go with the
-        // VM (DIR/disk-N.data and .map), or the restored guest would find its disk older
-        // than its page cache.
-        let save_overlays = |tmp: &std::path::Path| {
-            for (index, disk) in self.disks.iter().enumerate() {
-                if let Some(overlay) = disk.overlay() {
-                    let (data, map) = crate::devices::layer_files(&tmp.join(layer_name(index)));
-                    overlay.save(&data, &map).map_err(|source| snapshot::SnapshotError::Overlay { index, source })?;
+    /// Saves the paused VM to `dir` (atomically), with `config` as its configuration. Under
+    /// seccomp it runs on the unfiltered save thread: reading the VM's state, the disks'
+    /// metadata and writing files are beyond the event loop's filter.
+    pub fn save(&self, dir: &std::path::Path, config: &VmConfig) -> Result<snapshot::format::SaveStats, VmError> {
+        let Vmm { kvm, vm, mem, serial, transports, disks, vcpus, .. } = self;
+        self.unconfined.run(|| {
+            let config = snapshot::saved::describe(config)?;
+            let caps = Arc::new(KvmCaps::new(kvm, vm)?);
+            let vcpus = vcpus.iter().map(|v| v.pause.save(&caps)).collect::<Result<Vec<_>, _>>()?;
+            let vm_state = snapshot::capture_vm(vm)?;
+            let virtio = transports
+                .iter()
+                .map(|t| crate::bus::lock(t).save())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(VmError::DeviceSnapshot)?;
+            let devices = DevicesState { serial: crate::bus::lock(serial).save(), virtio };
+            let devices = serde_json::to_value(&devices).map_err(snapshot::SnapshotError::Encode)?;
+            let state = SnapshotState::new(vm_state, vcpus, config, devices);
+            // A `,snapshot` disk's writes so far live in its private overlay: they go with the
+            // VM (DIR/disk-N.data and .map), or the restored guest would find its disk older
+            // than its page cache.
+            let save_overlays = |tmp: &std::path::Path| {
+                for (index, disk) in disks.iter().enumerate() {
+                    if let Some(overlay) = disk.overlay() {
+                        let (data, map) = crate::devices::layer_files(&tmp.join(layer_name(index)));
+                        overlay.save(&data, &map).map_err(|source| snapshot::SnapshotError::Overlay { index, source })?;
+                    }
                 }
-            }
-            Ok(())
-        };
-        Ok(snapshot::save_with(dir, &state, &self.mem, save_overlays)?)
+                Ok(())
+            };
+            Ok(snapshot::save_with(dir, &state, mem, save_overlays)?)
+        })
     }
 
     /// Ends the run: the exit status and message for `reason`, the console post-mortem, the
     /// command's last output, then the ordered teardown (NICs' host side, virtiofsd).
     pub fn finish(self, reason: &ExitReason) -> i32 {
-        let Vmm { vm, vcpus, nics, daemons, channel, console_plan, console_tail, panicked, raw_terminal, .. } = self;
+        let Vmm { vm, vcpus, teardown, channel, console_plan, console_tail, panicked, raw_terminal, .. } = self;
         for v in &vcpus {
             v.pause.exit();
         }
@@ -328,12 +349,10 @@ impl Vmm {
         if let Some(channel) = channel {
             channel.finish(reason);
         }
-        // Deleting a TAP and destroying the VM both wait in the kernel (~20 ms each
-        // here): the NICs go on a helper thread while the VM fd closes.
-        let nics = crate::nics::release_all(nics);
-        daemons.release();
-        drop(vm);
-        nics.wait();
+        // On the teardown thread: the NICs' host side (TAPs, networks), then virtiofsd.
+        // Deleting a TAP and destroying the VM both wait in the kernel (~20 ms each here):
+        // the VM fd closes here meanwhile.
+        teardown.finish_while(move || drop(vm));
         if let Some(m) = message {
             eprintln!("microvm: {m}");
         }
@@ -354,6 +373,8 @@ struct Parts {
     vcpus: Vec<Vcpu>,
     nics: Vec<net::Attachment>,
     daemons: crate::share::Shares,
+    teardown: Teardown,
+    unconfined: Unconfined,
     channel: Option<crate::channel::Channel>,
     ready: Option<Arc<AtomicBool>>,
     console_plan: ConsolePlan,

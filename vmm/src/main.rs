@@ -18,19 +18,30 @@ fn main() -> ExitCode {
         .init();
 
     // A bug must not leave the terminal raw, the VM half-alive or its network behind:
-    // restore the terminal, report, tear the TAPs and networks down (no Drop runs on
-    // exit), and exit 1 (whichever thread panicked). Panics the net crate contains (a
-    // decoder fed a hostile packet; caught and logged there) are not fatal.
+    // restore the terminal, report, tear the TAPs, networks and virtiofsd daemons down (on
+    // the unfiltered teardown thread, see teardown.rs; no Drop runs on exit), and exit 1
+    // (whichever thread panicked). Panics the net crate contains (a decoder fed a hostile
+    // packet; caught and logged there) are not fatal.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if net::panic_is_contained() {
             return;
         }
         vmm::terminal::restore_now();
-        vmm::share::kill_all_now();
-        default_hook(info);
-        net::emergency_teardown();
-        std::process::exit(code::VM_FAILURE);
+        if vmm::seccomp::is_confined() {
+            // The default hook would symbolise a backtrace (RUST_BACKTRACE), opening files
+            // the thread's seccomp filter forbids: report without one.
+            let thread = std::thread::current();
+            let what = info.payload_as_str().unwrap_or("(non-string payload)");
+            let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+            eprintln!(
+                "thread '{}' panicked at {at}:\n{what}\n(no backtrace under seccomp; --no-seccomp gives one)",
+                thread.name().unwrap_or("<unnamed>")
+            );
+        } else {
+            default_hook(info);
+        }
+        vmm::teardown::exit_with_teardown(code::VM_FAILURE);
     }));
 
     let cli = Cli::parse();

@@ -2,10 +2,14 @@
 //! fault messages say `RIP=0xffffffff8104c2e3 <exc_page_fault+0x13>`.
 //!
 //! The map is read once, on first use (a register dump or a fault, on a vCPU thread, never
-//! in a signal handler), into a sorted Vec; most runs never read it at all.
+//! in a signal handler), into a sorted Vec; most runs never read it at all. The file is
+//! opened up front, before the vCPU threads' seccomp filters (which allow no open), and
+//! read on first use with plain read(2) calls.
 
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Largest offset into a symbol we still name: beyond that the address is past the end of
 /// the last function, not inside it.
@@ -56,18 +60,21 @@ impl SymbolMap {
 #[derive(Debug, Default)]
 pub struct Symbols {
     path: Option<PathBuf>,
+    /// Opened by `new`, taken and read on first use.
+    file: Mutex<Option<io::Result<File>>>,
     map: OnceLock<SymbolMap>,
 }
 
 impl Symbols {
     pub fn new(path: Option<PathBuf>) -> Self {
-        Symbols { path, map: OnceLock::new() }
+        let file = Mutex::new(path.as_ref().map(File::open));
+        Symbols { path, file, map: OnceLock::new() }
     }
 
     /// `" <name+0xoff>"` for `addr`, or an empty string when unknown (no map, or no symbol).
     pub fn describe(&self, addr: u64) -> String {
         let Some(path) = &self.path else { return String::new() };
-        let map = self.map.get_or_init(|| match std::fs::read_to_string(path) {
+        let map = self.map.get_or_init(|| match read_all(&self.file) {
             Ok(text) => SymbolMap::parse(&text),
             Err(e) => {
                 tracing::warn!("cannot read {}: {e}", path.display());
@@ -79,6 +86,24 @@ impl Symbols {
             None => String::new(),
         }
     }
+}
+
+/// Reads the opened map with read(2) only: std's `read_to_string` would first stat the
+/// file for a size hint (statx), which the vCPU filter does not allow.
+fn read_all(file: &Mutex<Option<io::Result<File>>>) -> io::Result<String> {
+    let taken = file.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let mut file = taken.unwrap_or_else(|| Err(io::Error::other("already read")))?;
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]

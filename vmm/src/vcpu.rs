@@ -14,6 +14,7 @@ use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::pause::{PauseHandle, Resume};
+use crate::seccomp::ThreadKind;
 use crate::symbols::Symbols;
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -49,11 +50,12 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Starting the thread, or its seccomp filter, failed.
     #[error("cannot spawn the thread for vCPU {index}")]
     Spawn {
         index: u8,
         #[source]
-        source: std::io::Error,
+        source: crate::seccomp::SeccompError,
     },
 }
 
@@ -114,7 +116,8 @@ impl Vcpu {
         self
     }
 
-    /// Runs the vCPU on its own thread until the VM exits.
+    /// Runs the vCPU on its own thread until the VM exits. The thread installs its seccomp
+    /// filter (when on) before the first KVM_RUN; the call returns once it is installed.
     pub fn spawn(
         self,
         mem: GuestMemoryMmap,
@@ -125,10 +128,10 @@ impl Vcpu {
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         crate::debug::install_kick_handler();
-        std::thread::Builder::new()
-            .name(format!("vcpu-{index}"))
-            .spawn(move || self.run(&mem, &pio, &mmio, &exit, &symbols))
-            .map_err(|source| VcpuError::Spawn { index, source })
+        crate::seccomp::spawn_confined(ThreadKind::Vcpu, format!("vcpu-{index}"), move || {
+            self.run(&mem, &pio, &mmio, &exit, &symbols)
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })
     }
 
     fn run(mut self, mem: &GuestMemoryMmap, pio: &Bus, mmio: &Bus, exit: &ExitSignal, symbols: &Symbols) {

@@ -61,6 +61,8 @@ pub enum VmError {
     DeviceSnapshot(#[source] devices::virtio::snapshot::SnapshotError),
     #[error("event loop failure")]
     EventManager(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot set up {what}")]
     Io {
         what: &'static str,
@@ -146,12 +148,7 @@ fn run_to_end(mut vmm: Vmm, config: &VmConfig) -> Result<i32, VmError> {
                 source: std::io::Error::other("ready without --snapshot-to"),
             })?;
             let started = std::time::Instant::now();
-            let saved = crate::snapshot::saved::describe(config)
-                .map_err(VmError::from)
-                .and_then(|c| {
-                    vmm.pause()?;
-                    vmm.save(dir, c)
-                });
+            let saved = vmm.pause().and_then(|()| vmm.save(dir, config));
             let status = vmm.finish(&ExitReason::Saved);
             let stats = saved?;
             eprintln!(
@@ -237,8 +234,9 @@ pub(crate) fn kernel_cmdline(
     if config.snapshot_to.is_some() {
         // A restored guest's TSC has jumped by the time the snapshot sat on disk (KVM cannot
         // set it back on every host): with the TSC as clocksource the kernel would spend
-        // seconds catching up on timekeeping and load averages. kvm-clock is set back to the
-        // saved time by KVM_SET_CLOCK, so the guest's clock just continues.
+        // seconds catching up on timekeeping and load averages. With kvm-clock it takes the
+        // jump in one step (on PVM its time base still includes the snapshot's age: the
+        // guest's clocks jump forward by it, see the README).
         cmdline.push("clocksource=kvm-clock".into());
     }
     let host = Host::detect();

@@ -40,6 +40,12 @@ pub enum DhcpError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot confine the DHCP server thread for network {network}")]
+    ThreadStart {
+        network: String,
+        #[source]
+        source: crate::HookError,
+    },
     #[error("cannot start the DHCP server thread for network {network}")]
     Spawn {
         network: String,
@@ -116,10 +122,32 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
     let stop = Arc::new(StopSignal::new().map_err(spawn_err)?);
     let counters = Arc::new(Counters::default());
     let (m, s, c, name) = (macs.clone(), stop.clone(), counters.clone(), net.name.clone());
+    // The thread runs the start hook (microvm's seccomp filter) before it reads a packet,
+    // and reports the hook's result here so a failure fails `attach`.
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name(format!("dhcp-{}", net.name))
-        .spawn(move || server::serve(sock, name, params, leases, m, s, c))
+        .spawn(move || {
+            let hooked = crate::thread_hook::run("dhcp");
+            let ok = hooked.is_ok();
+            let _ = started_tx.send(hooked);
+            if ok {
+                server::serve(sock, name, params, leases, m, s, c);
+            }
+        })
         .map_err(spawn_err)?;
+    let hook_err = |source| DhcpError::ThreadStart { network: net.name.clone(), source };
+    match started_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(hook_err(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(hook_err("the thread ended before starting".into()));
+        }
+    }
     map.insert(net.name.clone(), Running { macs, stop, counters, thread: Some(thread) });
     Ok(DhcpRegistration { network: net.name.clone(), mac, released: false })
 }

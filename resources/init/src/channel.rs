@@ -18,9 +18,21 @@ const POLL: Duration = Duration::from_millis(10);
 /// virtio device ID of a console (virtio 1.x, 5).
 const VIRTIO_ID_CONSOLE: &str = "0x0003";
 
+/// The stdio ports opened before a snapshot (see `wait_for_command`): a restore then starts
+/// the command without scanning sysfs again (every guest kernel instruction counts where
+/// they are emulated).
+static PREOPENED: std::sync::Mutex<Option<[OwnedFd; 3]>> = std::sync::Mutex::new(None);
+
 /// The command's stdin, stdout and stderr ports, opened; None (after a warning) when the
 /// kernel did not give them.
 pub fn open_ports() -> Option<[OwnedFd; 3]> {
+    if let Some(ports) = PREOPENED.lock().ok().and_then(|mut p| p.take()) {
+        return Some(ports);
+    }
+    open_ports_now()
+}
+
+fn open_ports_now() -> Option<[OwnedFd; 3]> {
     match console_device() {
         Device::Absent => {
             sys::say("no virtio-console device: the command's stdin/stdout/stderr are the console");
@@ -90,6 +102,10 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
     let fd = open(&dev, libc::O_RDWR).map_err(|e| Fail::io(format_args!("cannot open {dev}"), e))?;
     let mut port = std::fs::File::from(fd);
     use std::io::{Read, Write};
+    warm_page_cache();
+    if let (Some(ports), Ok(mut slot)) = (open_ports_now(), PREOPENED.lock()) {
+        *slot = Some(ports);
+    }
     port.write_all(READY_MESSAGE).map_err(|e| Fail::io("cannot say READY on the control port", e))?;
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
@@ -114,6 +130,20 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
     params.cwd = sent.cwd.or(params.cwd.take());
     params.term = sent.term.or(params.term.take());
     Ok(())
+}
+
+/// Reads the programs a restored command will most likely exec (the shell, which on the
+/// usual roots is busybox, and `/bin/true`) so they are in the page cache the snapshot saves:
+/// otherwise every restore reads them from the disk again, through the (emulated, on some
+/// hosts) guest kernel's block and filesystem code. Best effort: a missing file is fine.
+fn warm_page_cache() {
+    use std::io::Read;
+    let mut buf = vec![0u8; 256 * 1024];
+    for path in ["/bin/sh", "/bin/true", "/usr/bin/env"] {
+        if let Ok(mut f) = std::fs::File::open(path) {
+            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    }
 }
 
 enum Device {

@@ -103,6 +103,8 @@ pub struct VmConfig {
     pub quirks: bool,
     /// Command to run in the guest (by microvm's own init, see guestinit.rs).
     pub command: Vec<String>,
+    /// Confine each thread with its seccomp filter (see `seccomp`); off only for debugging.
+    pub seccomp: bool,
     /// Also write the guest console to this file (see console.rs for where it goes).
     pub console_log: Option<PathBuf>,
     /// `-v`: with a command, show the guest console on stderr.
@@ -139,6 +141,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             quirks: true,
             command: Vec::new(),
+            seccomp: true,
             console_log: None,
             verbose: false,
             timeout: None,
