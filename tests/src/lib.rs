@@ -11,13 +11,22 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to three
-/// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED`.
+/// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED`;
+/// `again CMD ARGS...` runs a command whose output goes on (a stream, a side effect) again,
+/// up to three times, only while it dies of a signal, and keeps its status otherwise.
 /// This host's PVM sometimes starts a guest process with a broken TLS base (a segfault at
 /// its first TLS access, "exe[N]: segfault at 0"), whatever it runs, in booted and restored
 /// guests alike (~30% of `$(a | b)` here): so commands are retried, and with pipefail a crash
-/// in a pipeline is never read as its result.
-pub const SH_CHECK: &str = "set -o pipefail; \
-     check() { n=$1; shift; for i in 1 2 3; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; ";
+/// in a pipeline is never read as its result (where the shell has pipefail: dash has not).
+pub const SH_CHECK: &str = "(set -o pipefail) 2>/dev/null && set -o pipefail; \
+     check() { local n i r; n=$1; shift; for i in 1 2 3; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; \
+     again() { local i s; for i in 1 2 3; do \"$@\"; s=$?; [ $s -gt 128 ] || return $s; done; return $s; }; ";
+
+/// After `SH_CHECK`: the external commands the network scripts use, each wrapped in
+/// `again` (a function of the same name that runs `command NAME ...`), so a process the
+/// host crashes as it starts is started again instead of reading as a failed probe.
+pub const SH_AGAIN_COMMANDS: &str = "for c in ip awk nc ping wget timeout udhcpc arping cat grep sed head wc tr dd seq httpd; do \
+     eval \"$c() { again command $c \\\"\\$@\\\"; }\"; done; ";
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {

@@ -60,7 +60,8 @@ impl World {
             args.push("--net".into());
             args.push(n.to_string());
         }
-        args.extend(["--".into(), "sh".into(), "-c".into(), script.into()]);
+        let script = format!("{}{}{script}", crate::SH_CHECK, crate::SH_AGAIN_COMMANDS);
+        args.extend(["--".into(), "sh".into(), "-c".into(), script]);
         self.spawn(name, &args, dir)
     }
 

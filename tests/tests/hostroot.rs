@@ -17,11 +17,12 @@ fn host_root_runs_a_command_on_the_hosts_files() {
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
     let first_line = os_release.lines().next().unwrap().to_string();
     let script = format!(
-        "echo OS=$(head -n1 /etc/os-release); echo CWD=$(pwd); echo UNAME=$(uname -r); \
+        "{check} check OS head -n1 /etc/os-release; echo CWD=$(pwd); check UNAME uname -r; \
          echo guest > cwd-file; echo shared > '{rw}/written'; \
-         cat '{ro}/seen'; if echo no > '{ro}/refused' 2>/dev/null; then echo RO_WRITABLE; else echo RO_REFUSED; fi; \
-         if touch /usr/microvm-test 2>/dev/null; then echo ROOT_WRITABLE; else echo ROOT_RO; fi; \
-         echo tmp > /tmp/t && echo TMP=$(cat /tmp/t); exit 4",
+         again cat '{ro}/seen'; if echo no > '{ro}/refused' 2>/dev/null; then echo RO_WRITABLE; else echo RO_REFUSED; fi; \
+         if again touch /usr/microvm-test 2>/dev/null; then echo ROOT_WRITABLE; else echo ROOT_RO; fi; \
+         echo tmp > /tmp/t && check TMP cat /tmp/t; exit 4",
+        check = microvm_tests::SH_CHECK,
         rw = rw.display(),
         ro = ro.display()
     );

@@ -274,14 +274,16 @@ fn guest_uses_shares_and_survives_nothing_when_virtiofsd_dies() {
     std::fs::write(ro.join("hostfile"), "from-the-host\n").unwrap();
     let run_dir = dir.join("run");
     // Plain busybox: works with the test image's init and with microvm's own.
-    let script = "mkdir -p /tmp/rw /tmp/ro && mount -t virtiofs t1 /tmp/rw && mount -t virtiofs t2 /tmp/ro \
+    // `again`: see SH_CHECK (this host's PVM sometimes crashes a process as it starts).
+    let script = format!("{} again mkdir -p /tmp/rw /tmp/ro && again mount -t virtiofs t1 /tmp/rw \
+        && again mount -t virtiofs t2 /tmp/ro \
         && echo written-by-guest > /tmp/rw/f \
-        && { cat /tmp/ro/hostfile > /tmp/rw/copied; } \
-        && { echo nope > /tmp/ro/g 2>/dev/null && echo RO-WRITTEN > /tmp/rw/ro-result || echo RO-REFUSED > /tmp/rw/ro-result; } \
+        && {{ again cat /tmp/ro/hostfile > /tmp/rw/copied; }} \
+        && {{ echo nope > /tmp/ro/g 2>/dev/null && echo RO-WRITTEN > /tmp/rw/ro-result || echo RO-REFUSED > /tmp/rw/ro-result; }} \
         && echo ready > /tmp/rw/ready \
         && i=0; while [ ! -e /tmp/rw/live ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; \
-        cat /tmp/rw/live > /tmp/rw/live-seen; \
-        while :; do cat /tmp/rw/f > /dev/null; done";
+        again cat /tmp/rw/live > /tmp/rw/live-seen; \
+        while :; do cat /tmp/rw/f > /dev/null; done", microvm_tests::SH_CHECK);
     let mut vm = Vm::start(
         &[
             "--kernel", kernel.to_str().unwrap(),
@@ -289,7 +291,7 @@ fn guest_uses_shares_and_survives_nothing_when_virtiofsd_dies() {
             "--share", &format!("{},tag=t1", rw.display()),
             "--share", &format!("{},tag=t2,ro", ro.display()),
             "--cmdline", "quiet",
-            "--", "sh", "-c", script,
+            "--", "sh", "-c", &script,
         ],
         &[("MICROVM_RUN_DIR", &run_dir)],
         &dir,
