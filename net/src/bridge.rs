@@ -140,6 +140,12 @@ pub(crate) struct Rtnl {
     handle: rtnetlink::Handle,
 }
 
+impl std::fmt::Debug for Rtnl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rtnl")
+    }
+}
+
 impl Drop for Rtnl {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {

@@ -31,6 +31,8 @@ pub enum NetError {
     Network(#[from] NetworkError),
     #[error("--net {mode} needs CAP_NET_ADMIN: run microvm as root or grant it that capability")]
     NotPermitted { mode: &'static str },
+    #[error("the thread deleting a TAP device panicked")]
+    ReleasePanicked,
 }
 
 impl NetError {
@@ -43,7 +45,7 @@ impl NetError {
             NetError::Tap(e) => e.is_bad_input(),
             NetError::Bridge(e) => e.is_bad_input(),
             NetError::Network(e) => e.is_bad_input(),
-            NetError::Nft(_) | NetError::Dhcp(_) | NetError::State(_) => false,
+            NetError::Nft(_) | NetError::Dhcp(_) | NetError::State(_) | NetError::ReleasePanicked => false,
         }
     }
 }

@@ -204,8 +204,9 @@ fn inner_anti_spoofing() {
     let leases = std::fs::read_to_string(leases).unwrap();
     let lease: Ipv4Addr = leases.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(leases.starts_with(&net::MacAddr(mac).to_string()), "{leases}");
-    let guard = sh(&format!("nft list chain bridge microvm guard-{tap}"));
-    assert!(guard.contains(&format!("ip saddr != {lease} drop")), "{guard}");
+    let guard = sh("nft list table bridge microvm");
+    assert!(guard.contains(&format!("\"{tap}\" . {lease}")), "{guard}");
+    assert!(guard.contains(&format!("\"{tap}\" : jump check_lease")), "{guard}");
 
     // A neighbour's address, and a foreign MAC: the host must learn neither from this TAP.
     let other = Ipv4Addr::new(10, 200, 0, 77);
@@ -237,13 +238,13 @@ fn inner_anti_spoofing() {
     let _ = pps(fd, &frame, 10_000);
     let without = pps(fd, &frame, n);
     let with2 = {
-        sh(&format!("nft add element bridge microvm guard_tap '{{ \"{tap}\" : jump guard-{tap} }}'"));
+        sh(&format!("nft add element bridge microvm guard_tap '{{ \"{tap}\" : jump check_lease }}'"));
         pps(fd, &frame, n)
     };
     println!("MEASURE tap->bridge pps: with guard {with:.0} / {with2:.0}, without {without:.0}");
 
     att.release().unwrap();
-    assert!(!try_sh(&format!("nft list chain bridge microvm guard-{tap}")), "guard left behind");
+    assert!(!sh("nft list table bridge microvm").contains(&format!("\"{tap}\"")), "guard left behind");
     assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "TAP left behind");
 }
 
@@ -262,15 +263,28 @@ fn inner_stale_guard_cleanup() {
     sh("ip link add name testbr0 type bridge");
     let att = net::attach(&"bridge=testbr0".parse().unwrap(), "vm-b", 0).unwrap();
     let tap = att.tap_name().to_string();
-    let guard = sh(&format!("nft list chain bridge microvm guard-{tap}"));
-    assert!(guard.contains("ether saddr != ") && !guard.contains("ip saddr"), "bridge=: MAC only\n{guard}");
+    let guarded = || sh("nft list table bridge microvm").contains(&format!("\"{tap}\""));
+    let guard = sh("nft list table bridge microvm");
+    assert!(guard.contains(&format!("\"{tap}\" : jump check_mac")), "bridge=: MAC only\n{guard}");
+    assert!(!guard.contains(&format!("\"{tap}\" . 10.")), "bridge=: no address\n{guard}");
     // A crash: the TAP vanishes with the process, its guard stays behind...
     std::mem::forget(att);
     sh(&format!("ip link del {tap}"));
-    assert!(try_sh(&format!("nft list chain bridge microvm guard-{tap}")));
+    assert!(guarded());
     // ... until the next start's stale cleanup.
     net::cleanup_stale().unwrap();
-    assert!(!try_sh(&format!("nft list chain bridge microvm guard-{tap}")), "stale guard left behind");
+    assert!(!guarded(), "stale guard left behind");
+    // Whatever is left under a name a new TAP takes is replaced, never inherited: a stale
+    // MAC and address of "reused0" must not be allowed for the new guest on it.
+    sh("nft add element bridge microvm guard_mac '{ \"reused0\" . 52:54:00:66:66:66 }'");
+    sh("nft add element bridge microvm guard_ip '{ \"reused0\" . 10.99.0.9 }'");
+    let att = net::attach(&"host-only:hs,tap=reused0".parse().unwrap(), "vm-r", 0).unwrap();
+    let table = sh("nft list table bridge microvm");
+    assert!(!table.contains("52:54:00:66:66:66") && !table.contains("10.99.0.9"), "stale elements inherited\n{table}");
+    assert!(table.contains(&format!("\"reused0\" . {}", net::MacAddr(att.mac()))), "{table}");
+    assert!(table.contains("\"reused0\" : jump check_lease"), "{table}");
+    att.release().unwrap();
+    assert!(!sh("nft list table bridge microvm").contains("reused0"), "guard left behind");
     net::teardown_all().unwrap();
     assert!(!try_sh("nft list table bridge microvm"));
     sh("ip link del testbr0");

@@ -108,7 +108,13 @@ impl World {
         }
         // The bridge table may stay (empty); no TAP's anti-spoofing guard may.
         let bridge_table = self.host.try_sh("nft list table bridge microvm").then(|| self.host.sh("nft list table bridge microvm"));
-        left.extend(bridge_table.iter().flat_map(|t| t.lines()).filter_map(|l| l.trim().strip_prefix("chain guard-")).map(|c| format!("nft guard {c}")));
+        // A guard is set elements keyed by the TAP's name (`"TAP" : jump …`, `"TAP" . MAC`);
+        // the table's other quoted strings are rule comments, which have blanks.
+        let mut guarded: Vec<&str> =
+            bridge_table.iter().flat_map(|t| t.split('"').skip(1).step_by(2)).filter(|name| !name.contains(' ')).collect();
+        guarded.sort_unstable();
+        guarded.dedup();
+        left.extend(guarded.into_iter().map(|tap| format!("nft guard {tap}")));
         left
     }
 }

@@ -87,14 +87,57 @@ pub fn create(
     Ok((att, Box::new(device)))
 }
 
-/// Tears down every NIC's host side when the VM has ended, in order (see
-/// `net::Attachment::release`). Problems are logged, not returned: the exit status stays
-/// the VM's.
-pub fn release_all(attachments: Vec<net::Attachment>) {
-    for (index, att) in attachments.into_iter().enumerate() {
-        let tap = att.tap_name().to_string();
-        if let Err(e) = att.release() {
-            tracing::warn!(nic = index, tap, error = %devices::error_chain(&e), "NIC teardown incomplete");
+/// NICs being torn down by [`release_all`]; [`Releasing::wait`] (or drop) waits for them.
+pub struct Releasing(Option<std::thread::JoinHandle<()>>);
+
+impl Releasing {
+    pub fn wait(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        if let Some(handle) = self.0.take() {
+            // A panic there ends the process from the panic hook; nothing to add here.
+            let _ = handle.join();
         }
+    }
+}
+
+impl Drop for Releasing {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// Starts tearing down every NIC's host side when the VM has ended (see
+/// `net::Attachment::release`), on a helper thread, each NIC on its own: most of the time
+/// goes to the kernel's RCU barrier of each deleted link, and concurrent deletions share
+/// it. The caller can meanwhile destroy the VM (which waits in the kernel too), then
+/// [`Releasing::wait`]s. Problems are logged, not returned: the exit status stays the VM's.
+/// Should no thread start, the attachments are dropped, which releases them (their fallback).
+pub fn release_all(attachments: Vec<net::Attachment>) -> Releasing {
+    if attachments.is_empty() {
+        return Releasing(None);
+    }
+    let spawned = std::thread::Builder::new().name("nic-release".into()).spawn(move || {
+        std::thread::scope(|s| {
+            let mut all: Vec<_> = attachments.into_iter().enumerate().collect();
+            let last = all.pop();
+            for (index, att) in all {
+                // Again: no thread, then the attachment's drop releases it.
+                let _ = std::thread::Builder::new().name(format!("nic-release-{index}")).spawn_scoped(s, move || release(index, att));
+            }
+            if let Some((index, att)) = last {
+                release(index, att);
+            }
+        });
+    });
+    Releasing(spawned.ok())
+}
+
+fn release(index: usize, att: net::Attachment) {
+    let tap = att.tap_name().to_string();
+    if let Err(e) = att.release() {
+        tracing::warn!(nic = index, tap, error = %devices::error_chain(&e), "NIC teardown incomplete");
     }
 }

@@ -9,7 +9,7 @@
 //! installed, so it stays unfiltered, and sleeps in read(2) on an eventfd until asked.
 //!
 //! It is the one place teardown runs once it exists:
-//! - normal exit: `Vmm::finish` (machine.rs) calls [`Teardown::finish`], the ordered release above
+//! - normal exit: `Vmm::finish` (machine.rs) calls [`Teardown::finish_while`], the ordered release above
 //!   (after the command channel's output is delivered);
 //! - a panic in any thread or a seccomp violation: the panic hook and the SIGSYS handler call
 //!   [`exit_with_teardown`] (async-signal-safe: atomics, a write to the eventfd, sleeps,
@@ -50,7 +50,7 @@ thread_local! {
 /// What the teardown thread releases, in this order.
 type Owned = (Vec<net::Attachment>, Shares);
 
-/// The running teardown thread. `finish()` it on the normal exit path; dropping it does
+/// The running teardown thread. `finish_while()` it on the normal exit path; dropping it does
 /// the same (for early error returns).
 pub struct Teardown {
     wake: EventFd,
@@ -79,8 +79,11 @@ impl Teardown {
                 crate::terminal::restore_now();
                 emergency();
             } else if let Some((nics, daemons)) = crate::bus::lock(&to_release).take() {
-                crate::nics::release_all(nics);
+                // The NICs on helper threads of their own (started here, so unfiltered),
+                // virtiofsd meanwhile.
+                let nics = crate::nics::release_all(nics);
                 daemons.release();
+                nics.wait();
             }
             DONE.store(true, Ordering::SeqCst);
         })?;
@@ -95,17 +98,21 @@ impl Teardown {
         *crate::bus::lock(&self.owned) = Some((nics, daemons));
     }
 
-    /// Releases everything in order and waits until that is done.
-    pub fn finish(mut self) {
-        self.run();
+    /// Releases everything in order and waits until that is done, running `meanwhile` on
+    /// this thread while the teardown thread works (the VM fd's close, which waits in the
+    /// kernel as a TAP deletion does).
+    pub fn finish_while(mut self, meanwhile: impl FnOnce()) {
+        self.run(meanwhile);
     }
 
-    fn run(&mut self) {
+    fn run(&mut self, meanwhile: impl FnOnce()) {
         if let Some(thread) = self.thread.take() {
             if let Err(e) = self.wake.write(1) {
                 tracing::error!("cannot wake the teardown thread: {e}");
+                meanwhile();
                 return;
             }
+            meanwhile();
             if thread.join().is_err() {
                 tracing::error!("the teardown thread panicked");
             }
@@ -122,7 +129,7 @@ impl Teardown {
 
 impl Drop for Teardown {
     fn drop(&mut self) {
-        self.run();
+        self.run(|| ());
     }
 }
 

@@ -7,6 +7,7 @@ mod pick;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 pub use cleanup::{cleanup_stale, teardown_all};
 pub(crate) use cleanup::{delete_created_tap, leave_network};
@@ -89,28 +90,32 @@ fn need_net_admin(mode: &'static str) -> Result<(), NetError> {
 pub(crate) fn preflight(spec: &NetSpec) -> Result<(), NetError> {
     match &spec.mode {
         NetMode::None => Ok(()),
-        NetMode::Tap { name } => {
-            let rtnl = Rtnl::new()?;
-            check_existing_tap(&rtnl, name)
-        }
+        _ => preflight_with(spec, &Rtnl::new()?),
+    }
+}
+
+/// [`preflight`] over an open netlink connection.
+pub(crate) fn preflight_with(spec: &NetSpec, rtnl: &Rtnl) -> Result<(), NetError> {
+    match &spec.mode {
+        NetMode::None => Ok(()),
+        NetMode::Tap { name } => check_existing_tap(rtnl, name),
         NetMode::Bridge { bridge } => {
             need_net_admin("bridge=BR")?;
-            Rtnl::new()?.existing_bridge(bridge)?;
+            rtnl.existing_bridge(bridge)?;
             Ok(())
         }
         NetMode::Nat { uplink, tap, .. } => {
             need_net_admin("nat")?;
-            let rtnl = Rtnl::new()?;
             if let Some(u) = uplink {
                 if rtnl.link(u)?.is_none() {
                     return Err(BridgeError::NoSuchInterface { name: u.clone() }.into());
                 }
             }
-            check_free_name(&rtnl, tap.as_deref())
+            check_free_name(rtnl, tap.as_deref())
         }
         NetMode::HostOnly { tap, .. } => {
             need_net_admin("host-only")?;
-            check_free_name(&Rtnl::new()?, tap.as_deref())
+            check_free_name(rtnl, tap.as_deref())
         }
     }
 }
@@ -134,23 +139,36 @@ pub(crate) fn check_existing_tap(rtnl: &Rtnl, name: &str) -> Result<(), NetError
 /// Deletes a TAP we created if it still exists after its fd closed (e.g. the fd was
 /// duplicated, or leaked into another process): by [`TapCleanup::release`], or on drop as
 /// a fallback (e.g. rollback of a failed attach). Keeps the TAP in the emergency registry
-/// until then.
+/// until then. Uses the attachment's netlink connection.
 #[derive(Debug)]
 pub(crate) struct TapCleanup {
+    rtnl: Arc<Rtnl>,
     name: String,
     tracked: Option<Tracked>,
 }
 
 impl TapCleanup {
     pub fn release(mut self) -> Result<(), NetError> {
-        self.delete()
+        let rtnl = self.rtnl.clone();
+        self.delete(&rtnl)
     }
 
-    fn delete(&mut self) -> Result<(), NetError> {
+    /// Like [`TapCleanup::release`], on a netlink connection of its own, for a thread that
+    /// runs beside another user of the attachment's: a link deletion blocks its connection
+    /// (the kernel answers only after its RCU barrier, 20-50 ms), and the two would queue
+    /// behind each other on a shared one.
+    pub fn release_alone(mut self) -> Result<(), NetError> {
+        match Rtnl::new() {
+            Ok(own) => self.delete(&own),
+            Err(_) => self.release(),
+        }
+    }
+
+    fn delete(&mut self, rtnl: &Rtnl) -> Result<(), NetError> {
         let Some(tracked) = self.tracked.take() else {
             return Ok(());
         };
-        let res = Rtnl::new().map_err(NetError::from).and_then(|r| delete_created_tap(&r, &self.name));
+        let res = delete_created_tap(rtnl, &self.name);
         drop(tracked);
         res
     }
@@ -158,7 +176,8 @@ impl TapCleanup {
 
 impl Drop for TapCleanup {
     fn drop(&mut self) {
-        if let Err(e) = self.delete() {
+        let rtnl = self.rtnl.clone();
+        if let Err(e) = self.delete(&rtnl) {
             tracing::warn!(tap = %self.name, error = %e, "cannot delete TAP device");
         }
     }
@@ -170,7 +189,7 @@ static TAP_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Its anti-spoofing guard (see [`guard`]) is installed before it is returned, so the TAP
 /// never forwards unguarded frames: only `mac` may send, and with `ip`, only as `ip`.
 pub(crate) fn create_tap(
-    rtnl: &Rtnl,
+    rtnl: &Arc<Rtnl>,
     explicit: Option<&str>,
     mac: MacAddr,
     ip: Option<std::net::Ipv4Addr>,
@@ -197,7 +216,7 @@ pub(crate) fn create_tap(
     let tracked = emergency::track_tap(&name);
     let tap = Tap::create(&name)?;
     // From here the cleanup (also on error) deletes the TAP and then its guard.
-    let cleanup = TapCleanup { name, tracked: Some(tracked) };
+    let cleanup = TapCleanup { rtnl: rtnl.clone(), name, tracked: Some(tracked) };
     guard::add(&guard::Guard { tap: cleanup.name.clone(), mac, ip })?;
     Ok((tap, cleanup))
 }
@@ -207,6 +226,7 @@ pub(crate) fn create_tap(
 /// the network down if no live user remains.
 #[derive(Debug)]
 pub(crate) struct Membership {
+    rtnl: Arc<Rtnl>,
     root: StateRoot,
     name: String,
     entry: UserEntry,
@@ -225,8 +245,7 @@ impl Membership {
         };
         let res = (|| {
             let _lock = self.root.lock()?;
-            let rtnl = Rtnl::new()?;
-            leave_network(&self.root, &rtnl, &self.name, |u| u.same_nic(&self.entry))
+            leave_network(&self.root, &self.rtnl, &self.name, |u| u.same_nic(&self.entry))
         })();
         drop(tracked);
         res
@@ -283,20 +302,20 @@ pub(crate) struct JoinRequest<'a> {
     pub allow_host: bool,
 }
 
-/// Joins (creating if needed) a named network and plugs a new TAP into it.
-pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
+/// Joins (creating if needed) a named network and plugs a new TAP into it, over the
+/// attachment's netlink connection `rtnl`.
+pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, NetError> {
     need_net_admin(req.kind.as_str())?;
-    let rtnl = Rtnl::new()?;
     let root = StateRoot::open()?;
     // Before anything exists: a panic from here on finds this network in the registry.
     let tracked = emergency::track_network(&root, req.name);
     let _lock = root.lock()?;
     let bridge = bridge_name(req.name);
 
-    let live = cleanup::prune_users(&root, &rtnl, req.name)?;
+    let live = cleanup::prune_users(&root, rtnl, req.name)?;
     if live.is_empty() && root.read_record(req.name).ok().flatten().is_some() {
         tracing::info!(network = req.name, "removing leftovers of a network without live users");
-        if let Err(e) = cleanup::teardown_network(&root, &rtnl, req.name) {
+        if let Err(e) = cleanup::teardown_network(&root, rtnl, req.name) {
             tracing::warn!(network = req.name, error = %e, "leftovers not fully removed");
         }
     }
@@ -305,7 +324,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
     if let Some(u) = live.iter().find(|u| u.mac == Some(req.mac)) {
         return Err(NetworkError::MacInUse { name: req.name.to_string(), mac: req.mac, pid: u.pid }.into());
     }
-    let mut guard = NewNetworkGuard { root: &root, rtnl: &rtnl, name: req.name.to_string(), armed: false };
+    let mut guard = NewNetworkGuard { root: &root, rtnl, name: req.name.to_string(), armed: false };
     let (record, br) = match root.read_record(req.name)? {
         Some(rec) => {
             check_same(req, &rec)?;
@@ -318,7 +337,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
         }
         None => {
             guard.armed = true;
-            create_network(&root, &rtnl, req, &bridge)?
+            create_network(&root, rtnl, req, &bridge)?
         }
     };
 
@@ -334,7 +353,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
     let ip = dhcp::lease_for(&dhcp_net, req.mac)
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
-    let (tap, tap_cleanup) = create_tap(&rtnl, req.tap, req.mac, Some(ip))?;
+    let (tap, tap_cleanup) = create_tap(rtnl, req.tap, req.mac, Some(ip))?;
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
     let dhcp = dhcp::register(&dhcp_net, req.mac)?;
     let (pid, start) = state::self_identity();
@@ -349,7 +368,7 @@ pub(crate) fn join(req: &JoinRequest<'_>) -> Result<Joined, NetError> {
         dhcp,
         tap,
         tap_cleanup,
-        membership: Membership { root: root.clone(), name: req.name.to_string(), entry, tracked: Some(tracked) },
+        membership: Membership { rtnl: rtnl.clone(), root: root.clone(), name: req.name.to_string(), entry, tracked: Some(tracked) },
         subnet: record.subnet,
         bridge,
     })

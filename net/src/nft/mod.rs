@@ -1,30 +1,39 @@
 //! Firewall rules in our own nftables table, `table ip microvm` (no other table is touched).
 //!
-//! We drive the `nft` tool (`nft -f -` fed a generated script) rather than a netlink crate:
-//! a script is applied as one atomic kernel transaction (all or nothing, so no half-built
-//! ruleset on error), the rules are readable and identical to what `nft list` shows when
-//! debugging, and `nft` is the reference, well-kept nftables implementation; the Rust
-//! netlink crates for nf_tables are thin or unmaintained.
-//!
-//! Layout: base chains dispatch through verdict maps keyed by bridge name, so each
-//! network owns its own chains and map elements and can be added or removed without touching
-//! the others' rules (no rule handles to track):
+//! The rules are fixed and the same for every network; what differs between networks is
+//! data — which bridge jumps to which chain, a network's gateway, resolvers, uplink and
+//! subnet — kept in maps and sets keyed by bridge name. So a network comes and goes as set
+//! elements, in one transaction, without touching the others' (no rule handles to track):
 //! ```text
-//! input       (filter hook input):        iifname vmap @in_net
-//! forward     (filter hook forward):      iifname vmap @from_net ; oifname vmap @to_net
-//! postrouting (nat hook postrouting):     iifname vmap @nat_net
-//! in-NAME / from-NAME / to-NAME / nat-NAME: per-network chains
+//! input       (filter hook input):     iifname vmap @in_net     -> host_guarded | host_open
+//! forward     (filter hook forward):   iifname vmap @from_net   -> from_nat | from_host_only
+//!                                      oifname vmap @to_net     -> to_nat | to_host_only
+//! postrouting (nat hook postrouting):  iifname vmap @nat_net    -> nat_out
+//! net_self { BR . BR }, net_gw { BR . gateway }, net_dns { BR . resolver },
+//! net_nat { BR . uplink . subnet } (interval)
 //! ```
 //!
-//! Guest-to-host policy (`in-NAME`, traffic a guest sends to any address of the host): by
-//! default the host accepts only replies to connections it opened (conntrack
+//! The rules are written by the `nft` tool (`nft -f -` fed a generated script), once per
+//! network namespace, when the table is created: a script is one atomic transaction, the
+//! rules are readable and identical to what `nft list` shows when debugging, and `nft` is
+//! the reference nftables implementation (the Rust netlink crates for nf_tables are thin,
+//! unmaintained or GPL). Elements — a network's, and the per-TAP guards of [`guard`] — and
+//! every check and removal are a few nf_tables netlink messages ([`netlink`]): an `nft` run
+//! costs 10-20 ms of fork, exec and cache fill, a netlink round trip well under one.
+//!
+//! Guest-to-host policy (`host_guarded`, traffic a guest sends to any address of the host):
+//! by default the host accepts only replies to connections it opened (conntrack
 //! established/related), DHCP (udp port 67), ping (ICMP echo-request) of the gateway, and DNS
 //! (port 53) to the resolvers DHCP offers in case one of them is a host address; everything
 //! else is dropped, so host services listening on 0.0.0.0 are closed to guests. `allow-host`
-//! replaces that chain with a plain accept. Forwarded traffic to link-local addresses
+//! networks jump to `host_open`, a plain accept. Forwarded traffic to link-local addresses
 //! (169.254.0.0/16, e.g. a cloud metadata service) is dropped in every mode: NAT would
 //! otherwise send it out with the host's identity. IPv6 is off on the bridge of a network
 //! without `allow-host` (see `network`), so the host is not reachable over IPv6 either.
+//!
+//! A table made by an older microvm (one chain per network: `in-NAME`, `from-NAME`, ...,
+//! behind the same maps) is upgraded in place: the sets and shared chains are added beside
+//! it, and an old network's chains go with its elements.
 //!
 //! Anti-spoofing of the guests' frames lives in a second table, `table bridge microvm`
 //! (module [`guard`]).
@@ -32,12 +41,14 @@
 //! cannot override a `drop` elsewhere (e.g. a Docker host's FORWARD policy drop).
 
 pub(crate) mod guard;
+pub(crate) mod netlink;
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use crate::spec::Subnet;
+use netlink::{Batch, Element, Family, Key, Nfnl};
 
 /// Our table's name (family `ip`).
 pub const TABLE: &str = "microvm";
@@ -49,6 +60,12 @@ pub enum NftError {
     Spawn(#[source] io::Error),
     #[error("nft failed to {action}: {stderr}")]
     Failed { action: String, stderr: String },
+    #[error("cannot {action} (nf_tables netlink)")]
+    Netlink {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What a network's rules need to know.
@@ -68,19 +85,34 @@ pub(crate) struct NftNetwork {
 /// Link-local IPv4 addresses (cloud metadata services live at 169.254.169.254).
 pub(crate) const LINK_LOCAL: &str = "169.254.0.0/16";
 
+// The verdict maps (keyed by bridge) and the sets (keyed by bridge, then a value).
+const IN_NET: &str = "in_net";
+const FROM_NET: &str = "from_net";
+const TO_NET: &str = "to_net";
+const NAT_NET: &str = "nat_net";
+const NET_SELF: &str = "net_self";
+const NET_GW: &str = "net_gw";
+const NET_DNS: &str = "net_dns";
+const NET_NAT: &str = "net_nat";
+/// Every map and set a network has elements in, data before the maps that use it.
+const NETWORK_SETS: [&str; 8] = [NET_SELF, NET_GW, NET_DNS, NET_NAT, IN_NET, FROM_NET, TO_NET, NAT_NET];
+
+/// Chain-name prefixes of the per-network chains of older versions (`in-NAME`, ...).
+const OLD_CHAINS: [&str; 4] = ["in-", "from-", "to-", "nat-"];
+
 /// Commands creating the table, maps and base chains (only when the table is absent:
 /// `add rule` is not idempotent).
 pub(crate) fn base_script() -> String {
     format!(
         "add table ip {TABLE}\n\
-         add map ip {TABLE} from_net {{ type ifname : verdict; }}\n\
-         add map ip {TABLE} to_net {{ type ifname : verdict; }}\n\
-         add map ip {TABLE} nat_net {{ type ifname : verdict; }}\n\
+         add map ip {TABLE} {FROM_NET} {{ type ifname : verdict; }}\n\
+         add map ip {TABLE} {TO_NET} {{ type ifname : verdict; }}\n\
+         add map ip {TABLE} {NAT_NET} {{ type ifname : verdict; }}\n\
          add chain ip {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}\n\
          add chain ip {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         add rule ip {TABLE} forward iifname vmap @from_net\n\
-         add rule ip {TABLE} forward oifname vmap @to_net\n\
-         add rule ip {TABLE} postrouting iifname vmap @nat_net\n{}",
+         add rule ip {TABLE} forward iifname vmap @{FROM_NET}\n\
+         add rule ip {TABLE} forward oifname vmap @{TO_NET}\n\
+         add rule ip {TABLE} postrouting iifname vmap @{NAT_NET}\n{}",
         input_base_script()
     )
 }
@@ -89,88 +121,98 @@ pub(crate) fn base_script() -> String {
 /// microvm that had none.
 pub(crate) fn input_base_script() -> String {
     format!(
-        "add map ip {TABLE} in_net {{ type ifname : verdict; }}\n\
+        "add map ip {TABLE} {IN_NET} {{ type ifname : verdict; }}\n\
          add chain ip {TABLE} input {{ type filter hook input priority filter; policy accept; }}\n\
-         add rule ip {TABLE} input iifname vmap @in_net\n"
+         add rule ip {TABLE} input iifname vmap @{IN_NET}\n"
     )
 }
 
-/// Commands adding one network's chains, rules and map elements.
-pub(crate) fn add_script(net: &NftNetwork) -> String {
-    let (t, n, br, sub) = (TABLE, &net.name, &net.bridge, net.subnet);
-    let mut s = String::new();
-    for chain in CHAINS {
-        s += &format!("add chain ip {t} {chain}-{n}\nflush chain ip {t} {chain}-{n}\n");
-    }
-    s += &input_rules(net);
-    // Traffic entering from the bridge. Same-bridge traffic only shows up here with
-    // br_netfilter; it stays allowed. Other microvm bridges are always dropped (isolation).
-    s += &format!("add rule ip {t} from-{n} oifname \"{br}\" accept comment \"same network\"\n");
-    s += &format!("add rule ip {t} from-{n} oifname \"mvbr-*\" drop comment \"isolate networks\"\n");
-    s += &format!("add rule ip {t} from-{n} ip daddr {LINK_LOCAL} drop comment \"no link-local (cloud metadata)\"\n");
-    match &net.uplink {
-        Some(up) => {
-            s += &format!("add rule ip {t} from-{n} ip saddr {sub} oifname \"{up}\" accept comment \"nat: out via uplink\"\n");
-            s += &format!("add rule ip {t} from-{n} drop comment \"nat: only via uplink\"\n");
-            s += &format!("add rule ip {t} to-{n} iifname \"{br}\" accept\n");
-            s += &format!("add rule ip {t} to-{n} ct state established,related accept comment \"nat: replies\"\n");
-            s += &format!("add rule ip {t} to-{n} drop comment \"nat: no inbound connections\"\n");
-            s += &format!("add rule ip {t} nat-{n} ip saddr {sub} oifname \"{up}\" masquerade\n");
-            s += &format!("add element ip {t} nat_net {{ \"{br}\" : jump nat-{n} }}\n");
-        }
-        None => {
-            s += &format!("add rule ip {t} from-{n} drop comment \"host-only: no forwarding\"\n");
-            s += &format!("add rule ip {t} to-{n} iifname \"{br}\" accept\n");
-            s += &format!("add rule ip {t} to-{n} drop comment \"host-only: no forwarding\"\n");
-        }
-    }
-    s += &format!("add element ip {t} from_net {{ \"{br}\" : jump from-{n} }}\n");
-    s += &format!("add element ip {t} to_net {{ \"{br}\" : jump to-{n} }}\n");
-    s += &format!("add element ip {t} in_net {{ \"{br}\" : jump in-{n} }}\n");
-    s
-}
-
-/// Per-network chains, in removal order.
-const CHAINS: [&str; 4] = ["in", "from", "to", "nat"];
-
-/// `in-NAME`: what the host accepts from the network's guests (see the module docs).
-fn input_rules(net: &NftNetwork) -> String {
-    let (t, n) = (TABLE, &net.name);
-    if net.allow_host {
-        return format!("add rule ip {t} in-{n} accept comment \"allow-host\"\n");
-    }
-    let gw = net.subnet.gateway();
-    let mut s = format!("add rule ip {t} in-{n} ct state established,related accept comment \"replies to the host\"\n");
-    s += &format!("add rule ip {t} in-{n} udp dport 67 accept comment \"dhcp\"\n");
-    s += &format!("add rule ip {t} in-{n} ip daddr {gw} icmp type echo-request accept comment \"ping the gateway\"\n");
-    if !net.dns.is_empty() {
-        let dns = net.dns.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(", ");
-        s += &format!("add rule ip {t} in-{n} ip daddr {{ {dns} }} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"dns on the host\"\n");
-    }
-    s += &format!("add rule ip {t} in-{n} drop comment \"no host access without allow-host\"\n");
-    s
-}
-
-/// Commands removing one network. `with_nat` says whether a `nat_net` element exists.
-/// Deleting an absent element fails the whole transaction; see [`remove_network`].
-pub(crate) fn remove_commands(name: &str, bridge: &str, with_nat: bool) -> Vec<String> {
+/// The sets and the shared chains every network jumps to (idempotent: each chain is
+/// flushed before its rules, so two processes creating them at once leave one copy).
+pub(crate) fn shared_script() -> String {
     let t = TABLE;
-    let mut cmds = vec![
-        format!("delete element ip {t} in_net {{ \"{bridge}\" }}"),
-        format!("delete element ip {t} from_net {{ \"{bridge}\" }}"),
-        format!("delete element ip {t} to_net {{ \"{bridge}\" }}"),
+    let mut s = format!(
+        "add set ip {t} {NET_SELF} {{ type ifname . ifname; }}\n\
+         add set ip {t} {NET_GW} {{ type ifname . ipv4_addr; }}\n\
+         add set ip {t} {NET_DNS} {{ type ifname . ipv4_addr; }}\n\
+         add set ip {t} {NET_NAT} {{ type ifname . ifname . ipv4_addr; flags interval; }}\n"
+    );
+    let rules: [(&str, Vec<String>); 7] = [
+        // What the host accepts from the network's guests (see the module docs).
+        ("host_guarded", vec![
+            "ct state established,related accept comment \"replies to the host\"".into(),
+            "udp dport 67 accept comment \"dhcp\"".into(),
+            format!("icmp type echo-request iifname . ip daddr @{NET_GW} accept comment \"ping the gateway\""),
+            format!("meta l4proto {{ tcp, udp }} th dport 53 iifname . ip daddr @{NET_DNS} accept comment \"dns on the host\""),
+            "drop comment \"no host access without allow-host\"".into(),
+        ]),
+        ("host_open", vec!["accept comment \"allow-host\"".into()]),
+        // Traffic entering from a bridge. Same-bridge traffic only shows up here with
+        // br_netfilter; it stays allowed. Other microvm bridges are always dropped.
+        ("from_nat", [from_common(), vec![
+            format!("iifname . oifname . ip saddr @{NET_NAT} accept comment \"nat: out via uplink\""),
+            "drop comment \"nat: only via uplink\"".into(),
+        ]].concat()),
+        ("from_host_only", [from_common(), vec!["drop comment \"host-only: no forwarding\"".into()]].concat()),
+        // Traffic leaving into a bridge.
+        ("to_nat", vec![
+            format!("iifname . oifname @{NET_SELF} accept comment \"same network\""),
+            "ct state established,related accept comment \"nat: replies\"".into(),
+            "drop comment \"nat: no inbound connections\"".into(),
+        ]),
+        ("to_host_only", vec![
+            format!("iifname . oifname @{NET_SELF} accept comment \"same network\""),
+            "drop comment \"host-only: no forwarding\"".into(),
+        ]),
+        ("nat_out", vec![format!("iifname . oifname . ip saddr @{NET_NAT} masquerade")]),
     ];
-    if with_nat {
-        cmds.push(format!("delete element ip {t} nat_net {{ \"{bridge}\" }}"));
+    for (chain, lines) in rules {
+        s += &format!("add chain ip {t} {chain}\nflush chain ip {t} {chain}\n");
+        for l in lines {
+            s += &format!("add rule ip {t} {chain} {l}\n");
+        }
     }
-    for chain in CHAINS {
-        cmds.push(format!("flush chain ip {t} {chain}-{name}"));
-        cmds.push(format!("delete chain ip {t} {chain}-{name}"));
-    }
-    cmds
+    s
 }
 
-/// Runs `nft [args] -f -` with `script` on stdin.
+fn from_common() -> Vec<String> {
+    vec![
+        format!("iifname . oifname @{NET_SELF} accept comment \"same network\""),
+        "oifname \"mvbr-*\" drop comment \"isolate networks\"".into(),
+        format!("ip daddr {LINK_LOCAL} drop comment \"no link-local (cloud metadata)\""),
+    ]
+}
+
+/// One network's elements, as (set or map, element), in the order they are added.
+pub(crate) fn network_elements(net: &NftNetwork) -> Vec<(&'static str, Element)> {
+    let br = || Key::default().ifname(&net.bridge);
+    let mut out = vec![
+        (NET_SELF, Element::new(br().ifname(&net.bridge))),
+        (NET_GW, Element::new(br().ipv4(net.subnet.gateway()))),
+    ];
+    for dns in &net.dns {
+        out.push((NET_DNS, Element::new(br().ipv4(*dns))));
+    }
+    if let Some(up) = &net.uplink {
+        let first = net.subnet.as_net().network();
+        let last = net.subnet.as_net().broadcast();
+        out.push((NET_NAT, Element::new(br().ifname(up).ipv4(first)).up_to(br().ifname(up).ipv4(last))));
+    }
+    out.push((IN_NET, Element::new(br()).jump(if net.allow_host { "host_open" } else { "host_guarded" })));
+    let (from, to) = if net.uplink.is_some() { ("from_nat", "to_nat") } else { ("from_host_only", "to_host_only") };
+    out.push((FROM_NET, Element::new(br()).jump(from)));
+    out.push((TO_NET, Element::new(br()).jump(to)));
+    if net.uplink.is_some() {
+        out.push((NAT_NET, Element::new(br()).jump("nat_out")));
+    }
+    out
+}
+
+fn nl_err(action: &str) -> impl FnOnce(io::Error) -> NftError + '_ {
+    move |source| NftError::Netlink { action: action.to_string(), source }
+}
+
+/// Runs `nft -f -` with `script` on stdin.
 fn run(action: &str, script: &str) -> Result<(), NftError> {
     tracing::debug!(action, script, "nft -f -");
     let mut child = Command::new("nft")
@@ -198,95 +240,119 @@ fn one_line(stderr: &[u8]) -> String {
     first.trim().to_string()
 }
 
-/// Whether `table ip microvm` exists.
-pub(crate) fn table_exists() -> Result<bool, NftError> {
-    succeeds(&["list", "table", "ip", TABLE])
-}
-
-/// Runs `nft ARGS` quietly and reports whether it succeeded.
-fn succeeds(args: &[&str]) -> Result<bool, NftError> {
-    let status = Command::new("nft")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(NftError::Spawn)?;
-    Ok(status.success())
-}
-
-/// Runs `nft ARGS` and returns its standard output.
-fn output(args: &[&str]) -> Result<String, NftError> {
-    let out = Command::new("nft").args(args).stdin(Stdio::null()).output().map_err(NftError::Spawn)?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(NftError::Failed { action: format!("run nft {}", args.join(" ")), stderr: one_line(&out.stderr) })
+/// Creates the table, or adds what an older version's table lacks, with `nft -f` (once per
+/// network namespace).
+fn ensure_layout() -> Result<(), NftError> {
+    let action = "check the microvm table";
+    let script = netlink::with(|nl| {
+        if nl.set_exists(Family::Ip, TABLE, NET_NAT)? {
+            return Ok(None);
+        }
+        let base = if !nl.table_exists(Family::Ip, TABLE)? {
+            base_script()
+        } else if !nl.chain_exists(Family::Ip, TABLE, "input")? {
+            input_base_script()
+        } else {
+            String::new()
+        };
+        Ok(Some(base + &shared_script()))
+    })
+    .map_err(nl_err(action))?;
+    match script {
+        Some(s) => run("create the microvm table", &s),
+        None => Ok(()),
     }
 }
 
-/// Whether chain `chain` exists in our table.
-fn chain_exists(chain: &str) -> Result<bool, NftError> {
-    succeeds(&["list", "chain", "ip", TABLE, chain])
+/// Queues the deletion of every element of the network on `bridge` (and of an older
+/// version's chains for it).
+fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, bridge: &str) -> io::Result<()> {
+    let mut old_chains = Vec::new();
+    for set in NETWORK_SETS {
+        for e in nl.elements(Family::Ip, TABLE, set)? {
+            if e.key.leading_ifname() == Some(bridge) {
+                batch.delete_element(set, &e);
+                if let Some(chain) = e.jump.filter(|c| OLD_CHAINS.iter().any(|p| c.starts_with(p))) {
+                    old_chains.push(chain);
+                }
+            }
+        }
+    }
+    for chain in old_chains {
+        batch.flush_chain(&chain).delete_chain(&chain);
+    }
+    Ok(())
 }
 
-/// Installs one network's rules (and the table on first use) in one transaction.
+/// Installs one network's elements (and the table on first use) in one transaction,
+/// replacing whatever a crashed process left for the same bridge.
 pub(crate) fn add_network(net: &NftNetwork) -> Result<(), NftError> {
-    // Leftovers of a crashed process would make `add element` fail: clear them first.
-    let exists = table_exists()?;
-    if exists && chain_exists(&format!("from-{}", net.name))? {
-        remove_network(&net.name, &net.bridge);
-    }
-    let mut script = String::new();
-    if !exists {
-        script += &base_script();
-    } else if !chain_exists("input")? {
-        script += &input_base_script();
-    }
-    script += &add_script(net);
-    run(&format!("add firewall rules for network {}", net.name), &script)
+    ensure_layout()?;
+    let action = format!("add firewall rules for network {}", net.name);
+    netlink::with(|nl| {
+        let mut batch = Batch::new(Family::Ip, TABLE);
+        queue_removal(nl, &mut batch, &net.bridge)?;
+        for (set, e) in network_elements(net) {
+            batch.add_element(set, &e);
+        }
+        batch.commit(nl)
+    })
+    .map_err(nl_err(&action))
 }
 
-/// Re-installs a network's rules if they are missing (e.g. someone flushed the ruleset
+/// Re-installs a network's elements if they are missing (e.g. someone flushed the ruleset
 /// while the network was in use).
 pub(crate) fn ensure_network(net: &NftNetwork) -> Result<(), NftError> {
-    if table_exists()? && chain_exists(&format!("from-{}", net.name))? {
+    let action = format!("check the firewall rules of network {}", net.name);
+    let present = netlink::with(|nl| {
+        if !nl.set_exists(Family::Ip, TABLE, NET_NAT)? {
+            return Ok(false);
+        }
+        let want = network_elements(net);
+        let mut have = 0;
+        for set in [IN_NET, FROM_NET, TO_NET] {
+            let found = nl.elements(Family::Ip, TABLE, set)?;
+            let wanted = want.iter().filter(|(s, _)| *s == set).map(|(_, e)| e);
+            have += wanted.filter(|e| found.contains(e)).count();
+        }
+        Ok(have == 3)
+    })
+    .map_err(nl_err(&action))?;
+    if present {
         return Ok(());
     }
     tracing::warn!(network = %net.name, "firewall rules missing; re-installing");
     add_network(net)
 }
 
-/// Removes one network's rules. Best effort: tries one atomic transaction, then each command
-/// alone (so leftovers of a partial setup still go away). Never fails; problems are logged.
+/// Removes one network's elements (one transaction). Best effort: never fails; problems are
+/// logged.
 pub(crate) fn remove_network(name: &str, bridge: &str) {
-    // The add transaction is atomic: no from-NAME chain means nothing of this network.
-    match table_exists().and_then(|t| Ok(t && chain_exists(&format!("from-{name}"))?)) {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot check the nftables table");
-            return;
-        }
-    }
-    let action = format!("remove firewall rules of network {name}");
-    // NAT networks have a nat_net element, host-only ones do not.
-    for with_nat in [true, false] {
-        if run(&action, &remove_commands(name, bridge, with_nat).join("\n")).is_ok() {
-            return;
-        }
-    }
-    for cmd in remove_commands(name, bridge, true) {
-        // Absent pieces fail here, which is expected.
-        let _ = run(&action, &cmd);
+    let res = netlink::with(|nl| {
+        let mut batch = Batch::new(Family::Ip, TABLE);
+        queue_removal(nl, &mut batch, bridge)?;
+        batch.commit(nl)
+    });
+    if let Err(e) = res {
+        tracing::warn!(error = %e, network = name, "cannot remove the network's firewall rules");
     }
 }
 
 /// Deletes `table ip microvm` if it exists.
 pub(crate) fn delete_table() -> Result<(), NftError> {
-    if table_exists()? {
-        run("delete the microvm table", &format!("delete table ip {TABLE}\n"))?;
-    }
-    Ok(())
+    delete_table_of(Family::Ip).map_err(nl_err("delete the microvm table"))
+}
+
+/// Deletes our table of `family` if it exists (one transaction).
+fn delete_table_of(family: Family) -> io::Result<()> {
+    netlink::with(|nl| {
+        if nl.table_exists(family, TABLE)? {
+            let mut batch = Batch::new(family, TABLE);
+            batch.delete_table();
+            batch.commit(nl)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -304,56 +370,85 @@ mod tests {
         }
     }
 
+    fn rules_of<'a>(s: &'a str, chain: &str) -> Vec<&'a str> {
+        let prefix = format!("add rule ip microvm {chain} ");
+        s.lines().filter_map(|l| l.strip_prefix(prefix.as_str())).collect()
+    }
+
+    fn jump(elements: &[(&str, Element)], set: &str) -> Option<String> {
+        elements.iter().find(|(s, _)| *s == set).and_then(|(_, e)| e.jump.clone())
+    }
+
     #[test]
-    fn nat_rules() {
-        let s = add_script(&net(Some("eth0")));
-        assert!(s.contains("add rule ip microvm nat-t1 ip saddr 10.200.0.0/24 oifname \"eth0\" masquerade"));
-        assert!(s.contains("from-t1 oifname \"mvbr-*\" drop"));
-        assert!(s.contains("to-t1 ct state established,related accept"));
-        assert!(s.contains("add element ip microvm nat_net { \"mvbr-t1\" : jump nat-t1 }"));
-        assert!(s.contains("add element ip microvm from_net { \"mvbr-t1\" : jump from-t1 }"));
-        // Same-network accept must come before the isolation drop.
-        assert!(s.find("same network").unwrap() < s.find("isolate networks").unwrap());
+    fn nat_elements() {
+        let e = network_elements(&net(Some("eth0")));
+        assert_eq!(jump(&e, NAT_NET).as_deref(), Some("nat_out"));
+        assert_eq!(jump(&e, FROM_NET).as_deref(), Some("from_nat"));
+        assert_eq!(jump(&e, TO_NET).as_deref(), Some("to_nat"));
+        assert_eq!(jump(&e, IN_NET).as_deref(), Some("host_guarded"));
+        // Masquerade and forwarding out: this bridge, this uplink, this /24 only.
+        let (_, nat) = e.iter().find(|(s, _)| *s == NET_NAT).unwrap();
+        let key = |last| Key::default().ifname("mvbr-t1").ifname("eth0").ipv4(Ipv4Addr::new(10, 200, 0, last));
+        assert_eq!(nat, &Element::new(key(0)).up_to(key(255)));
+        // Every element is the bridge's, and the maps come after the data they use.
+        assert!(e.iter().all(|(_, el)| el.key.leading_ifname() == Some("mvbr-t1")));
+        let first_map = e.iter().position(|(s, _)| s.ends_with("_net")).unwrap();
+        assert!(e[first_map..].iter().all(|(s, _)| s.ends_with("_net")));
+        assert_eq!(e.len(), 8);
+    }
+
+    #[test]
+    fn host_only_elements() {
+        let e = network_elements(&net(None));
+        assert!(jump(&e, NAT_NET).is_none() && !e.iter().any(|(s, _)| *s == NET_NAT));
+        assert_eq!(jump(&e, FROM_NET).as_deref(), Some("from_host_only"));
+        assert_eq!(jump(&e, TO_NET).as_deref(), Some("to_host_only"));
+    }
+
+    #[test]
+    fn shared_chains() {
+        let s = shared_script();
+        assert_eq!(rules_of(&s, "nat_out"), vec!["iifname . oifname . ip saddr @net_nat masquerade"]);
+        let from = rules_of(&s, "from_nat");
+        assert!(from[0].contains("@net_self accept") && from[1].contains("oifname \"mvbr-*\" drop"));
+        assert!(from[2].starts_with("ip daddr 169.254.0.0/16 drop"));
+        assert!(from[3].starts_with("iifname . oifname . ip saddr @net_nat accept"));
+        assert_eq!(from[4], "drop comment \"nat: only via uplink\"");
+        assert!(rules_of(&s, "to_nat")[1].starts_with("ct state established,related accept"));
+        assert_eq!(rules_of(&s, "to_host_only").last().unwrap(), &"drop comment \"host-only: no forwarding\"");
+        assert!(rules_of(&s, "from_host_only")[2].starts_with("ip daddr 169.254.0.0/16 drop"));
         assert!(s.lines().all(|l| l.contains(" ip microvm ")), "only our table:\n{s}");
     }
 
     #[test]
-    fn host_only_rules() {
-        let s = add_script(&net(None));
-        assert!(!s.contains("masquerade"));
-        assert!(!s.contains("nat_net"));
-        assert!(s.contains("from-t1 drop"));
-        assert!(s.contains("to-t1 drop"));
-    }
-
-    #[test]
     fn guests_get_only_dhcp_dns_and_ping_of_the_host() {
-        for uplink in [Some("eth0"), None] {
-            let s = add_script(&net(uplink));
-            let input: Vec<&str> = s.lines().filter(|l| l.contains(" in-t1 ") && l.contains("add rule")).collect();
-            assert_eq!(input.len(), 5, "{input:#?}");
-            assert!(input[0].ends_with("in-t1 ct state established,related accept comment \"replies to the host\""));
-            assert!(input[1].contains("in-t1 udp dport 67 accept"));
-            assert!(input[2].contains("in-t1 ip daddr 10.200.0.1 icmp type echo-request accept"));
-            assert!(input[3].contains("in-t1 ip daddr { 10.0.0.53 } meta l4proto { tcp, udp } th dport 53 accept"));
-            assert!(input[4].contains("in-t1 drop"));
-            assert!(s.contains("add element ip microvm in_net { \"mvbr-t1\" : jump in-t1 }"));
-            assert!(s.contains("from-t1 ip daddr 169.254.0.0/16 drop"));
-        }
+        let s = shared_script();
+        let input = rules_of(&s, "host_guarded");
+        assert_eq!(input.len(), 5, "{input:#?}");
+        assert!(input[0].starts_with("ct state established,related accept"));
+        assert!(input[1].starts_with("udp dport 67 accept"));
+        assert!(input[2].starts_with("icmp type echo-request iifname . ip daddr @net_gw accept"));
+        assert!(input[3].starts_with("meta l4proto { tcp, udp } th dport 53 iifname . ip daddr @net_dns accept"));
+        assert!(input[4].starts_with("drop"));
+        let e = network_elements(&net(Some("eth0")));
+        let gw = Element::new(Key::default().ifname("mvbr-t1").ipv4(Ipv4Addr::new(10, 200, 0, 1)));
+        assert!(e.contains(&(NET_GW, gw)));
+        let dns = Element::new(Key::default().ifname("mvbr-t1").ipv4(Ipv4Addr::new(10, 0, 0, 53)));
+        assert!(e.contains(&(NET_DNS, dns)));
         let mut n = net(Some("eth0"));
         n.dns.clear();
-        assert!(!add_script(&n).contains("dport 53"));
+        assert!(!network_elements(&n).iter().any(|(s, _)| *s == NET_DNS));
     }
 
     #[test]
     fn allow_host_accepts_everything_but_link_local_forwarding() {
         let mut n = net(Some("eth0"));
         n.allow_host = true;
-        let s = add_script(&n);
-        let input: Vec<&str> = s.lines().filter(|l| l.contains(" in-t1 ") && l.contains("add rule")).collect();
-        assert_eq!(input, vec!["add rule ip microvm in-t1 accept comment \"allow-host\""]);
+        assert_eq!(jump(&network_elements(&n), IN_NET).as_deref(), Some("host_open"));
+        assert_eq!(rules_of(&shared_script(), "host_open"), vec!["accept comment \"allow-host\""]);
         // Link-local is dropped before the uplink accept.
-        assert!(s.find("169.254.0.0/16 drop").unwrap() < s.find("nat: out via uplink").unwrap());
+        let from = rules_of(&shared_script(), "from_nat").join("\n");
+        assert!(from.find("169.254.0.0/16 drop").unwrap() < from.find("nat: out via uplink").unwrap());
     }
 
     #[test]
@@ -363,13 +458,14 @@ mod tests {
     }
 
     #[test]
-    fn removal_touches_only_this_network() {
-        let cmds = remove_commands("t1", "mvbr-t1", true);
-        assert!(cmds.iter().all(|c| c.contains("t1")));
-        assert!(cmds.iter().all(|c| c.contains(" ip microvm ")));
-        // Elements go before the chains they jump to.
-        let first_chain = cmds.iter().position(|c| c.contains("chain")).unwrap();
-        assert!(cmds[..first_chain].iter().all(|c| c.contains("element")));
+    fn shared_chains_are_rebuilt_not_doubled() {
+        let s = shared_script();
+        for chain in ["host_guarded", "host_open", "from_nat", "from_host_only", "to_nat", "to_host_only", "nat_out"] {
+            let flush = s.find(&format!("flush chain ip microvm {chain}\n")).unwrap();
+            assert!(flush < s.find(&format!("add rule ip microvm {chain} ")).unwrap(), "{chain}");
+            // Never taken for an older version's per-network chain.
+            assert!(!OLD_CHAINS.iter().any(|p| chain.starts_with(p)), "{chain}");
+        }
     }
 
     #[test]
