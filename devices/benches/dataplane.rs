@@ -247,7 +247,7 @@ fn open_tap(name: &str) -> Tap {
 /// A vnet header and an Ethernet/IPv4/TCP frame of `size` bytes after it (a 64 KiB one as a
 /// TSO frame with a partial checksum, as a guest or the host stack hands them over).
 fn make_frame(size: usize, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
-    let size = size.min(14 + 65_535).max(64);
+    let size = size.clamp(64, 14 + 65_535);
     let mut f = vec![0u8; VNET_HDR_LEN + size];
     let tso = size > 1514;
     if tso {

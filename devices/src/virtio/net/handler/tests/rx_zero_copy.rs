@@ -63,7 +63,7 @@ fn rx_header_split_over_descriptors_and_buffer_straddling_regions() {
     .unwrap();
     let mut s = Setup::new(&mem, 16, default_features());
     let straddle = 0x20_0000 - 500;
-    let layout = vec![
+    let layout = [
         vec![(BUF, 5), (BUF + 0x100, 20)],
         vec![(straddle, 2000)],
         vec![(BUF + 0x3000, 1000)],
