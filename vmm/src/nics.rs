@@ -31,9 +31,11 @@ impl AsRawFd for TapBackend {
 }
 
 impl NetBackend for TapBackend {
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of buf.len() bytes for the whole call.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees every iovec is writable for its length during the
+        // call; readv writes only through them. The count is the slice's length (at most
+        // IOV_MAX, see devices' RX path).
+        let n = unsafe { libc::readv(self.0.as_raw_fd(), iovs.as_ptr(), iovs.len() as libc::c_int) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -22,6 +22,8 @@ use crate::virtio::{IrqTrigger, VIRTIO_F_VERSION_1};
 /// recorded (their lengths).
 struct FakeBackend {
     rx: VecDeque<Vec<u8>>,
+    /// Bytes handed to the handler by reads.
+    read: Arc<Mutex<usize>>,
     sent: Arc<Mutex<Vec<usize>>>,
     fail_writes: bool,
     /// Only for `as_raw_fd`; never watched.
@@ -35,15 +37,29 @@ impl AsRawFd for FakeBackend {
 }
 
 impl NetBackend for FakeBackend {
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize> {
         let f = self
             .rx
             .pop_front()
             .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
-        // A TAP truncates a frame to the buffer it is read into.
-        let n = f.len().min(buf.len());
-        buf[..n].copy_from_slice(&f[..n]);
-        Ok(n)
+        let room: usize = iovs.iter().map(|v| v.iov_len).sum();
+        // The handler must always offer room for the largest frame.
+        assert!(room >= MAX_FRAME_LEN, "read offered {room} bytes");
+        // A TAP truncates a frame to the buffers it is read into (readv).
+        let mut off = 0usize;
+        for v in iovs {
+            let n = v.iov_len.min(f.len() - off);
+            // SAFETY: the caller guarantees each iovec is writable for iov_len >= n bytes;
+            // the source is our own Vec, which cannot overlap guest memory or rx_buf. Raw
+            // copies only: overlapping iovecs are allowed (later ones win, like readv).
+            unsafe { std::ptr::copy_nonoverlapping(f[off..].as_ptr(), v.iov_base.cast::<u8>(), n) };
+            off += n;
+            if off == f.len() {
+                break;
+            }
+        }
+        *self.read.lock().unwrap() += off;
+        Ok(off)
     }
 
     fn write_frame(&mut self, iovs: &[IoSlice]) -> io::Result<usize> {
@@ -80,6 +96,7 @@ fn features(inp: &mut Input) -> u64 {
 
 struct Harness {
     handler: NetHandler,
+    read: Arc<Mutex<usize>>,
     sent: Arc<Mutex<Vec<usize>>>,
 }
 
@@ -93,8 +110,10 @@ fn handler(
 ) -> Harness {
     let event_idx = acked & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
     let sent = Arc::new(Mutex::new(Vec::new()));
+    let read = Arc::new(Mutex::new(0));
     let backend = FakeBackend {
         rx: rx_frames,
+        read: read.clone(),
         sent: sent.clone(),
         fail_writes,
         evt: EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -111,7 +130,11 @@ fn handler(
         acked,
         Arc::new(GuestLog::new("virtio-net")),
     );
-    Harness { handler, sent }
+    Harness {
+        handler,
+        read,
+        sent,
+    }
 }
 
 /// Input: features, backend-fails flag, the TX queue (see [`FuzzQueue::build`]), then the
@@ -154,12 +177,13 @@ pub fn virtio_net_tx(data: &[u8]) {
 }
 
 /// Input: features, frame count (0..8), each frame (length, then its bytes: the vnet header
-/// first, so flags and GSO type are fuzzed too), the RX queue, then the guest memory image.
+/// first, so flags and GSO type are fuzzed too), whether RX copies instead of reading into
+/// guest buffers, the RX queue, then the guest memory image.
 ///
-/// Invariants: the used ring holds exactly the completed chains; the bytes given to the
-/// guest (sum of used lengths) never exceed the bytes read from the backend; each frame is
-/// delivered at most once and counted delivered or dropped; a second pass without new buffers
-/// delivers nothing new beyond what buffers remain.
+/// Invariants: every read offers room for the largest frame (checked by the backend); the
+/// used ring holds exactly the completed chains; the bytes given to the guest (sum of used
+/// lengths) are exactly the delivered frames, headers included, and never more than was read;
+/// each frame is delivered at most once and counted delivered or dropped.
 pub fn virtio_net_rx(data: &[u8]) {
     let mut inp = Input::new(data);
     let acked = features(&mut inp);
@@ -175,7 +199,7 @@ pub fn virtio_net_rx(data: &[u8]) {
         f[..b.len()].copy_from_slice(b);
         frames.push_back(f);
     }
-    let read_bytes: usize = frames.iter().map(|f| f.len().min(MAX_FRAME_LEN)).sum();
+    let copy = inp.u8() & 1 == 1;
     let payload_bytes: usize = frames
         .iter()
         .map(|f| f.len().min(MAX_FRAME_LEN).saturating_sub(VNET_HDR_LEN))
@@ -186,6 +210,7 @@ pub fn virtio_net_rx(data: &[u8]) {
     write_image(&mem, inp.rest());
     let used = rxq.used(&mem);
     let mut h = handler(&mem, &rxq, &txq, acked, frames, false);
+    h.handler.set_rx_zero_copy(!copy);
 
     let first = h.handler.process_rx();
     let second = h.handler.process_rx();
@@ -193,8 +218,14 @@ pub fn virtio_net_rx(data: &[u8]) {
     let completed = first.completed + second.completed;
     let lens = check_used(&used, &rxq, completed, MAX_FRAME_LEN as u32);
     let given: usize = lens.iter().map(|&l| l as usize).sum();
-    assert!(given <= read_bytes, "gave {given} bytes, read {read_bytes}");
+    let read = *h.read.lock().unwrap();
+    assert!(given <= read, "gave {given} bytes, read {read}");
     let ns = h.handler.stats();
+    assert_eq!(
+        given as u64,
+        ns.rx_bytes + ns.rx_frames * VNET_HDR_LEN as u64,
+        "{ns:?}: used lengths {lens:?}"
+    );
     assert!(
         ns.rx_frames + ns.rx_dropped <= u64::from(nframes),
         "{ns:?} of {nframes} frames"

@@ -65,7 +65,9 @@ impl DataPlane for NetHandler {
         self.registration_error.take()
     }
     fn queue_positions(&self) -> Vec<crate::virtio::snapshot::QueuePosition> {
-        vec![self.rx.position(), self.tx.position()]
+        let mut rx = self.rx.position();
+        rx.next_avail = self.rx_resume_avail();
+        vec![rx, self.tx.position()]
     }
 }
 

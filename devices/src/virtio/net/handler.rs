@@ -8,9 +8,10 @@
 //! * TX ([`NetHandler::process_tx`], `tx.rs`): each chain of device-readable descriptors is
 //!   one frame (vnet header first); it is handed to the backend as iovecs pointing straight
 //!   into guest memory.
-//! * RX ([`NetHandler::process_rx`], `rx.rs`): frames are read from the backend into one
-//!   intermediate buffer and scattered into one chain, or several with `MRG_RXBUF`. A frame
-//!   that finds no buffers is kept ("pending") and the backend fd is no longer watched
+//! * RX ([`NetHandler::process_rx`], `rx.rs`): frames are read from the backend straight into
+//!   the guest's buffers (one chain, or several with `MRG_RXBUF`); only a frame bigger than
+//!   the buffers the guest has posted goes through an intermediate buffer (see `rx.rs`). A
+//!   frame that finds no buffers is kept ("pending") and the backend fd is no longer watched
 //!   ([`NetHandler::wants_backend`]) until the guest adds buffers (RX queue kick).
 //!
 //! Guest mistakes never panic: the offending chain is returned with a used length of 0 and the
@@ -40,7 +41,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue::DeviceQueue;
 use crate::virtio::IrqTrigger;
 
-use rx::{PendingFrame, RxChain};
+use rx::{PendingFrame, RxChain, RxIovecs};
 
 /// Frames read from the backend per RX event, at most.
 pub const RX_BUDGET: usize = 64;
@@ -136,9 +137,13 @@ pub struct NetHandler {
     pub(crate) tx_limiter: Option<RateLimiter>,
     acked_features: u64,
     mrg_rxbuf: bool,
-    /// Intermediate RX buffer, [`super::MAX_FRAME_LEN`] bytes.
+    /// RX header and copy-path buffer, [`super::MAX_FRAME_LEN`] bytes.
     rx_buf: Vec<u8>,
-    /// A frame in `rx_buf` waiting for guest buffers or rate-limiter tokens.
+    /// Scratch iovecs of one RX read.
+    rx_iovs: RxIovecs,
+    /// Read RX frames into guest buffers (false: always through `rx_buf`, for benchmarks).
+    rx_zero_copy: bool,
+    /// A frame read but not delivered yet: waiting for guest buffers or limiter tokens.
     rx_pending: Option<PendingFrame>,
     /// Validated RX chains popped from the queue but not used yet.
     rx_chains: VecDeque<RxChain>,
@@ -181,6 +186,8 @@ impl NetHandler {
             acked_features,
             mrg_rxbuf: acked_features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_buf: vec![0u8; super::MAX_FRAME_LEN],
+            rx_iovs: RxIovecs::default(),
+            rx_zero_copy: true,
             rx_pending: None,
             rx_chains: VecDeque::new(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),
@@ -193,6 +200,13 @@ impl NetHandler {
     pub fn set_rate_limiters(&mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
+    }
+
+    /// Whether RX reads frames straight into guest buffers (the default). Off, every frame
+    /// is read into an intermediate buffer and copied: only to compare the two in benchmarks.
+    #[doc(hidden)]
+    pub fn set_rx_zero_copy(&mut self, on: bool) {
+        self.rx_zero_copy = on;
     }
 
     /// Takes the rate limiters back (device reset): `(rx, tx)`.

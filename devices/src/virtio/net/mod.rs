@@ -122,9 +122,18 @@ pub fn tun_offload_flags(acked: u64) -> u32 {
 /// `virtio_net_hdr_v1`. The fd is watched for `EPOLLIN` by the event loop.
 pub trait NetBackend: Send + AsRawFd {
     /// Reads one frame, prefixed by the 12-byte virtio_net_hdr_v1 (the TAP is opened with
-    /// IFF_VNET_HDR and TUNSETVNETHDRSZ=12). Err(WouldBlock) when none is pending (the fd is
-    /// non-blocking).
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// IFF_VNET_HDR and TUNSETVNETHDRSZ=12), scattered over `iovs` in order (`readv`); returns
+    /// its length. Err(WouldBlock) when none is pending (the fd is non-blocking). The caller
+    /// always offers at least [`MAX_FRAME_LEN`] bytes; a frame longer than that is discarded
+    /// (Err(InvalidData)) or truncated, never split over two reads.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory valid for writes of `iov_len` bytes for the whole
+    /// call. It may be guest memory that the guest changes concurrently, and two iovecs may
+    /// overlap (the guest chose them): implementations hand the iovecs to the kernel only and
+    /// never make Rust references to that memory.
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize>;
     /// Writes one frame given as iovecs (header first).
     fn write_frame(&mut self, iovs: &[io::IoSlice]) -> io::Result<usize>;
     /// Applies the receive offloads the guest accepted: `tun_flags` is a combination of

@@ -106,24 +106,28 @@ impl AsRawFd for SeqpacketBackend {
 }
 
 impl NetBackend for SeqpacketBackend {
-    /// A message longer than `buf` is discarded and reported as `InvalidData`.
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the call; with
-        // MSG_TRUNC the kernel still writes at most `buf.len()` bytes and returns the real
-        // message length.
+    /// A message longer than the iovecs is discarded and reported as `InvalidData`.
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovs.as_ptr().cast_mut();
+        msg.msg_iovlen = iovs.len() as _;
+        // SAFETY: the caller guarantees every iovec is writable for its length during the
+        // call (our contract); recvmsg writes only through them and does not keep them. With
+        // MSG_TRUNC the return value is the real message length, possibly more than written.
         let ret = unsafe {
-            libc::recv(
+            libc::recvmsg(
                 self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
+                &mut msg,
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,
             )
         };
         let n = cvt(ret)?;
-        if n > buf.len() {
+        let room: usize = iovs.iter().map(|v| v.iov_len).sum();
+        if n > room || msg.msg_flags & libc::MSG_TRUNC != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{n}-byte message does not fit in {} bytes", buf.len()),
+                format!("{n}-byte message does not fit in {room} bytes"),
             ));
         }
         Ok(n)

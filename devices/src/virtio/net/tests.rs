@@ -42,8 +42,9 @@ impl AsRawFd for NoOffload {
 }
 
 impl NetBackend for NoOffload {
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read_frame(buf)
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: our caller's guarantee, passed on unchanged.
+        unsafe { self.0.read_frame_into(iovs) }
     }
     fn write_frame(&mut self, iovs: &[io::IoSlice]) -> io::Result<usize> {
         self.0.write_frame(iovs)

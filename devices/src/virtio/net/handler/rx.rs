@@ -1,4 +1,33 @@
-//! RX: backend → guest.
+//! RX: backend → guest, read straight into the guest's buffers.
+//!
+//! # Zero copy
+//!
+//! Before each read, the handler holds enough validated RX chains to take the largest frame
+//! ([`MAX_FRAME_LEN`]) if the guest has posted that much: with `MRG_RXBUF` as many chains as
+//! that takes (a frame may span several, `num_buffers` in its header says how many), without
+//! it the next chain (each frame goes in one chain). One `readv` then scatters the frame:
+//!
+//! * the 12-byte vnet header into the handler's `rx_buf` (host memory), where it is checked
+//!   against the accepted offloads and `num_buffers` is filled in before it is written to the
+//!   guest: the guest never gets a header it could change between our check and our write;
+//! * the rest straight into the held chains' buffers, after the header's 12 bytes, in order;
+//! * whatever the held buffers do not cover, up to `MAX_FRAME_LEN`, into `rx_buf` (so a frame
+//!   is never truncated).
+//!
+//! # The copy path, and when it is still used
+//!
+//! A frame longer than the buffers it was read into (the guest posted less than a largest
+//! frame and this frame is bigger than what it posted; or, without `MRG_RXBUF`, bigger than
+//! the one chain) is gathered whole into `rx_buf` (its first bytes copied back from the guest
+//! buffers) and delivered by copying, once enough buffers come, exactly as before zero copy
+//! (without `MRG_RXBUF`: dropped, it fits no buffer). The copy path also serves a read made
+//! while the guest has no buffer at all. A frame that the rate limiter holds back, or that
+//! waits for nothing else, stays where it was read: in the held chains (`in_place`), which
+//! nothing else touches until it is delivered.
+//!
+//! Guest buffers are checked (device-writable, inside guest memory) when their chain is
+//! popped and their host addresses noted then; guest memory is never unmapped while the
+//! handler lives (it holds `mem`), so those addresses stay valid until the chain is used.
 
 use std::io;
 
@@ -9,41 +38,69 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
 use crate::guest_warn;
 use crate::virtio::net::{
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    MAX_FRAME_LEN, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
 };
 use crate::virtio::pop_chain;
 
-/// The frame in the handler's `rx_buf`.
+/// Most iovecs one `readv` takes (the kernel's `UIO_MAXIOV`); a window needing more is cut
+/// short, and what it does not cover lands in `rx_buf`.
+const MAX_RX_IOVS: usize = 1024;
+
+/// The frame read last and not delivered yet.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PendingFrame {
     /// Length, vnet header included.
     len: usize,
     /// Its rate-limiter tokens were taken.
     charged: bool,
+    /// Its header is in `rx_buf[..VNET_HDR_LEN]` and the rest in the held chains (zero
+    /// copy); otherwise all of it is in `rx_buf`.
+    in_place: bool,
 }
 
 /// A validated RX chain: device-writable buffers, all inside guest memory.
 #[derive(Debug)]
 pub(super) struct RxChain {
     head: u16,
+    /// The avail-ring position it was popped from (a snapshot rewinds to the oldest held
+    /// chain, so that the restored device pops it again).
+    pub(super) avail_idx: u16,
+    /// Guest address and length of each non-empty buffer (checked writes: copy path).
     bufs: Vec<(GuestAddress, u32)>,
+    /// The same bytes as host addresses, one piece per memory region crossed (readv).
+    host: Vec<HostSeg>,
     capacity: usize,
 }
 
+/// Host address and length of guest memory, checked when the chain was popped.
+#[derive(Clone, Copy, Debug)]
+struct HostSeg {
+    addr: usize,
+    len: usize,
+}
+
+/// The iovecs of one read (scratch space, empty between reads).
+#[derive(Default)]
+pub(super) struct RxIovecs(Vec<libc::iovec>);
+
+// SAFETY: `libc::iovec` holds a raw pointer, hence !Send; the vector is scratch space filled
+// and emptied within one `read_backend` call on one thread, so no pointer in it is ever used
+// after the handler moves to another thread.
+unsafe impl Send for RxIovecs {}
+
 /// Outcome of a backend read.
 enum Read {
-    /// A frame of this length is in `rx_buf`.
-    Frame(usize),
+    Frame(PendingFrame),
     /// Something was read and dropped (or the read was interrupted): try again.
     Skip,
     /// Nothing more to read now.
     Stop,
 }
 
-/// Outcome of delivering the frame in `rx_buf`.
+/// Outcome of delivering a frame.
 enum Delivery {
     Delivered,
     Dropped,
@@ -79,11 +136,8 @@ impl NetHandler {
                         break;
                     }
                     reads += 1;
-                    match self.read_backend() {
-                        Read::Frame(len) => PendingFrame {
-                            len,
-                            charged: false,
-                        },
+                    match self.read_backend(&mut stats) {
+                        Read::Frame(f) => f,
                         Read::Skip => continue,
                         Read::Stop => break,
                     }
@@ -98,13 +152,20 @@ impl NetHandler {
                             self.stats.rx_throttled += 1;
                         }
                         stats.throttled = true;
+                        // An in-place frame stays in the held chains: nothing pops or uses
+                        // them while a frame is pending.
                         self.rx_pending = Some(frame);
                         break;
                     }
                 }
                 frame.charged = true;
             }
-            match self.deliver(frame.len, &mut stats) {
+            let delivery = if frame.in_place {
+                self.deliver_in_place(frame.len, &mut stats)
+            } else {
+                self.deliver_copy(frame.len, &mut stats)
+            };
+            match delivery {
                 Delivery::Delivered => {
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += (frame.len - VNET_HDR_LEN) as u64;
@@ -143,22 +204,53 @@ impl NetHandler {
         stats
     }
 
-    fn read_backend(&mut self) -> Read {
-        if self.backend_failed {
+    /// Reads one frame: into the held chains where they cover it, else into `rx_buf` (see
+    /// the module documentation).
+    fn read_backend(&mut self, stats: &mut ProcessStats) -> Read {
+        if self.backend_failed || self.backend.is_none() {
             return Read::Stop;
         }
+        if self.rx_zero_copy {
+            self.hold_rx_chains(stats);
+        }
+        let in_place_limit = self.build_rx_iovs();
         let Some(backend) = self.backend.as_mut() else {
             return Read::Stop;
         };
-        match backend.read_frame(&mut self.rx_buf) {
+        // SAFETY: `build_rx_iovs` made every iovec point either into `rx_buf` (a live Vec of
+        // MAX_FRAME_LEN bytes not otherwise borrowed during the call) or into guest memory
+        // that was checked to be inside a mapped region when its chain was popped; the
+        // regions stay mapped while `self.mem` lives, i.e. for the whole call. No Rust
+        // reference to that guest memory exists; the guest may change it concurrently or
+        // make two buffers overlap, which can only garble its own frame.
+        let result = unsafe { backend.read_frame_into(&self.rx_iovs.0) };
+        self.rx_iovs.0.clear();
+        match result {
             // EOF on a socket backend; never for a TAP.
             Ok(0) => Read::Stop,
-            Ok(n) if n <= VNET_HDR_LEN || n > self.rx_buf.len() => {
+            Ok(n) if n <= VNET_HDR_LEN || n > MAX_FRAME_LEN => {
                 debug!(len = n, "virtio-net: dropping RX frame with a bad length");
                 self.stats.rx_dropped += 1;
                 Read::Skip
             }
-            Ok(n) => Read::Frame(n),
+            Ok(n) if n <= in_place_limit => Read::Frame(PendingFrame {
+                len: n,
+                charged: false,
+                in_place: true,
+            }),
+            Ok(n) => {
+                // The copy path: bring back what went into the guest buffers, so that the
+                // whole frame is in rx_buf.
+                if in_place_limit > VNET_HDR_LEN && !self.gather_held(in_place_limit) {
+                    self.stats.rx_dropped += 1;
+                    return Read::Skip;
+                }
+                Read::Frame(PendingFrame {
+                    len: n,
+                    charged: false,
+                    in_place: false,
+                })
+            }
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => Read::Stop,
                 io::ErrorKind::Interrupted => Read::Skip,
@@ -175,9 +267,119 @@ impl NetHandler {
         }
     }
 
-    /// Checks the frame's header against the negotiated offloads (frames queued in the TAP
-    /// before a renegotiation may carry offloads the guest refused) and clears the flags when
-    /// the guest did not accept checksum offload. False: drop the frame.
+    /// Chains a read may use: with MRG_RXBUF all held ones, else the first.
+    fn rx_window(&self) -> usize {
+        if self.mrg_rxbuf {
+            self.rx_chains.len()
+        } else {
+            self.rx_chains.len().min(1)
+        }
+    }
+
+    /// Pops chains until the window can take a largest frame, the queue has no more, or a
+    /// queue's worth was popped (a guest reposting invalid chains cannot keep us here).
+    fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
+        let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
+        for _ in 0..self.rx.queue.size() {
+            let enough = if self.mrg_rxbuf {
+                have >= MAX_FRAME_LEN
+            } else {
+                !self.rx_chains.is_empty()
+            };
+            if enough || self.rx_chains.len() >= usize::from(self.rx.queue.size()) {
+                return;
+            }
+            match self.pop_rx_chain(stats) {
+                Pop::Chain(c) => {
+                    have += c.capacity;
+                    self.rx_chains.push_back(c);
+                }
+                Pop::Invalid => {}
+                // A broken queue is reported by the delivery that needs it.
+                Pop::Empty | Pop::Broken => return,
+            }
+        }
+    }
+
+    /// Fills `rx_iovs` for the next read: the header into `rx_buf`, the rest into the window's
+    /// buffers (after the first chain's first VNET_HDR_LEN bytes, which get the header later),
+    /// and what they do not cover into `rx_buf`. Returns the longest frame the guest buffers
+    /// take whole (0 if there are none).
+    fn build_rx_iovs(&mut self) -> usize {
+        let window = self.rx_window();
+        let iovs = &mut self.rx_iovs.0;
+        debug_assert!(iovs.is_empty() && self.rx_buf.len() >= MAX_FRAME_LEN);
+        let buf = self.rx_buf.as_mut_ptr();
+        iovs.push(libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: VNET_HDR_LEN,
+        });
+        let mut covered = VNET_HDR_LEN;
+        let mut skip = VNET_HDR_LEN;
+        'chains: for chain in self.rx_chains.iter().take(window) {
+            for seg in &chain.host {
+                if skip >= seg.len {
+                    skip -= seg.len;
+                    continue;
+                }
+                // Keep one iovec for the rest of rx_buf.
+                if covered >= MAX_FRAME_LEN || iovs.len() + 1 >= MAX_RX_IOVS {
+                    break 'chains;
+                }
+                let len = (seg.len - skip).min(MAX_FRAME_LEN - covered);
+                iovs.push(libc::iovec {
+                    // The checked host address of the segment, plus skip < seg.len.
+                    iov_base: (seg.addr + skip) as *mut libc::c_void,
+                    iov_len: len,
+                });
+                covered += len;
+                skip = 0;
+            }
+        }
+        let in_place_limit = if iovs.len() > 1 { covered } else { 0 };
+        if covered < MAX_FRAME_LEN {
+            iovs.push(libc::iovec {
+                // SAFETY: covered < MAX_FRAME_LEN <= rx_buf.len(): in bounds of rx_buf.
+                iov_base: unsafe { buf.add(covered) }.cast(),
+                iov_len: MAX_FRAME_LEN - covered,
+            });
+        }
+        in_place_limit
+    }
+
+    /// Copies frame bytes `VNET_HDR_LEN..limit`, read into the window's buffers, to the same
+    /// place in `rx_buf`. False if guest memory could not be read (logged).
+    fn gather_held(&mut self, limit: usize) -> bool {
+        let window = self.rx_window();
+        let mut out = &mut self.rx_buf[VNET_HDR_LEN..limit];
+        let mut skip = VNET_HDR_LEN;
+        for chain in self.rx_chains.iter().take(window) {
+            for &(addr, len) in &chain.bufs {
+                let len = len as usize;
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                if out.is_empty() {
+                    return true;
+                }
+                let n = (len - skip).min(out.len());
+                // skip < len <= u32::MAX: the address was checked with the whole buffer.
+                let at = GuestAddress(addr.0 + skip as u64);
+                if let Err(e) = self.mem.read_slice(&mut out[..n], at) {
+                    error!(error = %e, "virtio-net: RX read back from guest memory failed");
+                    return false;
+                }
+                out = &mut out[n..];
+                skip = 0;
+            }
+        }
+        out.is_empty()
+    }
+
+    /// Checks the frame's header (in `rx_buf`) against the negotiated offloads (frames
+    /// queued in the TAP before a renegotiation may carry offloads the guest refused) and
+    /// clears the flags when the guest did not accept checksum offload. False: drop the frame.
     fn accept_rx_header(&mut self) -> bool {
         let flags = u32::from(self.rx_buf[0]);
         let gso = u32::from(self.rx_buf[1]);
@@ -198,21 +400,72 @@ impl NetHandler {
         gso_ok && (gso & VIRTIO_NET_HDR_GSO_ECN == 0 || self.has_feature(VIRTIO_NET_F_GUEST_ECN))
     }
 
-    /// Puts `rx_buf[..len]` in the guest: one chain, or as many as needed with MRG_RXBUF.
-    fn deliver(&mut self, len: usize, stats: &mut ProcessStats) -> Delivery {
+    fn drop_unacceptable_header(&mut self) -> Delivery {
+        debug!(
+            flags = self.rx_buf[0],
+            gso_type = self.rx_buf[1],
+            "virtio-net: dropping RX frame with offloads the guest did not accept"
+        );
+        Delivery::Dropped
+    }
+
+    /// Sets `num_buffers` in the header in `rx_buf`.
+    fn set_num_buffers(&mut self, count: usize) {
+        // count <= queue size <= 32768.
+        let num_buffers = count as u16;
+        self.rx_buf[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2]
+            .copy_from_slice(&num_buffers.to_le_bytes());
+    }
+
+    /// Completes a frame read into the held chains: writes its header into the first one and
+    /// returns as many as it fills.
+    fn deliver_in_place(&mut self, len: usize, stats: &mut ProcessStats) -> Delivery {
         if !self.accept_rx_header() {
-            debug!(
-                flags = self.rx_buf[0],
-                gso_type = self.rx_buf[1],
-                "virtio-net: dropping RX frame with offloads the guest did not accept"
-            );
-            return Delivery::Dropped;
+            // The chains stay held for the next frame.
+            return self.drop_unacceptable_header();
         }
-        let mut have: usize = if self.mrg_rxbuf {
-            self.rx_chains.iter().map(|c| c.capacity).sum()
-        } else {
-            self.rx_chains.front().map_or(0, |c| c.capacity)
+        let Some(count) = chains_for(self.rx_chains.iter().take(self.rx_window()), len) else {
+            // Cannot happen: the frame was read into these chains.
+            error!(len, "virtio-net: in-place RX frame larger than its chains, dropped");
+            return Delivery::Dropped;
         };
+        self.set_num_buffers(count);
+        if let Some(first) = self.rx_chains.front() {
+            if write_chain(&self.mem, first, &self.rx_buf[..VNET_HDR_LEN]) != VNET_HDR_LEN {
+                // Logged by write_chain; the chains were checked, so this is not expected.
+                return Delivery::Dropped;
+            }
+        }
+        let mut left = len;
+        for _ in 0..count {
+            let Some(chain) = self.rx_chains.pop_front() else {
+                break;
+            };
+            let written = chain.capacity.min(left);
+            left -= written;
+            // written <= capacity <= u32::MAX (checked by the chain iterator).
+            if self
+                .rx
+                .add_used(&self.mem, &self.log, chain.head, written as u32)
+            {
+                stats.completed += 1;
+            }
+        }
+        Delivery::Delivered
+    }
+
+    /// Puts `rx_buf[..len]` in the guest by copying: one chain, or as many as needed with
+    /// MRG_RXBUF.
+    fn deliver_copy(&mut self, len: usize, stats: &mut ProcessStats) -> Delivery {
+        if !self.accept_rx_header() {
+            return self.drop_unacceptable_header();
+        }
+        let mut have: usize = self
+            .rx_chains
+            .iter()
+            .take(self.rx_window())
+            .map(|c| c.capacity)
+            .sum();
         while self.rx_chains.is_empty() || have < len {
             if !self.rx_chains.is_empty() && !self.mrg_rxbuf {
                 debug!(
@@ -240,21 +493,10 @@ impl NetHandler {
                 Pop::Broken => return Delivery::Broken,
             }
         }
-
-        // How many of the held chains the frame fills.
-        let mut count = 0usize;
-        let mut acc = 0usize;
-        for c in &self.rx_chains {
-            count += 1;
-            acc += c.capacity;
-            if acc >= len {
-                break;
-            }
-        }
-        // count <= queue size <= 32768.
-        let num_buffers = count as u16;
-        self.rx_buf[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2]
-            .copy_from_slice(&num_buffers.to_le_bytes());
+        let Some(count) = chains_for(self.rx_chains.iter(), len) else {
+            return Delivery::Dropped;
+        };
+        self.set_num_buffers(count);
         let mut off = 0usize;
         for _ in 0..count {
             let Some(chain) = self.rx_chains.pop_front() else {
@@ -274,6 +516,7 @@ impl NetHandler {
     }
 
     fn pop_rx_chain(&mut self, stats: &mut ProcessStats) -> Pop {
+        let avail_idx = self.rx.queue.next_avail();
         let chain = match pop_chain(&mut self.rx.queue, &self.mem) {
             Ok(Some(c)) => c,
             Ok(None) => return Pop::Empty,
@@ -283,7 +526,7 @@ impl NetHandler {
             }
         };
         let head = chain.head_index();
-        match parse_rx_chain(&self.mem, chain) {
+        match parse_rx_chain(&self.mem, chain, avail_idx) {
             Ok(c) => Pop::Chain(c),
             Err(e) => {
                 guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
@@ -295,16 +538,40 @@ impl NetHandler {
             }
         }
     }
+
+    /// Where a snapshot should resume the RX queue: at the oldest chain held but not used
+    /// (its frame, if any, is lost; the chain is popped again after restore), else where
+    /// the queue is. Invalid chains popped after it (only a hostile guest makes them) are
+    /// then returned a second time.
+    pub(crate) fn rx_resume_avail(&self) -> u16 {
+        self.rx_chains
+            .front()
+            .map_or(self.rx.queue.next_avail(), |c| c.avail_idx)
+    }
+}
+
+/// How many chains, from the first, a frame of `len` bytes fills; None if they are too few.
+fn chains_for<'a>(chains: impl Iterator<Item = &'a RxChain>, len: usize) -> Option<usize> {
+    let mut acc = 0usize;
+    for (i, c) in chains.enumerate() {
+        acc += c.capacity;
+        if acc >= len {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Validates an RX chain: every descriptor device-writable and inside guest memory, room for
-/// at least the vnet header (virtio 5.1.6.3.1).
+/// at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer.
 fn parse_rx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    avail_idx: u16,
 ) -> Result<RxChain, ChainError> {
     let head = chain.head_index();
     let mut bufs = Vec::new();
+    let mut host = Vec::new();
     let mut capacity = 0usize;
     // The iterator stops at queue-size descriptors (loops), on bad indexes and on a total
     // length overflowing u32: a last descriptor still flagged NEXT means the chain was cut.
@@ -317,10 +584,19 @@ fn parse_rx_chain(
         if d.len() == 0 {
             continue;
         }
+        let outside = ChainError::OutsideMemory {
+            addr: d.addr().0,
+            len: d.len(),
+        };
         if !GuestMemory::check_range(mem, d.addr(), d.len() as usize, Permissions::Write) {
-            return Err(ChainError::OutsideMemory {
-                addr: d.addr().0,
-                len: d.len(),
+            return Err(outside);
+        }
+        // A buffer may straddle two memory regions: one piece per region.
+        for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Write)? {
+            let slice = slice?;
+            host.push(HostSeg {
+                addr: slice.ptr_guard_mut().as_ptr() as usize,
+                len: slice.len(),
             });
         }
         bufs.push((d.addr(), d.len()));
@@ -334,12 +610,15 @@ fn parse_rx_chain(
     }
     Ok(RxChain {
         head,
+        avail_idx,
         bufs,
+        host,
         capacity,
     })
 }
 
-/// Copies as much of `data` as fits into the chain; returns the bytes written.
+/// Copies as much of `data` as fits into the chain, from its start; returns the bytes
+/// written.
 fn write_chain(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
     let mut off = 0usize;
     for &(addr, len) in &chain.bufs {

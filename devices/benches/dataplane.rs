@@ -1,0 +1,616 @@
+//! Guest-free data-plane benchmark (run by `tools/bench-dataplane`, which creates the network
+//! namespace, TAPs, bridge and tmpfs file this binary is pointed at, and deletes them).
+//!
+//! It drives microvm's own virtio-net and virtio-blk data planes ([`NetHandler`],
+//! [`BlockHandler`]) with a synthetic guest: guest memory, split rings and a minimal driver
+//! that keeps every buffer posted (it republishes each used chain). Beside each, "plain"
+//! runs the physical limit measured the same way: a loop of `readv`/`writev` on the same
+//! TAP (RX iovecs shaped like the guest's buffers), `pread`/`pwrite` on the same file.
+//!
+//! * `net --taps a,b,.. --src-tap s --dir rx|tx --size 64|65536 --impl handler|copy|plain
+//!   --secs S --dst-mac M`: the TAPs and `s` are ports of one bridge; one worker thread per
+//!   measured TAP. TX: the worker sends frames into its TAP to the bridge's own MAC `M` (the
+//!   bridge delivers them locally, where IP drops them: no flooding). RX: one generator thread
+//!   writes frames into `s`, each addressed to a measured NIC's MAC (static FDB entries), so
+//!   the bridge forwards it into that TAP's queue (a 64 KiB TSO frame stays one frame, as the
+//!   TAPs accept TSO); at most `INFLIGHT` frames are queued per TAP; the worker reads them.
+//!   `copy` is the handler with zero-copy RX off (every frame read into a host buffer, then
+//!   copied).
+//! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain --secs S`: one
+//!   worker; the handler keeps a queue of requests in flight, plain does the same requests
+//!   one `pread`/`pwrite` at a time.
+//!
+//! Output: one JSON object per line, per worker: `{"ops", "bytes", "cpu_s", "wall_s"}`;
+//! `cpu_s` is the worker thread's own CPU time (the generator's is not counted).
+//!
+//! A custom harness (`harness = false`) rather than criterion: each measurement needs a TAP
+//! prepared outside the process, runs for seconds against a kernel peer, and reports CPU time
+//! next to wall time.
+
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::guest_log::GuestLog;
+use devices::virtio::block::{BlockHandler, Disk};
+use devices::virtio::net::{
+    tun_offload_flags, NetBackend, NetHandler, MAX_FRAME_LEN, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF, VNET_HDR_LEN,
+};
+use devices::virtio::{IrqTrigger, VIRTIO_F_VERSION_1};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const QSIZE: u16 = 256;
+/// RX buffer size the synthetic guest posts (a Linux guest's mergeable buffers are 1.5 to
+/// 4 KiB).
+const RX_BUF: usize = 4096;
+/// Frames the RX generator keeps queued in each TAP at most (below its 500-frame queue).
+const INFLIGHT: u64 = 256;
+const RX_RING: u64 = 0;
+const TX_RING: u64 = 0x1_0000;
+const BUFS: u64 = 0x10_0000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; run only when called by the script.
+    let Some(kind) = args.first().filter(|k| *k == "net" || *k == "blk") else {
+        eprintln!("dataplane: run by tools/bench-dataplane (net|blk ...)");
+        return;
+    };
+    let opt = |name: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let need = |name: &str| opt(name).unwrap_or_else(|| die(&format!("missing {name}")));
+    let secs: f64 = need("--secs").parse().unwrap_or_else(|_| die("bad --secs"));
+    let size: usize = need("--size").parse().unwrap_or_else(|_| die("bad --size"));
+    let imp = need("--impl");
+    let results = if kind == "net" {
+        let taps: Vec<String> = need("--taps").split(',').map(str::to_string).collect();
+        let dst = opt("--dst-mac").map_or([2, 0, 0, 0, 0, 2], |m| parse_mac(&m));
+        net(&taps, &need("--src-tap"), &need("--dir"), size, &imp, secs, dst)
+    } else {
+        vec![blk(&need("--file"), &need("--op"), size, &imp, secs)]
+    };
+    for r in results {
+        println!(
+            "{{\"ops\": {}, \"bytes\": {}, \"cpu_s\": {:.6}, \"wall_s\": {:.6}}}",
+            r.ops, r.bytes, r.cpu_s, r.wall_s
+        );
+    }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("dataplane: {msg}");
+    std::process::exit(2);
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap_or_else(|_| die("bad --dst-mac")))
+        .collect();
+    v.try_into().unwrap_or_else(|_| die("bad --dst-mac"))
+}
+
+struct Outcome {
+    ops: u64,
+    bytes: u64,
+    cpu_s: f64,
+    wall_s: f64,
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn check(ret: libc::c_int, what: &str) {
+    if ret < 0 {
+        die(&format!("{what}: {}", io::Error::last_os_error()));
+    }
+}
+
+// ---------------------------------------------------------------- synthetic guest driver
+
+/// The driver side of one split ring in guest memory.
+struct Ring<'a> {
+    mem: &'a GuestMemoryMmap,
+    base: u64,
+    /// Used entries already republished.
+    seen: u16,
+}
+
+impl<'a> Ring<'a> {
+    fn avail(&self) -> u64 {
+        self.base + 16 * u64::from(QSIZE)
+    }
+    fn used(&self) -> u64 {
+        (self.avail() + 6 + 2 * u64::from(QSIZE) + 3) & !3
+    }
+
+    /// A device-side queue over this ring.
+    fn queue(&self) -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.base)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail())).unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used())).unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.base + 16 * u64::from(i);
+        self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+        self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    fn publish(&self, head: u16) {
+        let idx_at = GuestAddress(self.avail() + 2);
+        let idx: u16 = self.mem.read_obj(idx_at).unwrap();
+        let slot = GuestAddress(self.avail() + 4 + 2 * u64::from(idx % QSIZE));
+        self.mem.write_obj(head, slot).unwrap();
+        self.mem.write_obj(idx.wrapping_add(1), idx_at).unwrap();
+    }
+
+    /// Republishes every newly used chain (after `f(head)`); returns how many.
+    fn recycle(&mut self, mut f: impl FnMut(u16)) -> usize {
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
+        let mut n = 0;
+        while self.seen != used_idx {
+            let at = GuestAddress(self.used() + 4 + 8 * u64::from(self.seen % QSIZE));
+            let head: u32 = self.mem.read_obj(at).unwrap();
+            f(head as u16);
+            self.publish(head as u16);
+            self.seen = self.seen.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+// ---------------------------------------------------------------- net
+
+/// The TAP as microvm's VMM uses it (vmm/src/nics.rs): readv/writev on the fd.
+struct Tap(OwnedFd);
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl NetBackend for Tap {
+    unsafe fn read_frame_into(&mut self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's guarantee: every iovec is writable for its length.
+        let n = unsafe { libc::readv(self.0.as_raw_fd(), iovs.as_ptr(), iovs.len() as i32) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    fn write_frame(&mut self, iovs: &[IoSlice]) -> io::Result<usize> {
+        // SAFETY: IoSlice is ABI-compatible with iovec; each is readable for its length.
+        let n = unsafe { libc::writev(self.0.as_raw_fd(), iovs.as_ptr().cast(), iovs.len() as i32) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Opens the existing TAP `name` (created by the script with vnet_hdr), non-blocking, with
+/// the 12-byte vnet header.
+fn open_tap(name: &str) -> Tap {
+    let mut config = tun::Configuration::default();
+    config.tun_name(name).layer(tun::Layer::L2);
+    config.platform_config(|p| {
+        p.vnet_hdr(true);
+        p.ensure_root_privileges(false);
+    });
+    let dev = tun::create(&config).unwrap_or_else(|e| die(&format!("TAP {name}: {e}")));
+    // SAFETY: dup of the device's valid fd; the new fd is owned by OwnedFd alone.
+    let fd = unsafe { libc::fcntl(dev.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    check(fd, "dup");
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    drop(dev);
+    let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) }, "TUNSETVNETHDRSZ");
+    // SAFETY: fcntl with integer arguments.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) }, "O_NONBLOCK");
+    Tap(fd)
+}
+
+/// A vnet header and an Ethernet/IPv4/TCP frame of `size` bytes after it (a 64 KiB one as a
+/// TSO frame with a partial checksum, as a guest or the host stack hands them over).
+fn make_frame(size: usize, src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
+    let size = size.clamp(64, 14 + 65_535);
+    let mut f = vec![0u8; VNET_HDR_LEN + size];
+    let tso = size > 1514;
+    if tso {
+        f[0] = 1; // NEEDS_CSUM
+        f[1] = 1; // GSO_TCPV4
+        f[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        f[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        f[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        f[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    }
+    let e = &mut f[VNET_HDR_LEN..];
+    e[0..6].copy_from_slice(&dst);
+    e[6..12].copy_from_slice(&src);
+    e[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut e[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((size - 14) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let mut sum = 0u32;
+    for c in ip.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let tcp = &mut e[34..54];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x10; // ACK
+    f
+}
+
+fn net(taps: &[String], src: &str, dir: &str, size: usize, imp: &str, secs: f64, dst: [u8; 6]) -> Vec<Outcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumed: Arc<Vec<AtomicU64>> = Arc::new(taps.iter().map(|_| AtomicU64::new(0)).collect());
+    let generator = (dir == "rx").then(|| {
+        let (stop, consumed) = (stop.clone(), consumed.clone());
+        let (src, n) = (src.to_string(), taps.len());
+        std::thread::spawn(move || generate(&src, n, size, &stop, &consumed))
+    });
+    let workers: Vec<_> = taps
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut tap = open_tap(name);
+            // The offloads a Linux guest accepts, for the handler and the plain loop alike.
+            tap.set_offload(tun_offload_flags(net_features()))
+                .unwrap_or_else(|e| die(&format!("TUNSETOFFLOAD: {e}")));
+            let (stop, consumed) = (stop.clone(), consumed.clone());
+            let (dir, imp) = (dir.to_string(), imp.to_string());
+            let src = nic_mac(i);
+            std::thread::spawn(move || {
+                let counter = &consumed[i];
+                match (dir.as_str(), imp.as_str()) {
+                    ("tx", "plain") => plain_tx(tap, size, src, dst, &stop),
+                    ("tx", _) => handler_tx(tap, size, src, dst, &stop),
+                    ("rx", "plain") => plain_rx(tap, &stop, counter),
+                    ("rx", i) => handler_rx(tap, i != "copy", &stop, counter),
+                    _ => die("bad --dir/--impl"),
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let out = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    if let Some(g) = generator {
+        g.join().unwrap();
+    }
+    out
+}
+
+/// RX source: writes frames into the source TAP, a port of the same bridge as the measured
+/// TAPs; the bridge forwards each (static FDB entry for its destination MAC) into the
+/// measured TAP's queue, which its worker reads. At most INFLIGHT frames per TAP are queued
+/// ahead of what its worker took.
+fn generate(src: &str, n: usize, size: usize, stop: &AtomicBool, consumed: &[AtomicU64]) {
+    let src = open_tap(src);
+    let frames: Vec<Vec<u8>> = (0..n).map(|i| make_frame(size, [2, 0, 0, 0, 0, 1], nic_mac(i))).collect();
+    let mut sent = vec![0u64; n];
+    let mut stalled_since = vec![None::<Instant>; n];
+    let mut warned = false;
+    while !stop.load(Ordering::Relaxed) {
+        let mut progress = false;
+        for (i, frame) in frames.iter().enumerate() {
+            let done = consumed[i].load(Ordering::Relaxed);
+            if sent[i] >= done + INFLIGHT {
+                // A frame the bridge or TAP dropped is never consumed: after 20 ms without
+                // progress, count the queue as drained.
+                let t = *stalled_since[i].get_or_insert_with(Instant::now);
+                if t.elapsed() > Duration::from_millis(20) {
+                    sent[i] = done;
+                    stalled_since[i] = None;
+                }
+                continue;
+            }
+            stalled_since[i] = None;
+            // SAFETY: `frame` is readable for its length.
+            let n = unsafe { libc::write(src.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            if n > 0 {
+                sent[i] += 1;
+                progress = true;
+            } else if !warned {
+                warned = true;
+                eprintln!("dataplane: generator: write: {}", io::Error::last_os_error());
+            }
+        }
+        if !progress {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The MAC of measured NIC `i` (the script adds a static FDB entry for it on its TAP).
+fn nic_mac(i: usize) -> [u8; 6] {
+    [2, 0, 0, 0, 1, i as u8]
+}
+
+fn wait_readable(fd: RawFd) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 5) };
+}
+
+fn finish(start: Instant, cpu0: Duration, ops: u64, bytes: u64) -> Outcome {
+    Outcome {
+        ops,
+        bytes,
+        cpu_s: (thread_cpu() - cpu0).as_secs_f64(),
+        wall_s: start.elapsed().as_secs_f64(),
+    }
+}
+
+fn plain_rx(tap: Tap, stop: &AtomicBool, consumed: &AtomicU64) -> Outcome {
+    // The same memory as the guest's: QSIZE buffers of RX_BUF bytes, used in turn, a frame
+    // spanning as many as it needs (header in the first), like MRG_RXBUF.
+    let mut pool = vec![0u8; usize::from(QSIZE) * RX_BUF];
+    let base = pool.as_mut_ptr();
+    let per_read = MAX_FRAME_LEN.div_ceil(RX_BUF);
+    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(per_read);
+    let mut cursor = 0usize;
+    let (start, cpu0) = (Instant::now(), thread_cpu());
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        iovs.clear();
+        for k in 0..per_read {
+            let b = (cursor + k) % usize::from(QSIZE);
+            // SAFETY: b * RX_BUF + RX_BUF <= pool.len().
+            iovs.push(libc::iovec { iov_base: unsafe { base.add(b * RX_BUF) }.cast(), iov_len: RX_BUF });
+        }
+        // SAFETY: every iovec points into `pool`, alive and unborrowed during the call.
+        let n = unsafe { libc::readv(tap.as_raw_fd(), iovs.as_ptr(), iovs.len() as i32) };
+        if n > 0 {
+            ops += 1;
+            bytes += n as u64 - VNET_HDR_LEN as u64;
+            cursor += (n as usize).div_ceil(RX_BUF);
+            consumed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            wait_readable(tap.as_raw_fd());
+        }
+    }
+    finish(start, cpu0, ops, bytes)
+}
+
+/// VERSION_1, MRG_RXBUF, GUEST_CSUM, GUEST_TSO4: what a Linux guest acks (of what matters).
+fn net_features() -> u64 {
+    [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+    ]
+    .iter()
+    .fold(0u64, |a, b| a | 1 << b)
+}
+
+fn net_handler(mem: &GuestMemoryMmap, rx: &Ring, tx: &Ring, tap: Tap) -> NetHandler {
+    NetHandler::new(
+        mem.clone(),
+        [rx.queue(), tx.queue()],
+        [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
+        Arc::new(IrqTrigger::new().unwrap()),
+        Box::new(tap),
+        net_features(),
+        Arc::new(GuestLog::new("virtio-net")),
+    )
+}
+
+fn handler_rx(tap: Tap, zero_copy: bool, stop: &AtomicBool, consumed: &AtomicU64) -> Outcome {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+    let mut rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
+    let tx = Ring { mem: &mem, base: TX_RING, seen: 0 };
+    for i in 0..QSIZE {
+        rx.desc(i, BUFS + u64::from(i) * RX_BUF as u64, RX_BUF as u32, F_WRITE, 0);
+        rx.publish(i);
+    }
+    let fd = tap.as_raw_fd();
+    let mut h = net_handler(&mem, &rx, &tx, tap);
+    h.set_rx_zero_copy(zero_copy);
+    let (start, cpu0) = (Instant::now(), thread_cpu());
+    let mut frames = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let st = h.process_rx();
+        rx.recycle(|_| {});
+        let now = h.stats().rx_frames;
+        consumed.fetch_add(now - frames, Ordering::Relaxed);
+        frames = now;
+        if st.completed == 0 {
+            wait_readable(fd);
+        }
+    }
+    let s = h.stats();
+    if s.rx_dropped + s.rx_bad_chains > 0 {
+        die(&format!("RX dropped frames: {s:?}"));
+    }
+    finish(start, cpu0, s.rx_frames, s.rx_bytes)
+}
+
+fn handler_tx(tap: Tap, size: usize, src: [u8; 6], dst: [u8; 6], stop: &AtomicBool) -> Outcome {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1400_0000)]).unwrap();
+    let rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
+    let mut tx = Ring { mem: &mem, base: TX_RING, seen: 0 };
+    let frame = make_frame(size, src, dst);
+    let stride = (MAX_FRAME_LEN as u64 + 0xfff) & !0xfff;
+    for i in 0..QSIZE {
+        let at = BUFS + u64::from(i) * stride;
+        mem.write_slice(&frame, GuestAddress(at)).unwrap();
+        tx.desc(i, at, frame.len() as u32, 0, 0);
+        tx.publish(i);
+    }
+    let mut h = net_handler(&mem, &rx, &tx, tap);
+    let (start, cpu0) = (Instant::now(), thread_cpu());
+    while !stop.load(Ordering::Relaxed) {
+        h.process_tx();
+        tx.recycle(|_| {});
+    }
+    let s = h.stats();
+    if s.tx_dropped > 0 {
+        die(&format!("TX dropped frames: {s:?}"));
+    }
+    finish(start, cpu0, s.tx_frames, s.tx_bytes)
+}
+
+fn plain_tx(tap: Tap, size: usize, src: [u8; 6], dst: [u8; 6], stop: &AtomicBool) -> Outcome {
+    // The same memory as the guest's: QSIZE copies of the frame, sent in turn.
+    let frame = make_frame(size, src, dst);
+    let stride = (MAX_FRAME_LEN + 0xfff) & !0xfff;
+    let mut pool = vec![0u8; usize::from(QSIZE) * stride];
+    for i in 0..usize::from(QSIZE) {
+        pool[i * stride..i * stride + frame.len()].copy_from_slice(&frame);
+    }
+    let (start, cpu0) = (Instant::now(), thread_cpu());
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let at = (ops as usize % usize::from(QSIZE)) * stride;
+        let iov = [IoSlice::new(&pool[at..at + frame.len()])];
+        // SAFETY: IoSlice is ABI-compatible with iovec and readable for its length.
+        let n = unsafe { libc::writev(tap.as_raw_fd(), iov.as_ptr().cast(), 1) };
+        if n < 0 {
+            die(&format!("writev: {}", io::Error::last_os_error()));
+        }
+        ops += 1;
+        bytes += (frame.len() - VNET_HDR_LEN) as u64;
+    }
+    finish(start, cpu0, ops, bytes)
+}
+
+// ---------------------------------------------------------------- blk
+
+/// Requests kept in flight by the synthetic guest (3 descriptors each).
+const BLK_DEPTH: u16 = 32;
+
+fn blk(path: &str, op: &str, size: usize, imp: &str, secs: f64) -> Outcome {
+    let file = File::options().read(true).write(true).open(path).unwrap_or_else(|e| die(&format!("{path}: {e}")));
+    let len = file.metadata().unwrap().len();
+    let slots = len / size as u64;
+    if slots == 0 {
+        die("file smaller than one request");
+    }
+    let write = match op {
+        "read" => false,
+        "write" => true,
+        _ => die("bad --op"),
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    if imp == "plain" {
+        // The same memory as the guest's: BLK_DEPTH buffers used in turn.
+        let mut pool = vec![0xa5u8; usize::from(BLK_DEPTH) * size];
+        let (start, cpu0) = (Instant::now(), thread_cpu());
+        let mut ops = 0u64;
+        while Instant::now() < deadline {
+            let off = (ops % slots) * size as u64;
+            let at = (ops as usize % usize::from(BLK_DEPTH)) * size;
+            let buf = &mut pool[at..at + size];
+            // SAFETY: `buf` is valid for `size` bytes of reads or writes during the call.
+            let n = unsafe {
+                if write {
+                    libc::pwrite(file.as_raw_fd(), buf.as_ptr().cast(), size, off as i64)
+                } else {
+                    libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), size, off as i64)
+                }
+            };
+            if n != size as isize {
+                die(&format!("pread/pwrite: {n}: {}", io::Error::last_os_error()));
+            }
+            ops += 1;
+        }
+        return finish(start, cpu0, ops, ops * size as u64);
+    }
+
+    let data = 0x10_0000u64;
+    let mem_len = data + u64::from(BLK_DEPTH) * ((size as u64 + 0xfff) & !0xfff);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_len as usize)]).unwrap();
+    let mut ring = Ring { mem: &mem, base: 0, seen: 0 };
+    let hdr = |r: u16| 0x2_0000 + u64::from(r) * 32;
+    let mut next_slot = 0u64;
+    let set_sector = |r: u16, slot: u64| {
+        mem.write_obj(u32::from(write), GuestAddress(hdr(r))).unwrap();
+        mem.write_obj(slot * size as u64 / 512, GuestAddress(hdr(r) + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(hdr(r) + 16)).unwrap();
+    };
+    for r in 0..BLK_DEPTH {
+        let d = r * 3;
+        let buf = data + u64::from(r) * ((size as u64 + 0xfff) & !0xfff);
+        ring.desc(d, hdr(r), 16, F_NEXT, d + 1);
+        ring.desc(d + 1, buf, size as u32, F_NEXT | if write { 0 } else { F_WRITE }, d + 2);
+        ring.desc(d + 2, hdr(r) + 16, 1, F_WRITE, 0);
+        set_sector(r, next_slot % slots);
+        next_slot += 1;
+        ring.publish(d);
+    }
+    let disk = Arc::new(Disk::new(file, len, false, "bench"));
+    let mut h = BlockHandler::new(
+        mem.clone(),
+        ring.queue(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        Arc::new(IrqTrigger::new().unwrap()),
+        disk,
+        None,
+        Arc::new(GuestLog::new("virtio-blk")),
+    );
+    let (start, cpu0) = (Instant::now(), thread_cpu());
+    let mut ops = 0u64;
+    while Instant::now() < deadline {
+        h.process_queue();
+        ops += ring.recycle(|head| {
+            let r = head / 3;
+            let status: u8 = mem.read_obj(GuestAddress(hdr(r) + 16)).unwrap();
+            if status != 0 {
+                die(&format!("request failed with status {status}"));
+            }
+            set_sector(r, next_slot % slots);
+            next_slot += 1;
+        }) as u64;
+    }
+    finish(start, cpu0, ops, ops * size as u64)
+}
