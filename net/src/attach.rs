@@ -185,10 +185,7 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
             rtnl.set_master(tap.index(), tap.name(), br.index)?;
             if let Some(vid) = vlan {
                 // The guest runs later: no frame of it crosses before the port is in `vid`.
-                let (filtering, default_pvid) = rtnl.bridge_vlans(bridge)?;
-                if !filtering {
-                    return Err(crate::BridgeError::NoVlanFiltering { name: bridge.clone() }.into());
-                }
+                let default_pvid = rtnl.vlan_ready_bridge(bridge)?;
                 rtnl.set_access_vlan(tap.index(), tap.name(), *vid, default_pvid)?;
             }
             tracing::info!(tap = tap.name(), bridge, ?vlan, %mac, "attached TAP to bridge");

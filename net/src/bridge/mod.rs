@@ -45,6 +45,8 @@ pub enum BridgeError {
     NameInUse { name: String },
     #[error("bridge {name} does not filter VLANs, so vlan= cannot isolate; enable it with: ip link set {name} type bridge vlan_filtering 1")]
     NoVlanFiltering { name: String },
+    #[error("bridge {name} cannot filter VLANs: this kernel lacks CONFIG_BRIDGE_VLAN_FILTERING, so vlan= is unavailable")]
+    NoKernelVlanFiltering { name: String },
 }
 
 impl BridgeError {
@@ -55,7 +57,8 @@ impl BridgeError {
             | BridgeError::NotABridge { .. }
             | BridgeError::NoSuchInterface { .. }
             | BridgeError::NameInUse { .. }
-            | BridgeError::NoVlanFiltering { .. } => true,
+            | BridgeError::NoVlanFiltering { .. }
+            | BridgeError::NoKernelVlanFiltering { .. } => true,
             BridgeError::Op { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
             _ => false,
         }

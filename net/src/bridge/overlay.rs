@@ -70,9 +70,11 @@ pub(crate) fn del_vlan_message(index: u32, vid: u16) -> LinkMessage {
     LinkBridgeVlan::new(index).vlan(vid, BridgeVlanInfoFlags::empty()).build()
 }
 
-/// A bridge's VLAN settings: (vlan_filtering, default_pvid), from its link message.
-pub(crate) fn bridge_vlan_settings(msg: &LinkMessage) -> (bool, u16) {
-    let (mut filtering, mut pvid) = (false, 1);
+/// A bridge's VLAN settings: (vlan_filtering, default_pvid), from its link message; no
+/// default PVID when the kernel has no VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING off:
+/// it reports vlan_filtering 0 but none of the VLAN attributes).
+pub(crate) fn bridge_vlan_settings(msg: &LinkMessage) -> (bool, Option<u16>) {
+    let (mut filtering, mut pvid) = (false, None);
     for attr in &msg.attributes {
         let LinkAttribute::LinkInfo(infos) = attr else { continue };
         for info in infos {
@@ -80,7 +82,7 @@ pub(crate) fn bridge_vlan_settings(msg: &LinkMessage) -> (bool, u16) {
             for item in items {
                 match item {
                     InfoBridge::VlanFiltering(f) => filtering = *f,
-                    InfoBridge::VlanDefaultPvid(p) => pvid = *p,
+                    InfoBridge::VlanDefaultPvid(p) => pvid = Some(*p),
                     _ => {}
                 }
             }
@@ -90,8 +92,17 @@ pub(crate) fn bridge_vlan_settings(msg: &LinkMessage) -> (bool, u16) {
 }
 
 impl Rtnl {
-    /// The bridge's (vlan_filtering, default_pvid).
-    pub fn bridge_vlans(&self, name: &str) -> Result<(bool, u16), BridgeError> {
+    /// The bridge's default PVID, or why its ports cannot be put in VLANs.
+    pub fn vlan_ready_bridge(&self, name: &str) -> Result<u16, BridgeError> {
+        match self.bridge_vlans(name)? {
+            (_, None) => Err(BridgeError::NoKernelVlanFiltering { name: name.to_string() }),
+            (false, _) => Err(BridgeError::NoVlanFiltering { name: name.to_string() }),
+            (true, Some(pvid)) => Ok(pvid),
+        }
+    }
+
+    /// The bridge's (vlan_filtering, default_pvid); see [`bridge_vlan_settings`].
+    pub fn bridge_vlans(&self, name: &str) -> Result<(bool, Option<u16>), BridgeError> {
         let msgs: Vec<LinkMessage> = self
             .run(self.handle.link().get().match_name(name.to_string()).execute().try_collect())
             .map_err(op("look up bridge", name))?;
@@ -212,11 +223,17 @@ mod tests {
     #[test]
     fn vlan_settings() {
         let mut msg = LinkMessage::default();
-        assert_eq!(bridge_vlan_settings(&msg), (false, 1));
+        assert_eq!(bridge_vlan_settings(&msg), (false, None));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(false)])),
+        ]));
+        assert_eq!(bridge_vlan_settings(&msg), (false, None), "a kernel without VLAN filtering");
+        msg.attributes.clear();
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Bridge),
             LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(true), InfoBridge::VlanDefaultPvid(3)])),
         ]));
-        assert_eq!(bridge_vlan_settings(&msg), (true, 3));
+        assert_eq!(bridge_vlan_settings(&msg), (true, Some(3)));
     }
 }

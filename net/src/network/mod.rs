@@ -118,8 +118,8 @@ pub(crate) fn preflight_with(spec: &NetSpec, rtnl: &Rtnl) -> Result<(), NetError
         NetMode::Bridge { bridge, vlan } => {
             need_net_admin("bridge=BR")?;
             rtnl.existing_bridge(bridge)?;
-            if vlan.is_some() && !rtnl.bridge_vlans(bridge)?.0 {
-                return Err(BridgeError::NoVlanFiltering { name: bridge.clone() }.into());
+            if vlan.is_some() {
+                rtnl.vlan_ready_bridge(bridge)?;
             }
             Ok(())
         }
