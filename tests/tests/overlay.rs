@@ -6,6 +6,7 @@
 //! 2. G boots on A and waits for M, which 3. boots on B with the same disk: same address,
 //!    NAT through B's uplink; G and M ping each other and talk TCP across the hosts.
 //! 4. C boots on host C meanwhile and reaches neither.
+//!
 //! Then nothing of microvm's is left on any host.
 //!
 //! Not covered here: VLANs (`bridge=BR,vlan=N`), because this host's kernel lacks bridge
@@ -84,9 +85,9 @@ fn guest_overlay_spans_hosts() {
         ),
     );
     assert!(g.wait_ready(BOOT_TIMEOUT), "g did not boot: {}", g.stderr_now());
-    let g_ip = microvm_tests::netns::wait_until(120, || field(&g.stdout_now(), "LEASE=").is_some())
-        .then(|| lease(&g.stdout_now()))
-        .unwrap_or_else(|| panic!("g printed no lease: {}", g.stdout_now()));
+    let leased = microvm_tests::netns::wait_until(120, || field(&g.stdout_now(), "LEASE=").is_some());
+    assert!(leased, "g printed no lease: {}", g.stdout_now());
+    let g_ip = lease(&g.stdout_now());
     assert_ne!(g_ip, m_ip);
 
     // 3. M again, on B, same disk. 4. C on host C, another VNI, meanwhile.
