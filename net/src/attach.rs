@@ -178,35 +178,48 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
             let host = HostSide { dhcp: None, tap, tap_cleanup: None, membership: None };
             Ok(Attachment::new(host, mac, None, None))
         }
-        NetMode::Bridge { bridge } => {
+        NetMode::Bridge { bridge, vlan } => {
             let br = rtnl.existing_bridge(bridge)?;
             // Only the MAC is enforced: addresses on a foreign bridge are not ours to know.
             let (tap, tap_cleanup) = network::create_tap(&rtnl, None, mac, None)?;
             rtnl.set_master(tap.index(), tap.name(), br.index)?;
-            tracing::info!(tap = tap.name(), bridge, %mac, "attached TAP to bridge");
+            if let Some(vid) = vlan {
+                // The guest runs later: no frame of it crosses before the port is in `vid`.
+                let default_pvid = rtnl.vlan_ready_bridge(bridge)?;
+                rtnl.set_access_vlan(tap.index(), tap.name(), *vid, default_pvid)?;
+            }
+            tracing::info!(tap = tap.name(), bridge, ?vlan, %mac, "attached TAP to bridge");
             let host = HostSide { dhcp: None, tap, tap_cleanup: Some(tap_cleanup), membership: None };
             Ok(Attachment::new(host, mac, None, Some(bridge.clone())))
         }
-        NetMode::Nat { name, subnet, uplink, tap, allow_host } => join(&rtnl, JoinRequest {
-            kind: NetKind::Nat,
-            name,
-            subnet: *subnet,
-            uplink: uplink.as_deref(),
-            tap: tap.as_deref(),
-            mac,
-            vm_id,
-            allow_host: *allow_host,
-        }),
-        NetMode::HostOnly { name, subnet, tap, allow_host } => join(&rtnl, JoinRequest {
-            kind: NetKind::HostOnly,
-            name,
-            subnet: *subnet,
-            uplink: None,
-            tap: tap.as_deref(),
-            mac,
-            vm_id,
-            allow_host: *allow_host,
-        }),
+        NetMode::Nat { name, subnet, uplink, tap, allow_host, overlay } => {
+            let resolved = network::resolve_overlay(name, overlay.as_ref(), *subnet)?;
+            join(&rtnl, JoinRequest {
+                kind: NetKind::Nat,
+                name,
+                subnet: resolved.as_ref().map(|(_, s)| *s).or(*subnet),
+                uplink: uplink.as_deref(),
+                tap: tap.as_deref(),
+                mac,
+                vm_id,
+                allow_host: *allow_host,
+                overlay: resolved.as_ref().map(|(o, _)| o),
+            })
+        }
+        NetMode::HostOnly { name, subnet, tap, allow_host, overlay } => {
+            let resolved = network::resolve_overlay(name, overlay.as_ref(), *subnet)?;
+            join(&rtnl, JoinRequest {
+                kind: NetKind::HostOnly,
+                name,
+                subnet: resolved.as_ref().map(|(_, s)| *s).or(*subnet),
+                uplink: None,
+                tap: tap.as_deref(),
+                mac,
+                vm_id,
+                allow_host: *allow_host,
+                overlay: resolved.as_ref().map(|(o, _)| o),
+            })
+        }
     }
 }
 

@@ -17,6 +17,12 @@
 //!   `.1/24`, rules in nftables `table ip microvm` (NAT: masquerade out of the uplink;
 //!   isolation between networks; host-only: no forwarding), and a DHCP responder thread per
 //!   process answering for that process's MACs (leases `.2`-`.254`, stable per MAC).
+//! * Networks across hosts: `bridge=BR,vlan=N` makes the TAP an untagged access port of
+//!   VLAN N on a VLAN-filtering bridge; a named network with `vxlan=VNI,peers=...` (or a
+//!   definition file `$MICROVM_NETWORKS_DIR/NAME.toml`, see `spec::overlay`) gets a VXLAN
+//!   port `mvvx-NAME` flooding to its peers, a gateway MAC shared by every host, a filter
+//!   keeping gateway and DHCP traffic off the overlay, addresses derived from the guest's
+//!   MAC and probed for on the overlay, and the VXLAN MTU offered by DHCP.
 //! * Several microvm processes share a network through state under `$MICROVM_RUN_DIR`
 //!   (default `/run/microvm`)`/<netns inode>/net/NAME/` (flock'ed); the last user to leave
 //!   tears it down. `net.ipv4.ip_forward` is set for NAT and never reverted.
@@ -50,8 +56,8 @@ pub use error::NetError;
 pub use network::{cleanup_stale, teardown_all, NetworkError};
 pub use nft::{NftError, TABLE as NFT_TABLE};
 pub use spec::{
-    MacAddr, NetMode, NetSpec, RateSpec, SpecError, Subnet, BRIDGE_PREFIX, DEFAULT_NETWORK, MAX_NETWORK_NAME,
-    TAP_PREFIX,
+    MacAddr, NetMode, NetSpec, NetworkDef, Overlay, OverlayError, RateSpec, SpecError, Subnet, BRIDGE_PREFIX,
+    DEFAULT_NETWORK, DEFAULT_NETWORKS_DIR, MAX_NETWORK_NAME, NETWORKS_DIR_ENV, TAP_PREFIX, VLAN_RANGE, VXLAN_PREFIX,
 };
 pub use state::{StateError, DEFAULT_RUN_DIR, RUN_DIR_ENV};
 pub use thread_hook::{set_thread_start_hook, HookError, ThreadStartHook};

@@ -3,7 +3,7 @@
 //! ```text
 //! $MICROVM_RUN_DIR (default /run/microvm)/<netns inode>/
 //!     lock                 flock'ed around every network setup/teardown (never deleted)
-//!     net/NAME/network     mode, subnet, uplink
+//!     net/NAME/network     mode, subnet, uplink, allow-host; an overlay's vni, peers, dev, mtu
 //!     net/NAME/users       one line per attached NIC: pid starttime tap vm_id
 //!     net/NAME/leases      DHCP leases (see dhcp::lease), flock'ed on its own
 //! ```
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::spec::Subnet;
+use crate::spec::{Overlay, Subnet};
 
 /// Environment variable overriding `/run/microvm`.
 pub const RUN_DIR_ENV: &str = "MICROVM_RUN_DIR";
@@ -249,6 +249,10 @@ pub(crate) struct NetworkRecord {
     pub uplink: Option<String>,
     /// Guests may connect to the host (`allow-host`); fixed when the network is created.
     pub allow_host: bool,
+    /// Spans hosts over VXLAN.
+    pub overlay: Option<Overlay>,
+    /// The overlay guests' MTU, once its VXLAN port exists.
+    pub guest_mtu: Option<u32>,
 }
 
 impl NetworkRecord {
@@ -260,15 +264,41 @@ impl NetworkRecord {
         if self.allow_host {
             s += "allow-host=yes\n";
         }
+        if let Some(o) = &self.overlay {
+            let peers: Vec<String> = o.peers.iter().map(|p| p.to_string()).collect();
+            s += &format!("vni={}\npeers={}\n", o.vni, peers.join("+"));
+            if let Some(d) = &o.dev {
+                s += &format!("dev={d}\n");
+            }
+            if let Some(m) = o.mtu {
+                s += &format!("mtu={m}\n");
+            }
+        }
+        if let Some(m) = self.guest_mtu {
+            s += &format!("guest-mtu={m}\n");
+        }
         s
     }
 
     /// Parses the file; `Err(line)` names the offending line.
     pub fn parse(text: &str) -> Result<NetworkRecord, String> {
         let (mut kind, mut subnet, mut uplink, mut allow_host) = (None, None, None, false);
+        let (mut vni, mut peers, mut dev, mut mtu, mut guest_mtu) = (None, None, None, None, None);
+        let num = |line: &str, v: &str| v.parse::<u32>().map_err(|_| line.to_string());
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line.split_once('=').ok_or_else(|| line.to_string())?;
             match k {
+                "vni" => vni = Some(num(line, v)?),
+                "peers" => {
+                    let list: Result<Vec<std::net::Ipv4Addr>, _> = v.split('+').map(str::parse).collect();
+                    peers = Some(list.map_err(|_| line.to_string())?);
+                }
+                "dev" => {
+                    crate::spec::check_ifname("dev", v).map_err(|_| line.to_string())?;
+                    dev = Some(v.to_string());
+                }
+                "mtu" => mtu = Some(num(line, v)?),
+                "guest-mtu" => guest_mtu = Some(num(line, v)?),
                 "mode" if v == "nat" => kind = Some(NetKind::Nat),
                 "mode" if v == "host-only" => kind = Some(NetKind::HostOnly),
                 "subnet" => subnet = Some(v.parse::<Subnet>().map_err(|_| line.to_string())?),
@@ -280,8 +310,13 @@ impl NetworkRecord {
                 _ => return Err(line.to_string()),
             }
         }
+        let overlay = match (vni, peers) {
+            (Some(vni), Some(peers)) => Some(Overlay { vni, peers, dev, mtu }),
+            (None, None) => None,
+            _ => return Err("(an overlay needs both vni and peers)".to_string()),
+        };
         match (kind, subnet) {
-            (Some(kind), Some(subnet)) => Ok(NetworkRecord { kind, subnet, uplink, allow_host }),
+            (Some(kind), Some(subnet)) => Ok(NetworkRecord { kind, subnet, uplink, allow_host, overlay, guest_mtu }),
             _ => Err("(missing mode or subnet)".to_string()),
         }
     }
@@ -401,10 +436,18 @@ mod tests {
 
     #[test]
     fn record_round_trip() {
-        let r = NetworkRecord { kind: NetKind::Nat, subnet: Subnet::from_octets(10, 200, 3), uplink: Some("eth0".into()), allow_host: false };
+        let r = NetworkRecord { kind: NetKind::Nat, subnet: Subnet::from_octets(10, 200, 3), uplink: Some("eth0".into()), allow_host: false, overlay: None, guest_mtu: None };
         assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
-        let r = NetworkRecord { kind: NetKind::HostOnly, subnet: Subnet::from_octets(10, 200, 4), uplink: None, allow_host: true };
+        let r = NetworkRecord { kind: NetKind::HostOnly, subnet: Subnet::from_octets(10, 200, 4), uplink: None, allow_host: true, overlay: None, guest_mtu: None };
         assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
+        let peers = vec![std::net::Ipv4Addr::new(192, 0, 2, 11), std::net::Ipv4Addr::new(192, 0, 2, 12)];
+        for (dev, mtu) in [(None, None), (Some("eth0".to_string()), Some(1400))] {
+            let overlay = Some(Overlay { vni: 4242, peers: peers.clone(), dev, mtu });
+            let r = NetworkRecord { overlay, guest_mtu: Some(1400), ..r.clone() };
+            assert_eq!(NetworkRecord::parse(&r.render()).unwrap(), r);
+        }
+        assert!(NetworkRecord::parse("mode=nat\nsubnet=10.1.1.0/24\nvni=3\n").is_err(), "vni without peers");
+        assert!(NetworkRecord::parse("mode=nat\nsubnet=10.1.1.0/24\nvni=3\npeers=1.2.3\n").is_err());
         assert!(NetworkRecord::parse("mode=nat\n").is_err());
         assert!(NetworkRecord::parse("mode=weird\nsubnet=10.1.1.0/24").is_err());
         assert!(NetworkRecord::parse("garbage").is_err());

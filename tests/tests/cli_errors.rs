@@ -63,6 +63,10 @@ fn bad_net_specs() {
         ("nat,pps=0", "bad --net 'nat,pps=0': bad count '0'"),
         ("nat,mac=01:00:00:00:00:01", "invalid mac"),
         ("host-only,uplink=eth0", "unknown option 'uplink'"),
+        ("bridge=br0,vlan=4095", "vlan '4095' is not a VLAN id (1..4094)"),
+        ("host-only:lab,subnet=10.77.0.0/24,vxlan=0,peers=192.0.2.1", "VNI 0 is out of range"),
+        ("host-only:lab,vxlan=5,peers=192.0.2.1", "an overlay needs its subnet"),
+        ("nat:lab,peers=192.0.2.1", "add vxlan=VNI"),
     ]);
 }
 

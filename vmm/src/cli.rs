@@ -86,8 +86,12 @@ pub struct Cli {
 
     /// A virtio-net NIC; repeat for more. Modes: nat[:NAME], host-only[:NAME], bridge=BR,
     /// tap=NAME, none. Options: mac=XX:XX:XX:XX:XX:XX, subnet=A.B.C.0/24, uplink=IFACE,
-    /// rate=RATE (50Mbit, 5MB) and pps=COUNT per direction.
-    /// Example: --net nat  or  --net host-only:lab,rate=100Mbit
+    /// rate=RATE (50Mbit, 5MB) and pps=COUNT per direction. bridge=BR,vlan=N (1-4094): the
+    /// NIC is an untagged port of VLAN N (BR needs vlan_filtering). A named network spans
+    /// hosts over VXLAN with vxlan=VNI,peers=IP+IP[,dev=IFACE][,mtu=N] (needs subnet=), or by
+    /// a file $MICROVM_NETWORKS_DIR/NAME.toml (default /etc/microvm/networks) every host shares.
+    /// Example: --net nat  or  --net host-only:lab,rate=100Mbit  or
+    /// --net host-only:lab,subnet=10.77.0.0/24,vxlan=4242,peers=192.0.2.11+192.0.2.12
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
 

@@ -4,7 +4,8 @@
 //! Text format, one lease per line: `MAC IP EXPIRES_UNIX_SECS`.
 //! A MAC keeps its address for as long as the network exists (stable addresses across VM
 //! restarts); an expired lease is only reclaimed for another MAC when the .2-.254 pool is
-//! otherwise full.
+//! otherwise full. A new MAC gets the lowest free address, or on an overlay network the
+//! first free of its own candidates (see [`super::derive`]), checked by a probe first.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -78,6 +79,38 @@ impl LeaseTable {
             self.leases.push(Lease { mac, ip, expires });
             return Some(ip);
         }
+        self.reclaim(mac, now, expires)
+    }
+
+    /// Like [`LeaseTable::allocate`] for overlay networks: a new MAC gets the first of its
+    /// derived candidates that no lease here holds and `in_use` (a probe of the overlay)
+    /// does not report taken.
+    pub fn allocate_derived(
+        &mut self,
+        mac: MacAddr,
+        subnet: Subnet,
+        now: u64,
+        lease_secs: u64,
+        mut in_use: impl FnMut(Ipv4Addr) -> bool,
+    ) -> Option<Ipv4Addr> {
+        let expires = now.saturating_add(lease_secs);
+        if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
+            l.expires = expires;
+            return Some(l.ip);
+        }
+        let free = super::derive::candidates(mac)
+            .map(|n| subnet.host(n))
+            .filter(|ip| !self.leases.iter().any(|l| l.ip == *ip))
+            .find(|ip| !in_use(*ip));
+        if let Some(ip) = free {
+            self.leases.push(Lease { mac, ip, expires });
+            return Some(ip);
+        }
+        self.reclaim(mac, now, expires)
+    }
+
+    /// The address of the longest-expired lease, now `mac`'s.
+    fn reclaim(&mut self, mac: MacAddr, now: u64, expires: u64) -> Option<Ipv4Addr> {
         let oldest = self
             .leases
             .iter_mut()
@@ -99,11 +132,18 @@ pub(crate) struct LeaseFile {
     path: PathBuf,
     subnet: Subnet,
     lease_secs: u64,
+    /// New MACs get derived addresses (overlay networks).
+    derived: bool,
 }
 
 impl LeaseFile {
     pub fn new(path: PathBuf, subnet: Subnet, lease_secs: u64) -> LeaseFile {
-        LeaseFile { path, subnet, lease_secs }
+        LeaseFile { path, subnet, lease_secs, derived: false }
+    }
+
+    /// For an overlay network: new MACs get derived addresses.
+    pub fn derived(self) -> LeaseFile {
+        LeaseFile { derived: true, ..self }
     }
 
     pub fn path(&self) -> &Path {
@@ -112,8 +152,19 @@ impl LeaseFile {
 
     /// Allocates (or renews) the MAC's lease under the file lock.
     pub fn allocate(&self, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
+        self.allocate_checked(mac, |_| false)
+    }
+
+    /// Like [`LeaseFile::allocate`]; on an overlay network a new address is first offered
+    /// to `in_use` (which probes the overlay, under the file lock, so two processes on this
+    /// host never probe for one address at once).
+    pub fn allocate_checked(&self, mac: MacAddr, in_use: impl FnMut(Ipv4Addr) -> bool) -> io::Result<Option<Ipv4Addr>> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs))
+        if self.derived {
+            self.update(|t| t.allocate_derived(mac, self.subnet, now, self.lease_secs, in_use))
+        } else {
+            self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs))
+        }
     }
 
     /// Current table (read under the lock).
@@ -201,6 +252,31 @@ mod tests {
         let t = LeaseTable::parse(text, subnet());
         let macs: Vec<u8> = t.leases.iter().map(|l| l.mac.0[5]).collect();
         assert_eq!(macs, vec![1, 7]);
+    }
+
+    #[test]
+    fn derived_addresses_skip_leased_and_probed() {
+        let first: Vec<Ipv4Addr> = super::super::derive::candidates(mac(1)).take(3).map(|n| subnet().host(n)).collect();
+        // Alone: the first candidate, whatever the lease order.
+        let mut t = LeaseTable::default();
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, |_| false), Some(first[0]));
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 200, 10, |_| panic!("a lease needs no probe")), Some(first[0]));
+        // Leased here by another MAC: the next candidate, no probe for the leased one.
+        let mut t = LeaseTable::default();
+        t.leases.push(Lease { mac: mac(9), ip: first[0], expires: 1 });
+        let mut probed = Vec::new();
+        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, |ip| {
+            probed.push(ip);
+            false
+        });
+        assert_eq!((ip, probed), (Some(first[1]), vec![first[1]]));
+        // Answered for on the overlay: skipped.
+        let mut t = LeaseTable::default();
+        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, |ip| ip == first[0] || ip == first[1]);
+        assert_eq!(ip, Some(first[2]));
+        // Everything taken: nothing (no lease expired to reclaim).
+        let mut t = LeaseTable::default();
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, |_| true), None);
     }
 
     #[test]

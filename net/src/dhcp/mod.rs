@@ -9,7 +9,9 @@
 //!   127.0.0.53), those of /run/systemd/resolve/resolv.conf; if still none, no DNS option
 //!   (we do not offer the gateway: no DNS server listens there).
 //! * host-only networks: no DNS option (the guest cannot reach anything beyond the host).
+//! * overlay networks: the interface MTU (option 26), the VXLAN port's (underlay - 50).
 
+mod derive;
 pub(crate) mod lease;
 pub(crate) mod packet;
 mod server;
@@ -64,6 +66,19 @@ pub(crate) struct DhcpNetwork {
     pub subnet: Subnet,
     pub lease_path: PathBuf,
     pub offer_dns: bool,
+    /// Overlay networks: the guests' MTU (option 26), and addresses derived from MACs.
+    pub overlay_mtu: Option<u16>,
+}
+
+impl DhcpNetwork {
+    fn lease_file(&self) -> LeaseFile {
+        let file = LeaseFile::new(self.lease_path.clone(), self.subnet, u64::from(LEASE_SECS));
+        if self.overlay_mtu.is_some() {
+            file.derived()
+        } else {
+            file
+        }
+    }
 }
 
 struct Running {
@@ -115,8 +130,9 @@ pub(crate) fn register(net: &DhcpNetwork, mac: MacAddr) -> Result<DhcpRegistrati
         subnet: net.subnet,
         dns: if net.offer_dns { host_dns() } else { Vec::new() },
         lease_secs: LEASE_SECS,
+        mtu: net.overlay_mtu,
     };
-    let leases = LeaseFile::new(net.lease_path.clone(), net.subnet, u64::from(LEASE_SECS));
+    let leases = net.lease_file();
     let macs: OwnedMacs = Arc::new(Mutex::new(HashMap::from([(mac, 1)])));
     let spawn_err = |source| DhcpError::Spawn { network: net.name.clone(), source };
     let stop = Arc::new(StopSignal::new().map_err(spawn_err)?);
@@ -202,9 +218,10 @@ fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
 }
 
 /// The address the network's DHCP server hands `mac` (allocated, or renewed, now in the
-/// shared lease file); `None` when the pool is full.
-pub(crate) fn lease_for(net: &DhcpNetwork, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
-    LeaseFile::new(net.lease_path.clone(), net.subnet, u64::from(LEASE_SECS)).allocate(mac)
+/// shared lease file); `None` when the pool is full. On an overlay network a new address is
+/// one `in_use` (a probe of the other hosts) does not report taken.
+pub(crate) fn lease_for(net: &DhcpNetwork, mac: MacAddr, in_use: impl FnMut(Ipv4Addr) -> bool) -> io::Result<Option<Ipv4Addr>> {
+    net.lease_file().allocate_checked(mac, in_use)
 }
 
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
@@ -281,7 +298,7 @@ pub fn fuzz_packet(buf: &[u8]) {
     }
     let Ok((msg, req)) = packet::parse_request(buf) else { return };
     let subnet = Subnet::from_octets(10, 200, 7);
-    let params = ServerParams { subnet, dns: vec![Ipv4Addr::new(10, 200, 7, 1)], lease_secs: LEASE_SECS };
+    let params = ServerParams { subnet, dns: vec![Ipv4Addr::new(10, 200, 7, 1)], lease_secs: LEASE_SECS, mtu: Some(1450) };
     let mut table = lease::LeaseTable::default();
     let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, subnet, 1, u64::from(LEASE_SECS)))
     else {

@@ -17,6 +17,8 @@ pub(crate) struct ServerParams {
     /// DNS servers to offer; empty means the option is left out.
     pub dns: Vec<Ipv4Addr>,
     pub lease_secs: u32,
+    /// Interface MTU to offer (option 26; overlay networks), else none.
+    pub mtu: Option<u16>,
 }
 
 impl ServerParams {
@@ -158,6 +160,9 @@ pub(crate) fn build_reply(req: &Message, params: &ServerParams, reply: Reply) ->
     opts.insert(DhcpOption::Router(vec![params.subnet.gateway()]));
     if !params.dns.is_empty() {
         opts.insert(DhcpOption::DomainNameServer(params.dns.clone()));
+    }
+    if let Some(mtu) = params.mtu {
+        opts.insert(DhcpOption::InterfaceMtu(mtu));
     }
     if let Reply::Offer(_) | Reply::Ack(_) = reply {
         opts.insert(DhcpOption::AddressLeaseTime(params.lease_secs));

@@ -264,7 +264,7 @@ mod tests {
             let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
             sock.set_nonblocking(true).unwrap();
             let subnet = crate::spec::Subnet::from_octets(10, 200, 9);
-            let params = ServerParams { subnet, dns: Vec::new(), lease_secs: 60 };
+            let params = ServerParams { subnet, dns: Vec::new(), lease_secs: 60, mtu: None };
             let leases = LeaseFile::new(std::env::temp_dir().join("mvnet-never-written"), subnet, 60);
             let stop = Arc::new(StopSignal::new().unwrap());
             let s = stop.clone();

@@ -2,10 +2,10 @@
 
 use std::collections::HashSet;
 
-use super::bridge_name;
+use super::{bridge_name, overlay};
 use crate::bridge::Rtnl;
 use crate::nft::{self, guard};
-use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX};
+use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX, VXLAN_PREFIX};
 use crate::state::{StateRoot, UserEntry};
 use crate::tap::pid_from_tap_name;
 use crate::NetError;
@@ -81,7 +81,7 @@ pub(crate) fn leave_network(
     Ok(())
 }
 
-/// Removes network `name`: bridge, nft rules, state directory, and the nft table if no
+/// Removes network `name`: VXLAN port, bridge, nft rules, state directory, and the nft table if no
 /// network remains. ip_forward is left as is. Every step is tried; the first failure is
 /// returned (nft rule removal is best effort and logs its own problems). Caller holds the
 /// state lock.
@@ -94,6 +94,9 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
             first.get_or_insert(e);
         }
     };
+    // Every network, not only those whose record names an overlay: a crash between
+    // creating the port and writing the record must not leave the port behind.
+    keep(overlay::remove_port(rtnl, name));
     keep(match rtnl.link(&bridge) {
         Ok(Some(l)) if l.is_bridge() => rtnl.delete_link(l.index, &bridge).map_err(NetError::from),
         Ok(_) => Ok(()),
@@ -117,7 +120,8 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
 
 /// Startup cleanup for this network namespace: for every named network, forget users
 /// whose process died (deleting their TAPs) and tear the network down if none is left;
-/// delete `mvtap-*` devices no live process owns and `mvbr-*` bridges without state.
+/// delete `mvtap-*` devices no live process owns, `mvbr-*` bridges and `mvvx-*` VXLAN
+/// devices without state, and overlay filter elements of ports that are gone.
 ///
 /// Without CAP_NET_ADMIN there is nothing this process could remove, so it returns Ok
 /// without doing anything (an unprivileged `--net tap=...` or `none` run still starts).
@@ -140,7 +144,9 @@ pub fn cleanup_stale() -> Result<(), NetError> {
         }
         owned_taps.extend(live.into_iter().map(|u| u.tap));
     }
-    let networks: HashSet<String> = root.networks()?.into_iter().map(|n| bridge_name(&n)).collect();
+    let names = root.networks()?;
+    let networks: HashSet<String> = names.iter().map(|n| bridge_name(n)).collect();
+    let ports: HashSet<String> = names.iter().map(|n| overlay::vxlan_name(n)).collect();
     for link in rtnl.links()? {
         if link.name.starts_with(TAP_PREFIX) && link.is_tun() && !owned_taps.contains(&link.name) {
             // Our generated names carry the creator's pid; keep TAPs of running processes
@@ -156,6 +162,19 @@ pub fn cleanup_stale() -> Result<(), NetError> {
             if let Err(e) = rtnl.delete_link(link.index, &link.name) {
                 tracing::warn!(bridge = %link.name, error = %e, "cannot delete bridge");
             }
+        } else if link.name.starts_with(VXLAN_PREFIX) && link.is_vxlan() && !ports.contains(&link.name) {
+            tracing::info!(port = %link.name, "deleting orphan VXLAN device");
+            if let Err(e) = rtnl.delete_link(link.index, &link.name) {
+                tracing::warn!(port = %link.name, error = %e, "cannot delete VXLAN device");
+            }
+        }
+    }
+    for port in nft::overlay::ports()? {
+        if !ports.contains(&port) || rtnl.link(&port)?.is_none() {
+            tracing::info!(port = %port, "removing overlay rules of a VXLAN device that is gone");
+            if let Err(e) = nft::overlay::remove(&port) {
+                tracing::warn!(port = %port, error = %e, "cannot remove stale overlay rules");
+            }
         }
     }
     if root.networks()?.is_empty() {
@@ -165,7 +184,7 @@ pub fn cleanup_stale() -> Result<(), NetError> {
 }
 
 /// Tears down every named network of this network namespace, whoever uses it, plus all
-/// `mvtap-*`/`mvbr-*` devices and the nft tables (with every TAP's anti-spoofing guard). Meant for tests and manual recovery:
+/// `mvtap-*`/`mvbr-*`/`mvvx-*` devices and the nft tables (with every TAP's anti-spoofing guard). Meant for tests and manual recovery:
 /// running VMs lose their networking.
 pub fn teardown_all() -> Result<(), NetError> {
     let root = StateRoot::open()?;
@@ -182,9 +201,11 @@ pub fn teardown_all() -> Result<(), NetError> {
     for link in rtnl.links()? {
         if link.name.starts_with(TAP_PREFIX) && link.is_tun() {
             delete_tap(&rtnl, &link.name);
-        } else if link.name.starts_with(BRIDGE_PREFIX) && link.is_bridge() {
+        } else if (link.name.starts_with(BRIDGE_PREFIX) && link.is_bridge())
+            || (link.name.starts_with(VXLAN_PREFIX) && link.is_vxlan())
+        {
             if let Err(e) = rtnl.delete_link(link.index, &link.name) {
-                tracing::warn!(bridge = %link.name, error = %e, "cannot delete bridge");
+                tracing::warn!(link = %link.name, error = %e, "cannot delete link");
             }
         }
     }

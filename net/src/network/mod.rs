@@ -3,7 +3,9 @@
 //! network. Everything runs under the namespace-wide state lock.
 
 mod cleanup;
+pub(crate) mod overlay;
 mod pick;
+mod probe;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,7 +18,7 @@ use crate::bridge::{Link, Rtnl};
 use crate::dhcp::{self, DhcpNetwork, DhcpRegistration};
 use crate::emergency::{self, Tracked};
 use crate::nft::{self, guard, NftNetwork};
-use crate::spec::{MacAddr, NetMode, NetSpec, Subnet, BRIDGE_PREFIX};
+use crate::spec::{MacAddr, NetMode, NetSpec, Overlay, OverlayError, Subnet, BRIDGE_PREFIX};
 use crate::state::{self, NetKind, NetworkRecord, StateRoot, UserEntry};
 use crate::tap::{self, Tap, TapError};
 use crate::{BridgeError, NetError};
@@ -59,6 +61,18 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error("network {name} already exists with {existing}, not {requested}; every VM of a network on a host must use one definition")]
+    OverlayMismatch { name: String, existing: String, requested: String },
+    #[error("network {name} is in use but its VXLAN device {port} is gone; stop its VMs")]
+    PortMissing { name: String, port: String },
+    #[error("cannot probe the overlay of network {name} for addresses in use")]
+    Probe {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl NetworkError {
@@ -66,6 +80,8 @@ impl NetworkError {
         !matches!(
             self,
             NetworkError::BridgeMissing { .. }
+                | NetworkError::PortMissing { .. }
+                | NetworkError::Probe { .. }
                 | NetworkError::IpForward(_)
                 | NetworkError::Ipv6Off { .. }
                 | NetworkError::Leases { .. }
@@ -99,25 +115,48 @@ pub(crate) fn preflight_with(spec: &NetSpec, rtnl: &Rtnl) -> Result<(), NetError
     match &spec.mode {
         NetMode::None => Ok(()),
         NetMode::Tap { name } => check_existing_tap(rtnl, name),
-        NetMode::Bridge { bridge } => {
+        NetMode::Bridge { bridge, vlan } => {
             need_net_admin("bridge=BR")?;
             rtnl.existing_bridge(bridge)?;
+            if vlan.is_some() {
+                rtnl.vlan_ready_bridge(bridge)?;
+            }
             Ok(())
         }
-        NetMode::Nat { uplink, tap, .. } => {
+        NetMode::Nat { name, subnet, uplink, tap, overlay, .. } => {
             need_net_admin("nat")?;
             if let Some(u) = uplink {
                 if rtnl.link(u)?.is_none() {
                     return Err(BridgeError::NoSuchInterface { name: u.clone() }.into());
                 }
             }
+            check_overlay(rtnl, name, overlay.as_ref(), *subnet)?;
             check_free_name(rtnl, tap.as_deref())
         }
-        NetMode::HostOnly { tap, .. } => {
+        NetMode::HostOnly { name, subnet, tap, overlay, .. } => {
             need_net_admin("host-only")?;
+            check_overlay(rtnl, name, overlay.as_ref(), *subnet)?;
             check_free_name(rtnl, tap.as_deref())
         }
     }
+}
+
+/// The overlay a named network uses (inline or from its definition file; see
+/// [`crate::spec::overlay::resolve`]) and its subnet.
+pub(crate) fn resolve_overlay(name: &str, inline: Option<&Overlay>, subnet: Option<Subnet>) -> Result<Option<(Overlay, Subnet)>, NetError> {
+    Ok(crate::spec::overlay::resolve(name, inline, subnet).map_err(NetworkError::Overlay)?)
+}
+
+/// The definition resolves, and its underlay interface exists.
+fn check_overlay(rtnl: &Rtnl, name: &str, inline: Option<&Overlay>, subnet: Option<Subnet>) -> Result<(), NetError> {
+    if let Some((o, _)) = resolve_overlay(name, inline, subnet)? {
+        if let Some(d) = &o.dev {
+            if rtnl.link(d)?.is_none() {
+                return Err(BridgeError::NoSuchInterface { name: d.clone() }.into());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_free_name(rtnl: &Rtnl, tap: Option<&str>) -> Result<(), NetError> {
@@ -300,6 +339,8 @@ pub(crate) struct JoinRequest<'a> {
     pub mac: MacAddr,
     pub vm_id: &'a str,
     pub allow_host: bool,
+    /// Resolved: inline or from the network's definition file (whose subnet is in `subnet`).
+    pub overlay: Option<&'a Overlay>,
 }
 
 /// Joins (creating if needed) a named network and plugs a new TAP into it, over the
@@ -332,6 +373,10 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
                 Some(l) if l.is_bridge() => l,
                 _ => return Err(NetworkError::BridgeMissing { name: req.name.to_string(), bridge }.into()),
             };
+            if rec.overlay.is_some() && !rtnl.link(&overlay::vxlan_name(req.name))?.is_some_and(|l| l.is_vxlan()) {
+                let port = overlay::vxlan_name(req.name);
+                return Err(NetworkError::PortMissing { name: req.name.to_string(), port }.into());
+            }
             nft::ensure_network(&nft_network(req.name, &rec))?;
             (rec, br)
         }
@@ -347,12 +392,37 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
         subnet: record.subnet,
         lease_path: root.net_dir(req.name).join("leases"),
         offer_dns: record.kind == NetKind::Nat,
+        overlay_mtu: record.overlay.as_ref().map(|_| u16::try_from(record.guest_mtu.unwrap_or(1450)).unwrap_or(u16::MAX)),
+    };
+    // On an overlay, other hosts' guests hold addresses this host's lease file does not know:
+    // a new address is probed for on the overlay first (see `probe`).
+    let prober = match &record.overlay {
+        Some(_) => {
+            let port = overlay::vxlan_name(req.name);
+            let link = rtnl.link(&port)?.ok_or_else(|| NetworkError::PortMissing { name: req.name.to_string(), port })?;
+            let probe_err = |source| NetworkError::Probe { name: req.name.to_string(), source };
+            Some(probe::Prober::open(link.index, link.mac.unwrap_or_default()).map_err(probe_err)?)
+        }
+        None => None,
+    };
+    let in_use = |ip| {
+        prober.as_ref().is_some_and(|p| {
+            let taken = p.in_use(ip).unwrap_or_else(|e| {
+                tracing::warn!(network = req.name, %ip, error = %e, "ARP probe failed; taking the address");
+                false
+            });
+            if taken {
+                tracing::info!(network = req.name, %ip, "address in use on another host; trying the next");
+            }
+            taken
+        })
     };
     // The guest's address, allocated now so the anti-spoofing guard can name it; the DHCP
     // server hands out the same one (a MAC keeps its lease, see dhcp::lease).
-    let ip = dhcp::lease_for(&dhcp_net, req.mac)
+    let ip = dhcp::lease_for(&dhcp_net, req.mac, in_use)
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
+    drop(prober);
     let (tap, tap_cleanup) = create_tap(rtnl, req.tap, req.mac, Some(ip))?;
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
     let dhcp = dhcp::register(&dhcp_net, req.mac)?;
@@ -393,6 +463,13 @@ fn check_same(req: &JoinRequest<'_>, rec: &NetworkRecord) -> Result<(), NetworkE
     if req.allow_host != rec.allow_host {
         let existing = if rec.allow_host { "with" } else { "without" };
         return Err(NetworkError::AllowHostMismatch { name, existing });
+    }
+    // Like subnet=: a VM that names no overlay joins whatever the network is.
+    if let Some(want) = req.overlay {
+        if rec.overlay.as_ref() != Some(want) {
+            let existing = rec.overlay.as_ref().map_or_else(|| "no overlay".to_string(), Overlay::to_string);
+            return Err(NetworkError::OverlayMismatch { name, existing, requested: want.to_string() });
+        }
     }
     Ok(())
 }
@@ -450,10 +527,12 @@ fn create_network(
         NetKind::HostOnly => None,
         NetKind::Nat => Some(find_uplink(rtnl, req)?),
     };
-    let record = NetworkRecord { kind: req.kind, subnet, uplink, allow_host: req.allow_host };
+    let mut record =
+        NetworkRecord { kind: req.kind, subnet, uplink, allow_host: req.allow_host, overlay: req.overlay.cloned(), guest_mtu: None };
     // Write the record first so a crash mid-setup leaves something cleanup can find.
     root.write_record(req.name, &record)?;
-    let index = rtnl.create_bridge(bridge)?;
+    // An overlay's bridge is the distributed gateway: the same MAC on every host.
+    let index = rtnl.create_bridge(bridge, req.overlay.map(|_| overlay::gateway_mac(req.name).0))?;
     rtnl.add_address(index, bridge, subnet.gateway(), Subnet::PREFIX_LEN)?;
     if !record.allow_host {
         disable_ipv6(bridge)?;
@@ -465,6 +544,10 @@ fn create_network(
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetworkError::IpForward)?;
     }
     nft::add_network(&nft_network(req.name, &record))?;
+    if let Some(o) = req.overlay {
+        record.guest_mtu = Some(overlay::add_port(rtnl, req.name, index, o, subnet)?);
+        root.write_record(req.name, &record)?;
+    }
     let link = rtnl
         .link(bridge)?
         .ok_or_else(|| NetworkError::BridgeMissing { name: req.name.to_string(), bridge: bridge.to_string() })?;

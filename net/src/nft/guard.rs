@@ -97,7 +97,7 @@ pub(crate) fn checks_script() -> String {
 
 /// Creates the table, or adds what an older version's table lacks, with `nft -f` (once per
 /// network namespace).
-fn ensure_layout() -> Result<(), NftError> {
+pub(crate) fn ensure_layout() -> Result<(), NftError> {
     let action = "check the microvm bridge table";
     let script = netlink::with(|nl| {
         if nl.set_exists(Family::Bridge, TABLE, IP_SET)? {

@@ -42,6 +42,7 @@
 
 pub(crate) mod guard;
 pub(crate) mod netlink;
+pub(crate) mod overlay;
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;

@@ -1,9 +1,11 @@
 //! The `--net` value: parsing and input validation.
 //!
 //! ```text
-//! nat[:NAME][,subnet=A.B.C.0/24][,uplink=IFACE][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..]
-//! host-only[:NAME][,subnet=A.B.C.0/24][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..]
-//! bridge=BR[,mac=..][,rate=..][,pps=..]      attach a new TAP to an existing bridge
+//! nat[:NAME][,subnet=A.B.C.0/24][,uplink=IFACE][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..][,OVERLAY]
+//! host-only[:NAME][,subnet=A.B.C.0/24][,allow-host][,tap=TAP][,mac=..][,rate=..][,pps=..][,OVERLAY]
+//!     OVERLAY = vxlan=VNI,peers=IP+IP[,dev=IFACE][,mtu=N]   (needs subnet=; see `overlay`)
+//! bridge=BR[,vlan=N][,mac=..][,rate=..][,pps=..]   attach a new TAP to an existing bridge
+//!     (vlan=N, 1..4094: as an untagged access port of VLAN N; BR needs vlan_filtering)
 //! tap=NAME[,mac=..][,rate=..][,pps=..]       use an existing TAP as is
 //! none
 //! ```
@@ -19,6 +21,7 @@
 //! The default MAC is `52:54:xx:xx:xx:xx` hashed from (vm_id, nic_index).
 
 mod mac;
+pub(crate) mod overlay;
 mod rate;
 mod subnet;
 
@@ -28,6 +31,8 @@ use std::str::FromStr;
 use options::{OptionError, OptionParser, Reason};
 
 pub use mac::MacAddr;
+pub(crate) use mac::fnv1a64;
+pub use overlay::{NetworkDef, Overlay, OverlayError, DEFAULT_NETWORKS_DIR, NETWORKS_DIR_ENV};
 pub use rate::RateSpec;
 pub use subnet::Subnet;
 
@@ -35,6 +40,8 @@ pub use subnet::Subnet;
 pub const MAX_NETWORK_NAME: usize = 15 - BRIDGE_PREFIX.len();
 /// Prefix of the bridges of named networks.
 pub const BRIDGE_PREFIX: &str = "mvbr-";
+/// Prefix of the VXLAN devices of overlay networks (`mvvx-NAME`).
+pub const VXLAN_PREFIX: &str = "mvvx-";
 /// Prefix of the TAP devices we create.
 pub const TAP_PREFIX: &str = "mvtap-";
 /// Network name used by `nat` / `host-only` without `:NAME`.
@@ -44,12 +51,15 @@ const SYNTAX: &str = "nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none"
 
 /// The `--net` grammar: one parser per mode (each accepts different options).
 const NAT: OptionParser = OptionParser::new("--net", "mode")
-    .values(&["subnet", "uplink", "tap", "mac", "rate", "pps"])
+    .values(&["subnet", "uplink", "tap", "mac", "rate", "pps", "vxlan", "peers", "dev", "mtu"])
     .switches(&[("allow-host", "allow-host")]);
 const HOST_ONLY: OptionParser = OptionParser::new("--net", "mode")
-    .values(&["subnet", "tap", "mac", "rate", "pps"])
+    .values(&["subnet", "tap", "mac", "rate", "pps", "vxlan", "peers", "dev", "mtu"])
     .switches(&[("allow-host", "allow-host")]);
+const BRIDGE: OptionParser = OptionParser::new("--net", "mode").values(&["vlan", "mac", "rate", "pps"]);
 const ATTACH: OptionParser = OptionParser::new("--net", "mode").values(&["mac", "rate", "pps"]);
+/// VLAN ids a port can be an access port of (0 and 4095 are reserved by 802.1Q).
+pub const VLAN_RANGE: std::ops::RangeInclusive<u16> = 1..=4094;
 const NONE: OptionParser = OptionParser::new("--net", "mode");
 
 /// A bad name, MAC or subnet: a user error (exit-code class "bad input"). Within a
@@ -81,6 +91,8 @@ pub enum NetMode {
         tap: Option<String>,
         /// Guests may connect to the host itself (`allow-host`).
         allow_host: bool,
+        /// Spans hosts over VXLAN (`vxlan=...`; a definition file is looked up at attach).
+        overlay: Option<Overlay>,
     },
     /// Named host-only network: like `Nat` without masquerade or forwarding outside.
     HostOnly {
@@ -89,9 +101,12 @@ pub enum NetMode {
         tap: Option<String>,
         /// Guests may connect to the host itself (`allow-host`).
         allow_host: bool,
+        /// Spans hosts over VXLAN (`vxlan=...`; a definition file is looked up at attach).
+        overlay: Option<Overlay>,
     },
-    /// A new TAP attached to an existing bridge; nothing else is changed.
-    Bridge { bridge: String },
+    /// A new TAP attached to an existing bridge; with `vlan`, as an untagged access port of
+    /// that VLAN (the bridge must filter VLANs). Nothing else is changed.
+    Bridge { bridge: String, vlan: Option<u16> },
     /// An existing TAP used as is.
     Tap { name: String },
 }
@@ -184,7 +199,8 @@ impl FromStr for NetSpec {
         let parser = match (mode, arg, head.contains('=')) {
             ("nat", _, false) => NAT,
             ("host-only", _, false) => HOST_ONLY,
-            ("bridge" | "tap", Some(_), true) => ATTACH,
+            ("bridge", Some(_), true) => BRIDGE,
+            ("tap", Some(_), true) => ATTACH,
             ("none", None, _) => NONE,
             _ if head.is_empty() => return Err(NONE.error(s, Reason::MissingHead("mode (expected nat[:NAME], host-only[:NAME], bridge=BR, tap=NAME or none)"))),
             _ => return Err(NONE.error(s, Reason::Invalid(format!("unknown mode '{head}' (expected {SYNTAX})")))),
@@ -202,13 +218,37 @@ impl FromStr for NetSpec {
         let subnet = opts.parsed::<Subnet>("subnet")?;
         let tap = ifname("tap", "tap")?;
         let allow_host = opts.has("allow-host");
+        let overlay = || -> Result<Option<Overlay>, OptionError> {
+            let [vxlan, peers, dev, mtu] = ["vxlan", "peers", "dev", "mtu"].map(|k| opts.get(k));
+            if vxlan.is_none() {
+                return match (peers, dev, mtu) {
+                    (None, None, None) => Ok(None),
+                    _ => Err(opts.error(Reason::Invalid("peers=, dev= and mtu= belong to an overlay: add vxlan=VNI".into()))),
+                };
+            }
+            let spec_err = |e: OverlayError| {
+                opts.error(Reason::Invalid(match e {
+                    OverlayError::Parse { reason, .. } | OverlayError::Invalid { reason, .. } => reason,
+                    other => other.to_string(),
+                }))
+            };
+            let def = NetworkDef::from_options(vxlan, peers, dev, mtu, opts.get("subnet")).map_err(spec_err)?;
+            Ok(Some(def.validate("--net").map_err(spec_err)?.0))
+        };
         let mode = match mode {
-            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink: ifname("uplink", "uplink")?, tap, allow_host },
-            "host-only" => NetMode::HostOnly { name: net_name()?, subnet, tap, allow_host },
+            "nat" => NetMode::Nat { name: net_name()?, subnet, uplink: ifname("uplink", "uplink")?, tap, allow_host, overlay: overlay()? },
+            "host-only" => NetMode::HostOnly { name: net_name()?, subnet, tap, allow_host, overlay: overlay()? },
             "bridge" => {
                 let bridge = arg.unwrap_or("");
                 check_ifname("bridge", bridge).map_err(invalid)?;
-                NetMode::Bridge { bridge: bridge.to_string() }
+                let vlan = opts
+                    .get("vlan")
+                    .map(|v| match v.parse::<u16>() {
+                        Ok(n) if VLAN_RANGE.contains(&n) => Ok(n),
+                        _ => Err(opts.error(Reason::Invalid(format!("vlan '{v}' is not a VLAN id (1..4094)")))),
+                    })
+                    .transpose()?;
+                NetMode::Bridge { bridge: bridge.to_string(), vlan }
             }
             "tap" => {
                 let name = arg.unwrap_or("");
@@ -230,7 +270,7 @@ impl fmt::Display for NetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.mode {
             NetMode::None => return f.write_str("none"),
-            NetMode::Nat { name, subnet, uplink, tap, allow_host } => {
+            NetMode::Nat { name, subnet, uplink, tap, allow_host, overlay } => {
                 write!(f, "nat:{name}")?;
                 if let Some(s) = subnet {
                     write!(f, ",subnet={s}")?;
@@ -244,8 +284,11 @@ impl fmt::Display for NetSpec {
                 if let Some(t) = tap {
                     write!(f, ",tap={t}")?;
                 }
+                if let Some(o) = overlay {
+                    write!(f, ",{o}")?;
+                }
             }
-            NetMode::HostOnly { name, subnet, tap, allow_host } => {
+            NetMode::HostOnly { name, subnet, tap, allow_host, overlay } => {
                 write!(f, "host-only:{name}")?;
                 if let Some(s) = subnet {
                     write!(f, ",subnet={s}")?;
@@ -256,8 +299,16 @@ impl fmt::Display for NetSpec {
                 if let Some(t) = tap {
                     write!(f, ",tap={t}")?;
                 }
+                if let Some(o) = overlay {
+                    write!(f, ",{o}")?;
+                }
             }
-            NetMode::Bridge { bridge } => write!(f, "bridge={bridge}")?,
+            NetMode::Bridge { bridge, vlan } => {
+                write!(f, "bridge={bridge}")?;
+                if let Some(v) = vlan {
+                    write!(f, ",vlan={v}")?;
+                }
+            }
             NetMode::Tap { name } => write!(f, "tap={name}")?,
         }
         if let Some(m) = self.mac {

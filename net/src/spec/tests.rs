@@ -23,6 +23,7 @@ fn nat_full() {
             uplink: None,
             tap: None,
             allow_host: false,
+            overlay: None,
         }
     );
     assert_eq!(spec.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
@@ -44,7 +45,7 @@ fn defaults() {
 #[test]
 fn other_modes() {
     let spec = p("bridge=br0,pps=1000").unwrap();
-    assert_eq!(spec.mode, NetMode::Bridge { bridge: "br0".into() });
+    assert_eq!(spec.mode, NetMode::Bridge { bridge: "br0".into(), vlan: None });
     assert_eq!(spec.rate.ops_per_sec, Some(1000));
     let spec = p("tap=tap0,mac=02:00:00:00:00:01,rate=5MB").unwrap();
     assert_eq!(spec.mode, NetMode::Tap { name: "tap0".into() });
@@ -57,7 +58,8 @@ fn other_modes() {
             subnet: None,
             uplink: Some("eth0".into()),
             tap: Some("mytap".into()),
-            allow_host: false
+            allow_host: false,
+            overlay: None,
         }
     );
     let spec = p("host-only:h1,subnet=192.168.50.0/24,tap=t").unwrap();
@@ -141,6 +143,9 @@ fn display_round_trips() {
         "nat,uplink=eth0,tap=t0",
         "host-only:h,tap=t1",
         "bridge=br0,rate=1GB",
+        "bridge=br0,vlan=10",
+        "host-only:lab,subnet=10.77.0.0/24,vxlan=4242,peers=192.0.2.12+192.0.2.11,dev=eth0,mtu=1400",
+        "nat:lab,subnet=10.77.0.0/24,vxlan=1,peers=192.0.2.11",
         "tap=tap0",
         "none",
     ] {
@@ -162,4 +167,40 @@ fn no_panic_on_garbage() {
     for s in [",", ",,,", "nat,,", "nat:,", "=", ":", "nat:x:y", "tap=,", "bridge==", "\u{00e9}", "nat,=x"] {
         let _ = p(s);
     }
+}
+
+#[test]
+fn vlans() {
+    assert_eq!(p("bridge=br0,vlan=10").unwrap().mode, NetMode::Bridge { bridge: "br0".into(), vlan: Some(10) });
+    assert_eq!(p("bridge=br0,vlan=4094").unwrap().mode, NetMode::Bridge { bridge: "br0".into(), vlan: Some(4094) });
+    for bad in ["0", "4095", "-1", "ten", "65536"] {
+        let e = why(&format!("bridge=br0,vlan={bad}"));
+        assert!(e.contains("1..4094"), "{bad}: {e}");
+    }
+    // Only bridged NICs have VLANs here.
+    assert!(why("tap=t0,vlan=10").contains("unknown option 'vlan'"));
+    assert!(why("nat,vlan=10").contains("unknown option 'vlan'"));
+}
+
+#[test]
+fn overlays() {
+    let spec = p("host-only:lab,subnet=10.77.0.0/24,vxlan=4242,peers=192.0.2.11+192.0.2.12").unwrap();
+    let NetMode::HostOnly { overlay: Some(o), .. } = &spec.mode else { panic!("{spec:?}") };
+    assert_eq!(o.vni, 4242);
+    assert_eq!(o.peers.len(), 2);
+    assert_eq!((o.dev.as_deref(), o.mtu), (None, None));
+    let NetMode::Nat { overlay: Some(o), .. } = p("nat:lab,subnet=10.77.0.0/24,vxlan=7,peers=192.0.2.11,dev=eth0,mtu=1400").unwrap().mode else {
+        panic!()
+    };
+    assert_eq!((o.vni, o.dev.as_deref(), o.mtu), (7, Some("eth0"), Some(1400)));
+    // Parse and validation errors both name the spec, in one line.
+    assert!(why("host-only:lab,vxlan=x,peers=192.0.2.1,subnet=10.77.0.0/24").contains("vxlan='x' is not a number"));
+    assert!(why("host-only:lab,vxlan=0,peers=192.0.2.1,subnet=10.77.0.0/24").contains("out of range"));
+    assert!(why("host-only:lab,vxlan=5,peers=192.0.2.1").contains("needs its subnet"));
+    assert!(why("host-only:lab,vxlan=5,subnet=10.77.0.0/24").contains("needs peers"));
+    assert!(why("host-only:lab,vxlan=5,peers=192.0.2.1+nope,subnet=10.77.0.0/24").contains("'nope' is not an IPv4"));
+    assert!(why("host-only:lab,peers=192.0.2.1").contains("add vxlan=VNI"));
+    assert!(why("nat:lab,mtu=1400").contains("add vxlan=VNI"));
+    assert!(why("host-only:lab,vxlan=5,peers=192.0.2.1,subnet=10.77.0.0/24,mtu=20").contains("mtu 20"));
+    assert!(why("bridge=br0,vxlan=5").contains("unknown option 'vxlan'"));
 }

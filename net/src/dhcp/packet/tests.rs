@@ -8,6 +8,7 @@ fn params() -> ServerParams {
         subnet: Subnet::from_octets(10, 77, 0),
         dns: vec![Ipv4Addr::new(9, 9, 9, 9)],
         lease_secs: 3600,
+        mtu: None,
     }
 }
 
@@ -279,6 +280,20 @@ fn offer_contents() {
     );
     assert_eq!(o.get(OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(3600)));
     assert_eq!(o.get(OptionCode::Renewal), Some(&DhcpOption::Renewal(1800)));
+    assert!(o.get(OptionCode::InterfaceMtu).is_none(), "only overlays offer an MTU");
+}
+
+#[test]
+fn overlay_offers_its_mtu() {
+    let req = Message::from_bytes(&client(MessageType::Request, &[DhcpOption::RequestedIpAddress(ip(7))])).unwrap();
+    let p = ServerParams { mtu: Some(1450), ..params() };
+    for reply in [Reply::Offer(ip(7)), Reply::Ack(ip(7)), Reply::InformAck] {
+        let bytes = encode(&build_reply(&req, &p, reply)).unwrap();
+        assert!(wire::check(&bytes).is_ok());
+        let m = Message::from_bytes(&bytes).unwrap();
+        assert_eq!(m.opts().get(OptionCode::InterfaceMtu), Some(&DhcpOption::InterfaceMtu(1450)), "{reply:?}");
+    }
+    assert!(build_reply(&req, &p, Reply::Nak).opts().get(OptionCode::InterfaceMtu).is_none());
 }
 
 #[test]

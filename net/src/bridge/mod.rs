@@ -1,5 +1,10 @@
 //! Links, addresses and routes over rtnetlink (the `rtnetlink` crate, driven by a private
 //! current-thread tokio runtime so callers stay synchronous). No `ip` commands.
+//! VXLAN devices, bridge FDB entries and port VLANs are in [`overlay`].
+
+mod overlay;
+
+pub(crate) use overlay::VxlanParams;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -38,6 +43,10 @@ pub enum BridgeError {
     NoSuchInterface { name: String },
     #[error("interface name {name} is already in use")]
     NameInUse { name: String },
+    #[error("bridge {name} does not filter VLANs, so vlan= cannot isolate; enable it with: ip link set {name} type bridge vlan_filtering 1")]
+    NoVlanFiltering { name: String },
+    #[error("bridge {name} cannot filter VLANs: this kernel lacks CONFIG_BRIDGE_VLAN_FILTERING, so vlan= is unavailable")]
+    NoKernelVlanFiltering { name: String },
 }
 
 impl BridgeError {
@@ -47,7 +56,9 @@ impl BridgeError {
             BridgeError::NoSuchBridge { .. }
             | BridgeError::NotABridge { .. }
             | BridgeError::NoSuchInterface { .. }
-            | BridgeError::NameInUse { .. } => true,
+            | BridgeError::NameInUse { .. }
+            | BridgeError::NoVlanFiltering { .. }
+            | BridgeError::NoKernelVlanFiltering { .. } => true,
             BridgeError::Op { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
             _ => false,
         }
@@ -76,6 +87,8 @@ pub(crate) struct Link {
     pub kind: Option<String>,
     pub master: Option<u32>,
     pub up: bool,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -86,11 +99,15 @@ impl Link {
             kind: None,
             master: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            mtu: None,
+            mac: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Controller(m) => link.master = Some(*m),
+                LinkAttribute::Mtu(m) => link.mtu = Some(*m),
+                LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
@@ -111,6 +128,10 @@ impl Link {
     pub fn is_tun(&self) -> bool {
         self.kind.as_deref() == Some("tun")
     }
+
+    pub fn is_vxlan(&self) -> bool {
+        self.kind.as_deref() == Some("vxlan")
+    }
 }
 
 fn kind_name(kind: &InfoKind) -> String {
@@ -118,6 +139,7 @@ fn kind_name(kind: &InfoKind) -> String {
         InfoKind::Bridge => "bridge".into(),
         InfoKind::Tun => "tun".into(),
         InfoKind::Veth => "veth".into(),
+        InfoKind::Vxlan => "vxlan".into(),
         other => format!("{other:?}").to_ascii_lowercase(),
     }
 }
@@ -221,9 +243,14 @@ impl Rtnl {
         }
     }
 
-    /// Creates bridge `name` (up) and returns its index.
-    pub fn create_bridge(&self, name: &str) -> Result<u32, BridgeError> {
-        let msg = LinkBridge::new(name).build();
+    /// Creates bridge `name` (up) and returns its index. With `mac`, the bridge keeps that
+    /// address (set explicitly, the kernel no longer takes its ports' lowest MAC).
+    pub fn create_bridge(&self, name: &str, mac: Option<[u8; 6]>) -> Result<u32, BridgeError> {
+        let mut builder = LinkBridge::new(name);
+        if let Some(mac) = mac {
+            builder = builder.address(mac.to_vec());
+        }
+        let msg = builder.build();
         self.run(self.handle.link().add(msg).execute())
             .map_err(|e| match e {
                 rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EEXIST => {
