@@ -40,6 +40,9 @@ fn disk(text: &str) {
     if d.read_only {
         canon += ",ro";
     }
+    if d.snapshot {
+        canon += ",snapshot";
+    }
     if let Some(b) = &d.rate.bandwidth {
         canon += &format!(",bw={}", b.rate);
     }

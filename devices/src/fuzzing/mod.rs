@@ -195,10 +195,36 @@ pub(crate) fn memory() -> GuestMemoryMmap {
     .unwrap()
 }
 
-/// Copies `image` (as much as fits) at [`IMAGE`].
+/// Copies `image` (as much as fits) at [`IMAGE`], with every address it could name inside
+/// [`RINGS`] moved out of it (see [`keep_out_of_rings`]).
 pub(crate) fn write_image(mem: &GuestMemoryMmap, image: &[u8]) {
     let n = image.len().min((MEM_SIZE - IMAGE) as usize);
-    mem.write_slice(&image[..n], GuestAddress(IMAGE)).unwrap();
+    let mut image = image[..n].to_vec();
+    keep_out_of_rings(&mut image);
+    mem.write_slice(&image, GuestAddress(IMAGE)).unwrap();
+}
+
+/// The image holds descriptors the device reads as they are (indirect tables), so any 8
+/// bytes of it may be a buffer address. A guest may well point a buffer at its own used
+/// ring, but then nothing can be asserted about that ring, which the targets check; so no
+/// little-endian u64 at any offset of the image may lie in [`RINGS`] (a buffer starting
+/// below it crosses unmapped memory first, which the device refuses). Each such value loses
+/// its bit 32 (byte 4: 0x01 -> 0x00); clearing bits only creates in-range windows at lower
+/// offsets, hence the passes until none is left (a handful at most).
+fn keep_out_of_rings(image: &mut [u8]) {
+    loop {
+        let mut changed = false;
+        for i in 0..image.len().saturating_sub(7) {
+            let a = u64::from_le_bytes(image[i..i + 8].try_into().unwrap());
+            if (RINGS..RINGS + RINGS_SIZE).contains(&a) {
+                image[i + 4] &= !0x01;
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
+    }
 }
 
 /// Checks the used ring after a pass that completed `completed` chains out of `published`:

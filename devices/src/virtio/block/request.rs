@@ -34,8 +34,9 @@ pub enum RequestError {
     /// The chain is empty or stops early (bad `next` index, loop, unreadable descriptor).
     #[error("descriptor chain is empty or broken")]
     BrokenChain,
-    /// The last descriptor cannot hold a status byte.
-    #[error("last descriptor is not a device-writable status byte")]
+    /// The last descriptor cannot hold a status byte (not device-writable, empty, or not
+    /// all inside guest memory).
+    #[error("last descriptor is not a device-writable status byte in guest memory")]
     NoStatus,
     /// Only a status descriptor.
     #[error("request has no header")]
@@ -217,6 +218,13 @@ pub fn parse(
         return Err(RequestError::BrokenChain);
     }
     if !last.is_write_only() || last.len() == 0 {
+        return Err(RequestError::NoStatus);
+    }
+    // The whole status descriptor must be guest memory, not just its last byte: a 4 GiB
+    // "status buffer" that starts in RAM and ends in another region (crossing a hole) is a
+    // malformed chain, not a licence to write wherever its end lands (found by fuzzing:
+    // devices/fuzz/regressions/virtio_blk/status-into-used-ring).
+    if !mem.check_range(last.addr(), last.len() as usize, Permissions::Write) {
         return Err(RequestError::NoStatus);
     }
     let status_addr = last
