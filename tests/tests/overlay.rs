@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use microvm_tests::world::{Guest, World};
-use microvm_tests::{guest_with_own_rootfs, scratch_dir, SH_CHECK};
+use microvm_tests::{guest_with_own_rootfs, scratch_dir};
 
 /// Generous: on this shared 2-core host a loaded guest takes many minutes.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
@@ -58,15 +58,17 @@ fn guest_overlay_spans_hosts() {
     let disk_dir = scratch_dir("ov-m-disk");
     let (kernel, m_disk) = guest_with_own_rootfs(&disk_dir);
     let spawn = |host: usize, name: &str, disk: &Path, envs: &[(&str, &str)], script: String| -> Guest {
-        world.spawn_guest_disk(host, name, &kernel, disk, scratch_dir(&format!("ov-{name}")), &["nat:lab"], &format!("{SH_CHECK}{script}"), envs)
+        world.spawn_guest_disk(host, name, &kernel, disk, scratch_dir(&format!("ov-{name}")), &["nat:lab"], &script, envs)
     };
 
     // 1. M on A.
-    let m1 = spawn(0, "m1", &m_disk, &env_ab, format!("{LEASE}{WHO}exit 0")).wait(BOOT_TIMEOUT);
+    let m1 = spawn(0, "m1", &m_disk, &env_ab, format!("{LEASE}{WHO}check MTU cat /sys/class/net/eth0/mtu; exit 0")).wait(BOOT_TIMEOUT);
     println!("===== m1 (host A): {m1:?}");
     assert_eq!(m1.code(), 0, "{m1:?}");
     let m_ip = lease(&m1.stdout);
     assert!(m1.stdout.contains("WHO=REMOTE=198.51.100.2"), "NAT through A's uplink: {m1:?}");
+    // The overlay's MTU (the underlay's 1500 less VXLAN's 50) reached the guest by DHCP.
+    assert!(m1.stdout.contains("MTU=1450"), "{m1:?}");
 
     // 2. G on A: serves TCP for M, then waits for M to come back (on B) and talks to it.
     let g_dir = scratch_dir("ov-g-disk");

@@ -20,6 +20,7 @@ const OPT_SUBNET_MASK: u8 = 1;
 const OPT_ROUTER: u8 = 3;
 const OPT_DNS: u8 = 6;
 const OPT_DOMAIN: u8 = 15;
+const OPT_MTU: u8 = 26;
 const OPT_BROADCAST: u8 = 28;
 const OPT_REQUESTED_IP: u8 = 50;
 const OPT_MESSAGE_TYPE: u8 = 53;
@@ -44,6 +45,9 @@ pub struct Lease {
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub domain: Option<String>,
+    /// The interface MTU (option 26; an overlay network's is below 1500). Values below
+    /// IPv4's minimum of 68 are ignored.
+    pub mtu: Option<u16>,
 }
 
 /// A DISCOVER (no `request`) or a REQUEST for `request = (address, server)`, asking for a
@@ -65,7 +69,7 @@ pub fn build(xid: u32, mac: [u8; 6], request: Option<(Ipv4Addr, Ipv4Addr)>) -> V
         m.extend_from_slice(&[OPT_SERVER_ID, 4]);
         m.extend_from_slice(&server.octets());
     }
-    m.extend_from_slice(&[OPT_PARAM_LIST, 5, OPT_SUBNET_MASK, OPT_ROUTER, OPT_DNS, OPT_DOMAIN, OPT_BROADCAST]);
+    m.extend_from_slice(&[OPT_PARAM_LIST, 6, OPT_SUBNET_MASK, OPT_ROUTER, OPT_DNS, OPT_DOMAIN, OPT_BROADCAST, OPT_MTU]);
     m.push(OPT_END);
     if m.len() < MIN_LEN {
         m.resize(MIN_LEN, OPT_PAD);
@@ -104,6 +108,9 @@ pub fn parse(buf: &[u8], xid: u32, mac: [u8; 6]) -> Option<Lease> {
             OPT_MESSAGE_TYPE => lease.kind = *value.first()?,
             OPT_SUBNET_MASK => lease.netmask = first_ip(),
             OPT_BROADCAST => lease.broadcast = first_ip(),
+            OPT_MTU => {
+                lease.mtu = value.get(..2).map(|v| u16::from_be_bytes([v[0], v[1]])).filter(|m| *m >= 68);
+            }
             OPT_ROUTER => lease.router = first_ip(),
             OPT_SERVER_ID => lease.server = first_ip(),
             OPT_DNS => lease.dns = value.chunks_exact(4).map(|v| Ipv4Addr::new(v[0], v[1], v[2], v[3])).collect(),
@@ -164,6 +171,11 @@ mod tests {
         assert_eq!(l.router, Some(Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!(l.dns, vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)]);
         assert_eq!(l.domain.as_deref(), Some("lan"));
+        assert_eq!(l.mtu, None);
+        // An overlay's MTU (option 26); one below IPv4's 68 is ignored.
+        assert_eq!(parse(&reply(9, ACK, &[26, 2, 0x05, 0xaa]), 9, MAC).unwrap().mtu, Some(1450));
+        assert_eq!(parse(&reply(9, ACK, &[26, 2, 0, 67]), 9, MAC).unwrap().mtu, None);
+        assert_eq!(parse(&reply(9, ACK, &[26, 1, 5]), 9, MAC).unwrap().mtu, None);
     }
 
     #[test]

@@ -143,6 +143,11 @@ fn configure(sock: &OwnedFd, name: &str, lease: &Lease, default_route: bool) -> 
         r.ifr_ifru.ifru_addr = sockaddr(addr);
         ioctl(sock, req, &mut r)?;
     }
+    if let Some(mtu) = lease.mtu {
+        let mut r = ifreq(name)?;
+        r.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        ioctl(sock, libc::SIOCSIFMTU, &mut r)?;
+    }
     if let (true, Some(gw)) = (default_route, lease.router) {
         let dev = sys::cstring(name.as_bytes())?;
         // SAFETY: rtentry is plain data (and a null rt_dev); all-zero is valid.
