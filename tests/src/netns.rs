@@ -1,8 +1,9 @@
 //! Helpers for namespaced integration tests.
 //!
 //! Safety model: every link, address, route, nft rule and packet these tests create lives in
-//! network namespaces the test itself creates (`mvtest-<random>-<tag>`) and deletes on drop,
-//! even when the test fails. Code under test runs in a child process started with
+//! network namespaces the test itself creates (`mvtest-<pid>x<random>-<tag>`) and deletes on
+//! drop, even when the test fails; a test process killed before its drops ran (nextest's
+//! timeout) has its namespaces deleted by the next test process that makes one. Code under test runs in a child process started with
 //! `ip netns exec NS <this test binary> --exact <inner test>`; inner tests refuse to run
 //! unless `MVTEST_INNER=1` is set AND they are outside the initial network namespace.
 
@@ -15,7 +16,31 @@ pub const INNER_ENV: &str = "MVTEST_INNER";
 
 fn unique() -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("{:x}{:x}", std::process::id() % 0xffff, nanos % 0xfffff)
+    format!("{}x{:x}", std::process::id(), nanos % 0xfffff)
+}
+
+/// Once per process: deletes the `mvtest-<pid>x...` namespaces whose test process is gone
+/// (killed at a timeout, so its `Drop`s never ran), killing what still runs in them (a
+/// microvm). Only this helper's own names are touched: another live test's pid is alive.
+fn sweep_dead_tests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("mvtest-").and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok());
+            match pid {
+                Some(pid) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    let _ = Command::new("sh")
+                        .args(["-c", &format!("ip netns pids {name} | xargs -r kill -9; ip netns del {name}")])
+                        .status();
+                }
+                _ => {}
+            }
+        }
+    });
 }
 
 /// A network namespace deleted on drop.
@@ -25,6 +50,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
+        sweep_dead_tests();
         let name = format!("mvtest-{}-{tag}", unique());
         sh(&format!("ip netns add {name}"));
         let ns = Netns { name };
