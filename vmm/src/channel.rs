@@ -239,7 +239,8 @@ fn control_port(mode: Mode, stop: &Arc<EventFd>) -> Result<Option<PortConfig>, C
                     tracing::error!("command channel: cannot send the command: {e}");
                 }
                 if hold {
-                    wait_readable(&*stop);
+                    // Polled, not read: the pumps poll the same stop eventfd.
+                    crate::fdwait::readable(stop.as_raw_fd(), None);
                 }
                 // Then the pipe closes: the port reads as closed.
             })?;
@@ -250,14 +251,6 @@ fn control_port(mode: Mode, stop: &Arc<EventFd>) -> Result<Option<PortConfig>, C
             }))
         }
     }
-}
-
-/// Blocks until `fd` is readable (the channel's stop eventfd: polled, not read, as the
-/// pumps poll it too).
-fn wait_readable(fd: &impl AsRawFd) {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one live pollfd, its count passed with it; `fd` outlives the call.
-    while unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {}
 }
 
 /// Reads what the init says on the control port until READY, then raises `ready`.

@@ -14,6 +14,7 @@ pub mod debug;
 pub mod devices;
 pub mod disk;
 pub mod exit;
+pub mod fdwait;
 pub mod guestinit;
 pub mod kconfig;
 pub mod layout;

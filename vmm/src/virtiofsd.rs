@@ -320,16 +320,7 @@ impl Daemon {
         }
         // The pidfd turns readable the moment the child exits: the exit path waits for that
         // instead of polling.
-        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one live pollfd, its count passed with it; `self.pidfd` outlives the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted || left.is_zero() {
-                break;
-            }
-        }
+        crate::fdwait::readable(self.pidfd.as_raw_fd(), Some(deadline));
         self.child.try_wait()
     }
 }
