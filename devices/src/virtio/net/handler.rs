@@ -41,7 +41,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue::DeviceQueue;
 use crate::virtio::IrqTrigger;
 
-use rx::{PendingFrame, RxChain, RxIovecs};
+use rx::{PendingFrame, RxChain, RxExpect, RxIovecs};
 
 /// Frames read from the backend per RX event, at most.
 pub const RX_BUDGET: usize = 64;
@@ -147,6 +147,10 @@ pub struct NetHandler {
     rx_pending: Option<PendingFrame>,
     /// Validated RX chains popped from the queue but not used yet.
     rx_chains: VecDeque<RxChain>,
+    /// Used chains whose vectors the next popped chains reuse.
+    rx_spare: Vec<RxChain>,
+    /// How much of the held chains an RX read offers (see `rx.rs`, "The window").
+    rx_expect: RxExpect,
     /// Scratch list of the descriptors of the TX chain being sent.
     tx_descs: Vec<Descriptor>,
     stats: NetStats,
@@ -190,6 +194,8 @@ impl NetHandler {
             rx_zero_copy: true,
             rx_pending: None,
             rx_chains: VecDeque::new(),
+            rx_spare: Vec::new(),
+            rx_expect: RxExpect::default(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),
             stats: NetStats::default(),
             registration_error: None,

@@ -2,10 +2,11 @@
 //!
 //! # Zero copy
 //!
-//! Before each read, the handler holds enough validated RX chains to take the largest frame
-//! ([`MAX_FRAME_LEN`]) if the guest has posted that much: with `MRG_RXBUF` as many chains as
-//! that takes (a frame may span several, `num_buffers` in its header says how many), without
-//! it the next chain (each frame goes in one chain). One `readv` then scatters the frame:
+//! Before each read, the handler holds enough validated RX chains to take the frame it
+//! expects (the window, below) if the guest has posted that much: with `MRG_RXBUF` as many
+//! chains as that takes (a frame may span several, `num_buffers` in its header says how
+//! many), without it the next chain (each frame goes in one chain). One `readv` then
+//! scatters the frame:
 //!
 //! * the 12-byte vnet header into the handler's `rx_buf` (host memory), where it is checked
 //!   against the accepted offloads and `num_buffers` is filled in before it is written to the
@@ -13,6 +14,16 @@
 //! * the rest straight into the held chains' buffers, after the header's 12 bytes, in order;
 //! * whatever the held buffers do not cover, up to `MAX_FRAME_LEN`, into `rx_buf` (so a frame
 //!   is never truncated).
+//!
+//! # The window
+//!
+//! A TAP cannot tell the length of its next frame before it is read, so the guest buffers a
+//! read offers cover the longest frame seen lately ([`RxExpect`]), not always the largest
+//! possible one (64 KiB): offering 17 buffers of 4 KiB for every 1514-byte frame made the
+//! kernel allocate and walk a 19-entry iovec array per read (more than its 8 on-stack
+//! entries), which cost more than zero copy saved. A frame longer than the window lands
+//! partly in `rx_buf` and takes the copy path below, and the window grows to the largest
+//! frame at once; it shrinks to the longest frame of the last [`EXPECT_PERIOD`] frames.
 //!
 //! # The copy path, and when it is still used
 //!
@@ -44,6 +55,51 @@ use crate::virtio::net::{
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
 };
 use crate::virtio::pop_chain;
+
+/// The smallest window: a full-size Ethernet frame with a VLAN tag, and its vnet header.
+pub(super) const EXPECT_MIN: usize = VNET_HDR_LEN + 1518;
+/// Frames after which the window shrinks to the longest of them.
+const EXPECT_PERIOD: u32 = 256;
+
+/// The window of RX reads: how many bytes of guest buffers the next read offers.
+#[derive(Debug)]
+pub(super) struct RxExpect {
+    pub(super) bytes: usize,
+    period_max: usize,
+    period_frames: u32,
+}
+
+impl Default for RxExpect {
+    fn default() -> Self {
+        RxExpect {
+            bytes: EXPECT_MIN,
+            period_max: 0,
+            period_frames: 0,
+        }
+    }
+}
+
+impl RxExpect {
+    /// Notes a frame of `len` bytes (header included) just read.
+    fn note(&mut self, len: usize) {
+        self.period_max = self.period_max.max(len);
+        self.period_frames += 1;
+        if len > self.bytes {
+            // Offloaded (GSO) frames vary up to the largest: take the largest at once
+            // rather than copy each longer one on the way up.
+            self.bytes = MAX_FRAME_LEN;
+            self.period_frames = 1;
+            self.period_max = len;
+        } else if self.period_frames >= EXPECT_PERIOD {
+            self.bytes = self.period_max.max(EXPECT_MIN);
+            self.period_frames = 0;
+            self.period_max = 0;
+        }
+    }
+}
+
+/// Used chains kept for their vectors (a largest frame in 4 KiB buffers takes 17).
+const RX_SPARE_MAX: usize = 32;
 
 /// Most iovecs one `readv` takes (the kernel's `UIO_MAXIOV`); a window needing more is cut
 /// short, and what it does not cover lands in `rx_buf`.
@@ -225,6 +281,9 @@ impl NetHandler {
         // make two buffers overlap, which can only garble its own frame.
         let result = unsafe { backend.read_frame_into(&self.rx_iovs.0) };
         self.rx_iovs.0.clear();
+        if let Ok(n) = result {
+            self.rx_expect.note(n);
+        }
         match result {
             // EOF on a socket backend; never for a TAP.
             Ok(0) => Read::Stop,
@@ -276,13 +335,13 @@ impl NetHandler {
         }
     }
 
-    /// Pops chains until the window can take a largest frame, the queue has no more, or a
-    /// queue's worth was popped (a guest reposting invalid chains cannot keep us here).
+    /// Pops chains until the window can take the expected frame, the queue has no more, or
+    /// a queue's worth was popped (a guest reposting invalid chains cannot keep us here).
     fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
         let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
         for _ in 0..self.rx.queue.size() {
             let enough = if self.mrg_rxbuf {
-                have >= MAX_FRAME_LEN
+                have >= self.rx_expect.bytes
             } else {
                 !self.rx_chains.is_empty()
             };
@@ -302,11 +361,12 @@ impl NetHandler {
     }
 
     /// Fills `rx_iovs` for the next read: the header into `rx_buf`, the rest into the window's
-    /// buffers (after the first chain's first VNET_HDR_LEN bytes, which get the header later),
-    /// and what they do not cover into `rx_buf`. Returns the longest frame the guest buffers
-    /// take whole (0 if there are none).
+    /// buffers (after the first chain's first VNET_HDR_LEN bytes, which get the header later)
+    /// until they cover the expected frame, and what they do not cover into `rx_buf`. Returns
+    /// the longest frame the guest buffers take whole (0 if there are none).
     fn build_rx_iovs(&mut self) -> usize {
         let window = self.rx_window();
+        let expect = self.rx_expect.bytes.min(MAX_FRAME_LEN);
         let iovs = &mut self.rx_iovs.0;
         debug_assert!(iovs.is_empty() && self.rx_buf.len() >= MAX_FRAME_LEN);
         let buf = self.rx_buf.as_mut_ptr();
@@ -323,7 +383,7 @@ impl NetHandler {
                     continue;
                 }
                 // Keep one iovec for the rest of rx_buf.
-                if covered >= MAX_FRAME_LEN || iovs.len() + 1 >= MAX_RX_IOVS {
+                if covered >= expect || iovs.len() + 1 >= MAX_RX_IOVS {
                     break 'chains;
                 }
                 let len = (seg.len - skip).min(MAX_FRAME_LEN - covered);
@@ -450,6 +510,7 @@ impl NetHandler {
             {
                 stats.completed += 1;
             }
+            self.recycle_rx_chain(chain);
         }
         Delivery::Delivered
     }
@@ -511,6 +572,7 @@ impl NetHandler {
             {
                 stats.completed += 1;
             }
+            self.recycle_rx_chain(chain);
         }
         Delivery::Delivered
     }
@@ -526,7 +588,7 @@ impl NetHandler {
             }
         };
         let head = chain.head_index();
-        match parse_rx_chain(&self.mem, chain, avail_idx) {
+        match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
             Ok(c) => Pop::Chain(c),
             Err(e) => {
                 guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
@@ -536,6 +598,13 @@ impl NetHandler {
                 }
                 Pop::Invalid
             }
+        }
+    }
+
+    /// Keeps a used chain's vectors for the next chain popped (no allocation per frame).
+    fn recycle_rx_chain(&mut self, chain: RxChain) {
+        if self.rx_spare.len() < RX_SPARE_MAX {
+            self.rx_spare.push(chain);
         }
     }
 
@@ -563,15 +632,18 @@ fn chains_for<'a>(chains: impl Iterator<Item = &'a RxChain>, len: usize) -> Opti
 }
 
 /// Validates an RX chain: every descriptor device-writable and inside guest memory, room for
-/// at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer.
+/// at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer, in
+/// `spare`'s vectors if given (a used chain's).
 fn parse_rx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     avail_idx: u16,
+    spare: Option<RxChain>,
 ) -> Result<RxChain, ChainError> {
     let head = chain.head_index();
-    let mut bufs = Vec::new();
-    let mut host = Vec::new();
+    let (mut bufs, mut host) = spare.map_or_else(Default::default, |c| (c.bufs, c.host));
+    bufs.clear();
+    host.clear();
     let mut capacity = 0usize;
     // The iterator stops at queue-size descriptors (loops), on bad indexes and on a total
     // length overflowing u32: a last descriptor still flagged NEXT means the chain was cut.

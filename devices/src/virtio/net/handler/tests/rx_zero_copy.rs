@@ -2,6 +2,7 @@
 //! posted buffers do not take the frame.
 
 use super::*;
+use crate::virtio::net::handler::rx::EXPECT_MIN;
 use crate::virtio::net::MAX_FRAME_LEN;
 use crate::virtio::DataPlane;
 
@@ -114,22 +115,84 @@ fn rx_frame_bigger_than_the_posted_buffers_takes_the_copy_path() {
 #[test]
 fn rx_window_longer_than_iov_max_is_cut() {
     // 128 chains of 8 descriptors of 16 bytes: 1024 guest iovecs, more than one readv takes
-    // with the header's. The frame filling them all is finished through the copy buffer.
+    // with the header's. A first frame filling them all grows the window to the largest
+    // frame (it takes the copy path: the window began at a full-size Ethernet frame); the
+    // same frame again, into all 128 reposted chains, is read into a window cut at the
+    // iovec limit and finished through the copy buffer.
     let mem = mem();
     let mut s = Setup::new(&mem, 1024, default_features());
     let layout: Vec<Vec<(u64, u32)>> = (0..128u64)
         .map(|c| (0..8u64).map(|d| (BUF + c * 0x400 + d * 0x20, 16)).collect())
         .collect();
     let mut by_head = vec![Vec::new(); 1024];
+    let post = |s: &Setup| {
+        for (c, bufs) in layout.iter().enumerate() {
+            let descs: Vec<D> = bufs.iter().map(|&(a, l)| (a, l, true)).collect();
+            s.add_rx((c * 8) as u16, &descs);
+        }
+    };
     for (c, bufs) in layout.iter().enumerate() {
-        let descs: Vec<D> = bufs.iter().map(|&(a, l)| (a, l, true)).collect();
-        s.add_rx((c * 8) as u16, &descs);
         by_head[c * 8] = bufs.clone();
     }
     let f = frame(0, 0, 128 * 128 - VNET_HDR_LEN, 0x51);
-    s.host_send(&f);
-    assert_eq!(s.h.process_rx().completed, 128);
-    assert!(used_bytes(&s, 0, 128, &by_head) == with_num_buffers(&f, 128));
+    for round in 0..2u16 {
+        post(&s);
+        s.host_send(&f);
+        assert_eq!(s.h.process_rx().completed, 128, "round {round}");
+        assert!(used_bytes(&s, round * 128, 128, &by_head) == with_num_buffers(&f, 128));
+        assert_eq!(s.h.rx_expect.bytes, MAX_FRAME_LEN);
+    }
+}
+
+#[test]
+fn rx_window_follows_the_frames() {
+    // 1 KiB buffers, reposted as they are used. Small frames: the window covers a full-size
+    // Ethernet frame (2 chains held). A longer frame takes the copy path once and the window
+    // grows to the largest frame (65 chains held); it shrinks to the longest frame of the last
+    // EXPECT_PERIOD frames, then to the minimum. Every frame arrives whole.
+    let mem = mem();
+    let mut s = Setup::new(&mem, 256, default_features());
+    let layout: Vec<Vec<(u64, u32)>> =
+        (0..256u64).map(|i| vec![(BUF + i * 0x400, 1024)]).collect();
+    let mut posted = 0u16;
+    let mut used = 0u16;
+    let mut post = |s: &Setup, n: u16| {
+        for _ in 0..n {
+            let slot = posted % 256;
+            s.add_rx(slot, &[(BUF + u64::from(slot) * 0x400, 1024, true)]);
+            posted += 1;
+        }
+    };
+    post(&s, 200);
+    let mut deliver = |s: &mut Setup, f: &[u8], chains: u16| {
+        s.host_send(f);
+        assert_eq!(s.h.process_rx().completed, usize::from(chains));
+        assert_eq!(used_bytes(s, used, chains, &layout), with_num_buffers(f, chains));
+        used += chains;
+        used
+    };
+    let small = frame(0, 0, 100, 0x81);
+    let mut used_now = deliver(&mut s, &small, 1);
+    // Holding for the next read: two chains (2048 bytes >= 1530).
+    assert_eq!(s.h.process_rx().completed, 0);
+    assert_eq!(s.h.rx.queue.next_avail() - used_now, 2);
+    let big = frame(0, 0, 5000, 0x82);
+    used_now = deliver(&mut s, &big, 5);
+    assert_eq!(s.h.rx_expect.bytes, MAX_FRAME_LEN);
+    assert_eq!(s.h.process_rx().completed, 0);
+    assert_eq!(s.h.rx.queue.next_avail() - used_now, 65);
+    // The big frame and 255 more make a period: the window becomes the big frame's length.
+    for i in 0..255u16 {
+        assert_eq!(s.h.rx_expect.bytes, MAX_FRAME_LEN, "frame {i}");
+        post(&s, 1);
+        deliver(&mut s, &frame(0, 0, 200, i as u8), 1);
+    }
+    assert_eq!(s.h.rx_expect.bytes, big.len());
+    for i in 0..256u16 {
+        post(&s, 1);
+        deliver(&mut s, &frame(0, 0, 300, i as u8), 1);
+    }
+    assert_eq!(s.h.rx_expect.bytes, EXPECT_MIN);
 }
 
 #[test]
@@ -180,9 +243,9 @@ fn rx_snapshot_resumes_at_the_oldest_held_chain() {
     for i in 0..3u16 {
         s.add_rx(i, &[(BUF + u64::from(i) * 0x1000, 1024, true)]);
     }
-    // Nothing to read, but the chains are held for the next read.
+    // Nothing to read, but chains are held for the next read: two cover a full-size frame.
     assert_eq!(s.h.process_rx().completed, 0);
-    assert_eq!(s.h.rx.queue.next_avail(), 3);
+    assert_eq!(s.h.rx.queue.next_avail(), 2);
     assert_eq!(s.h.queue_positions()[0].next_avail, 0);
     s.host_send(&frame(0, 0, 100, 1));
     assert_eq!(s.h.process_rx().completed, 1);
