@@ -43,7 +43,7 @@
 use std::io;
 
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
@@ -337,27 +337,51 @@ impl NetHandler {
 
     /// Pops chains until the window can take the expected frame, the queue has no more, or
     /// a queue's worth was popped (a guest reposting invalid chains cannot keep us here).
+    /// One avail-ring iterator serves them all (one read of the avail index, not one per
+    /// chain); malformed chains are returned to the guest after it.
     fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
         let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
-        for _ in 0..self.rx.queue.size() {
-            let enough = if self.mrg_rxbuf {
-                have >= self.rx_expect.bytes
-            } else {
-                !self.rx_chains.is_empty()
-            };
-            if enough || self.rx_chains.len() >= usize::from(self.rx.queue.size()) {
-                return;
+        let size = usize::from(self.rx.queue.size());
+        let enough = |have: usize, held: usize, mrg: bool, want: usize| {
+            (if mrg { have >= want } else { held > 0 }) || held >= size
+        };
+        if enough(have, self.rx_chains.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
+            return;
+        }
+        let mut avail_idx = self.rx.queue.next_avail();
+        // A broken queue is reported by the delivery that needs it.
+        let Ok(mut chains) = self.rx.queue.iter(&self.mem) else {
+            return;
+        };
+        for _ in 0..size {
+            if enough(have, self.rx_chains.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
+                break;
             }
-            match self.pop_rx_chain(stats) {
-                Pop::Chain(c) => {
+            let Some(chain) = chains.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
+                Ok(c) => {
                     have += c.capacity;
                     self.rx_chains.push_back(c);
                 }
-                Pop::Invalid => {}
-                // A broken queue is reported by the delivery that needs it.
-                Pop::Empty | Pop::Broken => return,
+                Err(e) => {
+                    guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
+                    self.stats.rx_bad_chains += 1;
+                    self.rx_bad_heads.push(head);
+                }
+            }
+            avail_idx = avail_idx.wrapping_add(1);
+        }
+        let mut bad = std::mem::take(&mut self.rx_bad_heads);
+        for &head in &bad {
+            if self.rx.add_used(&self.mem, &self.log, head, 0) {
+                stats.completed += 1;
             }
         }
+        bad.clear();
+        self.rx_bad_heads = bad;
     }
 
     /// Fills `rx_iovs` for the next read: the header into `rx_buf`, the rest into the window's
@@ -656,16 +680,17 @@ fn parse_rx_chain(
         if d.len() == 0 {
             continue;
         }
-        let outside = ChainError::OutsideMemory {
+        // A buffer may straddle two memory regions: one piece per region. Without an error
+        // the pieces cover the whole buffer (vm-memory's guarantee): no separate range check.
+        let outside = |_| ChainError::OutsideMemory {
             addr: d.addr().0,
             len: d.len(),
         };
-        if !GuestMemory::check_range(mem, d.addr(), d.len() as usize, Permissions::Write) {
-            return Err(outside);
-        }
-        // A buffer may straddle two memory regions: one piece per region.
-        for slice in mem.get_slices(d.addr(), d.len() as usize, Permissions::Write)? {
-            let slice = slice?;
+        for slice in mem
+            .get_slices(d.addr(), d.len() as usize, Permissions::Write)
+            .map_err(outside)?
+        {
+            let slice = slice.map_err(outside)?;
             host.push(HostSeg {
                 addr: slice.ptr_guard_mut().as_ptr() as usize,
                 len: slice.len(),
