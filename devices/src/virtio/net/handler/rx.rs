@@ -390,7 +390,13 @@ impl NetHandler {
     /// the longest frame the guest buffers take whole (0 if there are none).
     fn build_rx_iovs(&mut self) -> usize {
         let window = self.rx_window();
-        let expect = self.rx_expect.bytes.min(MAX_FRAME_LEN);
+        // Without MRG_RXBUF a frame goes in one chain: offer all of it (its descriptors are
+        // the only iovecs there can be).
+        let expect = if self.mrg_rxbuf {
+            self.rx_expect.bytes.min(MAX_FRAME_LEN)
+        } else {
+            MAX_FRAME_LEN
+        };
         let iovs = &mut self.rx_iovs.0;
         debug_assert!(iovs.is_empty() && self.rx_buf.len() >= MAX_FRAME_LEN);
         let buf = self.rx_buf.as_mut_ptr();
