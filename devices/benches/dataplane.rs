@@ -19,6 +19,8 @@
 //!   copied).
 //! * `net --taps t --dir rx-tcp --peer-netns P --peer-tap p --impl ...`: RX of the 64 KiB
 //!   TSO frames a real TCP sender hands the TAP (see `dataplane/tcp.rs`).
+//! * `net --dir rx-mem --size S --impl handler|plain`: no TAP; the handler's backend copies
+//!   each frame from memory, plain is that copy alone (see `dataplane/mem.rs`).
 //! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain --secs S`: one
 //!   worker; the handler keeps a queue of requests in flight, plain does the same requests
 //!   one `pread`/`pwrite` at a time.
@@ -38,6 +40,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "dataplane/mem.rs"]
+mod mem;
 #[path = "dataplane/tcp.rs"]
 mod tcp;
 
@@ -79,7 +83,9 @@ fn main() {
     let secs: f64 = need("--secs").parse().unwrap_or_else(|_| die("bad --secs"));
     let size: usize = opt("--size").map_or(Ok(0), |s| s.parse()).unwrap_or_else(|_| die("bad --size"));
     let imp = need("--impl");
-    let results = if kind == "net" && opt("--dir").as_deref() == Some("rx-tcp") {
+    let results = if kind == "net" && opt("--dir").as_deref() == Some("rx-mem") {
+        vec![mem::rx_mem(size, &imp, secs)]
+    } else if kind == "net" && opt("--dir").as_deref() == Some("rx-tcp") {
         vec![tcp::rx_tcp(&need("--taps"), &need("--peer-netns"), &need("--peer-tap"), &imp, secs)]
     } else if kind == "net" {
         let taps: Vec<String> = need("--taps").split(',').map(str::to_string).collect();
@@ -481,6 +487,15 @@ impl RxPool {
         self.at = (self.at + n.next_multiple_of(RX_BUF)) % Self::RING;
         Some((frame, n))
     }
+
+    /// Copies `frame` into the next buffers: `read` without the kernel (see `mem.rs`).
+    fn copy_in(&mut self, frame: &[u8]) {
+        assert!(frame.len() <= MAX_FRAME_BUFS * RX_BUF);
+        // SAFETY: at < RING and the frame fits MAX_FRAME_BUFS buffers: inside the pool (see
+        // `new`), which nothing else borrows.
+        unsafe { std::ptr::copy_nonoverlapping(frame.as_ptr(), self.pool.as_mut_ptr().add(self.at), frame.len()) };
+        self.at = (self.at + frame.len().next_multiple_of(RX_BUF)) % Self::RING;
+    }
 }
 
 fn plain_rx(tap: Tap, stop: &AtomicBool, consumed: &AtomicU64) -> Outcome {
@@ -525,12 +540,16 @@ fn net_features() -> u64 {
 }
 
 fn net_handler(mem: &GuestMemoryMmap, rx: &Ring, tx: &Ring, tap: Tap) -> NetHandler {
+    net_handler_with(mem, rx, tx, Box::new(tap))
+}
+
+fn net_handler_with(mem: &GuestMemoryMmap, rx: &Ring, tx: &Ring, backend: Box<dyn NetBackend>) -> NetHandler {
     NetHandler::new(
         mem.clone(),
         [rx.queue(), tx.queue()],
         [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()],
         Arc::new(IrqTrigger::new().unwrap()),
-        Box::new(tap),
+        backend,
         net_features(),
         Arc::new(GuestLog::new("virtio-net")),
     )
