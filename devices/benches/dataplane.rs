@@ -205,6 +205,14 @@ impl<'a> Ring<'a> {
         self.mem.write_obj(idx.wrapping_add(1), idx_at).unwrap();
     }
 
+    /// Posts QSIZE one-buffer RX chains (chain i: RX buffer i).
+    fn post_rx_buffers(&self) {
+        for i in 0..QSIZE {
+            self.desc(i, rx_buf_addr(i), RX_BUF as u32, F_WRITE, 0);
+            self.publish(i);
+        }
+    }
+
     /// Republishes every newly used chain (after `f(head, used length)`); returns how many.
     fn recycle(&mut self, mut f: impl FnMut(u16, u32)) -> usize {
         let used_idx: u16 = self.mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
@@ -555,14 +563,30 @@ fn net_handler_with(mem: &GuestMemoryMmap, rx: &Ring, tx: &Ring, backend: Box<dy
     )
 }
 
+/// Guest memory of the RX cases (rings and QSIZE buffers of RX_BUF bytes).
+fn rx_guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap()
+}
+
+/// Guest address of RX buffer `head` (chain `head` is that one buffer).
+fn rx_buf_addr(head: u16) -> u64 {
+    BUFS + u64::from(head) * RX_BUF as u64
+}
+
+/// The outcome of an RX handler run; a dropped frame or bad chain fails the run.
+fn rx_outcome(h: &NetHandler, m: Meter) -> Outcome {
+    let s = h.stats();
+    if s.rx_dropped + s.rx_bad_chains > 0 {
+        die(&format!("RX dropped frames: {s:?}"));
+    }
+    m.finish(s.rx_frames, s.rx_bytes)
+}
+
 fn handler_rx(tap: Tap, zero_copy: bool, stop: &AtomicBool, consumed: &AtomicU64) -> Outcome {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+    let mem = rx_guest_memory();
     let mut rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
     let tx = Ring { mem: &mem, base: TX_RING, seen: 0 };
-    for i in 0..QSIZE {
-        rx.desc(i, BUFS + u64::from(i) * RX_BUF as u64, RX_BUF as u32, F_WRITE, 0);
-        rx.publish(i);
-    }
+    rx.post_rx_buffers();
     let fd = tap.as_raw_fd();
     let mut h = net_handler(&mem, &rx, &tx, tap);
     h.set_rx_zero_copy(zero_copy);
@@ -578,11 +602,7 @@ fn handler_rx(tap: Tap, zero_copy: bool, stop: &AtomicBool, consumed: &AtomicU64
             wait_readable(fd);
         }
     }
-    let s = h.stats();
-    if s.rx_dropped + s.rx_bad_chains > 0 {
-        die(&format!("RX dropped frames: {s:?}"));
-    }
-    m.finish(s.rx_frames, s.rx_bytes)
+    rx_outcome(&h, m)
 }
 
 fn handler_tx(tap: Tap, size: usize, src: [u8; 6], dst: [u8; 6], stop: &AtomicBool) -> Outcome {

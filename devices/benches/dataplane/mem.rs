@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::net::handler::RX_BUDGET;
 use devices::virtio::net::{NetBackend, VNET_HDR_LEN};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{make_frame, net_handler_with, Meter, Outcome, Ring, RxPool, BUFS, F_WRITE, QSIZE, RX_BUF, RX_RING, TX_RING};
+use super::{make_frame, net_handler_with, rx_guest_memory, rx_outcome, Meter, Outcome, Ring, RxPool, QSIZE, RX_BUF};
+use super::{RX_RING, TX_RING};
 
 /// A backend whose frames are copies of one frame in memory: `left` of them, then none.
 struct MemBackend {
@@ -77,13 +77,10 @@ pub(super) fn rx_mem(size: usize, imp: &str, secs: f64) -> Outcome {
         }
         return m.finish(ops, ops * (frame.len() - VNET_HDR_LEN) as u64);
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+    let mem = rx_guest_memory();
     let mut rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
     let tx = Ring { mem: &mem, base: TX_RING, seen: 0 };
-    for i in 0..QSIZE {
-        rx.desc(i, BUFS + u64::from(i) * RX_BUF as u64, RX_BUF as u32, F_WRITE, 0);
-        rx.publish(i);
-    }
+    rx.post_rx_buffers();
     let left = Arc::new(AtomicU64::new(0));
     let backend = MemBackend { frame, left: left.clone(), fd: EventFd::new(EFD_NONBLOCK).unwrap() };
     let mut h = net_handler_with(&mem, &rx, &tx, Box::new(backend));
@@ -95,9 +92,5 @@ pub(super) fn rx_mem(size: usize, imp: &str, secs: f64) -> Outcome {
         m.time(|| h.process_rx());
         rx.recycle(|_, _| {});
     }
-    let s = h.stats();
-    if s.rx_dropped + s.rx_bad_chains > 0 {
-        super::die(&format!("RX dropped frames: {s:?}"));
-    }
-    m.finish(s.rx_frames, s.rx_bytes)
+    rx_outcome(&h, m)
 }

@@ -21,10 +21,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::{tun_offload_flags, NetBackend, MAX_FRAME_LEN, VNET_HDR_LEN};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{check, die, open_tap, wait_readable, Meter, Outcome, RxPool, Tap, MAX_FRAME_BUFS};
-use super::{net_features, net_handler, Ring, BUFS, F_WRITE, QSIZE, RX_BUF, RX_RING, TX_RING};
+use super::{net_features, net_handler, rx_buf_addr, rx_guest_memory, rx_outcome, Ring, QSIZE, RX_RING, TX_RING};
 
 const PEER: &str = "10.77.0.2:5001";
 /// Frames the plain loop reads before it forwards them (the handler reads what its 256
@@ -180,14 +180,10 @@ fn plain(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Outcome {
 }
 
 fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+    let mem = rx_guest_memory();
     let mut rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
     let txr = Ring { mem: &mem, base: TX_RING, seen: 0 };
-    let buf_of = |head: u16| BUFS + u64::from(head) * RX_BUF as u64;
-    for i in 0..QSIZE {
-        rx.desc(i, buf_of(i), RX_BUF as u32, F_WRITE, 0);
-        rx.publish(i);
-    }
+    rx.post_rx_buffers();
     let fd = tap.as_raw_fd();
     let mut h = net_handler(&mem, &rx, &txr, tap);
     h.set_rx_zero_copy(zero_copy);
@@ -202,14 +198,14 @@ fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome
         rx.recycle(|head, len| used.push((head, len)));
         let mut k = 0;
         while k < used.len() {
-            let first = buf_of(used[k].0);
+            let first = rx_buf_addr(used[k].0);
             let mut nb = [0u8; 2];
             // SAFETY: the header's num_buffers field is inside the chain's buffer.
             unsafe { std::ptr::copy_nonoverlapping(host(first + 10), nb.as_mut_ptr(), 2) };
             let n = usize::from(u16::from_le_bytes(nb)).clamp(1, used.len() - k);
             iovs.clear();
             for &(head, len) in &used[k..k + n] {
-                iovs.push(libc::iovec { iov_base: host(buf_of(head)).cast(), iov_len: len as usize });
+                iovs.push(libc::iovec { iov_base: host(rx_buf_addr(head)).cast(), iov_len: len as usize });
             }
             forward(peer, &iovs);
             k += n;
@@ -219,9 +215,5 @@ fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome
             wait_readable(fd);
         }
     }
-    let s = h.stats();
-    if s.rx_dropped + s.rx_bad_chains > 0 {
-        die(&format!("RX dropped frames: {s:?}"));
-    }
-    m.finish(s.rx_frames, s.rx_bytes)
+    rx_outcome(&h, m)
 }

@@ -533,14 +533,7 @@ impl NetHandler {
             };
             let written = chain.capacity.min(left);
             left -= written;
-            // written <= capacity <= u32::MAX (checked by the chain iterator).
-            if self
-                .rx
-                .add_used(&self.mem, &self.log, chain.head, written as u32)
-            {
-                stats.completed += 1;
-            }
-            self.recycle_rx_chain(chain);
+            self.complete_rx_chain(chain, written, stats);
         }
         Delivery::Delivered
     }
@@ -595,14 +588,7 @@ impl NetHandler {
             };
             let written = write_chain(&self.mem, &chain, &self.rx_buf[off..len]);
             off += written;
-            // written <= capacity <= u32::MAX (checked by the chain iterator).
-            if self
-                .rx
-                .add_used(&self.mem, &self.log, chain.head, written as u32)
-            {
-                stats.completed += 1;
-            }
-            self.recycle_rx_chain(chain);
+            self.complete_rx_chain(chain, written, stats);
         }
         Delivery::Delivered
     }
@@ -631,8 +617,16 @@ impl NetHandler {
         }
     }
 
-    /// Keeps a used chain's vectors for the next chain popped (no allocation per frame).
-    fn recycle_rx_chain(&mut self, chain: RxChain) {
+    /// Returns a filled chain to the guest (`written` bytes) and keeps its vectors for the
+    /// next chain popped (no allocation per frame).
+    fn complete_rx_chain(&mut self, chain: RxChain, written: usize, stats: &mut ProcessStats) {
+        // written <= capacity <= u32::MAX (checked by the chain iterator).
+        if self
+            .rx
+            .add_used(&self.mem, &self.log, chain.head, written as u32)
+        {
+            stats.completed += 1;
+        }
         if self.rx_spare.len() < RX_SPARE_MAX {
             self.rx_spare.push(chain);
         }
