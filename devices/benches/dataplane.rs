@@ -482,11 +482,12 @@ impl RxPool {
     fn read(&mut self, fd: RawFd, bufs: usize) -> Option<(*const u8, usize)> {
         debug_assert!(bufs <= MAX_FRAME_BUFS);
         let base = self.pool.as_mut_ptr();
-        let iovs: [libc::iovec; MAX_FRAME_BUFS] = std::array::from_fn(|i| libc::iovec {
+        let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_FRAME_BUFS];
+        for (i, iov) in iovs.iter_mut().take(bufs).enumerate() {
             // at < RING and i < MAX_FRAME_BUFS: inside the pool (see `new`).
-            iov_base: base.wrapping_add(self.at + i * RX_BUF).cast(),
-            iov_len: RX_BUF,
-        });
+            iov.iov_base = base.wrapping_add(self.at + i * RX_BUF).cast();
+            iov.iov_len = RX_BUF;
+        }
         // SAFETY: the first `bufs` iovecs point into the pool, alive and unborrowed during
         // the call.
         let n = unsafe { libc::readv(fd, iovs.as_ptr(), bufs as i32) };

@@ -149,8 +149,6 @@ pub struct NetHandler {
     rx_chains: VecDeque<RxChain>,
     /// Used chains whose vectors the next popped chains reuse.
     rx_spare: Vec<RxChain>,
-    /// Malformed RX chains popped while holding, returned to the guest after.
-    rx_bad_heads: Vec<u16>,
     /// How much of the held chains an RX read offers (see `rx.rs`, "The window").
     rx_expect: RxExpect,
     /// Scratch list of the descriptors of the TX chain being sent.
@@ -197,7 +195,6 @@ impl NetHandler {
             rx_pending: None,
             rx_chains: VecDeque::new(),
             rx_spare: Vec::new(),
-            rx_bad_heads: Vec::new(),
             rx_expect: RxExpect::default(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),
             stats: NetStats::default(),

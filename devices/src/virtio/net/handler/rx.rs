@@ -349,6 +349,9 @@ impl NetHandler {
             return;
         }
         let mut avail_idx = self.rx.queue.next_avail();
+        // Malformed chains met on the way (only a hostile guest posts them: no allocation
+        // otherwise), returned once the iterator is done with the queue.
+        let mut bad: Vec<u16> = Vec::new();
         // A broken queue is reported by the delivery that needs it.
         let Ok(mut chains) = self.rx.queue.iter(&self.mem) else {
             return;
@@ -369,19 +372,16 @@ impl NetHandler {
                 Err(e) => {
                     guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
                     self.stats.rx_bad_chains += 1;
-                    self.rx_bad_heads.push(head);
+                    bad.push(head);
                 }
             }
             avail_idx = avail_idx.wrapping_add(1);
         }
-        let mut bad = std::mem::take(&mut self.rx_bad_heads);
-        for &head in &bad {
+        for head in bad {
             if self.rx.add_used(&self.mem, &self.log, head, 0) {
                 stats.completed += 1;
             }
         }
-        bad.clear();
-        self.rx_bad_heads = bad;
     }
 
     /// Fills `rx_iovs` for the next read: the header into `rx_buf`, the rest into the window's
