@@ -14,8 +14,9 @@ use crate::NetError;
 
 /// A guest NIC's host side. End it with [`Attachment::release`], which tears down in order
 /// and reports errors: the DHCP server stops answering for its MAC, the TAP is closed and
-/// deleted (unless it was an existing `tap=NAME`), and the process leaves the named network,
-/// which goes away with its last user. Dropping an attachment that was not released does
+/// deleted (unless it was an existing `tap=NAME`, or it goes into the pool of a named network
+/// that stays, see `network::pool`), and the process leaves the named network, which goes
+/// away with its last user (and its pooled TAPs with it). Dropping an attachment that was not released does
 /// the same as a fallback, logging errors instead.
 #[derive(Debug)]
 pub struct Attachment {
@@ -55,6 +56,15 @@ impl HostSide {
         };
         if let Some(d) = dhcp {
             keep(d.release().map_err(NetError::from));
+        }
+        let (mut tap_cleanup, mut membership) = (tap_cleanup, membership);
+        // On a network that stays, the TAP is kept in its pool for the next VM: then
+        // closing it is all that is left (no deletion, no RCU barrier to wait for).
+        if let (Some(t), Some(m)) = (tap_cleanup.as_mut(), membership.as_mut()) {
+            if m.leave_pooling(&tap, t) {
+                drop(tap);
+                return first.map_or(Ok(()), Err);
+            }
         }
         drop(tap);
         match (tap_cleanup, membership) {

@@ -200,6 +200,29 @@ impl StateRoot {
         write_atomic(&dir.join("users"), &text)
     }
 
+    /// The TAPs kept for reuse by a network's next VMs (see `network::pool`), oldest
+    /// first. Lines that are not one of our generated TAP names are dropped with a warning.
+    pub fn read_pool(&self, name: &str) -> Result<Vec<String>, StateError> {
+        let path = self.net_dir(name).join("pool");
+        let text = read_opt(&path)?.unwrap_or_default();
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if crate::tap::pid_from_tap_name(line).is_some() && crate::spec::check_ifname("tap", line).is_ok() {
+                out.push(line.to_string());
+            } else {
+                tracing::warn!(path = %path.display(), line, "ignoring corrupt pool line");
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn write_pool(&self, name: &str, taps: &[String]) -> Result<(), StateError> {
+        let dir = self.net_dir(name);
+        fs::create_dir_all(&dir).map_err(io_err("create state directory", &dir))?;
+        let text: String = taps.iter().map(|t| format!("{t}\n")).collect();
+        write_atomic(&dir.join("pool"), &text)
+    }
+
     /// Removes a network's state directory (gone already is fine).
     pub fn remove_network(&self, name: &str) -> Result<(), StateError> {
         let dir = self.net_dir(name);

@@ -43,6 +43,13 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot {} persistence of TAP device {name}", if *on { "set" } else { "clear" })]
+    Persist {
+        name: String,
+        on: bool,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set offload flags {flags:#x} on TAP device {name}")]
     Offload {
         name: String,
@@ -71,8 +78,9 @@ impl TapError {
     }
 }
 
-/// An open TAP device. Closing it deletes a TAP we created (it is never made persistent),
-/// so a crashed process leaves no TAP behind.
+/// An open TAP device. Closing it deletes a TAP we created: it is persistent only while it
+/// sits unused in a network's pool (see `network::pool`), so a crashed process leaves no
+/// TAP behind.
 pub struct Tap {
     dev: tun::Device,
     name: String,
@@ -112,6 +120,35 @@ impl Tap {
         let tap = Tap { dev, name: name.to_string(), created: false };
         tap.set_vnet_hdr_size()?;
         Ok(tap)
+    }
+
+    /// Attaches to a pooled TAP of ours (persistent, down, on its network's bridge): the
+    /// flags match [`Tap::create`]'s, the vnet header size is set again, and the offloads a
+    /// previous guest negotiated are cleared (its successor has negotiated none yet). The TAP
+    /// stays persistent and down: the caller replaces its guard, then makes it
+    /// non-persistent and brings it up.
+    pub(crate) fn attach_pooled(name: &str) -> Result<Tap, TapError> {
+        let dev = open_dev(name, false).map_err(|source| TapError::Open {
+            name: name.to_string(),
+            source,
+        })?;
+        let tap = Tap { dev, name: name.to_string(), created: true };
+        tap.set_vnet_hdr_size()?;
+        set_offload(tap.fd(), 0).map_err(|source| TapError::Offload { name: name.to_string(), flags: 0, source })?;
+        Ok(tap)
+    }
+
+    /// TUNSETPERSIST: a persistent TAP outlives its last fd (closing it is then cheap: no
+    /// unregistration, whose RCU barrier costs ~20 ms); a non-persistent one is deleted
+    /// with it.
+    pub(crate) fn set_persist(&self, on: bool) -> Result<(), TapError> {
+        // SAFETY: TUNSETPERSIST takes its flag by value (as the ioctl argument) and touches
+        // no memory of ours; the fd is a TUN/TAP fd owned by `self.dev`.
+        let rc = unsafe { libc::ioctl(self.fd(), libc::TUNSETPERSIST, libc::c_ulong::from(on)) };
+        if rc < 0 {
+            return Err(TapError::Persist { name: self.name.clone(), on, source: io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

@@ -634,13 +634,22 @@ fn inner_join_leave_without_nft() {
         let tap = a.tap_name().to_string();
         a.release().map(|()| tap)
     });
-    std::env::set_var("PATH", path);
+    std::env::set_var("PATH", &path);
     let tap = joined_and_left.unwrap();
-    assert!(!link_exists(&tap), "TAP left behind");
+    // Pooled for the next VM (tests/pool.rs), its guard sealed: no MAC or address left.
     let table = sh("nft list table bridge microvm");
-    assert!(!table.contains(&format!("\"{tap}\"")), "guard left behind\n{table}");
+    assert!(link_exists(&tap) && !table.contains(&format!("\"{tap}\" . ")), "guard left behind\n{table}");
     assert!(table.contains(&format!("\"{}\" : jump check_lease", first.tap_name())), "{table}");
+    // Taking the pooled TAP, and pooling it again, runs no nft either.
+    std::env::set_var("PATH", "/nonexistent");
+    let again = net::attach(&"host-only:nn".parse().unwrap(), "vm-c", 0).and_then(|a| {
+        let tap = a.tap_name().to_string();
+        a.release().map(|()| tap)
+    });
+    std::env::set_var("PATH", &path);
+    assert_eq!(again.unwrap(), tap);
     first.release().unwrap();
+    assert!(!link_exists(&tap), "pooled TAP left behind");
     assert!(!link_exists("mvbr-nn") && !nft_table_exists() && !state_dir_of("nn").exists());
 }
 
@@ -666,7 +675,10 @@ fn inner_release_tears_down_in_order() {
     assert_eq!(users.lines().count(), 2, "{users}");
 
     a.release().unwrap();
-    assert!(!link_exists(&tap_a), "TAP left behind");
+    // The network stays: a's TAP waits, down, in its pool (tests/pool.rs).
+    let pool = std::fs::read_to_string(state_dir_of("sp").join("pool")).unwrap();
+    assert_eq!(pool.trim(), tap_a, "a's TAP is pooled");
+    assert!(!sh(&format!("ip -o link show dev {tap_a}")).contains(",UP"), "a pooled TAP is down");
     assert!(link_exists(&tap_b) && link_exists("mvbr-sp") && net::dhcp_server_running("sp"));
     let users = std::fs::read_to_string(state_dir_of("sp").join("users")).unwrap();
     assert_eq!(users.lines().count(), 1, "the released NIC's entry must go: {users}");
@@ -674,7 +686,7 @@ fn inner_release_tears_down_in_order() {
     // The last user leaves: everything goes, DHCP thread included.
     b.release().unwrap();
     assert!(!net::dhcp_server_running("sp"));
-    assert!(!link_exists(&tap_b) && !link_exists("mvbr-sp"), "network left behind");
+    assert!(!link_exists(&tap_b) && !link_exists(&tap_a) && !link_exists("mvbr-sp"), "network left behind");
     assert!(!state_dir_of("sp").exists() && !nft_table_exists());
 
     // Other modes release too; an existing tap=NAME is left alone.

@@ -276,6 +276,13 @@ impl Rtnl {
             .map_err(op("bring up", name))
     }
 
+    /// Sets link `index` down.
+    pub fn set_down(&self, index: u32, name: &str) -> Result<(), BridgeError> {
+        let msg = LinkUnspec::new_with_index(index).down().build();
+        self.run(self.handle.link().change(msg).execute())
+            .map_err(op("bring down", name))
+    }
+
     /// Makes link `index` a port of bridge `master`.
     pub fn set_master(&self, index: u32, name: &str, master: u32) -> Result<(), BridgeError> {
         let msg = LinkUnspec::new_with_index(index).controller(master).build();

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::{bridge_name, overlay};
+use super::{bridge_name, overlay, pool};
 use crate::bridge::Rtnl;
 use crate::nft::{self, guard};
 use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX, VXLAN_PREFIX};
@@ -94,13 +94,23 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
             first.get_or_insert(e);
         }
     };
-    // Every network, not only those whose record names an overlay: a crash between
-    // creating the port and writing the record must not leave the port behind.
-    keep(overlay::remove_port(rtnl, name));
-    keep(match rtnl.link(&bridge) {
-        Ok(Some(l)) if l.is_bridge() => rtnl.delete_link(l.index, &bridge).map_err(NetError::from),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.into()),
+    // The pooled TAPs go on threads of their own meanwhile: each deletion waits for the
+    // kernel's RCU barrier, and so does the bridge's.
+    std::thread::scope(|s| {
+        let pooled = std::thread::Builder::new().name("net-pool".into()).spawn_scoped(s, || pool::delete_all(root, name));
+        // Every network, not only those whose record names an overlay: a crash between
+        // creating the port and writing the record must not leave the port behind.
+        keep(overlay::remove_port(rtnl, name));
+        keep(match rtnl.link(&bridge) {
+            Ok(Some(l)) if l.is_bridge() => rtnl.delete_link(l.index, &bridge).map_err(NetError::from),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
+        });
+        keep(match pooled {
+            Ok(job) => job.join().unwrap_or(Err(NetError::ReleasePanicked)),
+            // No thread: delete them here.
+            Err(_) => pool::delete_all(root, name),
+        });
     });
     nft::remove_network(name, &bridge);
     keep(root.remove_network(name).map_err(NetError::from));
@@ -143,6 +153,8 @@ pub fn cleanup_stale() -> Result<(), NetError> {
             }
         }
         owned_taps.extend(live.into_iter().map(|u| u.tap));
+        // A live network's pooled TAPs are its own (gone with it otherwise).
+        owned_taps.extend(root.read_pool(&name).unwrap_or_default());
     }
     let names = root.networks()?;
     let networks: HashSet<String> = names.iter().map(|n| bridge_name(n)).collect();

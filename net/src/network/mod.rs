@@ -5,6 +5,7 @@
 mod cleanup;
 pub(crate) mod overlay;
 mod pick;
+mod pool;
 mod probe;
 
 use std::io;
@@ -183,6 +184,8 @@ pub(crate) fn check_existing_tap(rtnl: &Rtnl, name: &str) -> Result<(), NetError
 pub(crate) struct TapCleanup {
     rtnl: Arc<Rtnl>,
     name: String,
+    /// A name of ours (`mvtap-...`), not one the user gave: such a TAP may be pooled.
+    generated: bool,
     tracked: Option<Tracked>,
 }
 
@@ -201,6 +204,11 @@ impl TapCleanup {
             Ok(own) => self.delete(&own),
             Err(_) => self.release(),
         }
+    }
+
+    /// The TAP was pooled: it is no longer this process's to delete.
+    fn keep(&mut self) {
+        self.tracked = None;
     }
 
     fn delete(&mut self, rtnl: &Rtnl) -> Result<(), NetError> {
@@ -255,7 +263,7 @@ pub(crate) fn create_tap(
     let tracked = emergency::track_tap(&name);
     let tap = Tap::create(&name)?;
     // From here the cleanup (also on error) deletes the TAP and then its guard.
-    let cleanup = TapCleanup { rtnl: rtnl.clone(), name, tracked: Some(tracked) };
+    let cleanup = TapCleanup { rtnl: rtnl.clone(), name, generated: explicit.is_none(), tracked: Some(tracked) };
     guard::add(&guard::Guard { tap: cleanup.name.clone(), mac, ip })?;
     Ok((tap, cleanup))
 }
@@ -276,6 +284,43 @@ pub(crate) struct Membership {
 impl Membership {
     pub fn release(mut self) -> Result<(), NetError> {
         self.leave()
+    }
+
+    /// Leaves the network, putting `tap` in its pool (see [`pool`]) rather than deleting it,
+    /// if the network stays (another live user), the TAP's name is ours and the pool has
+    /// room. True if so: the membership has ended and `cleanup` is disarmed, and closing
+    /// `tap` is then cheap. False (logged if by an error) leaves both as they were, for
+    /// [`Membership::release`] and [`TapCleanup`] to end as usual.
+    pub fn leave_pooling(&mut self, tap: &Tap, cleanup: &mut TapCleanup) -> bool {
+        if self.tracked.is_none() || cleanup.tracked.is_none() || !cleanup.generated || cleanup.name != tap.name() {
+            return false;
+        }
+        let res = (|| -> Result<bool, NetError> {
+            let _lock = self.root.lock()?;
+            if self.root.read_record(&self.name)?.is_none() {
+                return Ok(false);
+            }
+            let mut users = self.root.read_users(&self.name)?;
+            if !users.iter().any(|u| !u.same_nic(&self.entry) && u.alive()) {
+                return Ok(false);
+            }
+            // Out of the users first: should pooling fail, the usual leave finds it done.
+            users.retain(|u| !u.same_nic(&self.entry));
+            self.root.write_users(&self.name, &users)?;
+            pool::put(&self.root, &self.rtnl, &self.name, tap)
+        })();
+        match res {
+            Ok(true) => {
+                cleanup.keep();
+                self.tracked = None;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(network = %self.name, tap = tap.name(), error = %e, "cannot pool the TAP; deleting it");
+                false
+            }
+        }
     }
 
     fn leave(&mut self) -> Result<(), NetError> {
@@ -423,7 +468,15 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
     drop(prober);
-    let (tap, tap_cleanup) = create_tap(rtnl, req.tap, req.mac, Some(ip))?;
+    // A pooled TAP if there is one (it is on the bridge already), else a new one.
+    let pooled = match req.tap {
+        None => pool::take(&root, rtnl, req.name, req.mac, ip)?,
+        Some(_) => None,
+    };
+    let (tap, tap_cleanup) = match pooled {
+        Some(t) => t,
+        None => create_tap(rtnl, req.tap, req.mac, Some(ip))?,
+    };
     rtnl.set_master(tap.index(), tap.name(), br.index)?;
     let dhcp = dhcp::register(&dhcp_net, req.mac)?;
     let (pid, start) = state::self_identity();

@@ -115,8 +115,14 @@ pub(crate) fn ensure_layout() -> Result<(), NftError> {
 
 /// Queues the deletion of every element (and old-style chain) of `tap`'s guard.
 fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> std::io::Result<()> {
+    queue_removal_from(nl, batch, tap, &[MAP, MAC_SET, IP_SET])
+}
+
+/// Queues the deletion of `tap`'s elements in `sets` (and of an old-style chain its map
+/// element jumps to).
+fn queue_removal_from(nl: &mut Nfnl, batch: &mut Batch, tap: &str, sets: &[&str]) -> std::io::Result<()> {
     let mut old_chains = Vec::new();
-    for set in [MAP, MAC_SET, IP_SET] {
+    for &set in sets {
         for e in nl.elements(Family::Bridge, TABLE, set)? {
             if e.key.leading_ifname() == Some(tap) {
                 batch.delete_element(set, &e);
@@ -163,6 +169,21 @@ pub(crate) fn remove(tap: &str) -> Result<(), NftError> {
     netlink::with(|nl| {
         let mut batch = Batch::new(Family::Bridge, TABLE);
         queue_removal(nl, &mut batch, tap)?;
+        batch.commit(nl)
+    })
+    .map_err(nl_err(&action))
+}
+
+/// Seals the guard of a TAP put in its network's pool: its MAC and address elements go and
+/// its map element stays, so frames from it are still checked, and none passes (no MAC is
+/// allowed for it). A pooled TAP is down and nobody holds its fd, so nothing is sent
+/// anyway; sealed, a leaked fd could not send as the guest that left either. [`add`]
+/// replaces the sealed guard when the TAP is reused. One transaction.
+pub(crate) fn seal(tap: &str) -> Result<(), NftError> {
+    let action = format!("seal the anti-spoofing rules of {tap}");
+    netlink::with(|nl| {
+        let mut batch = Batch::new(Family::Bridge, TABLE);
+        queue_removal_from(nl, &mut batch, tap, &[MAC_SET, IP_SET])?;
         batch.commit(nl)
     })
     .map_err(nl_err(&action))
