@@ -229,6 +229,17 @@ fn inner_anti_spoofing() {
     let counters = sh("nft list table bridge microvm");
     println!("{counters}");
 
+    // A sealed TAP (one waiting in its network's pool, see tests/pool.rs) passes nothing,
+    // genuine frames included.
+    sh(&format!("nft add element bridge microvm guard_sealed '{{ \"{tap}\" }}'"));
+    sh("ip neigh flush dev mvbr-s1");
+    for _ in 0..3 {
+        write_frame(fd, &arp_request(mac, mac, lease));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(neigh(lease), "", "a sealed TAP's frame passed");
+    sh(&format!("nft delete element bridge microvm guard_sealed '{{ \"{tap}\" }}'"));
+
     // Cost: TAP -> bridge frames/s with the guard, then without it (same frames).
     let frame = udp_broadcast(mac, lease);
     let n = 100_000;
@@ -278,11 +289,14 @@ fn inner_stale_guard_cleanup() {
     // MAC and address of "reused0" must not be allowed for the new guest on it.
     sh("nft add element bridge microvm guard_mac '{ \"reused0\" . 52:54:00:66:66:66 }'");
     sh("nft add element bridge microvm guard_ip '{ \"reused0\" . 10.99.0.9 }'");
+    sh("nft add element bridge microvm guard_sealed '{ \"reused0\" }'");
     let att = net::attach(&"host-only:hs,tap=reused0".parse().unwrap(), "vm-r", 0).unwrap();
     let table = sh("nft list table bridge microvm");
     assert!(!table.contains("52:54:00:66:66:66") && !table.contains("10.99.0.9"), "stale elements inherited\n{table}");
     assert!(table.contains(&format!("\"reused0\" . {}", net::MacAddr(att.mac()))), "{table}");
     assert!(table.contains("\"reused0\" : jump check_lease"), "{table}");
+    let sealed = table.split("set guard_sealed {").nth(1).and_then(|r| r.split('}').next()).unwrap_or("");
+    assert!(!sealed.contains("reused0"), "a stale seal would cut the new guest off\n{table}");
     att.release().unwrap();
     assert!(!sh("nft list table bridge microvm").contains("reused0"), "guard left behind");
     net::teardown_all().unwrap();

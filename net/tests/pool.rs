@@ -60,10 +60,16 @@ fn tso_on(dev: &str) -> bool {
     value.data != 0
 }
 
-/// The guard's elements for `tap` in `table bridge microvm`: (in the map, MAC elements).
-fn guard_of(tap: &str) -> (bool, usize) {
+/// The guard of `tap` in `table bridge microvm`: (in the map, its MAC and lease elements,
+/// sealed).
+fn guard_of(tap: &str) -> (bool, usize, bool) {
     let table = sh("nft list table bridge microvm");
-    (table.contains(&format!("\"{tap}\" : jump check_lease")), table.matches(&format!("\"{tap}\" . ")).count())
+    let sealed_set = table.split("set guard_sealed {").nth(1).and_then(|r| r.split('}').next()).unwrap_or("");
+    (
+        table.contains(&format!("\"{tap}\" : jump check_lease")),
+        table.matches(&format!("\"{tap}\" . ")).count(),
+        sealed_set.contains(&format!("\"{tap}\"")),
+    )
 }
 
 #[test]
@@ -103,11 +109,11 @@ fn inner_pool() {
     net::set_tap_offload(b.tap_fd(), net::TUN_F_CSUM | net::TUN_F_TSO4).unwrap();
     assert!(tso_on(&tap_b));
     assert_eq!(tap_state(&tap_b), (true, false, "mvbr-pl".to_string()));
-    assert_eq!(guard_of(&tap_b), (true, 2), "b's MAC and lease");
+    assert_eq!(guard_of(&tap_b), (true, 2, false), "b's MAC and lease");
     b.release().unwrap();
     assert_eq!(pool_of("pl"), vec![tap_b.clone()]);
     assert_eq!(tap_state(&tap_b), (false, true, "mvbr-pl".to_string()), "pooled: down, persistent, on the bridge");
-    assert_eq!(guard_of(&tap_b), (true, 0), "sealed: still checked, nothing allowed");
+    assert_eq!(guard_of(&tap_b), (true, 2, true), "sealed: still checked, nothing passes");
 
     // Another process joins: it takes the pooled TAP, up with its own guard, non-persistent,
     // and without the offloads b's guest had negotiated.
@@ -126,7 +132,7 @@ fn inner_pool() {
     assert!(!tso_on(tap_c), "a stale offload would hand the new guest frames it cannot take");
     let table = sh("nft list table bridge microvm");
     assert!(table.contains(&format!("\"{tap_c}\" . {mac_c}")), "c's guard\n{table}");
-    assert_eq!(guard_of(tap_c), (true, 2));
+    assert_eq!(guard_of(tap_c), (true, 2, false), "c's guard alone, unsealed");
 
     // A crash of the VM holding a reused TAP still deletes it with its fd.
     child.0.kill().unwrap();
@@ -145,14 +151,14 @@ fn inner_pool() {
 
     // Stale cleanup (every microvm start runs it) keeps a live network's pooled TAPs.
     net::cleanup_stale().unwrap();
-    assert!(pool.iter().all(|t| link_exists(t) && guard_of(t) == (true, 0)));
+    assert!(pool.iter().all(|t| link_exists(t) && guard_of(t) == (true, 2, true)));
 
     // The last user leaves: its own TAP and every pooled one go, guards included.
     let tap_a = a.tap_name().to_string();
     a.release().unwrap();
     for t in pool.iter().chain([&tap_a]) {
         assert!(!link_exists(t), "{t} left behind");
-        assert_eq!(guard_of(t), (false, 0), "{t}'s guard left behind");
+        assert_eq!(guard_of(t), (false, 0, false), "{t}'s guard left behind");
     }
     assert!(!link_exists("mvbr-pl") && !state_dir_of("pl").exists());
 }

@@ -6,13 +6,13 @@
 //! prerouting (bridge filter hook prerouting):  iifname vmap @guard_tap
 //!     guard_tap { TAP : jump check_lease }     TAPs on named networks (MAC and lease)
 //!     guard_tap { TAP : jump check_mac }       bridge=BR TAPs (MAC only)
-//! check_mac:   iifname . ether saddr != @guard_mac drop
+//! check_mac:   iifname @guard_sealed drop; iifname . ether saddr != @guard_mac drop
 //! check_lease: the same, then: ether type not ip/arp/ip6 drop;
 //!              iifname . arp saddr ether != @guard_mac drop;
 //!              ARP sender IP not 0.0.0.0 and iifname . arp saddr ip != @guard_ip drop;
 //!              ip saddr 0.0.0.0 udp 68 -> 67 accept (DHCP before a lease);
 //!              iifname . ip saddr != @guard_ip drop
-//! guard_mac { TAP . MAC }, guard_ip { TAP . lease }
+//! guard_mac { TAP . MAC }, guard_ip { TAP . lease }, guard_sealed { TAP }  (pooled TAPs)
 //! ```
 //! The bridge family sees every frame a guest sends into the bridge (to other guests and to
 //! the host alike), keyed by the port it came in on, which the `ip` table cannot tell apart
@@ -46,6 +46,8 @@ use crate::spec::MacAddr;
 const MAP: &str = "guard_tap";
 const MAC_SET: &str = "guard_mac";
 const IP_SET: &str = "guard_ip";
+/// TAPs waiting in a network's pool (see `network::pool`): nothing from them passes.
+const SEALED_SET: &str = "guard_sealed";
 const CHECK_MAC: &str = "check_mac";
 const CHECK_LEASE: &str = "check_lease";
 /// Chain-name prefix of the per-TAP guard chains of older versions.
@@ -77,11 +79,13 @@ pub(crate) fn checks_script() -> String {
     let t = TABLE;
     let mut s = format!(
         "add set bridge {t} {MAC_SET} {{ type ifname . ether_addr; }}\n\
-         add set bridge {t} {IP_SET} {{ type ifname . ipv4_addr; }}\n"
+         add set bridge {t} {IP_SET} {{ type ifname . ipv4_addr; }}\n\
+         add set bridge {t} {SEALED_SET} {{ type ifname; }}\n"
     );
     let mac_rule = |c: &str| format!("add rule bridge {t} {c} iifname . ether saddr != @{MAC_SET} drop comment \"spoofed mac\"\n");
     for c in [CHECK_MAC, CHECK_LEASE] {
         s += &format!("add chain bridge {t} {c}\nflush chain bridge {t} {c}\n");
+        s += &format!("add rule bridge {t} {c} iifname @{SEALED_SET} drop comment \"pooled tap\"\n");
         s += &mac_rule(c);
     }
     let c = CHECK_LEASE;
@@ -100,7 +104,8 @@ pub(crate) fn checks_script() -> String {
 pub(crate) fn ensure_layout() -> Result<(), NftError> {
     let action = "check the microvm bridge table";
     let script = netlink::with(|nl| {
-        if nl.set_exists(Family::Bridge, TABLE, IP_SET)? {
+        // The newest part of the layout: a table that has it has all of it.
+        if nl.set_exists(Family::Bridge, TABLE, SEALED_SET)? {
             return Ok(None);
         }
         let base = if nl.table_exists(Family::Bridge, TABLE)? { String::new() } else { base_script() };
@@ -115,7 +120,7 @@ pub(crate) fn ensure_layout() -> Result<(), NftError> {
 
 /// Queues the deletion of every element (and old-style chain) of `tap`'s guard.
 fn queue_removal(nl: &mut Nfnl, batch: &mut Batch, tap: &str) -> std::io::Result<()> {
-    queue_removal_from(nl, batch, tap, &[MAP, MAC_SET, IP_SET])
+    queue_removal_from(nl, batch, tap, &[MAP, MAC_SET, IP_SET, SEALED_SET])
 }
 
 /// Queues the deletion of `tap`'s elements in `sets` (and of an old-style chain its map
@@ -174,16 +179,21 @@ pub(crate) fn remove(tap: &str) -> Result<(), NftError> {
     .map_err(nl_err(&action))
 }
 
-/// Seals the guard of a TAP put in its network's pool: its MAC and address elements go and
-/// its map element stays, so frames from it are still checked, and none passes (no MAC is
-/// allowed for it). A pooled TAP is down and nobody holds its fd, so nothing is sent
-/// anyway; sealed, a leaked fd could not send as the guest that left either. [`add`]
-/// replaces the sealed guard when the TAP is reused. One transaction.
+/// Seals the guard of a TAP put in its network's pool: the TAP goes into `guard_sealed`,
+/// whose rule comes first in both check chains, so nothing from it passes whatever MAC and
+/// address elements it still has (they go when the TAP is reused, by [`add`], or deleted).
+/// A pooled TAP is down and nobody holds its fd, so nothing is sent anyway: this holds
+/// even if it were brought up, or an fd of it had leaked.
+///
+/// Only an element is added, on purpose: a transaction that deletes elements leaves the
+/// kernel work to free them after an RCU grace period, and closing this process's
+/// nf_tables socket (at its exit, moments after leaving) would wait for that work, 15-20 ms
+/// here. One transaction.
 pub(crate) fn seal(tap: &str) -> Result<(), NftError> {
     let action = format!("seal the anti-spoofing rules of {tap}");
     netlink::with(|nl| {
         let mut batch = Batch::new(Family::Bridge, TABLE);
-        queue_removal_from(nl, &mut batch, tap, &[MAC_SET, IP_SET])?;
+        batch.add_element(SEALED_SET, &Element::new(Key::default().ifname(tap)));
         batch.commit(nl)
     })
     .map_err(nl_err(&action))
@@ -192,7 +202,7 @@ pub(crate) fn seal(tap: &str) -> Result<(), NftError> {
 /// TAP names that have a guard.
 pub(crate) fn guarded_taps() -> Result<Vec<String>, NftError> {
     let lists = netlink::with(|nl| {
-        [MAP, MAC_SET, IP_SET].iter().map(|set| nl.elements(Family::Bridge, TABLE, set)).collect::<Result<Vec<_>, _>>()
+        [MAP, MAC_SET, IP_SET, SEALED_SET].iter().map(|set| nl.elements(Family::Bridge, TABLE, set)).collect::<Result<Vec<_>, _>>()
     })
     .map_err(nl_err("list the anti-spoofing rules"))?;
     let mut taps: Vec<String> = Vec::new();
@@ -220,13 +230,14 @@ mod tests {
         let s = checks_script();
         let r: Vec<&str> = s.lines().filter(|l| l.starts_with("add rule bridge microvm check_lease")).collect();
         let c = "add rule bridge microvm check_lease";
-        assert_eq!(r[0], format!("{c} iifname . ether saddr != @guard_mac drop comment \"spoofed mac\""));
-        assert!(r[1].starts_with(&format!("{c} ether type != {{ ip, arp, ip6 }} drop")));
-        assert!(r[2].starts_with(&format!("{c} iifname . arp saddr ether != @guard_mac drop")));
-        assert!(r[3].starts_with(&format!("{c} arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @guard_ip drop")));
-        assert!(r[4].starts_with(&format!("{c} ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")));
-        assert!(r[5].starts_with(&format!("{c} iifname . ip saddr != @guard_ip drop")));
-        assert_eq!(r.len(), 6);
+        assert_eq!(r[0], format!("{c} iifname @guard_sealed drop comment \"pooled tap\""));
+        assert_eq!(r[1], format!("{c} iifname . ether saddr != @guard_mac drop comment \"spoofed mac\""));
+        assert!(r[2].starts_with(&format!("{c} ether type != {{ ip, arp, ip6 }} drop")));
+        assert!(r[3].starts_with(&format!("{c} iifname . arp saddr ether != @guard_mac drop")));
+        assert!(r[4].starts_with(&format!("{c} arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @guard_ip drop")));
+        assert!(r[5].starts_with(&format!("{c} ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept")));
+        assert!(r[6].starts_with(&format!("{c} iifname . ip saddr != @guard_ip drop")));
+        assert_eq!(r.len(), 7);
         assert!(s.lines().all(|l| l.contains(" bridge microvm ")), "only our table:\n{s}");
     }
 
@@ -234,7 +245,13 @@ mod tests {
     fn bridge_mode_checks_only_the_mac() {
         let s = checks_script();
         let r: Vec<&str> = s.lines().filter(|l| l.starts_with("add rule bridge microvm check_mac")).collect();
-        assert_eq!(r, vec!["add rule bridge microvm check_mac iifname . ether saddr != @guard_mac drop comment \"spoofed mac\""]);
+        assert_eq!(
+            r,
+            vec![
+                "add rule bridge microvm check_mac iifname @guard_sealed drop comment \"pooled tap\"",
+                "add rule bridge microvm check_mac iifname . ether saddr != @guard_mac drop comment \"spoofed mac\""
+            ]
+        );
     }
 
     #[test]
