@@ -67,6 +67,7 @@ impl HostSide {
             }
         }
         drop(tap);
+        tracing::debug!("TAP closed");
         match (tap_cleanup, membership) {
             (Some(t), Some(m)) => std::thread::scope(|s| {
                 // Should no thread start, the closure is dropped unrun and the TapCleanup

@@ -3,6 +3,7 @@
 //! VXLAN devices, bridge FDB entries and port VLANs are in [`overlay`].
 
 mod overlay;
+pub(crate) mod watch;
 
 pub(crate) use overlay::VxlanParams;
 

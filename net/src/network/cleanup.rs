@@ -1,9 +1,12 @@
 //! Teardown of named networks and cleanup after crashed microvm processes.
 
 use std::collections::HashSet;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 
 use super::{bridge_name, overlay, pool};
-use crate::bridge::Rtnl;
+use crate::bridge::watch::LinkWatch;
+use crate::bridge::{Link, Rtnl};
 use crate::nft::{self, guard};
 use crate::spec::{BRIDGE_PREFIX, TAP_PREFIX, VXLAN_PREFIX};
 use crate::state::{StateRoot, UserEntry};
@@ -81,10 +84,17 @@ pub(crate) fn leave_network(
     Ok(())
 }
 
-/// Removes network `name`: VXLAN port, bridge, nft rules, state directory, and the nft table if no
-/// network remains. ip_forward is left as is. Every step is tried; the first failure is
-/// returned (nft rule removal is best effort and logs its own problems). Caller holds the
-/// state lock.
+/// Removes network `name`: VXLAN port, bridge, pooled TAPs, nft rules, state directory, and
+/// the nft table if no network remains. ip_forward is left as is. Every step is tried; the
+/// first failure is returned (nft rule removal is best effort and logs its own problems).
+/// Caller holds the state lock.
+///
+/// Deleting a link waits for the kernel's RCU barrier (20-50 ms here), and so does the
+/// process's exit after an nf_tables transaction that deleted something (its socket's
+/// release waits for the kernel to free what was deleted, after a grace period). So the
+/// waits overlap: pooled TAPs go on threads of their own, and the firewall rules go on
+/// another as soon as the bridge is unregistered (`LinkWatch`), while its deletion still
+/// waits, never before: no frame from the network meets a firewall without its rules.
 pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Result<(), NetError> {
     let bridge = bridge_name(name);
     let mut first: Option<NetError> = None;
@@ -94,17 +104,48 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
             first.get_or_insert(e);
         }
     };
-    // The pooled TAPs go on threads of their own meanwhile: each deletion waits for the
-    // kernel's RCU barrier, and so does the bridge's.
+    let bridge_link = match rtnl.link(&bridge) {
+        Ok(l) => l.filter(Link::is_bridge),
+        Err(e) => {
+            keep(Err(e.into()));
+            None
+        }
+    };
     std::thread::scope(|s| {
         let pooled = std::thread::Builder::new().name("net-pool".into()).spawn_scoped(s, || pool::delete_all(root, name));
+        // Closed once the bridge's deletion has returned (or failed): the rules thread then
+        // goes on, whatever the notifications said.
+        let (done, returned) = UnixStream::pair().map_or((None, None), |(a, b)| (Some(a), Some(b)));
+        let rules = returned.and_then(|returned| {
+            let watch = bridge_link.as_ref().and_then(|_| LinkWatch::open().ok());
+            let index = bridge_link.as_ref().map(|l| l.index);
+            let bridge = &bridge;
+            std::thread::Builder::new()
+                .name("net-rules".into())
+                .spawn_scoped(s, move || {
+                    if let (Some(w), Some(i)) = (watch, index) {
+                        w.wait_deleted(i, &returned);
+                    } else {
+                        wait_closed(&returned);
+                    }
+                    let res = remove_rules(root, name, bridge);
+                    tracing::debug!(network = name, "firewall rules removed");
+                    res
+                })
+                .ok()
+        });
         // Every network, not only those whose record names an overlay: a crash between
         // creating the port and writing the record must not leave the port behind.
         keep(overlay::remove_port(rtnl, name));
-        keep(match rtnl.link(&bridge) {
-            Ok(Some(l)) if l.is_bridge() => rtnl.delete_link(l.index, &bridge).map_err(NetError::from),
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.into()),
+        if let Some(l) = &bridge_link {
+            keep(rtnl.delete_link(l.index, &bridge).map_err(NetError::from));
+            tracing::debug!(network = name, %bridge, "bridge deleted");
+        }
+        drop(done);
+        keep(match rules {
+            Some(job) => job.join().unwrap_or(Err(NetError::ReleasePanicked)),
+            // No thread: here, after the bridge.
+            None => remove_rules(root, name, &bridge),
         });
         keep(match pooled {
             Ok(job) => job.join().unwrap_or(Err(NetError::ReleasePanicked)),
@@ -112,13 +153,7 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
             Err(_) => pool::delete_all(root, name),
         });
     });
-    nft::remove_network(name, &bridge);
     keep(root.remove_network(name).map_err(NetError::from));
-    keep(match root.networks() {
-        Ok(left) if left.is_empty() => nft::delete_table().map_err(NetError::from),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.into()),
-    });
     match first {
         None => {
             tracing::info!(network = name, "network torn down");
@@ -126,6 +161,29 @@ pub(crate) fn teardown_network(root: &StateRoot, rtnl: &Rtnl, name: &str) -> Res
         }
         Some(e) => Err(e),
     }
+}
+
+/// The nft side of [`teardown_network`]: the network's rules, or the whole table if no
+/// other network remains (one transaction either way). Caller holds the state lock, so the
+/// set of networks cannot change meanwhile.
+fn remove_rules(root: &StateRoot, name: &str, bridge: &str) -> Result<(), NetError> {
+    let others = root.networks().map(|all| all.iter().any(|n| n != name));
+    match others {
+        Ok(false) => nft::delete_table().map_err(NetError::from),
+        Ok(true) => {
+            nft::remove_network(name, bridge);
+            Ok(())
+        }
+        Err(e) => {
+            nft::remove_network(name, bridge);
+            Err(e.into())
+        }
+    }
+}
+
+/// Blocks until the other end of `sock` is closed (or anything arrives on it).
+fn wait_closed(sock: &UnixStream) {
+    let _ = (&*sock).read(&mut [0u8; 1]);
 }
 
 /// Startup cleanup for this network namespace: for every named network, forget users

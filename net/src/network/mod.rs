@@ -216,6 +216,7 @@ impl TapCleanup {
             return Ok(());
         };
         let res = delete_created_tap(rtnl, &self.name);
+        tracing::debug!(tap = %self.name, "TAP and its guard deleted");
         drop(tracked);
         res
     }
