@@ -4,7 +4,9 @@
 //! Text format, one lease per line: `MAC IP EXPIRES_UNIX_SECS`.
 //! A MAC keeps its address for as long as the network exists (stable addresses across VM
 //! restarts); an expired lease is only reclaimed for another MAC when the .2-.254 pool is
-//! otherwise full. A new MAC gets the lowest free address, or on an overlay network the
+//! otherwise full. When nothing has expired either, a VM joining the network takes the
+//! least recently renewed lease of a MAC no live VM on the network holds: VMs that come and
+//! go with fresh MACs (a CI system's) would otherwise fill the pool within one lease time. A new MAC gets the lowest free address, or on an overlay network the
 //! first free of its own candidates (see [`super::derive`]), checked by a probe first.
 
 use std::fs::OpenOptions;
@@ -64,9 +66,11 @@ impl LeaseTable {
     }
 
     /// The MAC's address, renewed until `now + lease_secs`; a new one if it has none:
-    /// the lowest free pool address, else the address of the longest-expired lease.
-    /// `None` when every address is leased and unexpired.
-    pub fn allocate(&mut self, mac: MacAddr, subnet: Subnet, now: u64, lease_secs: u64) -> Option<Ipv4Addr> {
+    /// the lowest free pool address, else the address of the longest-expired lease, else
+    /// (with `live`, the MACs of the network's live VMs) that of the least recently renewed
+    /// lease of a MAC not in `live`. `None` when every address is leased, unexpired and
+    /// (with `live`) held by a live VM.
+    pub fn allocate(&mut self, mac: MacAddr, subnet: Subnet, now: u64, lease_secs: u64, live: Option<&[MacAddr]>) -> Option<Ipv4Addr> {
         let expires = now.saturating_add(lease_secs);
         if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
             l.expires = expires;
@@ -79,7 +83,7 @@ impl LeaseTable {
             self.leases.push(Lease { mac, ip, expires });
             return Some(ip);
         }
-        self.reclaim(mac, now, expires)
+        self.reclaim(mac, now, expires, live)
     }
 
     /// Like [`LeaseTable::allocate`] for overlay networks: a new MAC gets the first of its
@@ -91,6 +95,7 @@ impl LeaseTable {
         subnet: Subnet,
         now: u64,
         lease_secs: u64,
+        live: Option<&[MacAddr]>,
         mut in_use: impl FnMut(Ipv4Addr) -> bool,
     ) -> Option<Ipv4Addr> {
         let expires = now.saturating_add(lease_secs);
@@ -106,16 +111,21 @@ impl LeaseTable {
             self.leases.push(Lease { mac, ip, expires });
             return Some(ip);
         }
-        self.reclaim(mac, now, expires)
+        self.reclaim(mac, now, expires, live)
     }
 
-    /// The address of the longest-expired lease, now `mac`'s.
-    fn reclaim(&mut self, mac: MacAddr, now: u64, expires: u64) -> Option<Ipv4Addr> {
-        let oldest = self
-            .leases
-            .iter_mut()
-            .filter(|l| l.expires <= now)
-            .min_by_key(|l| l.expires)?;
+    /// The address of the longest-expired lease, else (with `live`) of the least recently
+    /// renewed lease of a MAC not in `live`: now `mac`'s.
+    fn reclaim(&mut self, mac: MacAddr, now: u64, expires: u64, live: Option<&[MacAddr]>) -> Option<Ipv4Addr> {
+        let any_expired = self.leases.iter().any(|l| l.expires <= now);
+        let takable = |l: &Lease| {
+            if any_expired {
+                l.expires <= now
+            } else {
+                live.is_some_and(|live| !live.contains(&l.mac))
+            }
+        };
+        let oldest = self.leases.iter_mut().filter(|l| takable(l)).min_by_key(|l| l.expires)?;
         oldest.mac = mac;
         oldest.expires = expires;
         Some(oldest.ip)
@@ -150,20 +160,27 @@ impl LeaseFile {
         &self.path
     }
 
-    /// Allocates (or renews) the MAC's lease under the file lock.
+    /// Allocates (or renews) the MAC's lease under the file lock (reclaiming only expired
+    /// leases: the DHCP server does not know who else is on the network).
     pub fn allocate(&self, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
-        self.allocate_checked(mac, |_| false)
+        self.allocate_checked(mac, None, |_| false)
     }
 
     /// Like [`LeaseFile::allocate`]; on an overlay network a new address is first offered
     /// to `in_use` (which probes the overlay, under the file lock, so two processes on this
     /// host never probe for one address at once).
-    pub fn allocate_checked(&self, mac: MacAddr, in_use: impl FnMut(Ipv4Addr) -> bool) -> io::Result<Option<Ipv4Addr>> {
+    /// `live`: see [`LeaseTable::allocate`].
+    pub fn allocate_checked(
+        &self,
+        mac: MacAddr,
+        live: Option<&[MacAddr]>,
+        in_use: impl FnMut(Ipv4Addr) -> bool,
+    ) -> io::Result<Option<Ipv4Addr>> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if self.derived {
-            self.update(|t| t.allocate_derived(mac, self.subnet, now, self.lease_secs, in_use))
+            self.update(|t| t.allocate_derived(mac, self.subnet, now, self.lease_secs, live, in_use))
         } else {
-            self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs))
+            self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs, live))
         }
     }
 
@@ -209,11 +226,11 @@ mod tests {
     #[test]
     fn stable_and_unique() {
         let mut t = LeaseTable::default();
-        let a = t.allocate(mac(1), subnet(), 100, 3600).unwrap();
-        let b = t.allocate(mac(2), subnet(), 100, 3600).unwrap();
+        let a = t.allocate(mac(1), subnet(), 100, 3600, None).unwrap();
+        let b = t.allocate(mac(2), subnet(), 100, 3600, None).unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 200, 0, 2));
         assert_eq!(b, Ipv4Addr::new(10, 200, 0, 3));
-        assert_eq!(t.allocate(mac(1), subnet(), 5000, 3600), Some(a), "same MAC, same IP");
+        assert_eq!(t.allocate(mac(1), subnet(), 5000, 3600, None), Some(a), "same MAC, same IP");
         assert_eq!(t.leases[0].expires, 8600, "renewed");
         let reparsed = LeaseTable::parse(&t.render(), subnet());
         assert_eq!(reparsed, t);
@@ -223,19 +240,44 @@ mod tests {
     fn pool_exhaustion_and_reclaim() {
         let mut t = LeaseTable::default();
         for n in 0..253 {
-            assert!(t.allocate(mac(n), subnet(), 100, 10).is_some());
+            assert!(t.allocate(mac(n), subnet(), 100, 10, None).is_some());
         }
         let ips: std::collections::HashSet<_> = t.leases.iter().map(|l| l.ip).collect();
         assert_eq!(ips.len(), 253);
         assert!(ips.iter().all(|ip| (2..=254).contains(&ip.octets()[3])));
         // Full and nothing expired yet.
-        assert_eq!(t.allocate(mac(999), subnet(), 105, 10), None);
+        assert_eq!(t.allocate(mac(999), subnet(), 105, 10, None), None);
         // After expiry the oldest lease is reused.
         t.leases[17].expires = 50;
-        let ip = t.allocate(mac(999), subnet(), 200, 10).unwrap();
+        let ip = t.allocate(mac(999), subnet(), 200, 10, None).unwrap();
         assert_eq!(ip, t.leases[17].ip);
         assert_eq!(t.get(mac(17)), None);
         assert_eq!(t.get(mac(999)), Some(ip));
+    }
+
+    #[test]
+    fn a_joining_vm_reclaims_the_lease_of_a_mac_no_live_vm_holds() {
+        let mut t = LeaseTable::default();
+        for n in 0..253 {
+            // Renewed at different times: mac(n)'s lease expires at 1000 + n.
+            assert!(t.allocate(mac(n), subnet(), 100 + u64::from(n), 900, None).is_some());
+        }
+        let live: Vec<MacAddr> = (0..253).filter(|n| n % 2 == 0).map(mac).collect();
+        // Nothing expired: the DHCP server (no view of the users) still finds the pool full...
+        assert_eq!(t.allocate(mac(999), subnet(), 500, 900, None), None);
+        // ...and so does a join while every MAC is live.
+        let all: Vec<MacAddr> = (0..253).map(mac).collect();
+        assert_eq!(t.allocate(mac(999), subnet(), 500, 900, Some(&all)), None);
+        // A join takes the least recently renewed lease of a MAC gone from the network.
+        let ip = t.allocate(mac(999), subnet(), 500, 900, Some(&live)).unwrap();
+        assert_eq!(t.get(mac(1)), None, "mac(1): the oldest idle lease");
+        assert_eq!(t.get(mac(999)), Some(ip));
+        assert!(live.iter().all(|m| t.get(*m).is_some()), "a live VM's lease is never taken");
+        // An expired lease still goes first, idle or not.
+        t.leases.iter_mut().find(|l| l.mac == mac(200)).unwrap().expires = 10;
+        let ip2 = t.allocate(mac(1000), subnet(), 500, 900, Some(&live)).unwrap();
+        assert_eq!(t.get(mac(200)), None);
+        assert_eq!(t.get(mac(1000)), Some(ip2));
     }
 
     #[test]
@@ -259,24 +301,24 @@ mod tests {
         let first: Vec<Ipv4Addr> = super::super::derive::candidates(mac(1)).take(3).map(|n| subnet().host(n)).collect();
         // Alone: the first candidate, whatever the lease order.
         let mut t = LeaseTable::default();
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, |_| false), Some(first[0]));
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 200, 10, |_| panic!("a lease needs no probe")), Some(first[0]));
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, None, |_| false), Some(first[0]));
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 200, 10, None, |_| panic!("a lease needs no probe")), Some(first[0]));
         // Leased here by another MAC: the next candidate, no probe for the leased one.
         let mut t = LeaseTable::default();
         t.leases.push(Lease { mac: mac(9), ip: first[0], expires: 1 });
         let mut probed = Vec::new();
-        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, |ip| {
+        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, None, |ip| {
             probed.push(ip);
             false
         });
         assert_eq!((ip, probed), (Some(first[1]), vec![first[1]]));
         // Answered for on the overlay: skipped.
         let mut t = LeaseTable::default();
-        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, |ip| ip == first[0] || ip == first[1]);
+        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, None, |ip| ip == first[0] || ip == first[1]);
         assert_eq!(ip, Some(first[2]));
         // Everything taken: nothing (no lease expired to reclaim).
         let mut t = LeaseTable::default();
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, |_| true), None);
+        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, None, |_| true), None);
     }
 
     #[test]

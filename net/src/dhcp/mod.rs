@@ -218,10 +218,16 @@ fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
 }
 
 /// The address the network's DHCP server hands `mac` (allocated, or renewed, now in the
-/// shared lease file); `None` when the pool is full. On an overlay network a new address is
-/// one `in_use` (a probe of the other hosts) does not report taken.
-pub(crate) fn lease_for(net: &DhcpNetwork, mac: MacAddr, in_use: impl FnMut(Ipv4Addr) -> bool) -> io::Result<Option<Ipv4Addr>> {
-    net.lease_file().allocate_checked(mac, in_use)
+/// shared lease file); `None` when the pool is full of leases of `live` MACs (the network's
+/// live VMs) and unexpired ones. On an overlay network a new address is one `in_use` (a
+/// probe of the other hosts) does not report taken.
+pub(crate) fn lease_for(
+    net: &DhcpNetwork,
+    mac: MacAddr,
+    live: &[MacAddr],
+    in_use: impl FnMut(Ipv4Addr) -> bool,
+) -> io::Result<Option<Ipv4Addr>> {
+    net.lease_file().allocate_checked(mac, Some(live), in_use)
 }
 
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
@@ -300,7 +306,7 @@ pub fn fuzz_packet(buf: &[u8]) {
     let subnet = Subnet::from_octets(10, 200, 7);
     let params = ServerParams { subnet, dns: vec![Ipv4Addr::new(10, 200, 7, 1)], lease_secs: LEASE_SECS, mtu: Some(1450) };
     let mut table = lease::LeaseTable::default();
-    let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, subnet, 1, u64::from(LEASE_SECS)))
+    let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, subnet, 1, u64::from(LEASE_SECS), None))
     else {
         return;
     };

@@ -465,7 +465,8 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
     };
     // The guest's address, allocated now so the anti-spoofing guard can name it; the DHCP
     // server hands out the same one (a MAC keeps its lease, see dhcp::lease).
-    let ip = dhcp::lease_for(&dhcp_net, req.mac, in_use)
+    let live_macs: Vec<MacAddr> = live.iter().filter_map(|u| u.mac).collect();
+    let ip = dhcp::lease_for(&dhcp_net, req.mac, &live_macs, in_use)
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
     drop(prober);
