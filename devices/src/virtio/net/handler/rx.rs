@@ -43,8 +43,9 @@
 use std::io;
 
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
 use crate::guest_warn;
@@ -55,6 +56,7 @@ use crate::virtio::net::{
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
 };
 use crate::virtio::pop_chain;
+use crate::virtio::queue::SplitRing;
 
 /// The smallest window: a full-size Ethernet frame with a VLAN tag, and its vnet header.
 pub(super) const EXPECT_MIN: usize = VNET_HDR_LEN + 1518;
@@ -337,20 +339,84 @@ impl NetHandler {
 
     /// Pops chains until the window can take the expected frame, the queue has no more, or
     /// a queue's worth was popped (a guest reposting invalid chains cannot keep us here).
-    /// One avail-ring iterator serves them all (one read of the avail index, not one per
-    /// chain); malformed chains are returned to the guest after it.
+    /// The avail index is read once for them all, and the rings are read in place
+    /// ([`SplitRing`]); malformed chains are returned to the guest after the others.
     fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
+        let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
+        let size = self.rx.queue.size();
+        let mrg = self.mrg_rxbuf;
+        let want = self.rx_expect.bytes;
+        let enough = |have: usize, held: usize| {
+            (if mrg { have >= want } else { held > 0 }) || held >= usize::from(size)
+        };
+        if enough(have, self.rx_chains.len()) {
+            return;
+        }
+        let mem = &self.mem;
+        let Ok(ring) = SplitRing::new(&self.rx.queue, mem) else {
+            return self.hold_rx_chains_slow(stats);
+        };
+        let start = self.rx.queue.next_avail();
+        // A broken queue (avail index unreadable, or more than a queue's worth ahead, as
+        // virtio-queue checks) is reported by the delivery that needs it.
+        let Ok(avail) = ring.avail_idx() else {
+            return;
+        };
+        if avail.wrapping_sub(start) > size {
+            return;
+        }
+        // Malformed chains met on the way (only a hostile guest posts them: no allocation
+        // otherwise).
+        let mut bad: Vec<u16> = Vec::new();
+        let mut pos = start;
+        while pos != avail && !enough(have, self.rx_chains.len()) {
+            let Ok(head) = ring.avail_head(pos) else {
+                break;
+            };
+            let mut descs = ring.chain(head);
+            let mut parsed = parse_rx_chain(mem, &mut descs, head, pos, self.rx_spare.pop());
+            let mut head = head;
+            if descs.indirect() {
+                // Not offered, but virtio-queue follows indirect tables: let it.
+                self.rx.queue.set_next_avail(pos);
+                match pop_chain(&mut self.rx.queue, mem) {
+                    Ok(Some(chain)) => {
+                        head = chain.head_index();
+                        parsed = parse_rx_chain(mem, chain, head, pos, None);
+                    }
+                    _ => break,
+                }
+            }
+            match parsed {
+                Ok(c) => {
+                    have += c.capacity;
+                    self.rx_chains.push_back(c);
+                }
+                Err(e) => {
+                    guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
+                    self.stats.rx_bad_chains += 1;
+                    bad.push(head);
+                }
+            }
+            pos = pos.wrapping_add(1);
+        }
+        self.rx.queue.set_next_avail(pos);
+        for head in bad {
+            if self.rx.add_used(&self.mem, &self.log, head, 0) {
+                stats.completed += 1;
+            }
+        }
+    }
+
+    /// [`Self::hold_rx_chains`] for rings that are not each inside one memory region:
+    /// through virtio-queue, one avail-ring iterator for them all.
+    fn hold_rx_chains_slow(&mut self, stats: &mut ProcessStats) {
         let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
         let size = usize::from(self.rx.queue.size());
         let enough = |have: usize, held: usize, mrg: bool, want: usize| {
             (if mrg { have >= want } else { held > 0 }) || held >= size
         };
-        if enough(have, self.rx_chains.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
-            return;
-        }
         let mut avail_idx = self.rx.queue.next_avail();
-        // Malformed chains met on the way (only a hostile guest posts them: no allocation
-        // otherwise), returned once the iterator is done with the queue.
         let mut bad: Vec<u16> = Vec::new();
         // A broken queue is reported by the delivery that needs it.
         let Ok(mut chains) = self.rx.queue.iter(&self.mem) else {
@@ -364,7 +430,7 @@ impl NetHandler {
                 break;
             };
             let head = chain.head_index();
-            match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
+            match parse_rx_chain(&self.mem, chain, head, avail_idx, self.rx_spare.pop()) {
                 Ok(c) => {
                     have += c.capacity;
                     self.rx_chains.push_back(c);
@@ -527,14 +593,11 @@ impl NetHandler {
             }
         }
         let mut left = len;
-        for _ in 0..count {
-            let Some(chain) = self.rx_chains.pop_front() else {
-                break;
-            };
+        self.complete_rx_chains(count, stats, |_, _, chain| {
             let written = chain.capacity.min(left);
             left -= written;
-            self.complete_rx_chain(chain, written, stats);
-        }
+            written
+        });
         Delivery::Delivered
     }
 
@@ -582,14 +645,11 @@ impl NetHandler {
         };
         self.set_num_buffers(count);
         let mut off = 0usize;
-        for _ in 0..count {
-            let Some(chain) = self.rx_chains.pop_front() else {
-                break;
-            };
-            let written = write_chain(&self.mem, &chain, &self.rx_buf[off..len]);
+        self.complete_rx_chains(count, stats, |mem, buf, chain| {
+            let written = write_chain(mem, chain, &buf[off..len]);
             off += written;
-            self.complete_rx_chain(chain, written, stats);
-        }
+            written
+        });
         Delivery::Delivered
     }
 
@@ -604,7 +664,7 @@ impl NetHandler {
             }
         };
         let head = chain.head_index();
-        match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
+        match parse_rx_chain(&self.mem, chain, head, avail_idx, self.rx_spare.pop()) {
             Ok(c) => Pop::Chain(c),
             Err(e) => {
                 guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
@@ -617,19 +677,25 @@ impl NetHandler {
         }
     }
 
-    /// Returns a filled chain to the guest (`written` bytes) and keeps its vectors for the
-    /// next chain popped (no allocation per frame).
-    fn complete_rx_chain(&mut self, chain: RxChain, written: usize, stats: &mut ProcessStats) {
-        // written <= capacity <= u32::MAX (checked by the chain iterator).
-        if self
-            .rx
-            .add_used(&self.mem, &self.log, chain.head, written as u32)
-        {
-            stats.completed += 1;
-        }
-        if self.rx_spare.len() < RX_SPARE_MAX {
-            self.rx_spare.push(chain);
-        }
+    /// Returns the first `count` held chains to the guest, each with the bytes `fill` says it
+    /// got (`fill` gets guest memory and `rx_buf` too, to write them), in one used-ring
+    /// update, and keeps their vectors for the next chains popped (no allocation per frame).
+    fn complete_rx_chains<F>(&mut self, count: usize, stats: &mut ProcessStats, mut fill: F)
+    where
+        F: FnMut(&GuestMemoryMmap, &[u8], &RxChain) -> usize,
+    {
+        let (mem, buf) = (&self.mem, &self.rx_buf);
+        let (chains, spare) = (&mut self.rx_chains, &mut self.rx_spare);
+        let used = (0..count).map_while(|_| chains.pop_front()).map(|chain| {
+            let written = fill(mem, buf, &chain);
+            let head = chain.head;
+            if spare.len() < RX_SPARE_MAX {
+                spare.push(chain);
+            }
+            // written <= capacity <= u32::MAX (checked by the chain iterator).
+            (head, written as u32)
+        });
+        stats.completed += self.rx.add_used_batch(mem, &self.log, used);
     }
 
     /// Where a snapshot should resume the RX queue: at the oldest chain held but not used
@@ -655,16 +721,17 @@ fn chains_for<'a>(chains: impl Iterator<Item = &'a RxChain>, len: usize) -> Opti
     None
 }
 
-/// Validates an RX chain: every descriptor device-writable and inside guest memory, room for
-/// at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer, in
-/// `spare`'s vectors if given (a used chain's).
+/// Validates RX chain `head` (its descriptors, as virtio-queue's `DescriptorChain` or a
+/// [`RingChain`] yields them): every descriptor device-writable and inside guest memory, room
+/// for at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer,
+/// in `spare`'s vectors if given (a used chain's).
 fn parse_rx_chain(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
+    head: u16,
     avail_idx: u16,
     spare: Option<RxChain>,
 ) -> Result<RxChain, ChainError> {
-    let head = chain.head_index();
     let (mut bufs, mut host) = spare.map_or_else(Default::default, |c| (c.bufs, c.host));
     bufs.clear();
     host.clear();
@@ -680,21 +747,26 @@ fn parse_rx_chain(
         if d.len() == 0 {
             continue;
         }
-        // A buffer may straddle two memory regions: one piece per region. Without an error
-        // the pieces cover the whole buffer (vm-memory's guarantee): no separate range check.
-        let outside = |_| ChainError::OutsideMemory {
-            addr: d.addr().0,
-            len: d.len(),
-        };
-        for slice in mem
-            .get_slices(d.addr(), d.len() as usize, Permissions::Write)
-            .map_err(outside)?
-        {
-            let slice = slice.map_err(outside)?;
+        // Nearly always inside one memory region: one lookup. A buffer may straddle two
+        // regions: then one piece per region. Without an error the pieces cover the whole
+        // buffer (vm-memory's guarantee): no separate range check.
+        if let Ok(slice) = GuestMemoryBackend::get_slice(mem, d.addr(), d.len() as usize) {
             host.push(HostSeg {
                 addr: slice.ptr_guard_mut().as_ptr() as usize,
                 len: slice.len(),
             });
+        } else {
+            let outside = |_| ChainError::OutsideMemory {
+                addr: d.addr().0,
+                len: d.len(),
+            };
+            for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
+                let slice = slice.map_err(outside)?;
+                host.push(HostSeg {
+                    addr: slice.ptr_guard_mut().as_ptr() as usize,
+                    len: slice.len(),
+                });
+            }
         }
         bufs.push((d.addr(), d.len()));
         capacity += d.len() as usize;
