@@ -18,6 +18,8 @@
 //! index update), and read the rings itself through a [`SplitRing`] (`ring.rs`).
 
 mod ring;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::num::Wrapping;
