@@ -201,7 +201,7 @@ impl DeviceQueue {
     /// Puts each `(head, len)` of `used` in the used ring, in order, and then moves the used
     /// index past them all at once (one release store: the driver sees the whole batch or
     /// none of it). Returns how many were put; a head beyond the queue is skipped (logged),
-    /// as [`Self::add_used`] refuses it.
+    /// as [`Self::add_used`] refuses it. At most a queue's worth: the driver gave no more.
     pub fn add_used_batch<I>(&mut self, mem: &GuestMemoryMmap, log: &GuestLog, used: I) -> usize
     where
         I: IntoIterator<Item = (u16, u32)>,
