@@ -13,13 +13,24 @@
 //!   the driver wants it: `needs_notification` honours EVENT_IDX's `used_event`);
 //! * a broken queue (e.g. avail.idx moved more than a queue size ahead) stops processing with
 //!   one rate-limited warning.
+//!
+//! A device may also return many chains at once ([`DeviceQueue::add_used_batch`]: one used
+//! index update), and read the rings itself through a [`SplitRing`] (`ring.rs`).
+
+mod ring;
+#[cfg(test)]
+mod tests;
 
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
 
 use tracing::error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+pub use ring::{RingChain, RingError, SplitRing};
 
 use super::{pop_chain, IrqKind, IrqTrigger};
 use crate::guest_log::GuestLog;
@@ -72,6 +83,9 @@ pub struct DeviceQueue {
     budget: usize,
     /// For logs, e.g. "virtio-blk request queue".
     name: &'static str,
+    /// Chains put in the used ring since the last [`Self::signal_used`] (EVENT_IDX). Kept
+    /// here, not by `Queue` (whose count is private), so that a batch can count as many.
+    num_added: Wrapping<u16>,
 }
 
 impl DeviceQueue {
@@ -82,6 +96,7 @@ impl DeviceQueue {
             evt,
             budget: budget.max(1),
             name,
+            num_added: Wrapping(0),
         }
     }
 
@@ -172,7 +187,10 @@ impl DeviceQueue {
     /// ring cannot be written.
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, log: &GuestLog, head: u16, len: u32) -> bool {
         match self.queue.add_used(mem, head, len) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.num_added += 1;
+                true
+            }
             Err(e) => {
                 guest_warn!(log, head, error = %e, "{}: cannot return a chain to the used ring", self.name);
                 false
@@ -180,10 +198,56 @@ impl DeviceQueue {
         }
     }
 
-    /// Raises the used-ring interrupt if the driver wants it (EVENT_IDX `used_event`, or
-    /// `VRING_AVAIL_F_NO_INTERRUPT`); if that cannot be read, interrupts anyway.
+    /// Puts each `(head, len)` of `used` in the used ring, in order, and then moves the used
+    /// index past them all at once (one release store: the driver sees the whole batch or
+    /// none of it). Returns how many were put; a head beyond the queue is skipped (logged),
+    /// as [`Self::add_used`] refuses it. At most a queue's worth: the driver gave no more.
+    pub fn add_used_batch<I>(&mut self, mem: &GuestMemoryMmap, log: &GuestLog, used: I) -> usize
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
+        let ring = match SplitRing::new(&self.queue, mem) {
+            Ok(r) => r,
+            // Rings across regions: one at a time, through virtio-queue.
+            Err(_) => {
+                return used
+                    .into_iter()
+                    .filter(|&(head, len)| self.add_used(mem, log, head, len))
+                    .count();
+            }
+        };
+        let start = Wrapping(self.queue.next_used());
+        let mut next = start;
+        for (head, len) in used {
+            if head >= ring.size() {
+                guest_warn!(log, head, "{}: cannot return a chain beyond the queue", self.name);
+                continue;
+            }
+            if let Err(e) = ring.write_used(next.0, head, len) {
+                guest_warn!(log, head, error = %e, "{}: cannot return a chain to the used ring", self.name);
+                continue;
+            }
+            next += 1;
+        }
+        if next == start {
+            return 0;
+        }
+        if let Err(e) = ring.publish_used(next.0) {
+            // Cannot happen (the ring was checked): the chains stay unreturned.
+            guest_warn!(log, error = %e, "{}: cannot update the used index", self.name);
+            return 0;
+        }
+        self.queue.set_next_used(next.0);
+        let added = next - start;
+        self.num_added += added;
+        usize::from(added.0)
+    }
+
+    /// Raises the used-ring interrupt if the driver wants it (with EVENT_IDX: if `used_event`
+    /// is among the chains returned since the last call); if that cannot be read, interrupts
+    /// anyway. (virtio-queue ignores `VRING_AVAIL_F_NO_INTERRUPT`, and so does this.)
     pub fn signal_used(&mut self, mem: &GuestMemoryMmap, irq: &IrqTrigger, log: &GuestLog) {
-        let needed = match self.queue.needs_notification(mem) {
+        let needed = match self.needs_notification(mem) {
             Ok(n) => n,
             Err(e) => {
                 guest_warn!(log, error = %e, "{}: cannot read used_event, interrupting", self.name);
@@ -195,5 +259,26 @@ impl DeviceQueue {
                 error!(error = %e, "{}: cannot signal the used ring", self.name);
             }
         }
+    }
+
+    /// `Queue::needs_notification`, with this queue's count of chains returned (the same test
+    /// as Linux's `vring_need_event`): `used_event` in `[old, new)` of the used index.
+    fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+        let added = std::mem::take(&mut self.num_added);
+        if !self.queue.event_idx_enabled() {
+            return Ok(true);
+        }
+        // The used ring writes (and the used index) before the read of used_event: pairs with
+        // the driver's barrier between its used_event write and its used index read.
+        fence(Ordering::SeqCst);
+        let at = GuestAddress(self.queue.avail_ring())
+            .checked_add(4 + 2 * u64::from(self.queue.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let used_event: u16 = mem
+            .load(at, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        let new = Wrapping(self.queue.next_used());
+        let used_event = Wrapping(u16::from_le(used_event));
+        Ok(new - used_event - Wrapping(1) < added)
     }
 }

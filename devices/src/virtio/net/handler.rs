@@ -25,7 +25,6 @@ mod rx;
 pub(crate) mod tests;
 mod tx;
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
@@ -41,7 +40,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue::DeviceQueue;
 use crate::virtio::IrqTrigger;
 
-use rx::{PendingFrame, RxChain, RxExpect, RxIovecs};
+use rx::{HeldChains, PendingFrame, RxExpect, RxIovecs};
 
 /// Frames read from the backend per RX event, at most.
 pub const RX_BUDGET: usize = 64;
@@ -146,9 +145,7 @@ pub struct NetHandler {
     /// A frame read but not delivered yet: waiting for guest buffers or limiter tokens.
     rx_pending: Option<PendingFrame>,
     /// Validated RX chains popped from the queue but not used yet.
-    rx_chains: VecDeque<RxChain>,
-    /// Used chains whose vectors the next popped chains reuse.
-    rx_spare: Vec<RxChain>,
+    rx_held: HeldChains,
     /// How much of the held chains an RX read offers (see `rx.rs`, "The window").
     rx_expect: RxExpect,
     /// Scratch list of the descriptors of the TX chain being sent.
@@ -193,8 +190,7 @@ impl NetHandler {
             rx_iovs: RxIovecs::default(),
             rx_zero_copy: true,
             rx_pending: None,
-            rx_chains: VecDeque::new(),
-            rx_spare: Vec::new(),
+            rx_held: HeldChains::default(),
             rx_expect: RxExpect::default(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),
             stats: NetStats::default(),

@@ -40,13 +40,14 @@
 //! popped and their host addresses noted then; guest memory is never unmapped while the
 //! handler lives (it holds `mem`), so those addresses stay valid until the chain is used.
 
+mod chain;
+
 use std::io;
 
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use virtio_queue::QueueT;
 
-use super::{ChainError, NetHandler, ProcessStats, RX_BUDGET};
+use super::{NetHandler, ProcessStats, RX_BUDGET};
 use crate::guest_warn;
 use crate::virtio::net::{
     MAX_FRAME_LEN, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -54,7 +55,9 @@ use crate::virtio::net::{
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS,
 };
-use crate::virtio::pop_chain;
+
+pub(super) use chain::HeldChains;
+use chain::Pop;
 
 /// The smallest window: a full-size Ethernet frame with a VLAN tag, and its vnet header.
 pub(super) const EXPECT_MIN: usize = VNET_HDR_LEN + 1518;
@@ -98,9 +101,6 @@ impl RxExpect {
     }
 }
 
-/// Used chains kept for their vectors (a largest frame in 4 KiB buffers takes 17).
-const RX_SPARE_MAX: usize = 32;
-
 /// Most iovecs one `readv` takes (the kernel's `UIO_MAXIOV`); a window needing more is cut
 /// short, and what it does not cover lands in `rx_buf`.
 const MAX_RX_IOVS: usize = 1024;
@@ -115,27 +115,6 @@ pub(super) struct PendingFrame {
     /// Its header is in `rx_buf[..VNET_HDR_LEN]` and the rest in the held chains (zero
     /// copy); otherwise all of it is in `rx_buf`.
     in_place: bool,
-}
-
-/// A validated RX chain: device-writable buffers, all inside guest memory.
-#[derive(Debug)]
-pub(super) struct RxChain {
-    head: u16,
-    /// The avail-ring position it was popped from (a snapshot rewinds to the oldest held
-    /// chain, so that the restored device pops it again).
-    pub(super) avail_idx: u16,
-    /// Guest address and length of each non-empty buffer (checked writes: copy path).
-    bufs: Vec<(GuestAddress, u32)>,
-    /// The same bytes as host addresses, one piece per memory region crossed (readv).
-    host: Vec<HostSeg>,
-    capacity: usize,
-}
-
-/// Host address and length of guest memory, checked when the chain was popped.
-#[derive(Clone, Copy, Debug)]
-struct HostSeg {
-    addr: usize,
-    len: usize,
 }
 
 /// The iovecs of one read (scratch space, empty between reads).
@@ -163,15 +142,6 @@ enum Delivery {
     /// Not enough buffers yet: keep the frame.
     NoBuffers,
     /// The queue is unusable (e.g. avail index too far ahead): keep the frame, stop RX.
-    Broken,
-}
-
-/// Outcome of popping one RX chain.
-enum Pop {
-    Chain(RxChain),
-    /// A malformed chain was returned to the guest unused.
-    Invalid,
-    Empty,
     Broken,
 }
 
@@ -329,58 +299,9 @@ impl NetHandler {
     /// Chains a read may use: with MRG_RXBUF all held ones, else the first.
     fn rx_window(&self) -> usize {
         if self.mrg_rxbuf {
-            self.rx_chains.len()
+            self.rx_held.len()
         } else {
-            self.rx_chains.len().min(1)
-        }
-    }
-
-    /// Pops chains until the window can take the expected frame, the queue has no more, or
-    /// a queue's worth was popped (a guest reposting invalid chains cannot keep us here).
-    /// One avail-ring iterator serves them all (one read of the avail index, not one per
-    /// chain); malformed chains are returned to the guest after it.
-    fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
-        let mut have: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
-        let size = usize::from(self.rx.queue.size());
-        let enough = |have: usize, held: usize, mrg: bool, want: usize| {
-            (if mrg { have >= want } else { held > 0 }) || held >= size
-        };
-        if enough(have, self.rx_chains.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
-            return;
-        }
-        let mut avail_idx = self.rx.queue.next_avail();
-        // Malformed chains met on the way (only a hostile guest posts them: no allocation
-        // otherwise), returned once the iterator is done with the queue.
-        let mut bad: Vec<u16> = Vec::new();
-        // A broken queue is reported by the delivery that needs it.
-        let Ok(mut chains) = self.rx.queue.iter(&self.mem) else {
-            return;
-        };
-        for _ in 0..size {
-            if enough(have, self.rx_chains.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
-                break;
-            }
-            let Some(chain) = chains.next() else {
-                break;
-            };
-            let head = chain.head_index();
-            match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
-                Ok(c) => {
-                    have += c.capacity;
-                    self.rx_chains.push_back(c);
-                }
-                Err(e) => {
-                    guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
-                    self.stats.rx_bad_chains += 1;
-                    bad.push(head);
-                }
-            }
-            avail_idx = avail_idx.wrapping_add(1);
-        }
-        for head in bad {
-            if self.rx.add_used(&self.mem, &self.log, head, 0) {
-                stats.completed += 1;
-            }
+            self.rx_held.len().min(1)
         }
     }
 
@@ -406,25 +327,23 @@ impl NetHandler {
         });
         let mut covered = VNET_HDR_LEN;
         let mut skip = VNET_HDR_LEN;
-        'chains: for chain in self.rx_chains.iter().take(window) {
-            for seg in &chain.host {
-                if skip >= seg.len {
-                    skip -= seg.len;
-                    continue;
-                }
-                // Keep one iovec for the rest of rx_buf.
-                if covered >= expect || iovs.len() + 1 >= MAX_RX_IOVS {
-                    break 'chains;
-                }
-                let len = (seg.len - skip).min(MAX_FRAME_LEN - covered);
-                iovs.push(libc::iovec {
-                    // The checked host address of the segment, plus skip < seg.len.
-                    iov_base: (seg.addr + skip) as *mut libc::c_void,
-                    iov_len: len,
-                });
-                covered += len;
-                skip = 0;
+        for (addr, seg_len) in self.rx_held.host_segs(window) {
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
             }
+            // Keep one iovec for the rest of rx_buf.
+            if covered >= expect || iovs.len() + 1 >= MAX_RX_IOVS {
+                break;
+            }
+            let len = (seg_len - skip).min(MAX_FRAME_LEN - covered);
+            iovs.push(libc::iovec {
+                // The checked host address of the segment, plus skip < seg_len.
+                iov_base: (addr + skip) as *mut libc::c_void,
+                iov_len: len,
+            });
+            covered += len;
+            skip = 0;
         }
         let in_place_limit = if iovs.len() > 1 { covered } else { 0 };
         if covered < MAX_FRAME_LEN {
@@ -441,30 +360,8 @@ impl NetHandler {
     /// place in `rx_buf`. False if guest memory could not be read (logged).
     fn gather_held(&mut self, limit: usize) -> bool {
         let window = self.rx_window();
-        let mut out = &mut self.rx_buf[VNET_HDR_LEN..limit];
-        let mut skip = VNET_HDR_LEN;
-        for chain in self.rx_chains.iter().take(window) {
-            for &(addr, len) in &chain.bufs {
-                let len = len as usize;
-                if skip >= len {
-                    skip -= len;
-                    continue;
-                }
-                if out.is_empty() {
-                    return true;
-                }
-                let n = (len - skip).min(out.len());
-                // skip < len <= u32::MAX: the address was checked with the whole buffer.
-                let at = GuestAddress(addr.0 + skip as u64);
-                if let Err(e) = self.mem.read_slice(&mut out[..n], at) {
-                    error!(error = %e, "virtio-net: RX read back from guest memory failed");
-                    return false;
-                }
-                out = &mut out[n..];
-                skip = 0;
-            }
-        }
-        out.is_empty()
+        let out = &mut self.rx_buf[VNET_HDR_LEN..limit];
+        self.rx_held.read(&self.mem, window, VNET_HDR_LEN, out)
     }
 
     /// Checks the frame's header (in `rx_buf`) against the negotiated offloads (frames
@@ -514,27 +411,22 @@ impl NetHandler {
             // The chains stay held for the next frame.
             return self.drop_unacceptable_header();
         }
-        let Some(count) = chains_for(self.rx_chains.iter().take(self.rx_window()), len) else {
+        let Some(count) = self.rx_held.needed_for(self.rx_window(), len) else {
             // Cannot happen: the frame was read into these chains.
             error!(len, "virtio-net: in-place RX frame larger than its chains, dropped");
             return Delivery::Dropped;
         };
         self.set_num_buffers(count);
-        if let Some(first) = self.rx_chains.front() {
-            if write_chain(&self.mem, first, &self.rx_buf[..VNET_HDR_LEN]) != VNET_HDR_LEN {
-                // Logged by write_chain; the chains were checked, so this is not expected.
-                return Delivery::Dropped;
-            }
+        if self.rx_held.write_front(&self.mem, &self.rx_buf[..VNET_HDR_LEN]) != VNET_HDR_LEN {
+            // Logged by write_front; the chains were checked, so this is not expected.
+            return Delivery::Dropped;
         }
         let mut left = len;
-        for _ in 0..count {
-            let Some(chain) = self.rx_chains.pop_front() else {
-                break;
-            };
-            let written = chain.capacity.min(left);
+        self.complete_rx_chains(count, stats, |_, _, held| {
+            let written = held.capacity(1).min(left);
             left -= written;
-            self.complete_rx_chain(chain, written, stats);
-        }
+            written
+        });
         Delivery::Delivered
     }
 
@@ -544,14 +436,9 @@ impl NetHandler {
         if !self.accept_rx_header() {
             return self.drop_unacceptable_header();
         }
-        let mut have: usize = self
-            .rx_chains
-            .iter()
-            .take(self.rx_window())
-            .map(|c| c.capacity)
-            .sum();
-        while self.rx_chains.is_empty() || have < len {
-            if !self.rx_chains.is_empty() && !self.mrg_rxbuf {
+        let mut have = self.rx_held.capacity(self.rx_window());
+        while self.rx_held.is_empty() || have < len {
+            if !self.rx_held.is_empty() && !self.mrg_rxbuf {
                 debug!(
                     len,
                     capacity = have,
@@ -559,7 +446,7 @@ impl NetHandler {
                 );
                 return Delivery::Dropped;
             }
-            if self.rx_chains.len() >= usize::from(self.rx.queue.size()) {
+            if self.rx_held.len() >= usize::from(self.rx.queue.size()) {
                 debug!(
                     len,
                     capacity = have,
@@ -568,167 +455,22 @@ impl NetHandler {
                 return Delivery::Dropped;
             }
             match self.pop_rx_chain(stats) {
-                Pop::Chain(c) => {
-                    have += c.capacity;
-                    self.rx_chains.push_back(c);
-                }
+                Pop::Held(capacity) => have += capacity,
                 Pop::Invalid => {}
                 Pop::Empty => return Delivery::NoBuffers,
                 Pop::Broken => return Delivery::Broken,
             }
         }
-        let Some(count) = chains_for(self.rx_chains.iter(), len) else {
+        let Some(count) = self.rx_held.needed_for(usize::MAX, len) else {
             return Delivery::Dropped;
         };
         self.set_num_buffers(count);
         let mut off = 0usize;
-        for _ in 0..count {
-            let Some(chain) = self.rx_chains.pop_front() else {
-                break;
-            };
-            let written = write_chain(&self.mem, &chain, &self.rx_buf[off..len]);
+        self.complete_rx_chains(count, stats, |mem, buf, held| {
+            let written = held.write_front(mem, &buf[off..len]);
             off += written;
-            self.complete_rx_chain(chain, written, stats);
-        }
+            written
+        });
         Delivery::Delivered
     }
-
-    fn pop_rx_chain(&mut self, stats: &mut ProcessStats) -> Pop {
-        let avail_idx = self.rx.queue.next_avail();
-        let chain = match pop_chain(&mut self.rx.queue, &self.mem) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Pop::Empty,
-            Err(e) => {
-                guest_warn!(self.log, error = %e, "virtio-net: RX queue is broken, not using it");
-                return Pop::Broken;
-            }
-        };
-        let head = chain.head_index();
-        match parse_rx_chain(&self.mem, chain, avail_idx, self.rx_spare.pop()) {
-            Ok(c) => Pop::Chain(c),
-            Err(e) => {
-                guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
-                self.stats.rx_bad_chains += 1;
-                if self.rx.add_used(&self.mem, &self.log, head, 0) {
-                    stats.completed += 1;
-                }
-                Pop::Invalid
-            }
-        }
-    }
-
-    /// Returns a filled chain to the guest (`written` bytes) and keeps its vectors for the
-    /// next chain popped (no allocation per frame).
-    fn complete_rx_chain(&mut self, chain: RxChain, written: usize, stats: &mut ProcessStats) {
-        // written <= capacity <= u32::MAX (checked by the chain iterator).
-        if self
-            .rx
-            .add_used(&self.mem, &self.log, chain.head, written as u32)
-        {
-            stats.completed += 1;
-        }
-        if self.rx_spare.len() < RX_SPARE_MAX {
-            self.rx_spare.push(chain);
-        }
-    }
-
-    /// Where a snapshot should resume the RX queue: at the oldest chain held but not used
-    /// (its frame, if any, is lost; the chain is popped again after restore), else where
-    /// the queue is. Invalid chains popped after it (only a hostile guest makes them) are
-    /// then returned a second time.
-    pub(crate) fn rx_resume_avail(&self) -> u16 {
-        self.rx_chains
-            .front()
-            .map_or(self.rx.queue.next_avail(), |c| c.avail_idx)
-    }
-}
-
-/// How many chains, from the first, a frame of `len` bytes fills; None if they are too few.
-fn chains_for<'a>(chains: impl Iterator<Item = &'a RxChain>, len: usize) -> Option<usize> {
-    let mut acc = 0usize;
-    for (i, c) in chains.enumerate() {
-        acc += c.capacity;
-        if acc >= len {
-            return Some(i + 1);
-        }
-    }
-    None
-}
-
-/// Validates an RX chain: every descriptor device-writable and inside guest memory, room for
-/// at least the vnet header (virtio 5.1.6.3.1). Notes the host address of every buffer, in
-/// `spare`'s vectors if given (a used chain's).
-fn parse_rx_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    avail_idx: u16,
-    spare: Option<RxChain>,
-) -> Result<RxChain, ChainError> {
-    let head = chain.head_index();
-    let (mut bufs, mut host) = spare.map_or_else(Default::default, |c| (c.bufs, c.host));
-    bufs.clear();
-    host.clear();
-    let mut capacity = 0usize;
-    // The iterator stops at queue-size descriptors (loops), on bad indexes and on a total
-    // length overflowing u32: a last descriptor still flagged NEXT means the chain was cut.
-    let mut cut = true;
-    for d in chain {
-        cut = d.has_next();
-        if !d.is_write_only() {
-            return Err(ChainError::ReadableRx);
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        // A buffer may straddle two memory regions: one piece per region. Without an error
-        // the pieces cover the whole buffer (vm-memory's guarantee): no separate range check.
-        let outside = |_| ChainError::OutsideMemory {
-            addr: d.addr().0,
-            len: d.len(),
-        };
-        for slice in mem
-            .get_slices(d.addr(), d.len() as usize, Permissions::Write)
-            .map_err(outside)?
-        {
-            let slice = slice.map_err(outside)?;
-            host.push(HostSeg {
-                addr: slice.ptr_guard_mut().as_ptr() as usize,
-                len: slice.len(),
-            });
-        }
-        bufs.push((d.addr(), d.len()));
-        capacity += d.len() as usize;
-    }
-    if cut {
-        return Err(ChainError::Broken);
-    }
-    if capacity < VNET_HDR_LEN {
-        return Err(ChainError::TooShort(capacity));
-    }
-    Ok(RxChain {
-        head,
-        avail_idx,
-        bufs,
-        host,
-        capacity,
-    })
-}
-
-/// Copies as much of `data` as fits into the chain, from its start; returns the bytes
-/// written.
-fn write_chain(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
-    let mut off = 0usize;
-    for &(addr, len) in &chain.bufs {
-        if off == data.len() {
-            break;
-        }
-        let n = (len as usize).min(data.len() - off);
-        // Checked against guest memory when the chain was parsed.
-        if let Err(e) = mem.write_slice(&data[off..off + n], addr) {
-            error!(head = chain.head, error = %e, "virtio-net: RX write to guest memory failed");
-            break;
-        }
-        off += n;
-    }
-    off
 }

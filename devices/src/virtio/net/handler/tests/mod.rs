@@ -2,6 +2,7 @@
 //! socket pair as the backend (the test holds the peer end). No KVM, no event loop.
 
 mod rx;
+mod rx_rings;
 mod rx_zero_copy;
 mod tx;
 
