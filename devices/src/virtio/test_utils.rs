@@ -24,6 +24,24 @@ use super::{EventEndpoint, MmioTransport, Subscriber};
 use crate::bus::BusDevice;
 use crate::rate_limiter::RateLimiter;
 
+/// xorshift64*, seeded: a tiny deterministic generator for randomized tests, so that a
+/// failing case reproduces.
+pub(crate) struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Below `n` (> 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// One flat region of guest memory at address 0.
 pub(crate) fn guest_memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()

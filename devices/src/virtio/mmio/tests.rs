@@ -365,21 +365,10 @@ fn config_change_notification() {
     assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
 }
 
-/// xorshift64*, fixed seed: reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn random_guest_accesses_never_panic() {
     let (mut t, shared) = transport(&[256, 8]);
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = crate::virtio::test_utils::Rng(0x1234_5678_9abc_def1);
     let interesting = [0u32, 1, 2, 3, 4, 7, 8, 0xf, 64, 128, 256, 0x1000, u32::MAX];
     for i in 0..200_000u32 {
         let x = rng.next();

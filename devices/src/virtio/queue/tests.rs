@@ -11,24 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceQueue, SplitRing};
 use crate::guest_log::GuestLog;
-use crate::virtio::test_utils::{guest_memory, TestQueue};
+use crate::virtio::test_utils::{guest_memory, Rng, TestQueue};
 use crate::virtio::IrqTrigger;
 
-/// A small deterministic generator (xorshift64*), so that failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn device_queue(q: Queue) -> DeviceQueue {
     DeviceQueue::new(q, EventFd::new(0).unwrap(), 64, "test queue")

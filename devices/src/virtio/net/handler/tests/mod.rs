@@ -179,3 +179,20 @@ pub(crate) fn byte_limiter(rate: u64, burst: u64) -> RateLimiter {
     })
     .unwrap()
 }
+
+/// The bytes of used entries `first..first + n` of the RX ring, each chain's buffers given as
+/// (address, length) in `layout[head]`, concatenated in used order up to each used length.
+fn used_bytes(s: &Setup, first: u16, n: u16, layout: &[Vec<(u64, u32)>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in first..first + n {
+        let (head, len) = s.rx_used(i);
+        let mut left = len as usize;
+        for &(addr, blen) in &layout[head as usize] {
+            let take = left.min(blen as usize);
+            out.extend(s.read(addr, take));
+            left -= take;
+        }
+        assert_eq!(left, 0, "used length of chain {head} beyond its buffers");
+    }
+    out
+}

@@ -10,22 +10,6 @@ use vm_memory::ByteValued;
 
 use super::*;
 
-/// The bytes of used entries `0..n`, chain `head`'s buffers being `layout[head]`.
-fn used_bytes(s: &Setup, n: u16, layout: &[Vec<(u64, u32)>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let (head, len) = s.rx_used(i);
-        let mut left = len as usize;
-        for &(addr, blen) in &layout[head as usize] {
-            let take = left.min(blen as usize);
-            out.extend(s.read(addr, take));
-            left -= take;
-        }
-        assert_eq!(left, 0, "used length of chain {head} beyond its buffers");
-    }
-    out
-}
-
 #[test]
 fn rx_indirect_chain_among_in_place_ones_is_delivered() {
     // Chain 1 is an indirect table of two buffers (not offered, but virtio-queue follows
@@ -59,7 +43,7 @@ fn rx_indirect_chain_among_in_place_ones_is_delivered() {
     assert_eq!(s.rx_used(2), (2, g.len() as u32));
     let mut want = with_num_buffers(&f, 2);
     want.extend(with_num_buffers(&g, 1));
-    assert_eq!(used_bytes(&s, 3, &layout), want);
+    assert_eq!(used_bytes(&s, 0, 3, &layout), want);
 }
 
 #[test]
@@ -85,7 +69,7 @@ fn rx_rings_across_two_regions_are_used_through_virtio_queue() {
     assert_eq!(s.rx_used_idx(), 5);
     let mut want = with_num_buffers(&f, 2);
     want.extend(with_num_buffers(&g, 3));
-    assert_eq!(used_bytes(&s, 5, &layout), want);
+    assert_eq!(used_bytes(&s, 0, 5, &layout), want);
     assert_eq!(s.rx_used(4), (4, (g.len() - 4096) as u32));
 }
 
