@@ -493,5 +493,35 @@ fn restored_guest_keeps_its_lease_and_nat() {
     assert_eq!(field(&long.stdout, "MAC="), field(&first.stdout, "MAC="), "{long:?}");
     assert!(long.stdout.contains("FETCH=hello-internet"), "{long:?}");
     assert_eq!(world.leftovers(), Vec::<String>::new());
+
+    // While another VM holds the network, a VM leaving it leaves its TAP in the network's
+    // pool, and the next VM to join takes it: the lease, NAT and the anti-spoofing guard
+    // work through a reused TAP. (The restored VM joins first, so that its MAC's lease is
+    // the address its guest still has: see the README's known gaps.)
+    let taps = || world.leftovers().into_iter().filter(|l| l.starts_with("mvtap-")).collect::<Vec<_>>();
+    let tap_of = |r: &microvm_tests::Run| {
+        r.stderr.split("eth0: TAP ").nth(1).and_then(|t| t.split_whitespace().next()).map(str::to_string)
+    };
+    let fourth = world.spawn("snap-r4", &restore_args(&format!("sleep 10; {probe}")), scratch_dir("net-snapshot-r4"));
+    assert!(microvm_tests::netns::wait_until(30, || taps().len() == 1), "r4 not on sn: {}", fourth.stderr_now());
+    let halt = payload("sn-holder", Asm::default().halt());
+    let holder = world.spawn("sn-hold", &args(&halt, &["--net", "nat:sn,subnet=10.123.11.0/24"]), scratch_dir("sn-hold"));
+    assert!(microvm_tests::netns::wait_until(30, || taps().len() == 2), "holder not on sn: {}", holder.stderr_now());
+    let fourth = fourth.wait(BOOT_TIMEOUT);
+    assert_eq!(fourth.code(), 0, "{fourth:?}");
+    let pooled = tap_of(&fourth).expect("no TAP line");
+    assert!(taps().contains(&pooled), "the leaving VM's TAP stays, pooled: {:?}", world.leftovers());
+    let fifth = world.run("snap-r5", &restore_args(&probe), BOOT_TIMEOUT);
+    assert_eq!(fifth.code(), 0, "{fifth:?}");
+    assert_eq!(tap_of(&fifth).as_deref(), Some(pooled.as_str()), "the pooled TAP is reused: {fifth:?}");
+    for r in [&fourth, &fifth] {
+        assert_eq!(field(&r.stdout, "ADDR="), addr.as_deref(), "{r:?}");
+        assert!(r.stdout.contains("FETCH=hello-internet"), "{r:?}");
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(holder.child.id() as i32, libc::SIGTERM) };
+    let h = holder.wait(Duration::from_secs(30));
+    assert_eq!(h.code(), 128 + libc::SIGTERM, "{h:?}");
+    assert_eq!(world.leftovers(), Vec::<String>::new(), "the last VM's exit takes the pool with the network");
     std::fs::remove_dir_all(&dir).unwrap();
 }
