@@ -242,11 +242,7 @@ impl NetHandler {
             pos = pos.wrapping_add(1);
         }
         self.rx.queue.set_next_avail(pos);
-        for head in bad {
-            if self.rx.add_used(&self.mem, &self.log, head, 0) {
-                stats.completed += 1;
-            }
-        }
+        self.return_unused(bad, stats);
     }
 
     /// [`Self::hold_rx_chains`] for rings that are not each inside one memory region:
@@ -280,11 +276,7 @@ impl NetHandler {
             }
             avail_idx = avail_idx.wrapping_add(1);
         }
-        for head in bad {
-            if self.rx.add_used(&self.mem, &self.log, head, 0) {
-                stats.completed += 1;
-            }
-        }
+        self.return_unused(bad, stats);
     }
 
     /// Pops one chain (through virtio-queue: the copy path, one chain at a time) and holds it.
@@ -304,10 +296,17 @@ impl NetHandler {
             Err(e) => {
                 guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
                 self.stats.rx_bad_chains += 1;
-                if self.rx.add_used(&self.mem, &self.log, head, 0) {
-                    stats.completed += 1;
-                }
+                self.return_unused([head], stats);
                 Pop::Invalid
+            }
+        }
+    }
+
+    /// Returns malformed chains to the guest unused (nothing written).
+    fn return_unused(&mut self, heads: impl IntoIterator<Item = u16>, stats: &mut ProcessStats) {
+        for head in heads {
+            if self.rx.add_used(&self.mem, &self.log, head, 0) {
+                stats.completed += 1;
             }
         }
     }
