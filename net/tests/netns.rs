@@ -339,10 +339,15 @@ fn inner_stale_cleanup_after_kill() {
     // An orphan persistent TAP whose encoded pid is not running, and an orphan bridge.
     sh("ip tuntap add mvtap-zzzzz-0 mode tap");
     sh("ip link add mvbr-orphan type bridge");
+    // A persistent TAP in no network's pool, named by a running process (this one): what a
+    // process killed while pooling a TAP, or taking one from a pool, leaves.
+    let live_named = format!("mvtap-{}-zz", base36(std::process::id()));
+    sh(&format!("ip tuntap add {live_named} mode tap"));
     net::cleanup_stale().unwrap();
     assert!(!link_exists("mvbr-st") && !state_dir_of("st").exists());
     assert!(!nft_table_exists());
     assert!(!link_exists("mvtap-zzzzz-0") && !link_exists("mvbr-orphan"));
+    assert!(!link_exists(&live_named), "a persistent TAP outside any pool is an orphan");
 
     // The network can be created again afterwards.
     let att = net::attach(&"host-only:st".parse().unwrap(), "vm-again", 0).unwrap();
@@ -350,6 +355,19 @@ fn inner_stale_cleanup_after_kill() {
     net::teardown_all().unwrap();
     assert!(!link_exists("mvbr-st") && !nft_table_exists());
     drop(att);
+}
+
+fn base36(mut v: u32) -> String {
+    let mut out = Vec::new();
+    loop {
+        out.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------

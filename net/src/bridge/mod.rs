@@ -13,10 +13,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::stream::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_core::Nla;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkBridge, LinkUnspec, RouteMessageBuilder};
+
+/// `IFLA_TUN_PERSIST` in a tun device's IFLA_INFO_DATA (linux/if_link.h).
+const IFLA_TUN_PERSIST: u16 = 6;
 
 /// Kernel routing table numbers (linux/rtnetlink.h).
 const RT_TABLE_MAIN: u32 = 254;
@@ -90,6 +94,8 @@ pub(crate) struct Link {
     pub up: bool,
     pub mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
+    /// For a tun/tap device: whether it is persistent (IFLA_TUN_PERSIST).
+    pub tun_persist: Option<bool>,
 }
 
 impl Link {
@@ -102,6 +108,7 @@ impl Link {
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu: None,
             mac: None,
+            tun_persist: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -111,8 +118,19 @@ impl Link {
                 LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            link.kind = Some(kind_name(kind));
+                        match info {
+                            LinkInfo::Kind(kind) => link.kind = Some(kind_name(kind)),
+                            LinkInfo::Data(InfoData::Tun(nlas)) => {
+                                // The crate leaves tun attributes raw: a u8 flag.
+                                link.tun_persist = nlas.iter().find(|n| n.kind() == IFLA_TUN_PERSIST).map(|n| {
+                                    let mut v = [0u8; 1];
+                                    if n.value_len() == 1 {
+                                        n.emit_value(&mut v);
+                                    }
+                                    v[0] != 0
+                                });
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -220,10 +220,12 @@ pub fn cleanup_stale() -> Result<(), NetError> {
     for link in rtnl.links()? {
         if link.name.starts_with(TAP_PREFIX) && link.is_tun() && !owned_taps.contains(&link.name) {
             // Our generated names carry the creator's pid; keep TAPs of running processes
-            // (e.g. bridge= attachments, which have no users record).
+            // (e.g. bridge= attachments, which have no users record). A persistent one is
+            // ours only in a network's pool (owned above): any other was left by a process
+            // killed while pooling or taking it, whoever's pid its name carries.
             let owner_alive = pid_from_tap_name(&link.name)
                 .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-            if !owner_alive {
+            if !owner_alive || link.tun_persist == Some(true) {
                 tracing::info!(tap = %link.name, "deleting orphan TAP device");
                 delete_tap(&rtnl, &link.name);
             }
