@@ -16,8 +16,8 @@ use crate::NetError;
 /// and reports errors: the DHCP server stops answering for its MAC, the TAP is closed and
 /// deleted (unless it was an existing `tap=NAME`, or it goes into the pool of a named network
 /// that stays, see `network::pool`), and the process leaves the named network, which goes
-/// away with its last user (and its pooled TAPs with it). Dropping an attachment that was not released does
-/// the same as a fallback, logging errors instead.
+/// away with its last user (and its pooled TAPs with it). Dropping an attachment that was not
+/// released does the same as a fallback, logging errors instead.
 #[derive(Debug)]
 pub struct Attachment {
     /// Some until torn down.
@@ -47,7 +47,7 @@ impl HostSide {
     /// its last user: the two waits overlap instead of adding up. Nothing else depends on
     /// their order (the VM no longer runs; the TAP's guard still goes only after the TAP).
     fn release(self) -> Result<(), NetError> {
-        let HostSide { dhcp, tap, tap_cleanup, membership } = self;
+        let HostSide { dhcp, tap, mut tap_cleanup, mut membership } = self;
         let mut first: Option<NetError> = None;
         let mut keep = |r: Result<(), NetError>| {
             if let Err(e) = r {
@@ -57,7 +57,6 @@ impl HostSide {
         if let Some(d) = dhcp {
             keep(d.release().map_err(NetError::from));
         }
-        let (mut tap_cleanup, mut membership) = (tap_cleanup, membership);
         // On a network that stays, the TAP is kept in its pool for the next VM: then
         // closing it is all that is left (no deletion, no RCU barrier to wait for).
         if let (Some(t), Some(m)) = (tap_cleanup.as_mut(), membership.as_mut()) {

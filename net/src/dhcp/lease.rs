@@ -6,8 +6,9 @@
 //! restarts); an expired lease is only reclaimed for another MAC when the .2-.254 pool is
 //! otherwise full. When nothing has expired either, a VM joining the network takes the
 //! least recently renewed lease of a MAC no live VM on the network holds: VMs that come and
-//! go with fresh MACs (a CI system's) would otherwise fill the pool within one lease time. A new MAC gets the lowest free address, or on an overlay network the
-//! first free of its own candidates (see [`super::derive`]), checked by a probe first.
+//! go with fresh MACs (a CI system's) would otherwise fill the pool within one lease time.
+//! A new MAC gets the lowest free address, or on an overlay network the first free of its
+//! own candidates (see [`super::derive`]), checked by a probe first.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom, Write};
