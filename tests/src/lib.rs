@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod payload;
+pub mod procs;
 pub mod world;
 
 use std::path::{Path, PathBuf};

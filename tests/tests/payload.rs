@@ -240,3 +240,70 @@ fn initrd_is_loaded_where_the_zero_page_says() {
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(r.stdout.contains("initrd ok") && r.stdout.contains("size ok"), "{r:?}");
 }
+
+/// KVM destroys a VM in microvm's release process (vmm/src/release.rs), after microvm has
+/// exited: the process holds the VM fd and a pidfd of microvm and nothing else, runs
+/// confined in `/`, and exits once microvm is gone, whether microvm ended by SIGTERM or was
+/// SIGKILLed; the VM (its PIT's kernel thread) is gone with it.
+#[test]
+fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
+    use microvm_tests::procs::{children, is_release_process, stat, wait_until};
+    // PR_SET_CHILD_SUBREAPER: the release process becomes this test's child when its
+    // microvm exits, so the test can wait for it.
+    // SAFETY: prctl with integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let k = payload("release", Asm::default().print("up\n").halt());
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let mut vm = std::process::Command::new(microvm_tests::microvm_bin())
+            .args(["--kernel", k.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = vm.id();
+        // The PIT's kernel thread lives as long as the VM: "kvm-pit/<microvm's pid>".
+        let pit = format!("kvm-pit/{pid}");
+        let vm_alive = || microvm_tests::procs::all_pids().into_iter().any(|p| stat(p).is_some_and(|s| s.comm == pit));
+        let mut release = None;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                release = children(pid).into_iter().find(|p| is_release_process(*p));
+                release.is_some() && vm_alive()
+            }),
+            "no release process, or no VM, beside microvm {pid}"
+        );
+        let release = release.unwrap();
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{release}/fd"))
+            .unwrap()
+            .map(|e| std::fs::read_link(e.unwrap().path()).unwrap().to_string_lossy().into_owned())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, ["anon_inode:[pidfd]", "anon_inode:kvm-vm"], "the release process holds more");
+        assert_eq!(std::fs::read_link(format!("/proc/{release}/cwd")).unwrap(), std::path::Path::new("/"));
+        let status = std::fs::read_to_string(format!("/proc/{release}/status")).unwrap();
+        assert!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "not confined: {status}");
+
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, signal) };
+        let status = vm.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert!(status.code() == Some(128 + libc::SIGTERM) || status.signal() == Some(libc::SIGKILL), "{status:?}");
+        // microvm is gone; its release process, now this test's child, exits on its own.
+        let mut code = -1;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let mut st = 0;
+                // SAFETY: waitpid(2) on our (adopted) child, WNOHANG, into a local.
+                let r = unsafe { libc::waitpid(release as i32, &mut st, libc::WNOHANG) };
+                if r == release as i32 {
+                    code = if libc::WIFEXITED(st) { libc::WEXITSTATUS(st) } else { -1 };
+                }
+                r == release as i32
+            }),
+            "the release process outlived microvm ({signal}) by 10 s"
+        );
+        assert_eq!(code, 0, "the release process did not exit cleanly");
+        assert!(!vm_alive(), "the VM outlived its release process");
+    }
+}

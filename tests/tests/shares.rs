@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use microvm_tests::payload::{write_elf, Asm};
+use microvm_tests::procs::{alive, all_pids, descendants, is_release_process, stat, wait_until};
 use microvm_tests::{guest_with_own_rootfs, microvm_bin, scratch_dir};
 
 /// A microvm running in the background, its output collected.
@@ -74,55 +75,18 @@ impl Drop for Vm {
     }
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
 
-/// (ppid, state) of a process, if it exists.
-fn stat(pid: u32) -> Option<(u32, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    Some((fields.next()?.parse().ok()?, state))
-}
-
-/// Running (not zombie) processes.
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(_, state)| state != 'Z')
-}
-
-fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
-}
-
-/// Every descendant of `pid` (virtiofsd forks its sandboxed worker).
-fn descendants(pid: u32) -> Vec<u32> {
-    let pids = all_pids();
-    let mut found = vec![pid];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(pids.iter().filter(|p| stat(**p).is_some_and(|(pp, _)| pp == parent)));
-        i += 1;
-    }
-    found.remove(0);
-    found
+/// Every descendant of microvm `pid` but its release process (vmm/src/release.rs), which
+/// outlives it by design: the virtiofsd daemons and their sandboxed workers.
+fn daemons(pid: u32) -> Vec<u32> {
+    descendants(pid).into_iter().filter(|p| !is_release_process(*p)).collect()
 }
 
 /// The virtiofsd processes microvm `pid` started: (pid, its command line).
 fn virtiofsds(pid: u32) -> Vec<(u32, String)> {
     all_pids()
         .into_iter()
-        .filter(|p| stat(*p).is_some_and(|(pp, _)| pp == pid))
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "virtiofsd"))
+        .filter(|p| stat(*p).is_some_and(|s| s.ppid == pid && s.comm == "virtiofsd"))
         .map(|p| (p, std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " ")))
         .collect()
 }
@@ -193,7 +157,7 @@ fn virtiofsd_missing_is_a_usage_error() {
 #[test]
 fn sigterm_stops_every_virtiofsd_and_removes_the_state_dir() {
     let mut s = start_with_three_daemons("share-sigterm");
-    let procs = descendants(s.vm.pid());
+    let procs = daemons(s.vm.pid());
     assert!(procs.len() >= 3, "{procs:?}");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(s.vm.pid() as i32, libc::SIGTERM) };
@@ -208,7 +172,7 @@ fn sigterm_stops_every_virtiofsd_and_removes_the_state_dir() {
 #[test]
 fn virtiofsd_death_ends_the_vm_with_an_error() {
     let mut s = start_with_three_daemons("share-death");
-    let procs = descendants(s.vm.pid());
+    let procs = daemons(s.vm.pid());
     let (victim, _) = virtiofsds(s.vm.pid())
         .into_iter()
         .find(|(_, cmd)| cmd.contains(s.shared.to_str().unwrap()))
@@ -234,7 +198,7 @@ fn virtiofsd_death_ends_the_vm_with_an_error() {
 #[test]
 fn virtiofsd_dies_with_a_killed_microvm_and_the_next_run_cleans_up() {
     let mut s = start_with_three_daemons("share-kill9");
-    let procs = descendants(s.vm.pid());
+    let procs = daemons(s.vm.pid());
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(s.vm.pid() as i32, libc::SIGKILL) };
     s.vm.wait(Duration::from_secs(5)).expect("SIGKILL");
@@ -314,7 +278,7 @@ fn guest_uses_shares_and_survives_nothing_when_virtiofsd_dies() {
     );
 
     // The guest is now reading /tmp/rw in a loop: kill that share's virtiofsd.
-    let procs = descendants(vm.pid());
+    let procs = daemons(vm.pid());
     let (victim, _) = virtiofsds(vm.pid())
         .into_iter()
         .find(|(_, cmd)| cmd.contains(rw.to_str().unwrap()))

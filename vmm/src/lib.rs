@@ -22,6 +22,7 @@ pub mod machine;
 pub mod memory;
 pub mod nics;
 pub mod quirks;
+pub mod release;
 pub mod seccomp;
 pub mod share;
 pub mod snapshot;

@@ -90,14 +90,21 @@ pub struct Vmm {
     raw_terminal: Option<crate::terminal::RawTerminal>,
 }
 
-/// A VM fd with what every microvm guest has: TSS, in-kernel irqchip and PIT.
+/// A VM fd, its release process (release.rs) forked before the memory is mapped, so that
+/// the fork copies little.
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    crate::release::delegate(&vm);
+    Ok(vm)
+}
+
+/// What every microvm guest has: TSS, in-kernel irqchip and PIT.
+fn add_chips(vm: &VmFd) -> Result<(), VmError> {
     vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    Ok(vm)
+    Ok(())
 }
 
 /// Where the guest starts.
@@ -134,6 +141,7 @@ impl Vmm {
                 mem
             }
         };
+        add_chips(&vm)?;
         let own_init = guestinit::own_init(config);
         let boot_image = match start {
             Start::Boot(checked) => {
