@@ -283,6 +283,14 @@ fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
         assert_eq!(std::fs::read_link(format!("/proc/{release}/cwd")).unwrap(), std::path::Path::new("/"));
         let status = std::fs::read_to_string(format!("/proc/{release}/status")).unwrap();
         assert!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "not confined: {status}");
+        // A signal meant for microvm (a process group's SIGTERM, `pkill -USR1 microvm`) does
+        // not end it.
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
+            // SAFETY: kill(2) on a child of our child.
+            unsafe { libc::kill(release as i32, sig) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(microvm_tests::procs::alive(release), "a blockable signal ended the release process");
 
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid as i32, signal) };

@@ -18,9 +18,10 @@
 //! - Every other fd is closed, stdio included. A caller reading microvm's output sees EOF
 //!   when microvm exits, and no TAP, disk or socket lives on in it.
 //! - It moves to `/`, so it keeps no directory busy (a tmpfs can be unmounted).
-//! - It blocks the signals a terminal or a supervisor sends to a process group (INT, TERM,
-//!   HUP, QUIT), so a Ctrl-C cannot make it drop its reference before microvm's. SIGKILL
-//!   still works, and only makes the destruction synchronous again.
+//! - It blocks every signal that can be blocked: a Ctrl-C or a supervisor's SIGTERM to the
+//!   process group, or a `pkill -USR1 microvm` meant for microvm's register dump, cannot
+//!   make it drop its reference before microvm does. SIGKILL still works, and only makes
+//!   the destruction synchronous again.
 //! - A seccomp filter allows only `poll`, `restart_syscall` and the exits, and kills the
 //!   process for anything else.
 //!
@@ -108,10 +109,7 @@ unsafe fn release_child(vm: RawFd, pidfd: RawFd, name: *const libc::c_char, prog
         libc::chdir(c"/".as_ptr());
         libc::prctl(libc::PR_SET_NAME, name, 0, 0, 0);
         let mut blocked: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut blocked);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut blocked, sig);
-        }
+        libc::sigfillset(&mut blocked);
         libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut());
     }
     // Allocates nothing: a prctl and a seccomp call on the program built before the fork.

@@ -10,6 +10,7 @@
 //! | `microvm-stdin`, `microvm.stdout`, `microvm.stderr`, `microvm-control` | the command channel's pumps (channel.rs): fds 0/1/2 to and from the virtio-console's pipes; a snapshot's READY watcher or a restore's command writer on the control port | at thread start ([`spawn_confined`]) |
 //! | `dhcp-NAME`    | the DHCP responder (net crate): UDP socket, stop eventfd, lease file | at thread start (through `net::set_thread_start_hook`) |
 //! | `teardown`     | nothing until exit; then the ordered release (TAPs/bridges/nft, then virtiofsd) | **none** (see below)  |
+//! | `microvm-release` (a process, not a thread) | holds the VM fd until microvm has exited, so KVM destroys the VM there (crate::release) | its own: poll and exit only; anything else kills it |
 //! | `snapshot-save` | `--snapshot-to` runs only: nothing until the init is ready; then the save (VM state, disk metadata, the snapshot's files) while `main` waits ([`Unconfined`]) | **none** |
 //!
 //! The lists themselves are in [`rules`]; each entry says who needs it. [`enable`] compiles
