@@ -27,6 +27,8 @@ pub struct Attachment {
     mac: MacAddr,
     network: Option<(String, Subnet)>,
     bridge: Option<String>,
+    /// The guest's address on its named network (its lease).
+    ip: Option<Ipv4Addr>,
 }
 
 /// What tearing down undoes, in teardown order.
@@ -96,7 +98,7 @@ impl HostSide {
 
 impl Attachment {
     fn new(host: HostSide, mac: MacAddr, network: Option<(String, Subnet)>, bridge: Option<String>) -> Attachment {
-        Attachment { tap_fd: host.tap.fd(), tap_name: host.tap.name().to_string(), host: Some(host), mac, network, bridge }
+        Attachment { tap_fd: host.tap.fd(), tap_name: host.tap.name().to_string(), host: Some(host), mac, network, bridge, ip: None }
     }
 
     /// Tears the host side down (see the type's docs) and returns the first error; the
@@ -133,6 +135,11 @@ impl Attachment {
     }
 
     /// The named network (`nat`/`host-only`), if any.
+    /// The guest's address on its named network (the lease microvm's DHCP server hands it).
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.ip
+    }
+
     pub fn network(&self) -> Option<&str> {
         self.network.as_ref().map(|(n, _)| n.as_str())
     }
@@ -173,6 +180,12 @@ impl AsRawFd for Attachment {
 /// Sets up the host side of one guest NIC. `vm_id` identifies the VM (e.g. pid-based) and,
 /// with `nic_index`, derives the default MAC. Nothing is left half-created on error.
 pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment, NetError> {
+    attach_wanting(spec, vm_id, nic_index, None)
+}
+
+/// [`attach`], and on a named network, gives the guest `want_ip` if no live VM holds it: a
+/// restored guest's address, which it still has configured (see `dhcp::lease_for`).
+pub fn attach_wanting(spec: &NetSpec, vm_id: &str, nic_index: u32, want_ip: Option<Ipv4Addr>) -> Result<Attachment, NetError> {
     if matches!(spec.mode, NetMode::None) {
         return Err(SpecError::NothingToAttach.into());
     }
@@ -214,6 +227,7 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
                 vm_id,
                 allow_host: *allow_host,
                 overlay: resolved.as_ref().map(|(o, _)| o),
+                want_ip,
             })
         }
         NetMode::HostOnly { name, subnet, tap, allow_host, overlay } => {
@@ -228,6 +242,7 @@ pub fn attach(spec: &NetSpec, vm_id: &str, nic_index: u32) -> Result<Attachment,
                 vm_id,
                 allow_host: *allow_host,
                 overlay: resolved.as_ref().map(|(o, _)| o),
+                want_ip,
             })
         }
     }
@@ -237,5 +252,7 @@ fn join(rtnl: &Arc<Rtnl>, req: JoinRequest<'_>) -> Result<Attachment, NetError> 
     let (name, mac) = (req.name, req.mac);
     let j = network::join(&req, rtnl)?;
     let host = HostSide { dhcp: Some(j.dhcp), tap: j.tap, tap_cleanup: Some(j.tap_cleanup), membership: Some(j.membership) };
-    Ok(Attachment::new(host, mac, Some((name.to_string(), j.subnet)), Some(j.bridge)))
+    let mut att = Attachment::new(host, mac, Some((name.to_string(), j.subnet)), Some(j.bridge));
+    att.ip = Some(j.ip);
+    Ok(att)
 }

@@ -47,7 +47,7 @@ mod state;
 mod tap;
 mod thread_hook;
 
-pub use attach::{attach, Attachment};
+pub use attach::{attach, attach_wanting, Attachment};
 pub use bridge::BridgeError;
 pub use contain::panic_is_contained;
 pub use dhcp::{server_running as dhcp_server_running, stats as dhcp_stats, DhcpError, DhcpStats, LEASE_SECS};

@@ -175,6 +175,7 @@ impl Cli {
                 .transpose()?,
             snapshot_to: self.snapshot_to,
             from_snapshot: false,
+            nic_addresses: Vec::new(),
             specs: config::Specs { disks: self.disk, nets: self.net },
         })
     }

@@ -79,6 +79,9 @@ pub struct Vmm {
     vcpus: Vec<VcpuThread>,
     /// Owns the NICs' host side and the virtiofsd daemons (teardown.rs).
     teardown: Teardown,
+    /// Each NIC's address on its named network, in `--net` order: a snapshot keeps them, so
+    /// that a restore asks each network for its guest's address again.
+    nic_addresses: Vec<Option<std::net::Ipv4Addr>>,
     /// Where the `--snapshot-to` save runs under seccomp (seccomp/unconfined.rs).
     unconfined: Unconfined,
     channel: Option<crate::channel::Channel>,
@@ -285,11 +288,12 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(daemons.watcher(exit.clone())?)));
         // Setup is over: the teardown thread releases the host resources however the VM
         // ends, and this thread keeps only what its event loop needs.
+        let nic_addresses = nics.iter().map(net::Attachment::ip).collect();
         teardown.adopt(nics, daemons);
         crate::seccomp::confine(ThreadKind::EventLoop)?;
         Ok(Vmm {
-            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, teardown, unconfined,
-            channel, ready, console_plan, console_tail, panicked, raw_terminal,
+            kvm, vm, mem, event_manager, exit, serial, transports, disks, vcpus: running, teardown, nic_addresses,
+            unconfined, channel, ready, console_plan, console_tail, panicked, raw_terminal,
         })
     }
 
@@ -318,9 +322,9 @@ impl Vmm {
     /// seccomp it runs on the unfiltered save thread: reading the VM's state, the disks'
     /// metadata and writing files are beyond the event loop's filter.
     pub fn save(&self, dir: &std::path::Path, config: &VmConfig) -> Result<snapshot::format::SaveStats, VmError> {
-        let Vmm { kvm, vm, mem, serial, transports, disks, vcpus, .. } = self;
+        let Vmm { kvm, vm, mem, serial, transports, disks, vcpus, nic_addresses, .. } = self;
         self.unconfined.run(|| {
-            let config = snapshot::saved::describe(config)?;
+            let config = snapshot::saved::describe(config, nic_addresses)?;
             let caps = Arc::new(KvmCaps::new(kvm, vm)?);
             let vcpus = vcpus.iter().map(|v| v.pause.save(&caps)).collect::<Result<Vec<_>, _>>()?;
             let vm_state = snapshot::capture_vm(vm)?;

@@ -58,14 +58,25 @@ impl NetBackend for TapBackend {
 }
 
 /// Host side + device for NIC `index`. The attachment must outlive the VM's run; releasing
-/// it deletes the TAP (and the network, for its last user).
+/// it deletes the TAP (and the network, for its last user). A restore passes the address
+/// the guest had (`want_ip`); if a live VM holds it now, the guest gets another at its next
+/// DHCP renewal, and this says so.
 pub fn create(
     spec: &net::NetSpec,
     vm_id: &str,
     index: u32,
+    want_ip: Option<std::net::Ipv4Addr>,
     endpoint: EventEndpoint,
 ) -> Result<(net::Attachment, Box<dyn VirtioDevice>), NicError> {
-    let att = net::attach(spec, vm_id, index)?;
+    let att = net::attach_wanting(spec, vm_id, index, want_ip)?;
+    if let (Some(want), Some(got)) = (want_ip, att.ip()) {
+        if want != got {
+            eprintln!(
+                "microvm: eth{index}: the guest's address {want} is held by another VM on network {}; the guest gets {got} when its DHCP client renews",
+                att.network().unwrap_or("?")
+            );
+        }
+    }
     // SAFETY: dup of a valid fd the attachment owns; the new fd is owned by OwnedFd alone.
     let fd = unsafe { libc::fcntl(att.tap_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if fd < 0 {

@@ -134,7 +134,8 @@ pub fn attach_all(
     }
     let vm_id = vm_id(config);
     for (i, spec) in nets.iter().enumerate() {
-        let (att, device) = crate::nics::create(spec, &vm_id, i as u32, slots.endpoint())?;
+        let want_ip = config.nic_addresses.get(i).copied().flatten();
+        let (att, device) = crate::nics::create(spec, &vm_id, i as u32, want_ip, slots.endpoint())?;
         attachments.push(att);
         slots.attach(bus, device)?;
     }

@@ -71,11 +71,22 @@ impl LeaseTable {
     /// (with `live`, the MACs of the network's live VMs) that of the least recently renewed
     /// lease of a MAC not in `live`. `None` when every address is leased, unexpired and
     /// (with `live`) held by a live VM.
-    pub fn allocate(&mut self, mac: MacAddr, subnet: Subnet, now: u64, lease_secs: u64, live: Option<&[MacAddr]>) -> Option<Ipv4Addr> {
+    pub fn allocate(
+        &mut self,
+        mac: MacAddr,
+        want: Option<Ipv4Addr>,
+        subnet: Subnet,
+        now: u64,
+        lease_secs: u64,
+        live: Option<&[MacAddr]>,
+    ) -> Option<Ipv4Addr> {
         let expires = now.saturating_add(lease_secs);
         if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
             l.expires = expires;
             return Some(l.ip);
+        }
+        if let Some(ip) = self.take_wanted(mac, want, subnet, now, expires, live, |_| false) {
+            return Some(ip);
         }
         let free = (POOL_FIRST..=POOL_LAST)
             .map(|n| subnet.host(n))
@@ -90,9 +101,11 @@ impl LeaseTable {
     /// Like [`LeaseTable::allocate`] for overlay networks: a new MAC gets the first of its
     /// derived candidates that no lease here holds and `in_use` (a probe of the overlay)
     /// does not report taken.
+    #[allow(clippy::too_many_arguments)]
     pub fn allocate_derived(
         &mut self,
         mac: MacAddr,
+        want: Option<Ipv4Addr>,
         subnet: Subnet,
         now: u64,
         lease_secs: u64,
@@ -103,6 +116,9 @@ impl LeaseTable {
         if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
             l.expires = expires;
             return Some(l.ip);
+        }
+        if let Some(ip) = self.take_wanted(mac, want, subnet, now, expires, live, &mut in_use) {
+            return Some(ip);
         }
         let free = super::derive::candidates(mac)
             .map(|n| subnet.host(n))
@@ -117,6 +133,33 @@ impl LeaseTable {
 
     /// The address of the longest-expired lease, else (with `live`) of the least recently
     /// renewed lease of a MAC not in `live`: now `mac`'s.
+    /// Gives `mac` the address `want` (a restored guest's, which it still has configured) if
+    /// it is in the pool and no live VM holds it: free (and, on an overlay, not answered on
+    /// another host: `in_use`), expired, or leased to a MAC that no live VM on the network has
+    /// (a VM that left). None otherwise; the caller then allocates as for any VM.
+    #[allow(clippy::too_many_arguments)]
+    fn take_wanted(
+        &mut self,
+        mac: MacAddr,
+        want: Option<Ipv4Addr>,
+        subnet: Subnet,
+        now: u64,
+        expires: u64,
+        live: Option<&[MacAddr]>,
+        mut in_use: impl FnMut(Ipv4Addr) -> bool,
+    ) -> Option<Ipv4Addr> {
+        let ip = want.filter(|ip| in_pool(subnet, *ip))?;
+        match self.leases.iter_mut().find(|l| l.ip == ip) {
+            None if !in_use(ip) => self.leases.push(Lease { mac, ip, expires }),
+            Some(l) if l.expires <= now || live.is_some_and(|live| !live.contains(&l.mac)) => {
+                l.mac = mac;
+                l.expires = expires;
+            }
+            _ => return None,
+        }
+        Some(ip)
+    }
+
     fn reclaim(&mut self, mac: MacAddr, now: u64, expires: u64, live: Option<&[MacAddr]>) -> Option<Ipv4Addr> {
         let any_expired = self.leases.iter().any(|l| l.expires <= now);
         let takable = |l: &Lease| {
@@ -164,7 +207,7 @@ impl LeaseFile {
     /// Allocates (or renews) the MAC's lease under the file lock (reclaiming only expired
     /// leases: the DHCP server does not know who else is on the network).
     pub fn allocate(&self, mac: MacAddr) -> io::Result<Option<Ipv4Addr>> {
-        self.allocate_checked(mac, None, |_| false)
+        self.allocate_checked(mac, None, None, |_| false)
     }
 
     /// Like [`LeaseFile::allocate`]; on an overlay network a new address is first offered
@@ -174,14 +217,15 @@ impl LeaseFile {
     pub fn allocate_checked(
         &self,
         mac: MacAddr,
+        want: Option<Ipv4Addr>,
         live: Option<&[MacAddr]>,
         in_use: impl FnMut(Ipv4Addr) -> bool,
     ) -> io::Result<Option<Ipv4Addr>> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if self.derived {
-            self.update(|t| t.allocate_derived(mac, self.subnet, now, self.lease_secs, live, in_use))
+            self.update(|t| t.allocate_derived(mac, want, self.subnet, now, self.lease_secs, live, in_use))
         } else {
-            self.update(|t| t.allocate(mac, self.subnet, now, self.lease_secs, live))
+            self.update(|t| t.allocate(mac, want, self.subnet, now, self.lease_secs, live))
         }
     }
 
@@ -227,11 +271,11 @@ mod tests {
     #[test]
     fn stable_and_unique() {
         let mut t = LeaseTable::default();
-        let a = t.allocate(mac(1), subnet(), 100, 3600, None).unwrap();
-        let b = t.allocate(mac(2), subnet(), 100, 3600, None).unwrap();
+        let a = t.allocate(mac(1), None, subnet(), 100, 3600, None).unwrap();
+        let b = t.allocate(mac(2), None, subnet(), 100, 3600, None).unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 200, 0, 2));
         assert_eq!(b, Ipv4Addr::new(10, 200, 0, 3));
-        assert_eq!(t.allocate(mac(1), subnet(), 5000, 3600, None), Some(a), "same MAC, same IP");
+        assert_eq!(t.allocate(mac(1), None, subnet(), 5000, 3600, None), Some(a), "same MAC, same IP");
         assert_eq!(t.leases[0].expires, 8600, "renewed");
         let reparsed = LeaseTable::parse(&t.render(), subnet());
         assert_eq!(reparsed, t);
@@ -241,16 +285,16 @@ mod tests {
     fn pool_exhaustion_and_reclaim() {
         let mut t = LeaseTable::default();
         for n in 0..253 {
-            assert!(t.allocate(mac(n), subnet(), 100, 10, None).is_some());
+            assert!(t.allocate(mac(n), None, subnet(), 100, 10, None).is_some());
         }
         let ips: std::collections::HashSet<_> = t.leases.iter().map(|l| l.ip).collect();
         assert_eq!(ips.len(), 253);
         assert!(ips.iter().all(|ip| (2..=254).contains(&ip.octets()[3])));
         // Full and nothing expired yet.
-        assert_eq!(t.allocate(mac(999), subnet(), 105, 10, None), None);
+        assert_eq!(t.allocate(mac(999), None, subnet(), 105, 10, None), None);
         // After expiry the oldest lease is reused.
         t.leases[17].expires = 50;
-        let ip = t.allocate(mac(999), subnet(), 200, 10, None).unwrap();
+        let ip = t.allocate(mac(999), None, subnet(), 200, 10, None).unwrap();
         assert_eq!(ip, t.leases[17].ip);
         assert_eq!(t.get(mac(17)), None);
         assert_eq!(t.get(mac(999)), Some(ip));
@@ -261,22 +305,22 @@ mod tests {
         let mut t = LeaseTable::default();
         for n in 0..253 {
             // Renewed at different times: mac(n)'s lease expires at 1000 + n.
-            assert!(t.allocate(mac(n), subnet(), 100 + u64::from(n), 900, None).is_some());
+            assert!(t.allocate(mac(n), None, subnet(), 100 + u64::from(n), 900, None).is_some());
         }
         let live: Vec<MacAddr> = (0..253).filter(|n| n % 2 == 0).map(mac).collect();
         // Nothing expired: the DHCP server (no view of the users) still finds the pool full...
-        assert_eq!(t.allocate(mac(999), subnet(), 500, 900, None), None);
+        assert_eq!(t.allocate(mac(999), None, subnet(), 500, 900, None), None);
         // ...and so does a join while every MAC is live.
         let all: Vec<MacAddr> = (0..253).map(mac).collect();
-        assert_eq!(t.allocate(mac(999), subnet(), 500, 900, Some(&all)), None);
+        assert_eq!(t.allocate(mac(999), None, subnet(), 500, 900, Some(&all)), None);
         // A join takes the least recently renewed lease of a MAC gone from the network.
-        let ip = t.allocate(mac(999), subnet(), 500, 900, Some(&live)).unwrap();
+        let ip = t.allocate(mac(999), None, subnet(), 500, 900, Some(&live)).unwrap();
         assert_eq!(t.get(mac(1)), None, "mac(1): the oldest idle lease");
         assert_eq!(t.get(mac(999)), Some(ip));
         assert!(live.iter().all(|m| t.get(*m).is_some()), "a live VM's lease is never taken");
         // An expired lease still goes first, idle or not.
         t.leases.iter_mut().find(|l| l.mac == mac(200)).unwrap().expires = 10;
-        let ip2 = t.allocate(mac(1000), subnet(), 500, 900, Some(&live)).unwrap();
+        let ip2 = t.allocate(mac(1000), None, subnet(), 500, 900, Some(&live)).unwrap();
         assert_eq!(t.get(mac(200)), None);
         assert_eq!(t.get(mac(1000)), Some(ip2));
     }
@@ -302,24 +346,24 @@ mod tests {
         let first: Vec<Ipv4Addr> = super::super::derive::candidates(mac(1)).take(3).map(|n| subnet().host(n)).collect();
         // Alone: the first candidate, whatever the lease order.
         let mut t = LeaseTable::default();
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, None, |_| false), Some(first[0]));
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 200, 10, None, |_| panic!("a lease needs no probe")), Some(first[0]));
+        assert_eq!(t.allocate_derived(mac(1), None, subnet(), 100, 10, None, |_| false), Some(first[0]));
+        assert_eq!(t.allocate_derived(mac(1), None, subnet(), 200, 10, None, |_| panic!("a lease needs no probe")), Some(first[0]));
         // Leased here by another MAC: the next candidate, no probe for the leased one.
         let mut t = LeaseTable::default();
         t.leases.push(Lease { mac: mac(9), ip: first[0], expires: 1 });
         let mut probed = Vec::new();
-        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, None, |ip| {
+        let ip = t.allocate_derived(mac(1), None, subnet(), 100, 10, None, |ip| {
             probed.push(ip);
             false
         });
         assert_eq!((ip, probed), (Some(first[1]), vec![first[1]]));
         // Answered for on the overlay: skipped.
         let mut t = LeaseTable::default();
-        let ip = t.allocate_derived(mac(1), subnet(), 100, 10, None, |ip| ip == first[0] || ip == first[1]);
+        let ip = t.allocate_derived(mac(1), None, subnet(), 100, 10, None, |ip| ip == first[0] || ip == first[1]);
         assert_eq!(ip, Some(first[2]));
         // Everything taken: nothing (no lease expired to reclaim).
         let mut t = LeaseTable::default();
-        assert_eq!(t.allocate_derived(mac(1), subnet(), 100, 10, None, |_| true), None);
+        assert_eq!(t.allocate_derived(mac(1), None, subnet(), 100, 10, None, |_| true), None);
     }
 
     #[test]
@@ -336,4 +380,34 @@ mod tests {
         assert_eq!(lf2.read().unwrap().leases.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_restored_guest_gets_its_address_back_unless_a_live_vm_holds_it() {
+        let host = |n| subnet().host(n);
+        let mut t = LeaseTable::default();
+        // Free: granted, though lower addresses are free too.
+        assert_eq!(t.allocate(mac(1), Some(host(7)), subnet(), 100, 3600, Some(&[])), Some(host(7)));
+        // A MAC with a lease keeps it, whatever it asks for.
+        assert_eq!(t.allocate(mac(1), Some(host(9)), subnet(), 200, 3600, Some(&[])), Some(host(7)));
+        // Held by a live VM: not taken; the first free address instead.
+        assert_eq!(t.allocate(mac(2), Some(host(7)), subnet(), 100, 3600, Some(&[mac(1)])), Some(host(2)));
+        assert_eq!(t.get(mac(1)), Some(host(7)));
+        // Leased to a MAC that no live VM has (its VM left): taken over.
+        assert_eq!(t.allocate(mac(3), Some(host(7)), subnet(), 100, 3600, Some(&[mac(2)])), Some(host(7)));
+        assert_eq!(t.get(mac(1)), None);
+        // Expired: taken over, even when the caller does not know who is live.
+        let mut e = LeaseTable::default();
+        e.allocate(mac(4), None, subnet(), 100, 10, None);
+        assert_eq!(e.allocate(mac(5), Some(host(2)), subnet(), 500, 10, None), Some(host(2)));
+        // Not in the pool (the gateway, another subnet): an ordinary allocation.
+        let mut o = LeaseTable::default();
+        assert_eq!(o.allocate(mac(6), Some(host(1)), subnet(), 100, 10, None), Some(host(2)));
+        assert_eq!(o.allocate(mac(7), Some(Ipv4Addr::new(10, 9, 9, 9)), subnet(), 100, 10, None), Some(host(3)));
+        // On an overlay, an address another host answers for is not taken.
+        let mut d = LeaseTable::default();
+        let ip = d.allocate_derived(mac(8), Some(host(40)), subnet(), 100, 10, None, |ip| ip == host(40)).unwrap();
+        assert_ne!(ip, host(40));
+        assert_eq!(d.allocate_derived(mac(9), Some(host(41)), subnet(), 100, 10, None, |_| false), Some(host(41)));
+    }
+
 }

@@ -220,14 +220,16 @@ fn unregister(network: &str, mac: MacAddr) -> Result<(), DhcpError> {
 /// The address the network's DHCP server hands `mac` (allocated, or renewed, now in the
 /// shared lease file); `None` when the pool is full of leases of `live` MACs (the network's
 /// live VMs) and unexpired ones. On an overlay network a new address is one `in_use` (a
-/// probe of the other hosts) does not report taken.
+/// probe of the other hosts) does not report taken. A MAC without a lease gets `want` (a
+/// restored guest's address) if no live VM holds it.
 pub(crate) fn lease_for(
     net: &DhcpNetwork,
     mac: MacAddr,
+    want: Option<Ipv4Addr>,
     live: &[MacAddr],
     in_use: impl FnMut(Ipv4Addr) -> bool,
 ) -> io::Result<Option<Ipv4Addr>> {
-    net.lease_file().allocate_checked(mac, Some(live), in_use)
+    net.lease_file().allocate_checked(mac, want, Some(live), in_use)
 }
 
 /// Whether this process runs a DHCP server for `network` (for tests and diagnostics).
@@ -306,7 +308,7 @@ pub fn fuzz_packet(buf: &[u8]) {
     let subnet = Subnet::from_octets(10, 200, 7);
     let params = ServerParams { subnet, dns: vec![Ipv4Addr::new(10, 200, 7, 1)], lease_secs: LEASE_SECS, mtu: Some(1450) };
     let mut table = lease::LeaseTable::default();
-    let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, subnet, 1, u64::from(LEASE_SECS), None))
+    let Some(reply) = packet::decide(&req, params.server_ip(), || table.allocate(req.mac, None, subnet, 1, u64::from(LEASE_SECS), None))
     else {
         return;
     };

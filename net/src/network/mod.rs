@@ -373,6 +373,8 @@ pub(crate) struct Joined {
     pub membership: Membership,
     pub subnet: Subnet,
     pub bridge: String,
+    /// The guest's address (its lease).
+    pub ip: std::net::Ipv4Addr,
 }
 
 /// What the spec asks of a named network.
@@ -387,6 +389,9 @@ pub(crate) struct JoinRequest<'a> {
     pub allow_host: bool,
     /// Resolved: inline or from the network's definition file (whose subnet is in `subnet`).
     pub overlay: Option<&'a Overlay>,
+    /// The address to give the guest if no live VM holds it: a restored guest's, which it
+    /// still has configured (see `dhcp::lease_for`).
+    pub want_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Joins (creating if needed) a named network and plugs a new TAP into it, over the
@@ -466,7 +471,7 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
     // The guest's address, allocated now so the anti-spoofing guard can name it; the DHCP
     // server hands out the same one (a MAC keeps its lease, see dhcp::lease).
     let live_macs: Vec<MacAddr> = live.iter().filter_map(|u| u.mac).collect();
-    let ip = dhcp::lease_for(&dhcp_net, req.mac, &live_macs, in_use)
+    let ip = dhcp::lease_for(&dhcp_net, req.mac, req.want_ip, &live_macs, in_use)
         .map_err(|source| NetworkError::Leases { name: req.name.to_string(), source })?
         .ok_or_else(|| NetworkError::PoolFull { name: req.name.to_string(), mac: req.mac })?;
     drop(prober);
@@ -496,6 +501,7 @@ pub(crate) fn join(req: &JoinRequest<'_>, rtnl: &Arc<Rtnl>) -> Result<Joined, Ne
         membership: Membership { rtnl: rtnl.clone(), root: root.clone(), name: req.name.to_string(), entry, tracked: Some(tracked) },
         subnet: record.subnet,
         bridge,
+        ip,
     })
 }
 

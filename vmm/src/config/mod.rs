@@ -116,6 +116,9 @@ pub struct VmConfig {
     pub snapshot_to: Option<PathBuf>,
     /// Built from a snapshot (`--restore`): microvm's init is already waiting in the guest.
     pub from_snapshot: bool,
+    /// A restore's: each NIC's address when the snapshot was taken, in `--net` order (empty
+    /// for a boot). Each NIC asks its network for it again (`net::attach_wanting`).
+    pub nic_addresses: Vec<Option<std::net::Ipv4Addr>>,
     /// The `--disk` and `--net` specs as given, which a snapshot keeps so that a restore
     /// reads them again with the same parser.
     pub specs: Specs,
@@ -147,6 +150,7 @@ impl Default for VmConfig {
             timeout: None,
             snapshot_to: None,
             from_snapshot: false,
+            nic_addresses: Vec::new(),
             specs: Specs::default(),
         }
     }

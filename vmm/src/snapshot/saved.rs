@@ -27,6 +27,11 @@ pub struct SavedConfig {
     pub specs: Specs,
     /// Each disk image as it was when the snapshot was taken, in `--disk` order.
     pub disks: Vec<DiskIdentity>,
+    /// Each NIC's address on its named network when the snapshot was taken (the guest still
+    /// has it configured), in `--net` order; None where the NIC is on no named network.
+    /// Snapshots written before it have none.
+    #[serde(default)]
+    pub nic_addresses: Vec<Option<std::net::Ipv4Addr>>,
 }
 
 /// What identifies a disk image's contents cheaply: its length and modification time.
@@ -73,7 +78,7 @@ fn identity(path: &Path) -> std::io::Result<DiskIdentity> {
 
 /// The configuration to save with a snapshot of `config` (its disks as they are now: call
 /// it with the VM paused).
-pub fn describe(config: &VmConfig) -> Result<serde_json::Value, SnapshotError> {
+pub fn describe(config: &VmConfig, nic_addresses: &[Option<std::net::Ipv4Addr>]) -> Result<serde_json::Value, SnapshotError> {
     let cwd = std::env::current_dir().map_err(|source| SnapshotError::Io {
         what: "cannot read the current directory for",
         path: PathBuf::from("."),
@@ -91,6 +96,7 @@ pub fn describe(config: &VmConfig) -> Result<serde_json::Value, SnapshotError> {
         quirks: config.quirks,
         specs: config.specs.clone(),
         disks,
+        nic_addresses: nic_addresses.to_vec(),
     };
     serde_json::to_value(&saved).map_err(SnapshotError::Encode)
 }
@@ -154,6 +160,7 @@ pub fn config(snap: &Snapshot, runtime: VmConfig) -> Result<VmConfig, crate::vm:
         disks,
         nets,
         specs: saved.specs,
+        nic_addresses: saved.nic_addresses,
         from_snapshot: true,
         ..runtime
     };
