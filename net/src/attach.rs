@@ -134,12 +134,12 @@ impl Attachment {
         })
     }
 
-    /// The named network (`nat`/`host-only`), if any.
     /// The guest's address on its named network (the lease microvm's DHCP server hands it).
     pub fn ip(&self) -> Option<Ipv4Addr> {
         self.ip
     }
 
+    /// The named network (`nat`/`host-only`), if any.
     pub fn network(&self) -> Option<&str> {
         self.network.as_ref().map(|(n, _)| n.as_str())
     }

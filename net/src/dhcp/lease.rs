@@ -67,6 +67,7 @@ impl LeaseTable {
     }
 
     /// The MAC's address, renewed until `now + lease_secs`; a new one if it has none:
+    /// `want` if it is given and no live VM holds it (see [`LeaseTable::take_wanted`]), else
     /// the lowest free pool address, else the address of the longest-expired lease, else
     /// (with `live`, the MACs of the network's live VMs) that of the least recently renewed
     /// lease of a MAC not in `live`. `None` when every address is leased, unexpired and
@@ -80,22 +81,8 @@ impl LeaseTable {
         lease_secs: u64,
         live: Option<&[MacAddr]>,
     ) -> Option<Ipv4Addr> {
-        let expires = now.saturating_add(lease_secs);
-        if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
-            l.expires = expires;
-            return Some(l.ip);
-        }
-        if let Some(ip) = self.take_wanted(mac, want, subnet, now, expires, live, |_| false) {
-            return Some(ip);
-        }
-        let free = (POOL_FIRST..=POOL_LAST)
-            .map(|n| subnet.host(n))
-            .find(|ip| !self.leases.iter().any(|l| l.ip == *ip));
-        if let Some(ip) = free {
-            self.leases.push(Lease { mac, ip, expires });
-            return Some(ip);
-        }
-        self.reclaim(mac, now, expires, live)
+        let pool = (POOL_FIRST..=POOL_LAST).map(|n| subnet.host(n));
+        self.allocate_from(mac, want, subnet, now.saturating_add(lease_secs), now, live, pool, |_| false)
     }
 
     /// Like [`LeaseTable::allocate`] for overlay networks: a new MAC gets the first of its
@@ -110,9 +97,26 @@ impl LeaseTable {
         now: u64,
         lease_secs: u64,
         live: Option<&[MacAddr]>,
+        in_use: impl FnMut(Ipv4Addr) -> bool,
+    ) -> Option<Ipv4Addr> {
+        let candidates = super::derive::candidates(mac).map(|n| subnet.host(n));
+        self.allocate_from(mac, want, subnet, now.saturating_add(lease_secs), now, live, candidates, in_use)
+    }
+
+    /// [`LeaseTable::allocate`], with a new address taken from `candidates` in order: the first
+    /// that no lease holds and `in_use` does not report taken.
+    #[allow(clippy::too_many_arguments)]
+    fn allocate_from(
+        &mut self,
+        mac: MacAddr,
+        want: Option<Ipv4Addr>,
+        subnet: Subnet,
+        expires: u64,
+        now: u64,
+        live: Option<&[MacAddr]>,
+        candidates: impl Iterator<Item = Ipv4Addr>,
         mut in_use: impl FnMut(Ipv4Addr) -> bool,
     ) -> Option<Ipv4Addr> {
-        let expires = now.saturating_add(lease_secs);
         if let Some(l) = self.leases.iter_mut().find(|l| l.mac == mac) {
             l.expires = expires;
             return Some(l.ip);
@@ -120,10 +124,7 @@ impl LeaseTable {
         if let Some(ip) = self.take_wanted(mac, want, subnet, now, expires, live, &mut in_use) {
             return Some(ip);
         }
-        let free = super::derive::candidates(mac)
-            .map(|n| subnet.host(n))
-            .filter(|ip| !self.leases.iter().any(|l| l.ip == *ip))
-            .find(|ip| !in_use(*ip));
+        let free = candidates.filter(|ip| !self.leases.iter().any(|l| l.ip == *ip)).find(|ip| !in_use(*ip));
         if let Some(ip) = free {
             self.leases.push(Lease { mac, ip, expires });
             return Some(ip);
@@ -131,8 +132,6 @@ impl LeaseTable {
         self.reclaim(mac, now, expires, live)
     }
 
-    /// The address of the longest-expired lease, else (with `live`) of the least recently
-    /// renewed lease of a MAC not in `live`: now `mac`'s.
     /// Gives `mac` the address `want` (a restored guest's, which it still has configured) if
     /// it is in the pool and no live VM holds it: free (and, on an overlay, not answered on
     /// another host: `in_use`), expired, or leased to a MAC that no live VM on the network has
@@ -160,6 +159,8 @@ impl LeaseTable {
         Some(ip)
     }
 
+    /// The address of the longest-expired lease, else (with `live`) of the least recently
+    /// renewed lease of a MAC not in `live`: now `mac`'s.
     fn reclaim(&mut self, mac: MacAddr, now: u64, expires: u64, live: Option<&[MacAddr]>) -> Option<Ipv4Addr> {
         let any_expired = self.leases.iter().any(|l| l.expires <= now);
         let takable = |l: &Lease| {
