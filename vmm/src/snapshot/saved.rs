@@ -5,7 +5,8 @@
 //! reads the specs again with the same parser, so the devices are re-created exactly as
 //! booted (same order, hence same slots). It refuses a disk that changed since the snapshot
 //! (length or modification time): the guest's page cache in the saved memory describes the
-//! image as it was.
+//! image as it was. It also keeps each NIC's address on its network, which the guest still
+//! has configured: a restore asks the network for it again.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
