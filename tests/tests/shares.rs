@@ -75,7 +75,6 @@ impl Drop for Vm {
     }
 }
 
-
 /// Every descendant of microvm `pid` but its release process (vmm/src/release.rs), which
 /// outlives it by design: the virtiofsd daemons and their sandboxed workers.
 fn daemons(pid: u32) -> Vec<u32> {
