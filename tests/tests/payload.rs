@@ -281,8 +281,12 @@ fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
         fds.sort();
         assert_eq!(fds, ["anon_inode:[pidfd]", "anon_inode:kvm-vm"], "the release process holds more");
         assert_eq!(std::fs::read_link(format!("/proc/{release}/cwd")).unwrap(), std::path::Path::new("/"));
-        let status = std::fs::read_to_string(format!("/proc/{release}/status")).unwrap();
-        assert!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "not confined: {status}");
+        // It takes its name right before it installs its filter.
+        let confined = || {
+            let status = std::fs::read_to_string(format!("/proc/{release}/status")).unwrap_or_default();
+            status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))
+        };
+        assert!(wait_until(Duration::from_secs(5), confined), "the release process is not confined");
         // A signal meant for microvm (a process group's SIGTERM, `pkill -USR1 microvm`) does
         // not end it.
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {

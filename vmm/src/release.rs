@@ -107,10 +107,12 @@ unsafe fn release_child(vm: RawFd, pidfd: RawFd, name: *const libc::c_char, prog
     // stack; none allocates or takes a lock.
     unsafe {
         libc::chdir(c"/".as_ptr());
-        libc::prctl(libc::PR_SET_NAME, name, 0, 0, 0);
         let mut blocked: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut blocked);
         libc::sigprocmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut());
+        // Last before the filter: whoever finds the process by its name finds it holding
+        // only its two fds, in `/`, with its signals blocked.
+        libc::prctl(libc::PR_SET_NAME, name, 0, 0, 0);
     }
     // Allocates nothing: a prctl and a seccomp call on the program built before the fork.
     // Without the filter, the process still only waits and exits.
