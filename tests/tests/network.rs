@@ -445,9 +445,10 @@ fn bad_net_input_exits_2_and_leaves_nothing() {
 /// guest keeps its MAC and its DHCP address, and reaches the "internet" through NAT. The
 /// guest was booted while another VM held the network's first address, so its address is
 /// the second: a restore onto the network created anew asks for that address again and gets
-/// it, though the first is free then. A second restore of the same snapshot while the first
-/// runs would put one MAC twice on the bridge: it is refused (exit 2, one line) and the
-/// first keeps working. Nothing is left behind.
+/// it, though the first is free then; where a live VM holds it, the guest gets another and
+/// its init configures the network again. A second restore of the same snapshot while the
+/// first runs would put one MAC twice on the bridge: it is refused (exit 2, one line) and
+/// the first keeps working. Nothing is left behind.
 #[test]
 fn restored_guest_keeps_its_lease_and_nat() {
     let world = World::new();
@@ -535,5 +536,22 @@ fn restored_guest_keeps_its_lease_and_nat() {
     }
     stop(holder);
     assert_eq!(world.leftovers(), Vec::<String>::new(), "the last VM's exit takes the pool with the network");
+
+    // The network created anew by two other VMs, which take its first two addresses: the
+    // snapshot's is held by a live VM. The restore gets the next one, says so, and the
+    // guest's init configures the network again before the command, so NAT works.
+    let a = hold("sn-hold-a", 1);
+    let b = hold("sn-hold-b", 2);
+    let moved = world.run("snap-r6", &restore_args(&probe), BOOT_TIMEOUT);
+    assert_eq!(moved.code(), 0, "{moved:?}");
+    assert!(
+        moved.stderr.contains("the guest's address 10.123.11.3 is held by another VM on network sn"),
+        "{moved:?}"
+    );
+    assert_eq!(field(&moved.stdout, "ADDR="), Some("10.123.11.4/24"), "{moved:?}");
+    assert!(moved.stdout.contains("FETCH=hello-internet"), "{moved:?}");
+    stop(a);
+    stop(b);
+    assert_eq!(world.leftovers(), Vec::<String>::new());
     std::fs::remove_dir_all(&dir).unwrap();
 }

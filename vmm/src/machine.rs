@@ -199,17 +199,20 @@ impl Vmm {
         // early error return, their Drop does it.
         let mut disks = Vec::new();
         let nics = crate::virtio::attach_all(&mut virtio, &mut mmio, config, fs_devices, &mut disks)?;
+        // A restored NIC whose saved address a live VM holds got another (nics.rs says so):
+        // the init configures the network again before the command.
+        let renew = nics.iter().zip(&config.nic_addresses).any(|(a, want)| want.is_some() && a.ip() != *want);
         let mut ready = None;
         let channel = if command_channel {
             let mode = match (&start, &config.snapshot_to) {
                 (Start::Restore(..), _) => crate::channel::Mode::SendCommand {
-                    message: command_message(config)?,
+                    message: command_message(config, renew)?,
                     stdin: !config.command.is_empty(),
                     hold: false,
                 },
                 // The init waits for it (guestinit::params put `microvm.wait` instead).
                 (Start::Boot(_), None) if !guestinit::command_on_cmdline(config) => {
-                    crate::channel::Mode::SendCommand { message: command_message(config)?, stdin: true, hold: true }
+                    crate::channel::Mode::SendCommand { message: command_message(config, false)?, stdin: true, hold: true }
                 }
                 (Start::Boot(_), Some(_)) => {
                     let flag = Arc::new(AtomicBool::new(false));
@@ -448,8 +451,11 @@ pub fn layer_name(index: usize) -> String {
 
 /// The command line for the init waiting in a restored VM, or in a booted one whose command
 /// was too long for the kernel command line (protocol::command_message).
-fn command_message(config: &VmConfig) -> Result<Vec<u8>, VmError> {
+fn command_message(config: &VmConfig, renew: bool) -> Result<Vec<u8>, VmError> {
     let mut words = Vec::new();
+    if renew {
+        words.push(guestinit::protocol::RENEW.to_string());
+    }
     if let Some(term) = guestinit::term_param() {
         words.push(term);
     }

@@ -59,8 +59,8 @@ impl NetBackend for TapBackend {
 
 /// Host side + device for NIC `index`. The attachment must outlive the VM's run; releasing
 /// it deletes the TAP (and the network, for its last user). A restore passes the address
-/// the guest had (`want_ip`); if a live VM holds it now, the guest gets another at its next
-/// DHCP renewal, and this says so.
+/// the guest had (`want_ip`); if a live VM holds it now, the guest gets another, and this
+/// says so (the restore then has the guest's init configure the network again).
 pub fn create(
     spec: &net::NetSpec,
     vm_id: &str,
@@ -72,7 +72,7 @@ pub fn create(
     if let (Some(want), Some(got)) = (want_ip, att.ip()) {
         if want != got {
             eprintln!(
-                "microvm: eth{index}: the guest's address {want} is held by another VM on network {}; the guest gets {got} when its DHCP client renews",
+                "microvm: eth{index}: the guest's address {want} is held by another VM on network {}; the guest's init takes {got} instead",
                 att.network().unwrap_or("?")
             );
         }

@@ -127,6 +127,7 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
         return Err(Fail::new(e.to_string()));
     }
     params.argv = sent.argv;
+    params.renew = sent.renew;
     params.cwd = sent.cwd.or(params.cwd.take());
     params.term = sent.term.or(params.term.take());
     Ok(())

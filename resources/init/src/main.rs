@@ -58,6 +58,12 @@ fn boot() -> Result<u8> {
     if params.wait {
         // Snapshots are taken here: the command arrives in the restored VM.
         channel::wait_for_command(&mut params)?;
+        if params.renew {
+            // Restored onto a network where another VM holds the saved address: microvm's
+            // DHCP server has another lease for this MAC.
+            let dns = net::renew();
+            net::write_resolv_conf(&dns, root.writable);
+        }
     }
     run::run(&params)
 }

@@ -77,6 +77,28 @@ pub fn up() -> Dns {
     dns
 }
 
+/// Configures every interface again (`microvm.renew`, see protocol.rs): each Ethernet
+/// interface's address is removed first, so that its DHCP messages go out from 0.0.0.0, as at
+/// boot. From the old address, microvm's guard would drop them: another VM holds it now.
+pub fn renew() -> Dns {
+    if let (Ok(ctl), Ok(dir)) = (socket(libc::SOCK_DGRAM), std::fs::read_dir("/sys/class/net")) {
+        for name in dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()) {
+            if !is_ethernet(&name) {
+                continue;
+            }
+            // Setting 0.0.0.0 removes the interface's IPv4 address (and its routes).
+            let cleared = ifreq(&name).and_then(|mut r| {
+                r.ifr_ifru.ifru_addr = sockaddr(Ipv4Addr::UNSPECIFIED);
+                ioctl(&ctl, libc::SIOCSIFADDR, &mut r)
+            });
+            if let Err(e) = cleared {
+                sys::say(format_args!("{name}: cannot remove its address: {e}"));
+            }
+        }
+    }
+    up()
+}
+
 fn is_ethernet(name: &str) -> bool {
     std::fs::read_to_string(format!("/sys/class/net/{name}/type")).is_ok_and(|t| t.trim() == ARPHRD_ETHER)
 }
@@ -157,8 +179,12 @@ fn configure(sock: &OwnedFd, name: &str, lease: &Lease, default_route: bool) -> 
         rt.rt_gateway = sockaddr(gw);
         rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
         rt.rt_dev = dev.as_ptr().cast_mut();
-        // The kernel reads rt_dev during the call; `dev` outlives it.
-        ioctl(sock, libc::SIOCADDRT, &mut rt)?;
+        // The kernel reads rt_dev during the call; `dev` outlives it. A route that exists
+        // already (the network configured again after a restore) is the one wanted.
+        match ioctl(sock, libc::SIOCADDRT, &mut rt) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            r => r?,
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@
 //! | `microvm.term=TERM`         | `TERM` for the command (default `linux`)                 |
 //! | `microvm.exitdev=0xADDR`    | physical address of microvm's exit device (a 32-bit write of the status) |
 //! | `microvm.wait`              | the command comes later, over the control port (below)   |
+//! | `microvm.renew`             | (control port only) a restored guest's address went to another VM: configure every interface by DHCP again before the command |
 //!
 //! # Waiting for the command (snapshots, long commands)
 //!
@@ -50,6 +51,7 @@ pub const SHARE: &str = "microvm.share";
 pub const TERM: &str = "microvm.term";
 pub const EXIT_DEVICE: &str = "microvm.exitdev";
 pub const WAIT: &str = "microvm.wait";
+pub const RENEW: &str = "microvm.renew";
 
 /// The control port: READY from the init, then the command from microvm (see above).
 pub const PORT_CONTROL: &str = "microvm.control";
@@ -160,6 +162,8 @@ pub struct Params {
     pub exit_device: Option<u64>,
     /// `microvm.wait`: the command comes over the control port.
     pub wait: bool,
+    /// `microvm.renew`: configure the network again before the command.
+    pub renew: bool,
     /// Parameters of microvm's that could not be read (the init reports the first, after
     /// it has learnt where the exit device is).
     pub errors: Vec<BadParam>,
@@ -187,6 +191,7 @@ impl Params {
             match (key, value) {
                 ("ro", None) => p.read_write = false,
                 (WAIT, None) => p.wait = true,
+                (RENEW, None) => p.renew = true,
                 ("rw", None) => p.read_write = true,
                 ("root", Some(v)) => p.root = Some(v.to_string()),
                 ("rootfstype", Some(v)) => p.rootfstype = Some(v.to_string()),
@@ -258,6 +263,15 @@ mod tests {
         assert_eq!(p.argv.unwrap(), words.iter().map(|w| w.to_vec()).collect::<Vec<_>>());
         // One empty word is not the same as no words.
         assert_eq!(Params::parse(&argv_param(&[b""])).argv.unwrap(), vec![Vec::<u8>::new()]);
+    }
+
+    #[test]
+    fn a_command_line_with_renew_asks_for_the_network_again() {
+        let words = [RENEW.to_string(), argv_param(&[b"true"])];
+        let line = command_message(&words);
+        let p = Params::parse(std::str::from_utf8(&line).unwrap().trim_end());
+        assert!(p.renew && p.errors.is_empty());
+        assert!(!Params::parse(&argv_param(&[b"true"])).renew);
     }
 
     #[test]
