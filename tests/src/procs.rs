@@ -1,8 +1,6 @@
 //! The host's processes as /proc shows them: for tests that check what microvm leaves
 //! running (virtiofsd daemons, the release process that KVM destroys the VM in).
 
-use std::time::{Duration, Instant};
-
 /// What /proc/PID/stat says of a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
@@ -56,16 +54,4 @@ pub const RELEASE_PROCESS: &str = "microvm-release";
 /// Whether `pid` is a microvm's release process.
 pub fn is_release_process(pid: u32) -> bool {
     stat(pid).is_some_and(|s| s.comm == RELEASE_PROCESS)
-}
-
-/// Polls `f` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }

@@ -98,16 +98,21 @@ fn i8042_reset_exits_zero() {
     assert!(r.stdout.contains("resetting"), "{r:?}");
 }
 
-#[test]
-fn sigterm_stops_a_running_guest() {
-    let k = payload("sigterm", Asm::default().print("up\n").halt());
-    let mut child = std::process::Command::new(microvm_tests::microvm_bin())
+/// microvm running payload `k` in the background, its stdio on /dev/null.
+fn spawn_quiet(k: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(microvm_tests::microvm_bin())
         .args(["--kernel", k.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    let k = payload("sigterm", Asm::default().print("up\n").halt());
+    let mut child = spawn_quiet(&k);
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -247,27 +252,22 @@ fn initrd_is_loaded_where_the_zero_page_says() {
 /// SIGKILLed; the VM (its PIT's kernel thread) is gone with it.
 #[test]
 fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
-    use microvm_tests::procs::{children, is_release_process, stat, wait_until};
+    use microvm_tests::netns::wait_until;
+    use microvm_tests::procs::{children, is_release_process, stat};
     // PR_SET_CHILD_SUBREAPER: the release process becomes this test's child when its
     // microvm exits, so the test can wait for it.
     // SAFETY: prctl with integer arguments.
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     let k = payload("release", Asm::default().print("up\n").halt());
     for signal in [libc::SIGTERM, libc::SIGKILL] {
-        let mut vm = std::process::Command::new(microvm_tests::microvm_bin())
-            .args(["--kernel", k.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut vm = spawn_quiet(&k);
         let pid = vm.id();
         // The PIT's kernel thread lives as long as the VM: "kvm-pit/<microvm's pid>".
         let pit = format!("kvm-pit/{pid}");
         let vm_alive = || microvm_tests::procs::all_pids().into_iter().any(|p| stat(p).is_some_and(|s| s.comm == pit));
         let mut release = None;
         assert!(
-            wait_until(Duration::from_secs(10), || {
+            wait_until(10, || {
                 release = children(pid).into_iter().find(|p| is_release_process(*p));
                 release.is_some() && vm_alive()
             }),
@@ -286,7 +286,7 @@ fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
             let status = std::fs::read_to_string(format!("/proc/{release}/status")).unwrap_or_default();
             status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))
         };
-        assert!(wait_until(Duration::from_secs(5), confined), "the release process is not confined");
+        assert!(wait_until(5, confined), "the release process is not confined");
         // A signal meant for microvm (a process group's SIGTERM, `pkill -USR1 microvm`) does
         // not end it.
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
@@ -304,7 +304,7 @@ fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
         // microvm is gone; its release process, now this test's child, exits on its own.
         let mut code = -1;
         assert!(
-            wait_until(Duration::from_secs(10), || {
+            wait_until(10, || {
                 let mut st = 0;
                 // SAFETY: waitpid(2) on our (adopted) child, WNOHANG, into a local.
                 let r = unsafe { libc::waitpid(release as i32, &mut st, libc::WNOHANG) };
@@ -318,6 +318,6 @@ fn kvm_destroys_the_vm_in_the_release_process_after_microvm_exits() {
         assert_eq!(code, 0, "the release process did not exit cleanly");
         // The PIT thread has stopped when its VM's destruction returns; its /proc entry can
         // stay a moment longer, until the kernel reaps it.
-        assert!(wait_until(Duration::from_secs(5), || !vm_alive()), "the VM outlived its release process");
+        assert!(wait_until(5, || !vm_alive()), "the VM outlived its release process");
     }
 }

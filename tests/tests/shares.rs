@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use microvm_tests::payload::{write_elf, Asm};
-use microvm_tests::procs::{alive, all_pids, descendants, is_release_process, stat, wait_until};
+use microvm_tests::netns::wait_until;
+use microvm_tests::procs::{alive, all_pids, descendants, is_release_process, stat};
 use microvm_tests::{guest_with_own_rootfs, microvm_bin, scratch_dir};
 
 /// A microvm running in the background, its output collected.
@@ -119,7 +120,7 @@ fn start_with_three_daemons(name: &str) -> Setup {
         &dir,
     );
     let state_dir = run_dir.join(format!("vm-{}", vm.pid()));
-    let up = wait_until(Duration::from_secs(60), || {
+    let up = wait_until(60, || {
         vm.stdout.lock().unwrap().contains("PAYLOAD-UP") && virtiofsds(vm.pid()).len() == 3
     });
     assert!(up, "VM with 3 virtiofsd did not come up: {:?} {}", virtiofsds(vm.pid()), vm.out());
@@ -202,7 +203,7 @@ fn virtiofsd_dies_with_a_killed_microvm_and_the_next_run_cleans_up() {
     unsafe { libc::kill(s.vm.pid() as i32, libc::SIGKILL) };
     s.vm.wait(Duration::from_secs(5)).expect("SIGKILL");
     assert!(
-        wait_until(Duration::from_secs(5), || procs.iter().all(|p| !alive(*p))),
+        wait_until(5, || procs.iter().all(|p| !alive(*p))),
         "virtiofsd outlived a SIGKILLed microvm: {:?}",
         procs.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
     );
@@ -260,7 +261,7 @@ fn guest_uses_shares_and_survives_nothing_when_virtiofsd_dies() {
         &dir,
     );
     let state_dir = run_dir.join(format!("vm-{}", vm.pid()));
-    let ready = wait_until(Duration::from_secs(600), || rw.join("ready").exists() || vm.child.try_wait().unwrap().is_some());
+    let ready = wait_until(600, || rw.join("ready").exists() || vm.child.try_wait().unwrap().is_some());
     assert!(ready && rw.join("ready").exists(), "guest never got ready: {}", vm.out());
     assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "written-by-guest\n");
     assert_eq!(std::fs::read_to_string(rw.join("copied")).unwrap(), "from-the-host\n");
@@ -268,10 +269,10 @@ fn guest_uses_shares_and_survives_nothing_when_virtiofsd_dies() {
     assert!(!ro.join("g").exists(), "read-only share was written");
     // A file the host creates while the guest runs is visible to the guest.
     std::fs::write(rw.join("live"), "created-on-the-host\n").unwrap();
-    let seen = wait_until(Duration::from_secs(180), || rw.join("live-seen").exists());
+    let seen = wait_until(180, || rw.join("live-seen").exists());
     assert!(seen, "guest did not see the host's new file: {}", vm.out());
     assert!(
-        wait_until(Duration::from_secs(30), || std::fs::read_to_string(rw.join("live-seen")).unwrap_or_default() == "created-on-the-host\n"),
+        wait_until(30, || std::fs::read_to_string(rw.join("live-seen")).unwrap_or_default() == "created-on-the-host\n"),
         "{}",
         vm.out()
     );

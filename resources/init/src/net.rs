@@ -32,6 +32,18 @@ pub struct Dns {
 /// Brings up every interface; failures are reported per interface and never fatal (the
 /// command may not need the network).
 pub fn up() -> Dns {
+    up_with(false)
+}
+
+/// Configures every interface again (`microvm.renew`, see protocol.rs): each Ethernet
+/// interface's address is removed first, so that its DHCP messages go out from 0.0.0.0, as at
+/// boot. From the old address, microvm's guard would drop them: another VM holds it now.
+pub fn renew() -> Dns {
+    up_with(true)
+}
+
+/// [`up`]; with `clear`, each Ethernet interface's address is removed before its DHCP.
+fn up_with(clear: bool) -> Dns {
     let mut names: Vec<String> = match std::fs::read_dir("/sys/class/net") {
         Ok(d) => d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
         Err(e) => {
@@ -52,6 +64,16 @@ pub fn up() -> Dns {
     }
     let mut clients = Vec::new();
     for name in names.iter().filter(|n| is_ethernet(n)) {
+        if clear {
+            // Setting 0.0.0.0 removes the interface's IPv4 address (and its routes).
+            let cleared = ifreq(name).and_then(|mut r| {
+                r.ifr_ifru.ifru_addr = sockaddr(Ipv4Addr::UNSPECIFIED);
+                ioctl(&ctl, libc::SIOCSIFADDR, &mut r)
+            });
+            if let Err(e) = cleared {
+                sys::say(format_args!("{name}: cannot remove its address: {e}"));
+            }
+        }
         match Client::new(&ctl, name) {
             Ok(c) => clients.push(c),
             Err(e) => sys::say(format_args!("{name}: cannot start DHCP: {e}")),
@@ -75,28 +97,6 @@ pub fn up() -> Dns {
         }
     }
     dns
-}
-
-/// Configures every interface again (`microvm.renew`, see protocol.rs): each Ethernet
-/// interface's address is removed first, so that its DHCP messages go out from 0.0.0.0, as at
-/// boot. From the old address, microvm's guard would drop them: another VM holds it now.
-pub fn renew() -> Dns {
-    if let (Ok(ctl), Ok(dir)) = (socket(libc::SOCK_DGRAM), std::fs::read_dir("/sys/class/net")) {
-        for name in dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()) {
-            if !is_ethernet(&name) {
-                continue;
-            }
-            // Setting 0.0.0.0 removes the interface's IPv4 address (and its routes).
-            let cleared = ifreq(&name).and_then(|mut r| {
-                r.ifr_ifru.ifru_addr = sockaddr(Ipv4Addr::UNSPECIFIED);
-                ioctl(&ctl, libc::SIOCSIFADDR, &mut r)
-            });
-            if let Err(e) = cleared {
-                sys::say(format_args!("{name}: cannot remove its address: {e}"));
-            }
-        }
-    }
-    up()
 }
 
 fn is_ethernet(name: &str) -> bool {
