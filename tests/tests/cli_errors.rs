@@ -155,6 +155,24 @@ fn too_many_vcpus_and_bad_memory() {
     assert_usage_error(&r, "--memory must be between");
 }
 
+/// Ten virtio slots: the virtio-rng takes one, a command's channel another. Past that, a
+/// usage error, not a guest missing devices.
+#[test]
+fn too_many_devices() {
+    let k = good_kernel("devices");
+    let dir = scratch_dir("devices");
+    let disks: Vec<String> = (0..9).map(|i| format!("{},size=1M", dir.join(format!("d{i}.img")).display())).collect();
+    let mut args = vec!["--kernel", k.to_str().unwrap()];
+    for d in &disks {
+        args.extend(["--disk", d.as_str()]);
+    }
+    // Nine disks and a command: one too many.
+    let with_command = [args.clone(), vec!["--", "true"]].concat();
+    let r = run_microvm(&with_command, T);
+    assert_usage_error(&r, "too many devices: 9 disks, NICs and shares, at most 8 fit");
+    assert!(!dir.join("d0.img").exists(), "a refused run created a disk");
+}
+
 #[test]
 fn kvm_missing() {
     // A private mount namespace with an empty /dev: /dev/kvm does not exist there.

@@ -12,8 +12,12 @@ use microvm_tests::{guest, guest_with_own_rootfs, microvm_bin, run_microvm, scra
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
-/// One boot: 2 vCPUs, 256 MiB, root disk + a sized scratch disk + a read-only disk; the
-/// guest reports what it sees, writes to vdb, tries to write to vdc, and exits 7.
+/// One boot: 2 vCPUs, 256 MiB, root disk + a sized scratch disk + a read-only disk + five
+/// small disks, so that with the virtio-rng and the command channel every virtio slot is
+/// taken; the guest reports what it sees, writes to vdb, tries to write to vdc, and exits 7.
+/// The command is too long for the kernel command line, so the init waits for it on the
+/// command channel's control port, the last device (it lost an interrupt now and then when
+/// a fifth device shared the ACPI SCI's level-triggered line).
 #[test]
 fn guest_boots_sees_its_resources_and_reports_status() {
     let dir = scratch_dir("guest-main");
@@ -33,8 +37,17 @@ fn guest_boots_sees_its_resources_and_reports_status() {
          check VDC_W 'printf overwrite | dd of=/dev/vdc bs=512 conv=sync,fsync 2>/dev/null; s=$?; [ $s -lt 128 ] && echo $s'; \
          check RNG cat /sys/class/misc/hw_random/rng_current; \
          check HWRNG_BYTES 'head -c 32 /dev/hwrng | wc -c'; \
+         check DISKS 'ls -d /sys/block/vd* | wc -l'; \
+         check EXTRA_SECTORS 'cat /sys/block/vdh/size'; \
+         check VIRTIO_LINES \"grep -c 'IO-APIC.*virtio' /proc/interrupts\"; \
+         check LEVEL_LINES \"grep -c 'fasteoi.*virtio' /proc/interrupts || true\"; \
          exit 7"
     );
+    // Longer than vmm's guestinit::ARGV_ON_CMDLINE_MAX (1024 bytes, of base64: more than
+    // the script), so it goes over the control port.
+    assert!(script.len() > 1024, "the command must go over the control port");
+    let extra: Vec<String> =
+        (0..5).map(|i| format!("{},size=1M", dir.join(format!("extra{i}.img")).display())).collect();
     let run = run_microvm(
         &[
             "--kernel", kernel.to_str().unwrap(),
@@ -43,6 +56,7 @@ fn guest_boots_sees_its_resources_and_reports_status() {
             "--disk", root.to_str().unwrap(),
             "--disk", &format!("{},size=64M", data.display()),
             "--disk", &format!("{},readonly", ro.display()),
+            "--disk", &extra[0], "--disk", &extra[1], "--disk", &extra[2], "--disk", &extra[3], "--disk", &extra[4],
             "-v", "--cmdline", "quiet",
             "--", "sh", "-c", &script,
         ],
@@ -65,6 +79,12 @@ fn guest_boots_sees_its_resources_and_reports_status() {
     // Every guest gets a virtio-rng, and it serves reads.
     assert!(run.stdout.contains("RNG=virtio_rng.0"), "{run:?}");
     assert!(run.stdout.contains("HWRNG_BYTES=32"), "{run:?}");
+    // Every slot's device bound: eight disks, and the rng and the channel above.
+    assert!(run.stdout.contains("DISKS=8"), "{run:?}");
+    assert!(run.stdout.contains(&format!("EXTRA_SECTORS={}", (1 << 20) / 512)), "{run:?}");
+    assert!(run.stdout.contains("VIRTIO_LINES=10"), "{run:?}");
+    // None on a level-triggered line (the irqfd pulses it).
+    assert!(run.stdout.contains("LEVEL_LINES=0"), "{run:?}");
 
     // The sized disk was created sparse, with the right length, and holds the guest's write.
     let meta = std::fs::metadata(&data).unwrap();

@@ -12,7 +12,7 @@ use thiserror::Error;
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
 use crate::disk::{self, DiskError};
-use crate::layout::{MAX_VIRTIO_DEVICES, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::layout::{MAX_VIRTIO_DEVICES, VIRTIO_GSIS, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
 
 /// Offset of QueueNotify in the virtio-mmio register window.
@@ -68,11 +68,10 @@ impl<'a> VirtioSlots<'a> {
     /// Attaches any virtio device; devices appear to the guest in attach order.
     pub fn attach(&mut self, bus: &mut Bus, device: Box<dyn VirtioDevice>) -> Result<(), VirtioError> {
         let index = self.attached.len();
-        if index >= MAX_VIRTIO_DEVICES {
+        let Some(&gsi) = VIRTIO_GSIS.get(index) else {
             return Err(VirtioError::NoSlot);
-        }
+        };
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let gsi = VIRTIO_IRQ_START + index as u32;
         let transport = MmioTransport::new(self.mem.clone(), device).map_err(VirtioError::Transport)?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             self.vm

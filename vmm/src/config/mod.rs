@@ -49,7 +49,7 @@ pub enum ConfigError {
     Memory(u64),
     #[error("bad --memory '{0}': expected MiB (e.g. 512) or a whole number of MiB with a unit (e.g. 512M, 2G)")]
     MemorySpec(String),
-    #[error("too many devices: at most {max} virtio devices fit, got {got}")]
+    #[error("too many devices: {got} disks, NICs and shares, at most {max} fit (the virtio-rng takes one of the 10 virtio slots, and a command's channel another)")]
     TooManyDevices { max: usize, got: usize },
     #[error("--share tag '{0}' is reserved for the shares microvm adds itself")]
     ReservedTag(String),
@@ -172,8 +172,9 @@ impl VmConfig {
             return Err(ConfigError::Memory(self.memory_mib));
         }
         let devices = self.disks.len() + self.nets.len() + crate::share::count(self);
-        // One slot is taken by the virtio-rng every guest gets.
-        let max = crate::layout::MAX_VIRTIO_DEVICES - 1;
+        // One slot is taken by the virtio-rng every guest gets, one by the command channel
+        // when there is one.
+        let max = crate::layout::MAX_VIRTIO_DEVICES - 1 - usize::from(crate::channel::wanted(self));
         if devices > max {
             return Err(ConfigError::TooManyDevices { max, got: devices });
         }

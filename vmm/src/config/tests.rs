@@ -39,6 +39,13 @@ fn validate_bounds() {
     c.validate().unwrap();
     c.shares.push("/tmp".parse().unwrap());
     assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices { .. })));
+    // A command needs the command channel's slot too.
+    c.shares.clear();
+    c.command = vec!["true".into()];
+    assert!(crate::channel::wanted(&c));
+    assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices { max: 8, got: 9 })));
+    c.disks.pop();
+    c.validate().unwrap();
 }
 
 #[test]

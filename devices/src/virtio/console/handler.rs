@@ -192,7 +192,7 @@ impl ConsoleHandler {
             return;
         }
         let (mem, log, outbox) = (&self.mem, &*self.log, &mut self.outbox);
-        self.ctrl_rx.process(mem, &self.irq, log, |chain| {
+        let pass = self.ctrl_rx.process(mem, &self.irq, log, |chain| {
             let Some(msg) = outbox.pop_front() else {
                 return Step::PutBack;
             };
@@ -213,6 +213,7 @@ impl ConsoleHandler {
                 }
             }
         });
+        debug!(sent = pass.completed, waiting = self.outbox.len(), "virtio-console: control messages to the guest");
     }
 
     /// Handles the guest's control messages, then answers them.
@@ -232,6 +233,7 @@ impl ConsoleHandler {
             let port = usize::try_from(id).ok().filter(|&i| i < self.ports.len());
             match (event, port) {
                 (DEVICE_READY, _) if value == 1 && !self.device_ready => {
+                    debug!("virtio-console: driver ready");
                     self.device_ready = true;
                     for i in 0..self.ports.len() {
                         self.send_control(i, DEVICE_ADD, 0, &[]);
@@ -245,6 +247,7 @@ impl ConsoleHandler {
                     );
                 }
                 (PORT_READY, Some(i)) if value == 1 && !self.ports[i].ready => {
+                    debug!(port = %self.ports[i].name, "virtio-console: port ready");
                     self.ports[i].ready = true;
                     let name = self.ports[i].name.clone().into_bytes();
                     self.send_control(i, PORT_NAME, 1, &name);

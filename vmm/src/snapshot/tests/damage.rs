@@ -75,9 +75,10 @@ fn damaged_snapshots_are_refused() {
     with_state(&longer);
     refused(&bad, "padded");
     // Bit flips: in the magic, the version, the checksum, the length, the body.
+    let flipped = format!("format version {}", crate::snapshot::FORMAT_VERSION ^ 1);
     for (pos, want) in [
         (3, "bad magic"),
-        (16, "format version 0"),
+        (16, flipped.as_str()),
         (21, "checksum"),
         (25, "truncated"),
         (HEADER_LEN + 1, "checksum"),
@@ -90,9 +91,10 @@ fn damaged_snapshots_are_refused() {
     }
     // Another format version, everything else intact.
     let mut b = bytes.clone();
-    b[16..20].copy_from_slice(&2u32.to_le_bytes());
+    let other = crate::snapshot::FORMAT_VERSION + 1;
+    b[16..20].copy_from_slice(&other.to_le_bytes());
     with_state(&b);
-    refused(&bad, "format version 2, this microvm reads version 1");
+    refused(&bad, &format!("format version {other}, this microvm reads version {}", crate::snapshot::FORMAT_VERSION));
     // A header claiming a huge body is refused without allocating it.
     let mut b = bytes.clone();
     b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
