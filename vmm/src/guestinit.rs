@@ -100,7 +100,10 @@ pub fn params(config: &VmConfig, root: Option<Root>, shares: &[protocol::Share])
         let cwd = std::env::current_dir().map_err(GuestInitError::Cwd)?;
         p.push(protocol::cwd_param(cwd.as_os_str().as_bytes()));
     }
-    if config.snapshot_to.is_some() || !command_on_cmdline(config) {
+    if config.snapshot_to.is_some() {
+        p.push(protocol::WAIT.to_string());
+        p.push(protocol::SNAPSHOT.to_string());
+    } else if !command_on_cmdline(config) {
         p.push(protocol::WAIT.to_string());
     } else if !config.command.is_empty() {
         p.push(protocol::argv_param(&config.command));
@@ -186,6 +189,13 @@ mod tests {
         assert!(!command_on_cmdline(&c));
         let p = params(&c, Some(Root::Disk), &[]).unwrap();
         assert!(p.contains(&protocol::WAIT.to_string()) && !p.iter().any(|x| x.starts_with("microvm.argv=")), "{p:?}");
+        // It runs right away: the init does not read programs into the page cache for a
+        // snapshot that is not taken.
+        let parsed = protocol::Params::parse(&p.join(" "));
+        assert!(parsed.wait && !parsed.snapshot, "{p:?}");
+        let snap = VmConfig { snapshot_to: Some("/tmp/s".into()), ..Default::default() };
+        let parsed = protocol::Params::parse(&params(&snap, Some(Root::Disk), &[]).unwrap().join(" "));
+        assert!(parsed.wait && parsed.snapshot);
         check_length(&p, &c).unwrap();
         // The command line can still be too long (the user's own parameters).
         let mut long = p.clone();

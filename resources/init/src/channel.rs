@@ -52,7 +52,7 @@ fn open_ports_now() -> Option<[OwnedFd; 3]> {
             break [a, b, c];
         }
         if Instant::now() >= deadline {
-            sys::say(format_args!("the command channel's ports did not appear in {}s: the command's stdin/stdout/stderr are the console", WAIT.as_secs()));
+            sys::say(format_args!("the command channel's ports did not appear in {}s (the kernel has {}): the command's stdin/stdout/stderr are the console", WAIT.as_secs(), ports_seen()));
             return None;
         }
         std::thread::sleep(POLL);
@@ -95,14 +95,16 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
             break dev;
         }
         if Instant::now() >= deadline {
-            return Err(Fail::new(format!("the control port did not appear in {}s", WAIT.as_secs())));
+            return Err(Fail::new(format!("the control port did not appear in {}s (the kernel has {})", WAIT.as_secs(), ports_seen())));
         }
         std::thread::sleep(POLL);
     };
     let fd = open(&dev, libc::O_RDWR).map_err(|e| Fail::io(format_args!("cannot open {dev}"), e))?;
     let mut port = std::fs::File::from(fd);
     use std::io::{Read, Write};
-    warm_page_cache();
+    if params.snapshot {
+        warm_page_cache();
+    }
     if let (Some(ports), Ok(mut slot)) = (open_ports_now(), PREOPENED.lock()) {
         *slot = Some(ports);
     }
@@ -136,14 +138,24 @@ pub fn wait_for_command(params: &mut Params) -> Result<()> {
 /// Reads the programs a restored command will most likely exec (the shell, which on the
 /// usual roots is busybox, and `/bin/true`) so they are in the page cache the snapshot saves:
 /// otherwise every restore reads them from the disk again, through the (emulated, on some
-/// hosts) guest kernel's block and filesystem code. Best effort: a missing file is fine.
+/// hosts) guest kernel's block and filesystem code. Only before a snapshot (a boot whose
+/// long command comes this way runs it right away). Each file once: on a busybox root all
+/// three are the same ~2 MB. Best effort: a missing file is fine.
 fn warm_page_cache() {
     use std::io::Read;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut done = Vec::new();
     for path in ["/bin/sh", "/bin/true", "/usr/bin/env"] {
-        if let Ok(mut f) = std::fs::File::open(path) {
+        let Ok(real) = std::fs::canonicalize(path) else {
+            continue;
+        };
+        if done.contains(&real) {
+            continue;
+        }
+        if let Ok(mut f) = std::fs::File::open(&real) {
             while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
         }
+        done.push(real);
     }
 }
 
@@ -185,6 +197,29 @@ fn find_port(name: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// The ports the kernel created, for a timeout's message: `vport2p0=microvm.stdin, vport2p1`
+/// (a port without a name yet has none), or `no ports`.
+fn ports_seen() -> String {
+    let mut seen: Vec<String> = std::fs::read_dir("/sys/class/virtio-ports")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let port = e.file_name().to_string_lossy().into_owned();
+                    match std::fs::read_to_string(e.path().join("name")) {
+                        Ok(n) => format!("{port}={}", n.trim_end()),
+                        Err(_) => port,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if seen.is_empty() {
+        return "no ports".into();
+    }
+    seen.sort();
+    seen.join(", ")
 }
 
 fn open(path: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {

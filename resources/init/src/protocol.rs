@@ -22,6 +22,7 @@
 //! | `microvm.term=TERM`         | `TERM` for the command (default `linux`)                 |
 //! | `microvm.exitdev=0xADDR`    | physical address of microvm's exit device (a 32-bit write of the status) |
 //! | `microvm.wait`              | the command comes later, over the control port (below)   |
+//! | `microvm.snapshot`          | (with `microvm.wait`) the VM is saved at READY: first read the programs a restored command most likely runs, so the saved page cache has them |
 //! | `microvm.renew`             | (control port only) a restored guest's address went to another VM: configure every interface by DHCP again before the command |
 //!
 //! # Waiting for the command (snapshots, long commands)
@@ -52,6 +53,7 @@ pub const TERM: &str = "microvm.term";
 pub const EXIT_DEVICE: &str = "microvm.exitdev";
 pub const WAIT: &str = "microvm.wait";
 pub const RENEW: &str = "microvm.renew";
+pub const SNAPSHOT: &str = "microvm.snapshot";
 
 /// The control port: READY from the init, then the command from microvm (see above).
 pub const PORT_CONTROL: &str = "microvm.control";
@@ -164,6 +166,8 @@ pub struct Params {
     pub wait: bool,
     /// `microvm.renew`: configure the network again before the command.
     pub renew: bool,
+    /// `microvm.snapshot`: the VM is saved at READY.
+    pub snapshot: bool,
     /// Parameters of microvm's that could not be read (the init reports the first, after
     /// it has learnt where the exit device is).
     pub errors: Vec<BadParam>,
@@ -192,6 +196,7 @@ impl Params {
                 ("ro", None) => p.read_write = false,
                 (WAIT, None) => p.wait = true,
                 (RENEW, None) => p.renew = true,
+                (SNAPSHOT, None) => p.snapshot = true,
                 ("rw", None) => p.read_write = true,
                 ("root", Some(v)) => p.root = Some(v.to_string()),
                 ("rootfstype", Some(v)) => p.rootfstype = Some(v.to_string()),
