@@ -185,36 +185,37 @@ fn console_device() -> Device {
 
 /// `/dev/vportNpM` of the port named `name`, once its name is known.
 fn find_port(name: &str) -> Option<String> {
-    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
-    for e in entries.flatten() {
-        let Ok(n) = std::fs::read_to_string(e.path().join("name")) else {
-            continue;
-        };
-        if n.trim_end_matches('\n') == name {
-            let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-            // devtmpfs creates the node with the device; wait for it like for the name.
-            return Path::new(&dev).exists().then_some(dev);
-        }
-    }
-    None
+    let (port, _) = ports().into_iter().find(|(_, n)| n.as_deref() == Some(name))?;
+    let dev = format!("/dev/{port}");
+    // devtmpfs creates the node with the device; wait for it like for the name.
+    Path::new(&dev).exists().then_some(dev)
+}
+
+/// The ports the kernel has created (`vportNpM`), each with its name once microvm's
+/// PORT_NAME has arrived.
+fn ports() -> Vec<(String, Option<String>)> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let name = std::fs::read_to_string(e.path().join("name")).ok();
+            (e.file_name().to_string_lossy().into_owned(), name.map(|n| n.trim_end_matches('\n').to_string()))
+        })
+        .collect()
 }
 
 /// The ports the kernel created, for a timeout's message: `vport2p0=microvm.stdin, vport2p1`
 /// (a port without a name yet has none), or `no ports`.
 fn ports_seen() -> String {
-    let mut seen: Vec<String> = std::fs::read_dir("/sys/class/virtio-ports")
-        .map(|d| {
-            d.flatten()
-                .map(|e| {
-                    let port = e.file_name().to_string_lossy().into_owned();
-                    match std::fs::read_to_string(e.path().join("name")) {
-                        Ok(n) => format!("{port}={}", n.trim_end()),
-                        Err(_) => port,
-                    }
-                })
-                .collect()
+    let mut seen: Vec<String> = ports()
+        .into_iter()
+        .map(|(port, name)| match name {
+            Some(n) => format!("{port}={n}"),
+            None => port,
         })
-        .unwrap_or_default();
+        .collect();
     if seen.is_empty() {
         return "no ports".into();
     }
