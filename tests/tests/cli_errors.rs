@@ -169,7 +169,7 @@ fn too_many_devices() {
     // Nine disks and a command: one too many.
     let with_command = [args.clone(), vec!["--", "true"]].concat();
     let r = run_microvm(&with_command, T);
-    assert_usage_error(&r, "too many devices: 9 disks, NICs and shares, at most 8 fit");
+    assert_usage_error(&r, "too many devices: 9 for disks, NICs and shares (a host root's take two), at most 8 fit");
     assert!(!dir.join("d0.img").exists(), "a refused run created a disk");
 }
 

@@ -49,7 +49,7 @@ pub enum ConfigError {
     Memory(u64),
     #[error("bad --memory '{0}': expected MiB (e.g. 512) or a whole number of MiB with a unit (e.g. 512M, 2G)")]
     MemorySpec(String),
-    #[error("too many devices: {got} disks, NICs and shares, at most {max} fit (the virtio-rng takes one of the {} virtio slots, and a command's channel another)", crate::layout::MAX_VIRTIO_DEVICES)]
+    #[error("too many devices: {got} for disks, NICs and shares (a host root's take two), at most {max} fit (the virtio-rng takes one of the {} virtio slots, and a command's channel another)", crate::layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices { max: usize, got: usize },
     #[error("--share tag '{0}' is reserved for the shares microvm adds itself")]
     ReservedTag(String),
