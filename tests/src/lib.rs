@@ -113,6 +113,14 @@ pub fn booted_snapshot() -> PathBuf {
     snap
 }
 
+/// `--disk DIR/NAMEi.img,size=1M` for each i in 0..n, as arguments: small disks that
+/// microvm creates, for tests that fill virtio slots.
+pub fn small_disk_args(dir: &Path, name: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .flat_map(|i| ["--disk".to_string(), format!("{},size=1M", dir.join(format!("{name}{i}.img")).display())])
+        .collect()
+}
+
 /// A fresh scratch directory under the target dir, removed by the caller when done.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let d = workspace_root()

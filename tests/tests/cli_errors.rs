@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use microvm_tests::payload::{write_elf, Asm};
-use microvm_tests::{microvm_bin, run_microvm, scratch_dir, Run};
+use microvm_tests::{microvm_bin, run_microvm, scratch_dir, small_disk_args, Run};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -161,14 +161,12 @@ fn too_many_vcpus_and_bad_memory() {
 fn too_many_devices() {
     let k = good_kernel("devices");
     let dir = scratch_dir("devices");
-    let disks: Vec<String> = (0..9).map(|i| format!("{},size=1M", dir.join(format!("d{i}.img")).display())).collect();
+    let disks = small_disk_args(&dir, "d", 9);
     let mut args = vec!["--kernel", k.to_str().unwrap()];
-    for d in &disks {
-        args.extend(["--disk", d.as_str()]);
-    }
+    args.extend(disks.iter().map(String::as_str));
     // Nine disks and a command: one too many.
-    let with_command = [args.clone(), vec!["--", "true"]].concat();
-    let r = run_microvm(&with_command, T);
+    args.extend(["--", "true"]);
+    let r = run_microvm(&args, T);
     assert_usage_error(&r, "too many devices: 9 for disks, NICs and shares (a host root's take two), at most 8 fit");
     assert!(!dir.join("d0.img").exists(), "a refused run created a disk");
 }

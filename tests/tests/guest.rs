@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use microvm_tests::{guest, guest_with_own_rootfs, microvm_bin, run_microvm, scratch_dir};
+use microvm_tests::{guest, guest_with_own_rootfs, microvm_bin, run_microvm, scratch_dir, small_disk_args};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
@@ -46,22 +46,19 @@ fn guest_boots_sees_its_resources_and_reports_status() {
     // Longer than vmm's guestinit::ARGV_ON_CMDLINE_MAX (1024 bytes, of base64: more than
     // the script), so it goes over the control port.
     assert!(script.len() > 1024, "the command must go over the control port");
-    let extra: Vec<String> =
-        (0..5).map(|i| format!("{},size=1M", dir.join(format!("extra{i}.img")).display())).collect();
-    let run = run_microvm(
-        &[
-            "--kernel", kernel.to_str().unwrap(),
-            "--cpus", "2",
-            "--memory", "256",
-            "--disk", root.to_str().unwrap(),
-            "--disk", &format!("{},size=64M", data.display()),
-            "--disk", &format!("{},readonly", ro.display()),
-            "--disk", &extra[0], "--disk", &extra[1], "--disk", &extra[2], "--disk", &extra[3], "--disk", &extra[4],
-            "-v", "--cmdline", "quiet",
-            "--", "sh", "-c", &script,
-        ],
-        BOOT_TIMEOUT,
-    );
+    let extra = small_disk_args(&dir, "extra", 5);
+    let (data_spec, ro_spec) = (format!("{},size=64M", data.display()), format!("{},readonly", ro.display()));
+    let mut args = vec![
+        "--kernel", kernel.to_str().unwrap(),
+        "--cpus", "2",
+        "--memory", "256",
+        "--disk", root.to_str().unwrap(),
+        "--disk", &data_spec,
+        "--disk", &ro_spec,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    args.extend(["-v", "--cmdline", "quiet", "--", "sh", "-c", &script]);
+    let run = run_microvm(&args, BOOT_TIMEOUT);
     assert!(run.stderr.contains("MICROVM-INIT-READY"), "guest never reached init: {run:?}");
     assert_eq!(run.code(), 7, "exit status not propagated: {run:?}");
     assert!(run.stdout.contains("CPUS=2"), "{run:?}");

@@ -100,11 +100,12 @@ pub fn params(config: &VmConfig, root: Option<Root>, shares: &[protocol::Share])
         let cwd = std::env::current_dir().map_err(GuestInitError::Cwd)?;
         p.push(protocol::cwd_param(cwd.as_os_str().as_bytes()));
     }
-    if config.snapshot_to.is_some() {
+    let snapshot = config.snapshot_to.is_some();
+    if snapshot || !command_on_cmdline(config) {
         p.push(protocol::WAIT.to_string());
-        p.push(protocol::SNAPSHOT.to_string());
-    } else if !command_on_cmdline(config) {
-        p.push(protocol::WAIT.to_string());
+        if snapshot {
+            p.push(protocol::SNAPSHOT.to_string());
+        }
     } else if !config.command.is_empty() {
         p.push(protocol::argv_param(&config.command));
     }
