@@ -17,8 +17,10 @@
 //!   TAPs accept TSO); at most `INFLIGHT` frames are queued per TAP; the worker reads them.
 //!   `copy` is the handler with zero-copy RX off (every frame read into a host buffer, then
 //!   copied).
-//! * `net --taps t --dir rx-tcp --peer-netns P --peer-tap p --impl ...`: RX of the 64 KiB
-//!   TSO frames a real TCP sender hands the TAP (see `dataplane/tcp.rs`).
+//! * `net --taps t --dir rx-tcp --peer-netns P --peer-tap p --impl ...|interleaved`: RX of
+//!   the 64 KiB TSO frames a real TCP sender hands the TAP (see `dataplane/tcp.rs`);
+//!   `interleaved` runs the handler, the plain loop and the copy path in turns on one stream
+//!   and prints an outcome for each.
 //! * `net --dir rx-mem --size S --impl handler|plain`: no TAP; the handler's backend copies
 //!   each frame from memory, plain is that copy alone (see `dataplane/mem.rs`).
 //! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain --secs S`: one
@@ -86,7 +88,7 @@ fn main() {
     let results = if kind == "net" && opt("--dir").as_deref() == Some("rx-mem") {
         vec![mem::rx_mem(size, &imp, secs)]
     } else if kind == "net" && opt("--dir").as_deref() == Some("rx-tcp") {
-        vec![tcp::rx_tcp(&need("--taps"), &need("--peer-netns"), &need("--peer-tap"), &imp, secs)]
+        tcp::rx_tcp(&need("--taps"), &need("--peer-netns"), &need("--peer-tap"), &imp, secs)
     } else if kind == "net" {
         let taps: Vec<String> = need("--taps").split(',').map(str::to_string).collect();
         let dst = opt("--dst-mac").map_or([2, 0, 0, 0, 0, 2], |m| parse_mac(&m));

@@ -15,13 +15,14 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::{tun_offload_flags, NetBackend, MAX_FRAME_LEN, VNET_HDR_LEN};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use devices::virtio::net::NetHandler;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{check, die, open_tap, wait_readable, Meter, Outcome, RxPool, Tap, MAX_FRAME_BUFS};
 use super::{net_features, net_handler, rx_buf_addr, rx_guest_memory, rx_outcome, Ring, QSIZE, RX_RING, TX_RING};
@@ -32,7 +33,7 @@ const PEER: &str = "10.77.0.2:5001";
 const PLAIN_BATCH: usize = 15;
 
 /// Runs the sender, the peer and the relay around the worker `imp` for `secs` seconds.
-pub(super) fn rx_tcp(tap: &str, peer_netns: &str, peer_tap: &str, imp: &str, secs: f64) -> Outcome {
+pub(super) fn rx_tcp(tap: &str, peer_netns: &str, peer_tap: &str, imp: &str, secs: f64) -> Vec<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut measured = open_tap(tap);
     measured
@@ -57,8 +58,9 @@ pub(super) fn rx_tcp(tap: &str, peer_netns: &str, peer_tap: &str, imp: &str, sec
         let stop = stop.clone();
         let imp = imp.to_string();
         std::thread::spawn(move || match imp.as_str() {
-            "plain" => plain(measured, peer_fd, &stop),
-            "handler" | "copy" => handler(measured, imp == "handler", peer_fd, &stop),
+            "plain" => vec![plain(measured, peer_fd, &stop)],
+            "handler" | "copy" => vec![handler(measured, imp == "handler", peer_fd, &stop)],
+            "interleaved" => interleaved(measured, peer_fd, &stop),
             _ => die("bad --impl"),
         })
     };
@@ -76,7 +78,7 @@ pub(super) fn rx_tcp(tap: &str, peer_netns: &str, peer_tap: &str, imp: &str, sec
     drop(peer_tap);
     // SAFETY: `back` is owned here and no longer used by the relay.
     unsafe { libc::close(back) };
-    if out.ops == 0 {
+    if out.iter().any(|o| o.ops == 0) {
         die("the TCP stream moved nothing");
     }
     out
@@ -149,53 +151,81 @@ fn forward(peer: RawFd, iovs: &[libc::iovec]) {
     unsafe { libc::writev(peer, iovs.as_ptr(), iovs.len() as i32) };
 }
 
-fn plain(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Outcome {
-    let mut pool = RxPool::new();
-    let mut batch: Vec<(*const u8, usize)> = Vec::with_capacity(PLAIN_BATCH);
-    let mut m = Meter::new();
-    let (mut ops, mut bytes) = (0u64, 0u64);
-    while !stop.load(Ordering::Relaxed) {
-        m.time(|| {
+/// The plain loop's reader: `readv` into the pool, then forwarding from there.
+struct PlainReader {
+    fd: RawFd,
+    pool: RxPool,
+    batch: Vec<(*const u8, usize)>,
+    m: Meter,
+    ops: u64,
+    bytes: u64,
+}
+
+impl PlainReader {
+    fn new(fd: RawFd) -> Self {
+        PlainReader { fd, pool: RxPool::new(), batch: Vec::with_capacity(PLAIN_BATCH), m: Meter::new(), ops: 0, bytes: 0 }
+    }
+
+    /// One timed batch (until the TAP is empty or PLAIN_BATCH frames), then its forwarding.
+    /// False if it read nothing.
+    fn step(&mut self, peer: RawFd) -> bool {
+        let (pool, batch, fd) = (&mut self.pool, &mut self.batch, self.fd);
+        self.m.time(|| {
             while batch.len() < PLAIN_BATCH {
-                let Some((frame, n)) = pool.read(tap.as_raw_fd(), MAX_FRAME_BUFS) else {
+                let Some(frame) = pool.read(fd, MAX_FRAME_BUFS) else {
                     break;
                 };
-                batch.push((frame, n));
-                ops += 1;
-                bytes += (n - VNET_HDR_LEN) as u64;
+                batch.push(frame);
             }
         });
-        if batch.is_empty() {
-            wait_readable(tap.as_raw_fd());
-            continue;
-        }
-        for &(frame, len) in &batch {
+        for &(frame, len) in &self.batch {
+            self.ops += 1;
+            self.bytes += (len - VNET_HDR_LEN) as u64;
             // A batch is at most PLAIN_BATCH largest frames: fewer buffers than the pool
             // has, so none was overwritten yet.
             forward(peer, &[libc::iovec { iov_base: frame.cast_mut().cast(), iov_len: len }]);
         }
-        batch.clear();
+        let any = !self.batch.is_empty();
+        self.batch.clear();
+        any
     }
-    m.finish(ops, bytes)
+
+    fn finish(self) -> Outcome {
+        self.m.finish(self.ops, self.bytes)
+    }
 }
 
-fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome {
-    let mem = rx_guest_memory();
-    let mut rx = Ring { mem: &mem, base: RX_RING, seen: 0 };
-    let txr = Ring { mem: &mem, base: TX_RING, seen: 0 };
-    rx.post_rx_buffers();
-    let fd = tap.as_raw_fd();
-    let mut h = net_handler(&mem, &rx, &txr, tap);
-    h.set_rx_zero_copy(zero_copy);
-    let host = |addr: u64| mem.get_host_address(GuestAddress(addr)).unwrap();
-    let mut used: Vec<(u16, u32)> = Vec::with_capacity(usize::from(QSIZE));
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(usize::from(QSIZE));
-    let mut m = Meter::new();
-    while !stop.load(Ordering::Relaxed) {
-        let st = m.time(|| h.process_rx());
-        // Forward every frame from its chains (num_buffers in its header says how many),
-        // before the buffers are posted again.
-        rx.recycle(|head, len| used.push((head, len)));
+/// microvm's handler as a reader: its own guest memory and rings, then forwarding each frame
+/// from its chains.
+struct HandlerReader<'a> {
+    mem: &'a GuestMemoryMmap,
+    h: NetHandler,
+    rx: Ring<'a>,
+    used: Vec<(u16, u32)>,
+    iovs: Vec<libc::iovec>,
+    m: Meter,
+}
+
+impl<'a> HandlerReader<'a> {
+    fn new(mem: &'a GuestMemoryMmap, tap: Tap, zero_copy: bool) -> Self {
+        let rx = Ring { mem, base: RX_RING, seen: 0 };
+        let txr = Ring { mem, base: TX_RING, seen: 0 };
+        rx.post_rx_buffers();
+        let mut h = net_handler(mem, &rx, &txr, tap);
+        h.set_rx_zero_copy(zero_copy);
+        let q = usize::from(QSIZE);
+        HandlerReader { mem, h, rx, used: Vec::with_capacity(q), iovs: Vec::with_capacity(q), m: Meter::new() }
+    }
+
+    /// One timed `process_rx`, then forwarding every frame it delivered (num_buffers in its
+    /// header says how many chains), before the buffers are posted again. False if it
+    /// delivered nothing.
+    fn step(&mut self, peer: RawFd) -> bool {
+        let h = &mut self.h;
+        let st = self.m.time(|| h.process_rx());
+        let used = &mut self.used;
+        self.rx.recycle(|head, len| used.push((head, len)));
+        let host = |addr: u64| self.mem.get_host_address(GuestAddress(addr)).unwrap();
         let mut k = 0;
         while k < used.len() {
             let first = rx_buf_addr(used[k].0);
@@ -203,17 +233,81 @@ fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome
             // SAFETY: the header's num_buffers field is inside the chain's buffer.
             unsafe { std::ptr::copy_nonoverlapping(host(first + 10), nb.as_mut_ptr(), 2) };
             let n = usize::from(u16::from_le_bytes(nb)).clamp(1, used.len() - k);
-            iovs.clear();
+            self.iovs.clear();
             for &(head, len) in &used[k..k + n] {
-                iovs.push(libc::iovec { iov_base: host(rx_buf_addr(head)).cast(), iov_len: len as usize });
+                self.iovs.push(libc::iovec { iov_base: host(rx_buf_addr(head)).cast(), iov_len: len as usize });
             }
-            forward(peer, &iovs);
+            forward(peer, &self.iovs);
             k += n;
         }
         used.clear();
-        if st.completed == 0 {
+        st.completed > 0
+    }
+
+    fn finish(self) -> Outcome {
+        rx_outcome(&self.h, self.m)
+    }
+}
+
+fn plain(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Outcome {
+    let mut r = PlainReader::new(tap.as_raw_fd());
+    while !stop.load(Ordering::Relaxed) {
+        if !r.step(peer) {
+            wait_readable(tap.as_raw_fd());
+        }
+    }
+    r.finish()
+}
+
+fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome {
+    let fd = tap.as_raw_fd();
+    let mem = rx_guest_memory();
+    let mut r = HandlerReader::new(&mem, tap, zero_copy);
+    while !stop.load(Ordering::Relaxed) {
+        if !r.step(peer) {
             wait_readable(fd);
         }
     }
-    rx_outcome(&h, m)
+    r.finish()
+}
+
+/// `--impl interleaved`: the handler, the plain loop and the handler with zero-copy RX off
+/// take turns, a batch each, on the same TAP and the same TCP stream, so that all three see
+/// the same frames, sender and load (separate runs of a TCP stream vary by up to ~30%
+/// between runs on this host). Each has its own meter; outcomes in that order.
+fn interleaved(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Vec<Outcome> {
+    let fd = tap.as_raw_fd();
+    let second = dup_tap(&tap);
+    let (mem_z, mem_c) = (rx_guest_memory(), rx_guest_memory());
+    let mut zero = HandlerReader::new(&mem_z, tap, true);
+    let mut plain = PlainReader::new(fd);
+    let mut copy = HandlerReader::new(&mem_c, second, false);
+    // Rounds of a batch each, in every order in turn: a reader's batch is larger when the
+    // one before it was slow (more frames queued meanwhile), and larger batches spend less on
+    // the meter's clock reads per frame; so each must follow each other equally often.
+    const ORDERS: [[usize; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let mut round = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        for who in ORDERS[round % ORDERS.len()] {
+            let read = match who {
+                0 => zero.step(peer),
+                1 => plain.step(peer),
+                _ => copy.step(peer),
+            };
+            if !read {
+                wait_readable(fd);
+            }
+        }
+        round += 1;
+    }
+    vec![zero.finish(), plain.finish(), copy.finish()]
+}
+
+/// A second handle on the same TAP queue (for a second handler).
+fn dup_tap(tap: &Tap) -> Tap {
+    // SAFETY: dup of a valid fd; the copy is owned by the returned Tap alone.
+    let fd = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    check(fd, "dup");
+    // SAFETY: a fresh fd owned by nobody else.
+    Tap(unsafe { OwnedFd::from_raw_fd(fd) })
 }

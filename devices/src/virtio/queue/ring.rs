@@ -44,7 +44,12 @@ const AVAIL_HEADER: usize = 4;
 const AVAIL_ELEM: usize = 2;
 /// Bytes before the first used-ring entry (flags, idx), and of each entry (id, len).
 const USED_HEADER: usize = 4;
-const USED_ELEM: usize = 8;
+pub const USED_ELEM: usize = 8;
+
+/// A used-ring element `{ le32 id; le32 len }`: chain `head`, `len` bytes written.
+pub fn used_elem(head: u16, len: u32) -> [u8; USED_ELEM] {
+    (u64::from(head) | (u64::from(len) << 32)).to_le_bytes()
+}
 /// Offset of `idx` in both rings.
 const IDX: usize = 2;
 
@@ -121,13 +126,21 @@ impl<'m> SplitRing<'m> {
         }
     }
 
-    /// Writes used element `pos` (taken modulo the size): chain `head`, `len` bytes written.
-    /// The driver sees it once [`Self::publish_used`] moves the used index past it.
-    pub fn write_used(&self, pos: u16, head: u16, len: u32) -> Result<(), RingError> {
-        let at = USED_HEADER + USED_ELEM * usize::from(pos % self.size);
-        // The element is { le32 id; le32 len }: as one little-endian u64, id is the low half.
-        let elem = u64::from(head) | (u64::from(len) << 32);
-        self.used.get_ref::<u64>(at)?.store(elem.to_le());
+    /// Writes used elements from position `pos` on (taken modulo the size; wrapping at the
+    /// ring's end), each as [`used_elem`] gives it. The driver sees them once
+    /// [`Self::publish_used`] moves the used index past them. One bounds check per contiguous
+    /// run, not per element.
+    pub fn write_used(&self, pos: u16, elems: &[[u8; USED_ELEM]]) -> Result<(), RingError> {
+        let size = usize::from(self.size);
+        let mut at = usize::from(pos % self.size);
+        let mut rest = elems;
+        while !rest.is_empty() {
+            let n = rest.len().min(size - at);
+            let run = self.used.subslice(USED_HEADER + USED_ELEM * at, USED_ELEM * n)?;
+            run.copy_from(rest[..n].as_flattened());
+            rest = &rest[n..];
+            at = 0;
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceQueue, SplitRing};
+use super::{DeviceQueue, SplitRing, USED_CHUNK};
 use crate::guest_log::GuestLog;
 use crate::virtio::test_utils::{guest_memory, Rng, TestQueue};
 use crate::virtio::IrqTrigger;
@@ -143,6 +143,28 @@ fn used_batch_writes_every_element_then_the_index_once() {
         assert_eq!(dq.add_used_batch(mem, &log, std::iter::empty()), 0);
         assert_eq!(used_idx(&tq), 11);
     }
+}
+
+#[test]
+fn used_batch_longer_than_a_chunk_wraps_and_stops_at_a_queue() {
+    // More elements than are written at a time, from near the ring's end: every one lands in
+    // order across the wrap; a batch longer than the queue stops at a queue's worth.
+    let mem = guest_memory(0x2_0000);
+    let tq = TestQueue::new(&mem, 0, 64);
+    let mut q = tq.queue();
+    q.set_next_used(50);
+    mem.write_obj(50u16, GuestAddress(tq.used.addr.0 + 2)).unwrap();
+    let mut dq = device_queue(q);
+    let log = GuestLog::new("test");
+    let n = USED_CHUNK as u16 + 9;
+    assert_eq!(dq.add_used_batch(&mem, &log, (0..n).map(|h| (h, u32::from(h) * 3))), usize::from(n));
+    assert_eq!(used_idx(&tq), 50 + n);
+    for h in 0..n {
+        assert_eq!(tq.used.entry(50 + h), (u32::from(h), u32::from(h) * 3), "entry {h}");
+    }
+    let before = used_idx(&tq);
+    assert_eq!(dq.add_used_batch(&mem, &log, (0..100u16).map(|h| (h % 64, 1))), 64);
+    assert_eq!(used_idx(&tq), before.wrapping_add(64));
 }
 
 #[test]

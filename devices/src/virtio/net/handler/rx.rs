@@ -8,12 +8,15 @@
 //! many), without it the next chain (each frame goes in one chain). One `readv` then
 //! scatters the frame:
 //!
-//! * the 12-byte vnet header into the handler's `rx_buf` (host memory), where it is checked
-//!   against the accepted offloads and `num_buffers` is filled in before it is written to the
-//!   guest: the guest never gets a header it could change between our check and our write;
-//! * the rest straight into the held chains' buffers, after the header's 12 bytes, in order;
+//! * straight into the held chains' buffers, in order, the 12-byte vnet header first;
 //! * whatever the held buffers do not cover, up to `MAX_FRAME_LEN`, into `rx_buf` (so a frame
 //!   is never truncated).
+//!
+//! The header is then copied into the handler's `rx_buf` (host memory), checked there against
+//! the accepted offloads, `num_buffers` filled in, and written back over the guest's copy
+//! before the chains are returned: what the guest gets is the header we checked, whatever it
+//! wrote into its buffer meanwhile. (The header used to go to `rx_buf` through an iovec of
+//! its own: one more segment per read than the buffers themselves.)
 //!
 //! # The window
 //!
@@ -262,15 +265,22 @@ impl NetHandler {
                 self.stats.rx_dropped += 1;
                 Read::Skip
             }
-            Ok(n) if n <= in_place_limit => Read::Frame(PendingFrame {
-                len: n,
-                charged: false,
-                in_place: true,
-            }),
+            Ok(n) if n <= in_place_limit => {
+                // The header, to check and complete in host memory (see "Zero copy").
+                if !self.gather_held(VNET_HDR_LEN) {
+                    self.stats.rx_dropped += 1;
+                    return Read::Skip;
+                }
+                Read::Frame(PendingFrame {
+                    len: n,
+                    charged: false,
+                    in_place: true,
+                })
+            }
             Ok(n) => {
                 // The copy path: bring back what went into the guest buffers, so that the
                 // whole frame is in rx_buf.
-                if in_place_limit > VNET_HDR_LEN && !self.gather_held(in_place_limit) {
+                if in_place_limit > 0 && !self.gather_held(in_place_limit) {
                     self.stats.rx_dropped += 1;
                     return Read::Skip;
                 }
@@ -305,10 +315,9 @@ impl NetHandler {
         }
     }
 
-    /// Fills `rx_iovs` for the next read: the header into `rx_buf`, the rest into the window's
-    /// buffers (after the first chain's first VNET_HDR_LEN bytes, which get the header later)
-    /// until they cover the expected frame, and what they do not cover into `rx_buf`. Returns
-    /// the longest frame the guest buffers take whole (0 if there are none).
+    /// Fills `rx_iovs` for the next read: the window's buffers until they cover the expected
+    /// frame, and what they do not cover into `rx_buf`. Returns the longest frame the guest
+    /// buffers take whole (0 if there are none).
     fn build_rx_iovs(&mut self) -> usize {
         let window = self.rx_window();
         // Without MRG_RXBUF a frame goes in one chain: offer all of it (its descriptors are
@@ -320,48 +329,37 @@ impl NetHandler {
         };
         let iovs = &mut self.rx_iovs.0;
         debug_assert!(iovs.is_empty() && self.rx_buf.len() >= MAX_FRAME_LEN);
-        let buf = self.rx_buf.as_mut_ptr();
-        iovs.push(libc::iovec {
-            iov_base: buf.cast(),
-            iov_len: VNET_HDR_LEN,
-        });
-        let mut covered = VNET_HDR_LEN;
-        let mut skip = VNET_HDR_LEN;
+        let mut covered = 0usize;
         for (addr, seg_len) in self.rx_held.host_segs(window) {
-            if skip >= seg_len {
-                skip -= seg_len;
-                continue;
-            }
             // Keep one iovec for the rest of rx_buf.
             if covered >= expect || iovs.len() + 1 >= MAX_RX_IOVS {
                 break;
             }
-            let len = (seg_len - skip).min(MAX_FRAME_LEN - covered);
+            let len = seg_len.min(MAX_FRAME_LEN - covered);
             iovs.push(libc::iovec {
-                // The checked host address of the segment, plus skip < seg_len.
-                iov_base: (addr + skip) as *mut libc::c_void,
+                // The checked host address of the segment.
+                iov_base: addr as *mut libc::c_void,
                 iov_len: len,
             });
             covered += len;
-            skip = 0;
         }
-        let in_place_limit = if iovs.len() > 1 { covered } else { 0 };
         if covered < MAX_FRAME_LEN {
             iovs.push(libc::iovec {
                 // SAFETY: covered < MAX_FRAME_LEN <= rx_buf.len(): in bounds of rx_buf.
-                iov_base: unsafe { buf.add(covered) }.cast(),
+                iov_base: unsafe { self.rx_buf.as_mut_ptr().add(covered) }.cast(),
                 iov_len: MAX_FRAME_LEN - covered,
             });
         }
-        in_place_limit
+        // Every held chain takes at least a vnet header (checked when popped).
+        covered
     }
 
-    /// Copies frame bytes `VNET_HDR_LEN..limit`, read into the window's buffers, to the same
-    /// place in `rx_buf`. False if guest memory could not be read (logged).
+    /// Copies frame bytes `..limit`, read into the window's buffers, to the same place in
+    /// `rx_buf`. False if the window holds fewer.
     fn gather_held(&mut self, limit: usize) -> bool {
         let window = self.rx_window();
-        let out = &mut self.rx_buf[VNET_HDR_LEN..limit];
-        self.rx_held.read(&self.mem, window, VNET_HDR_LEN, out)
+        let out = &mut self.rx_buf[..limit];
+        self.rx_held.read(window, out)
     }
 
     /// Checks the frame's header (in `rx_buf`) against the negotiated offloads (frames
@@ -417,16 +415,12 @@ impl NetHandler {
             return Delivery::Dropped;
         };
         self.set_num_buffers(count);
-        if self.rx_held.write_front(&self.mem, &self.rx_buf[..VNET_HDR_LEN]) != VNET_HDR_LEN {
-            // Logged by write_front; the chains were checked, so this is not expected.
+        if self.rx_held.write_front(&self.rx_buf[..VNET_HDR_LEN]) != VNET_HDR_LEN {
+            // Cannot happen: every held chain takes a header (checked when popped).
+            error!(len, "virtio-net: in-place RX frame's first chain shorter than a header, dropped");
             return Delivery::Dropped;
         }
-        let mut left = len;
-        self.complete_rx_chains(count, stats, |_, _, held| {
-            let written = held.capacity(1).min(left);
-            left -= written;
-            written
-        });
+        self.complete_rx_in_place(count, len, stats);
         Delivery::Delivered
     }
 
@@ -466,8 +460,8 @@ impl NetHandler {
         };
         self.set_num_buffers(count);
         let mut off = 0usize;
-        self.complete_rx_chains(count, stats, |mem, buf, held| {
-            let written = held.write_front(mem, &buf[off..len]);
+        self.complete_rx_chains(count, stats, |buf, held| {
+            let written = held.write_front(&buf[off..len]);
             off += written;
             written
         });
