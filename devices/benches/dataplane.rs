@@ -21,8 +21,8 @@
 //!   the 64 KiB TSO frames a real TCP sender hands the TAP (see `dataplane/tcp.rs`);
 //!   `interleaved` runs the handler, the plain loop and the copy path in turns on one stream
 //!   and prints an outcome for each.
-//! * `net --dir rx-mem --size S --impl handler|plain`: no TAP; the handler's backend copies
-//!   each frame from memory, plain is that copy alone (see `dataplane/mem.rs`).
+//! * `net --dir rx-mem --size S --impl handler|plain|interleaved`: no TAP; the handler's
+//!   backend copies each frame from memory, plain is that copy alone (see `dataplane/mem.rs`).
 //! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain --secs S`: one
 //!   worker; the handler keeps a queue of requests in flight, plain does the same requests
 //!   one `pread`/`pwrite` at a time.
@@ -86,7 +86,7 @@ fn main() {
     let size: usize = opt("--size").map_or(Ok(0), |s| s.parse()).unwrap_or_else(|_| die("bad --size"));
     let imp = need("--impl");
     let results = if kind == "net" && opt("--dir").as_deref() == Some("rx-mem") {
-        vec![mem::rx_mem(size, &imp, secs)]
+        mem::rx_mem(size, &imp, secs)
     } else if kind == "net" && opt("--dir").as_deref() == Some("rx-tcp") {
         tcp::rx_tcp(&need("--taps"), &need("--peer-netns"), &need("--peer-tap"), &imp, secs)
     } else if kind == "net" {
