@@ -60,6 +60,8 @@ use crate::virtio::net::{
 };
 
 pub(super) use chain::HeldChains;
+#[cfg(test)]
+pub(super) use chain::HOLD_AHEAD;
 use chain::Pop;
 
 /// The smallest window: a full-size Ethernet frame with a VLAN tag, and its vnet header.

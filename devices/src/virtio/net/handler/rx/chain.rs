@@ -261,22 +261,29 @@ pub(super) enum Pop {
     Broken,
 }
 
+/// Frames' worth of chains (of the window's size) popped at a time, once popping at all.
+pub(in crate::virtio::net::handler) const HOLD_AHEAD: usize = 8;
+
 impl NetHandler {
-    /// Pops chains until the window can take the expected frame, the queue has no more, or
-    /// a queue's worth was popped (a guest reposting invalid chains cannot keep us here).
-    /// The avail index is read once for them all, and the rings are read in place
-    /// ([`SplitRing`]); malformed chains are returned to the guest after the others.
+    /// Pops chains when the window cannot take the expected frame: then until it can take
+    /// [`HOLD_AHEAD`] of them, the queue has no more, or a queue's worth was popped (a guest
+    /// reposting invalid chains cannot keep us here). The avail index is read once for them
+    /// all, and the rings are read in place ([`SplitRing`]); malformed chains are returned to
+    /// the guest after the others.
     pub(super) fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
         let mut have = self.rx_held.capacity(usize::MAX);
         let size = self.rx.queue.size();
         let mrg = self.mrg_rxbuf;
-        let want = self.rx_expect.bytes;
-        let enough = |have: usize, held: usize| {
+        let enough = |have: usize, held: usize, want: usize| {
             (if mrg { have >= want } else { held > 0 }) || held >= usize::from(size)
         };
-        if enough(have, self.rx_held.len()) {
+        if enough(have, self.rx_held.len(), self.rx_expect.bytes) {
             return;
         }
+        // Popping anyway: pop for the next frames too, so that one ring setup and avail-index
+        // read serve several frames (about 1% of a 64 KiB frame's RX cost, measured with the
+        // benchmark's interleaved TCP case).
+        let want = self.rx_expect.bytes.saturating_mul(HOLD_AHEAD);
         let mem = &self.mem;
         let Ok(ring) = SplitRing::new(&self.rx.queue, mem) else {
             return self.hold_rx_chains_slow(have, stats);
@@ -294,7 +301,7 @@ impl NetHandler {
         // otherwise).
         let mut bad: Vec<u16> = Vec::new();
         let mut pos = start;
-        while pos != avail && !enough(have, self.rx_held.len()) {
+        while pos != avail && !enough(have, self.rx_held.len(), want) {
             let Ok(mut head) = ring.avail_head(pos) else {
                 break;
             };

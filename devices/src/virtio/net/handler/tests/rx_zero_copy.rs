@@ -2,7 +2,7 @@
 //! posted buffers do not take the frame.
 
 use super::*;
-use crate::virtio::net::handler::rx::EXPECT_MIN;
+use crate::virtio::net::handler::rx::{EXPECT_MIN, HOLD_AHEAD};
 use crate::virtio::net::MAX_FRAME_LEN;
 use crate::virtio::DataPlane;
 
@@ -98,7 +98,7 @@ fn rx_frame_bigger_than_the_posted_buffers_takes_the_copy_path() {
 #[test]
 fn rx_window_longer_than_iov_max_is_cut() {
     // 128 chains of 8 descriptors of 16 bytes: 1024 guest iovecs, more than one readv takes
-    // with the header's. A first frame filling them all grows the window to the largest
+    // with the copy buffer's. A first frame filling them all grows the window to the largest
     // frame (it takes the copy path: the window began at a full-size Ethernet frame); the
     // same frame again, into all 128 reposted chains, is read into a window cut at the
     // iovec limit and finished through the copy buffer.
@@ -130,9 +130,10 @@ fn rx_window_longer_than_iov_max_is_cut() {
 #[test]
 fn rx_window_follows_the_frames() {
     // 1 KiB buffers, reposted as they are used. Small frames: the window covers a full-size
-    // Ethernet frame (2 chains held). A longer frame takes the copy path once and the window
-    // grows to the largest frame (65 chains held); it shrinks to the longest frame of the last
-    // EXPECT_PERIOD frames, then to the minimum. Every frame arrives whole.
+    // Ethernet frame (2 chains), and popping takes HOLD_AHEAD windows' worth at once. A
+    // longer frame takes the copy path once and the window grows to the largest frame (65
+    // chains; popping takes all the guest posted); it shrinks to the longest frame of the
+    // last EXPECT_PERIOD frames, then to the minimum. Every frame arrives whole.
     let mem = mem();
     let mut s = Setup::new(&mem, 256, default_features());
     let layout: Vec<Vec<(u64, u32)>> =
@@ -155,15 +156,20 @@ fn rx_window_follows_the_frames() {
         used
     };
     let small = frame(0, 0, 100, 0x81);
-    let mut used_now = deliver(&mut s, &small, 1);
-    // Holding for the next read: two chains (2048 bytes >= 1530).
+    let used_now = deliver(&mut s, &small, 1);
+    // Popped for the first read: HOLD_AHEAD full-size frames' worth of 1 KiB chains; one
+    // took the frame, the rest are held (and enough for the next read: no more popped).
+    let ahead = (HOLD_AHEAD * EXPECT_MIN).div_ceil(1024) as u16;
     assert_eq!(s.h.process_rx().completed, 0);
-    assert_eq!(s.h.rx.queue.next_avail() - used_now, 2);
+    assert_eq!(s.h.rx.queue.next_avail(), ahead);
+    assert_eq!(s.h.rx.queue.next_avail() - used_now, ahead - 1);
     let big = frame(0, 0, 5000, 0x82);
-    used_now = deliver(&mut s, &big, 5);
+    deliver(&mut s, &big, 5);
     assert_eq!(s.h.rx_expect.bytes, MAX_FRAME_LEN);
+    // Too few held for a largest frame: pops what the guest posted (less than HOLD_AHEAD
+    // largest frames).
     assert_eq!(s.h.process_rx().completed, 0);
-    assert_eq!(s.h.rx.queue.next_avail() - used_now, 65);
+    assert_eq!(s.h.rx.queue.next_avail(), 200);
     // The big frame and 255 more make a period: the window becomes the big frame's length.
     for i in 0..255u16 {
         assert_eq!(s.h.rx_expect.bytes, MAX_FRAME_LEN, "frame {i}");
@@ -248,9 +254,10 @@ fn rx_snapshot_resumes_at_the_oldest_held_chain() {
     for i in 0..3u16 {
         s.add_rx(i, &[(BUF + u64::from(i) * 0x1000, 1024, true)]);
     }
-    // Nothing to read, but chains are held for the next read: two cover a full-size frame.
+    // Nothing to read, but chains are held for the next read (all three: fewer than
+    // HOLD_AHEAD full-size frames take).
     assert_eq!(s.h.process_rx().completed, 0);
-    assert_eq!(s.h.rx.queue.next_avail(), 2);
+    assert_eq!(s.h.rx.queue.next_avail(), 3);
     assert_eq!(s.h.queue_positions()[0].next_avail, 0);
     s.host_send(&frame(0, 0, 100, 1));
     assert_eq!(s.h.process_rx().completed, 1);
