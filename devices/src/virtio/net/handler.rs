@@ -40,7 +40,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue::DeviceQueue;
 use crate::virtio::IrqTrigger;
 
-use rx::{HeldChains, PendingFrame, RxExpect, RxIovecs};
+use rx::{HeldChains, PendingFrame, RxExpect};
 
 /// Frames read from the backend per RX event, at most.
 pub const RX_BUDGET: usize = 64;
@@ -138,12 +138,12 @@ pub struct NetHandler {
     mrg_rxbuf: bool,
     /// RX header and copy-path buffer, [`super::MAX_FRAME_LEN`] bytes.
     rx_buf: Vec<u8>,
-    /// Scratch iovecs of one RX read.
-    rx_iovs: RxIovecs,
     /// Read RX frames into guest buffers (false: always through `rx_buf`, for benchmarks).
     rx_zero_copy: bool,
     /// A frame read but not delivered yet: waiting for guest buffers or limiter tokens.
     rx_pending: Option<PendingFrame>,
+    /// RX kicks were turned off by this handler and not turned on since.
+    rx_kicks_off: bool,
     /// Validated RX chains popped from the queue but not used yet.
     rx_held: HeldChains,
     /// How much of the held chains an RX read offers (see `rx.rs`, "The window").
@@ -187,9 +187,9 @@ impl NetHandler {
             acked_features,
             mrg_rxbuf: acked_features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_buf: vec![0u8; super::MAX_FRAME_LEN],
-            rx_iovs: RxIovecs::default(),
             rx_zero_copy: true,
             rx_pending: None,
+            rx_kicks_off: false,
             rx_held: HeldChains::default(),
             rx_expect: RxExpect::default(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),

@@ -108,7 +108,7 @@ impl RxExpect {
 
 /// Most iovecs one `readv` takes (the kernel's `UIO_MAXIOV`); a window needing more is cut
 /// short, and what it does not cover lands in `rx_buf`.
-const MAX_RX_IOVS: usize = 1024;
+pub(super) const MAX_RX_IOVS: usize = 1024;
 
 /// The frame read last and not delivered yet.
 #[derive(Clone, Copy, Debug)]
@@ -121,15 +121,6 @@ pub(super) struct PendingFrame {
     /// copy); otherwise all of it is in `rx_buf`.
     in_place: bool,
 }
-
-/// The iovecs of one read (scratch space, empty between reads).
-#[derive(Default)]
-pub(super) struct RxIovecs(Vec<libc::iovec>);
-
-// SAFETY: `libc::iovec` holds a raw pointer, hence !Send; the vector is scratch space filled
-// and emptied within one `read_backend` call on one thread, so no pointer in it is ever used
-// after the handler moves to another thread.
-unsafe impl Send for RxIovecs {}
 
 /// Outcome of a backend read.
 enum Read {
@@ -211,6 +202,7 @@ impl NetHandler {
                     self.rx_pending = Some(frame);
                     // Ask for a kick when buffers come, then look again in case they came
                     // before the driver could see the request.
+                    self.rx_kicks_off = false;
                     match self.rx.queue.enable_notification(&self.mem) {
                         Ok(true) => continue,
                         Ok(false) => {}
@@ -223,10 +215,12 @@ impl NetHandler {
                 }
             }
         }
-        if !stuck && stats.completed > 0 {
-            // Not waiting for buffers: RX kicks are useless until we run out again.
-            if let Err(e) = self.rx.queue.disable_notification(&self.mem) {
-                guest_warn!(self.log, error = %e, "virtio-net: cannot disable RX notifications");
+        if !stuck && stats.completed > 0 && !self.rx_kicks_off {
+            // Not waiting for buffers: RX kicks are useless until we run out again. (Once:
+            // only the device writes the flag, so it stays off until we turn it on.)
+            match self.rx.queue.disable_notification(&self.mem) {
+                Ok(()) => self.rx_kicks_off = true,
+                Err(e) => guest_warn!(self.log, error = %e, "virtio-net: cannot disable RX notifications"),
             }
         }
         if stats.completed > 0 {
@@ -244,18 +238,26 @@ impl NetHandler {
         if self.rx_zero_copy {
             self.hold_rx_chains(stats);
         }
-        let in_place_limit = self.build_rx_iovs();
+        let window = self.rx_window();
+        // Without MRG_RXBUF a frame goes in one chain: offer all of it (its descriptors are
+        // the only iovecs there can be).
+        let expect = if self.mrg_rxbuf {
+            self.rx_expect.bytes.min(MAX_FRAME_LEN)
+        } else {
+            MAX_FRAME_LEN
+        };
         let Some(backend) = self.backend.as_mut() else {
             return Read::Stop;
         };
-        // SAFETY: `build_rx_iovs` made every iovec point either into `rx_buf` (a live Vec of
-        // MAX_FRAME_LEN bytes not otherwise borrowed during the call) or into guest memory
-        // that was checked to be inside a mapped region when its chain was popped; the
-        // regions stay mapped while `self.mem` lives, i.e. for the whole call. No Rust
-        // reference to that guest memory exists; the guest may change it concurrently or
-        // make two buffers overlap, which can only garble its own frame.
-        let result = unsafe { backend.read_frame_into(&self.rx_iovs.0) };
-        self.rx_iovs.0.clear();
+        let (result, in_place_limit) = self.rx_held.read_into(window, expect, &mut self.rx_buf, |iovs| {
+            // SAFETY: `read_into` gives iovecs that point either into `rx_buf` (a live Vec of
+            // MAX_FRAME_LEN bytes, lent to `read_into` for the call) or into guest memory that
+            // was checked to be inside a mapped region when its chain was popped; the regions
+            // stay mapped while `self.mem` lives, i.e. for the whole call. No Rust reference to
+            // that guest memory exists; the guest may change it concurrently or make two
+            // buffers overlap, which can only garble its own frame.
+            unsafe { backend.read_frame_into(iovs) }
+        });
         if let Ok(n) = result {
             self.rx_expect.note(n);
         }
@@ -315,45 +317,6 @@ impl NetHandler {
         } else {
             self.rx_held.len().min(1)
         }
-    }
-
-    /// Fills `rx_iovs` for the next read: the window's buffers until they cover the expected
-    /// frame, and what they do not cover into `rx_buf`. Returns the longest frame the guest
-    /// buffers take whole (0 if there are none).
-    fn build_rx_iovs(&mut self) -> usize {
-        let window = self.rx_window();
-        // Without MRG_RXBUF a frame goes in one chain: offer all of it (its descriptors are
-        // the only iovecs there can be).
-        let expect = if self.mrg_rxbuf {
-            self.rx_expect.bytes.min(MAX_FRAME_LEN)
-        } else {
-            MAX_FRAME_LEN
-        };
-        let iovs = &mut self.rx_iovs.0;
-        debug_assert!(iovs.is_empty() && self.rx_buf.len() >= MAX_FRAME_LEN);
-        let mut covered = 0usize;
-        for (addr, seg_len) in self.rx_held.host_segs(window) {
-            // Keep one iovec for the rest of rx_buf.
-            if covered >= expect || iovs.len() + 1 >= MAX_RX_IOVS {
-                break;
-            }
-            let len = seg_len.min(MAX_FRAME_LEN - covered);
-            iovs.push(libc::iovec {
-                // The checked host address of the segment.
-                iov_base: addr as *mut libc::c_void,
-                iov_len: len,
-            });
-            covered += len;
-        }
-        if covered < MAX_FRAME_LEN {
-            iovs.push(libc::iovec {
-                // SAFETY: covered < MAX_FRAME_LEN <= rx_buf.len(): in bounds of rx_buf.
-                iov_base: unsafe { self.rx_buf.as_mut_ptr().add(covered) }.cast(),
-                iov_len: MAX_FRAME_LEN - covered,
-            });
-        }
-        // Every held chain takes at least a vnet header (checked when popped).
-        covered
     }
 
     /// Copies frame bytes `..limit`, read into the window's buffers, to the same place in

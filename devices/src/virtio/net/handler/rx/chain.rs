@@ -20,8 +20,9 @@ use vm_memory::{
 };
 
 use super::super::{ChainError, NetHandler, ProcessStats};
+use super::MAX_RX_IOVS;
 use crate::guest_warn;
-use crate::virtio::net::VNET_HDR_LEN;
+use crate::virtio::net::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use crate::virtio::pop_chain;
 use crate::virtio::queue::SplitRing;
@@ -48,22 +49,22 @@ impl RxChain {
 }
 
 /// A piece of a held chain's buffers inside one memory region (a buffer is one piece, or
-/// one per region it crosses), checked when its chain was popped: its host address.
-#[derive(Clone, Copy, Debug)]
-struct RxSeg {
-    host: usize,
-    len: usize,
+/// one per region it crosses), checked when its chain was popped: its host address and
+/// length, as the iovec a read takes.
+fn seg(host: usize, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: host as *mut libc::c_void,
+        iov_len: len,
+    }
 }
 
-impl RxSeg {
-    /// The piece as a volatile slice (the guest may change it at any time).
-    fn slice(&self) -> VolatileSlice<'_> {
-        // SAFETY: `host..host + len` was checked to lie in one mapped region of guest memory
-        // when the chain was popped (`parse_rx_chain`); the handler holding this segment also
-        // holds that memory, which is never unmapped while it lives. The range is only ever
-        // reached through volatile accesses and the kernel's readv, never a Rust reference.
-        unsafe { VolatileSlice::new(self.host as *mut u8, self.len) }
-    }
+/// A held segment as a volatile slice (the guest may change it at any time).
+fn seg_slice(s: &libc::iovec) -> VolatileSlice<'_> {
+    // SAFETY: a held segment's range was checked to lie in one mapped region of guest memory
+    // when its chain was popped (`parse_rx_chain`, `push_single`); the handler holding it also
+    // holds that memory, which is never unmapped while it lives. The range is only ever
+    // reached through volatile accesses and the kernel's readv, never a Rust reference.
+    unsafe { VolatileSlice::new(s.iov_base.cast(), s.iov_len) }
 }
 
 /// The memory region of the last RX buffer checked: a batch's buffers are nearly always all
@@ -97,19 +98,28 @@ impl RegionHint {
     }
 }
 
-/// The RX chains popped but not used yet, oldest first, and their buffers. Two queues for
-/// all of them, so that holding and returning a chain allocates nothing once they have
-/// grown.
-#[derive(Debug, Default)]
+/// The RX chains popped but not used yet, oldest first, and their buffers' segments, kept
+/// as the iovecs a read takes: a read's window is a slice of them, not a copy (the copy
+/// and the pass it took were ~8% of microvm's own RX work). Segments of returned chains are
+/// dropped from the front by moving `first`, and the vector is compacted once they are most
+/// of it, so that holding and returning chains allocates nothing once it has grown.
+#[derive(Default)]
 pub(in crate::virtio::net::handler) struct HeldChains {
     chains: VecDeque<RxChain>,
-    /// The segments of every held chain, in chain order.
-    segs: VecDeque<RxSeg>,
+    /// `segs[first..]`: the segments of every held chain, in chain order.
+    segs: Vec<libc::iovec>,
+    first: usize,
     /// Where the last buffer was (see [`RegionHint`]).
     hint: Option<RegionHint>,
     /// Bytes all held chains take.
     bytes: usize,
 }
+
+// SAFETY: `libc::iovec` holds a raw pointer, hence !Send. The pointers are host addresses of
+// guest memory checked when their chain was popped; they are plain addresses, used only by
+// the handler that holds them (for readv and volatile copies), and valid as long as that
+// handler's guest memory lives, on whatever thread it runs.
+unsafe impl Send for HeldChains {}
 
 impl HeldChains {
     pub(super) fn len(&self) -> usize {
@@ -142,18 +152,65 @@ impl HeldChains {
         None
     }
 
-    /// The buffers of the first `n` chains, in order, as (host address, length).
-    pub(super) fn host_segs(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.segs.iter().take(self.segs_of(n)).map(|s| (s.host, s.len))
+    /// The segments of the held chains, in order.
+    fn held_segs(&self) -> &[libc::iovec] {
+        &self.segs[self.first..]
     }
 
     /// How many segments the first `n` chains have.
     fn segs_of(&self, n: usize) -> usize {
         if n >= self.chains.len() {
-            self.segs.len()
+            self.segs.len() - self.first
         } else {
             self.chains.iter().take(n).map(|c| c.segs as usize).sum()
         }
+    }
+
+    /// Reads through `read` into the first `n` chains' buffers, as many of them as cover
+    /// `expect` bytes (at most `MAX_RX_IOVS - 1` segments), and into `spill` (at least
+    /// MAX_FRAME_LEN bytes) after them for what they do not cover up to MAX_FRAME_LEN.
+    /// `read` gets the iovecs; returns its result and how many bytes the guest buffers
+    /// offered (the longest frame they take whole; 0 if there are none).
+    pub(super) fn read_into<R>(
+        &mut self,
+        n: usize,
+        expect: usize,
+        spill: &mut [u8],
+        read: impl FnOnce(&[libc::iovec]) -> R,
+    ) -> (R, usize) {
+        debug_assert!(spill.len() >= MAX_FRAME_LEN);
+        let avail = self.segs_of(n).min(MAX_RX_IOVS - 1);
+        let (mut k, mut covered) = (0usize, 0usize);
+        for s in &self.held_segs()[..avail] {
+            if covered >= expect {
+                break;
+            }
+            covered += s.iov_len;
+            k += 1;
+        }
+        if covered >= MAX_FRAME_LEN {
+            return (read(&self.segs[self.first..self.first + k]), covered);
+        }
+        // What the guest buffers do not cover goes to `spill`: an iovec after the window's,
+        // in the slot of the next held segment (put back after the read) or a new last one.
+        let rest = seg(
+            // covered < MAX_FRAME_LEN <= spill.len(): in bounds of `spill`.
+            spill[covered..].as_mut_ptr() as usize,
+            MAX_FRAME_LEN - covered,
+        );
+        let at = self.first + k;
+        let result = if at < self.segs.len() {
+            let kept = std::mem::replace(&mut self.segs[at], rest);
+            let result = read(&self.segs[self.first..=at]);
+            self.segs[at] = kept;
+            result
+        } else {
+            self.segs.push(rest);
+            let result = read(&self.segs[self.first..=at]);
+            self.segs.pop();
+            result
+        };
+        (result, covered)
     }
 
     /// Validates chain `head`, popped from avail position `avail_idx` (its descriptors, as
@@ -196,7 +253,7 @@ impl HeldChains {
         }
         let len = d.len() as usize;
         let host = self.hint?.host(d.addr(), len)?;
-        self.segs.push_back(RxSeg { host, len });
+        self.segs.push(seg(host, len));
         self.chains.push_back(RxChain {
             head,
             avail_idx,
@@ -211,11 +268,22 @@ impl HeldChains {
     pub(super) fn pop_front(&mut self) -> Option<RxChain> {
         let c = self.chains.pop_front()?;
         self.bytes -= c.capacity();
-        // Nearly always one segment: cheaper than a `drain`.
-        for _ in 0..c.segs as usize {
-            self.segs.pop_front();
-        }
+        self.drop_segs(c.segs as usize);
         Some(c)
+    }
+
+    /// Drops the first `n` held segments (their chains were returned).
+    fn drop_segs(&mut self, n: usize) {
+        self.first += n;
+        debug_assert!(self.first <= self.segs.len());
+        if self.first >= self.segs.len() {
+            self.segs.clear();
+            self.first = 0;
+        } else if self.first >= 64 && self.first * 2 >= self.segs.len() {
+            // Compaction moves at most as many as it drops: amortized O(1) per segment.
+            self.segs.drain(..self.first);
+            self.first = 0;
+        }
     }
 
     /// Copies as much of `data` as fits into the oldest chain, from its start; returns the
@@ -225,12 +293,12 @@ impl HeldChains {
             return 0;
         };
         let mut off = 0usize;
-        for s in self.segs.iter().take(chain.segs as usize) {
+        for s in self.held_segs().iter().take(chain.segs as usize) {
             if off == data.len() {
                 break;
             }
-            let n = s.len.min(data.len() - off);
-            s.slice().copy_from(&data[off..off + n]);
+            let n = s.iov_len.min(data.len() - off);
+            seg_slice(s).copy_from(&data[off..off + n]);
             off += n;
         }
         off
@@ -239,12 +307,12 @@ impl HeldChains {
     /// Reads the first `out.len()` bytes of the first `n` chains' buffers into `out`. False
     /// if they hold fewer.
     pub(super) fn read(&self, n: usize, mut out: &mut [u8]) -> bool {
-        for s in self.segs.iter().take(self.segs_of(n)) {
+        for s in self.held_segs().iter().take(self.segs_of(n)) {
             if out.is_empty() {
                 break;
             }
-            let len = s.len.min(out.len());
-            s.slice().copy_to(&mut out[..len]);
+            let len = s.iov_len.min(out.len());
+            seg_slice(s).copy_to(&mut out[..len]);
             out = &mut out[len..];
         }
         out.is_empty()
@@ -440,8 +508,8 @@ impl NetHandler {
             Some((chain.head, written as u32))
         });
         stats.completed += self.rx.add_used_batch(&self.mem, &self.log, used);
-        // Their segments, at once (not read: nothing to drop).
-        held.segs.drain(..segs);
+        // Their segments, at once.
+        held.drop_segs(segs);
     }
 
     /// Where a snapshot should resume the RX queue: at the oldest chain held but not used
@@ -461,7 +529,7 @@ impl NetHandler {
 fn parse_rx_chain(
     mem: &GuestMemoryMmap,
     chain: impl Iterator<Item = Descriptor>,
-    segs: &mut VecDeque<RxSeg>,
+    segs: &mut Vec<libc::iovec>,
     hint: &mut Option<RegionHint>,
 ) -> Result<usize, ChainError> {
     let mut capacity = 0usize;
@@ -486,17 +554,14 @@ fn parse_rx_chain(
             host = hint.and_then(|h| h.host(addr, len));
         }
         if let Some(host) = host {
-            segs.push_back(RxSeg { host, len });
+            segs.push(seg(host, len));
         } else {
             for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
                 let slice = slice.map_err(|_| ChainError::OutsideMemory {
                     addr: addr.0,
                     len: d.len(),
                 })?;
-                segs.push_back(RxSeg {
-                    host: slice.ptr_guard_mut().as_ptr() as usize,
-                    len: slice.len(),
-                });
+                segs.push(seg(slice.ptr_guard_mut().as_ptr() as usize, slice.len()));
             }
         }
         capacity += len;
