@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::net::{tun_offload_flags, NetBackend, MAX_FRAME_LEN, VNET_HDR_LEN};
 use devices::virtio::net::NetHandler;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{check, die, open_tap, wait_readable, Meter, Outcome, RxPool, Tap, MAX_FRAME_BUFS};
 use super::{net_features, net_handler, rx_buf_addr, rx_guest_memory, rx_outcome, Ring, QSIZE, RX_RING, TX_RING};
@@ -154,6 +155,9 @@ fn forward(peer: RawFd, iovs: &[libc::iovec]) {
 /// The plain loop's reader: `readv` into the pool, then forwarding from there.
 struct PlainReader {
     fd: RawFd,
+    /// Written once after each batch that read something, if set: the interrupt a device
+    /// owes its guest per batch (the handler's `signal_used`), for "limit + interrupt".
+    irq: Option<EventFd>,
     pool: RxPool,
     batch: Vec<(*const u8, usize)>,
     m: Meter,
@@ -163,19 +167,30 @@ struct PlainReader {
 
 impl PlainReader {
     fn new(fd: RawFd) -> Self {
-        PlainReader { fd, pool: RxPool::new(), batch: Vec::with_capacity(PLAIN_BATCH), m: Meter::new(), ops: 0, bytes: 0 }
+        PlainReader {
+            fd,
+            irq: None,
+            pool: RxPool::new(),
+            batch: Vec::with_capacity(PLAIN_BATCH),
+            m: Meter::new(),
+            ops: 0,
+            bytes: 0,
+        }
     }
 
     /// One timed batch (until the TAP is empty or PLAIN_BATCH frames), then its forwarding.
     /// False if it read nothing.
     fn step(&mut self, peer: RawFd) -> bool {
-        let (pool, batch, fd) = (&mut self.pool, &mut self.batch, self.fd);
+        let (pool, batch, fd, irq) = (&mut self.pool, &mut self.batch, self.fd, &self.irq);
         self.m.time(|| {
             while batch.len() < PLAIN_BATCH {
                 let Some(frame) = pool.read(fd, MAX_FRAME_BUFS) else {
                     break;
                 };
                 batch.push(frame);
+            }
+            if let (Some(irq), false) = (irq, batch.is_empty()) {
+                irq.write(1).unwrap_or_else(|e| die(&format!("eventfd: {e}")));
             }
         });
         for &(frame, len) in &self.batch {
@@ -271,10 +286,11 @@ fn handler(tap: Tap, zero_copy: bool, peer: RawFd, stop: &AtomicBool) -> Outcome
     r.finish()
 }
 
-/// `--impl interleaved`: the handler, the plain loop and the handler with zero-copy RX off
-/// take turns, a batch each, on the same TAP and the same TCP stream, so that all three see
-/// the same frames, sender and load (separate runs of a TCP stream vary by up to ~30%
-/// between runs on this host). Each has its own meter; outcomes in that order.
+/// `--impl interleaved`: the handler, the plain loop, the handler with zero-copy RX off and
+/// the plain loop with an interrupt per batch take turns, a batch each, on the same TAP and
+/// the same TCP stream, so that all see the same frames, sender and load (separate runs of a
+/// TCP stream vary by up to ~30% between runs on this host). Each has its own meter;
+/// outcomes in that order.
 fn interleaved(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Vec<Outcome> {
     let fd = tap.as_raw_fd();
     let second = dup_tap(&tap);
@@ -282,17 +298,21 @@ fn interleaved(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Vec<Outcome> {
     let mut zero = HandlerReader::new(&mem_z, tap, true);
     let mut plain = PlainReader::new(fd);
     let mut copy = HandlerReader::new(&mem_c, second, false);
-    // Rounds of a batch each, in every order in turn: a reader's batch is larger when the
-    // one before it was slow (more frames queued meanwhile), and larger batches spend less on
-    // the meter's clock reads per frame; so each must follow each other equally often.
-    const ORDERS: [[usize; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let mut plain_irq = PlainReader::new(fd);
+    plain_irq.irq = Some(EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| die(&format!("eventfd: {e}"))));
+    // Rounds of a batch each, in the orders of a balanced Latin square: a reader's batch is
+    // larger when the one before it was slow (more frames queued meanwhile), and larger
+    // batches spend less on the meter's clock reads per frame; so each reader comes first
+    // once in four rounds and follows each other reader once.
+    const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
     let mut round = 0usize;
     while !stop.load(Ordering::Relaxed) {
         for who in ORDERS[round % ORDERS.len()] {
             let read = match who {
                 0 => zero.step(peer),
                 1 => plain.step(peer),
-                _ => copy.step(peer),
+                2 => copy.step(peer),
+                _ => plain_irq.step(peer),
             };
             if !read {
                 wait_readable(fd);
@@ -300,7 +320,7 @@ fn interleaved(tap: Tap, peer: RawFd, stop: &AtomicBool) -> Vec<Outcome> {
         }
         round += 1;
     }
-    vec![zero.finish(), plain.finish(), copy.finish()]
+    vec![zero.finish(), plain.finish(), copy.finish(), plain_irq.finish()]
 }
 
 /// A second handle on the same TAP queue (for a second handler).
