@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
@@ -23,7 +24,6 @@ use super::super::{ChainError, NetHandler, ProcessStats};
 use super::MAX_RX_IOVS;
 use crate::guest_warn;
 use crate::virtio::net::{MAX_FRAME_LEN, VNET_HDR_LEN};
-use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use crate::virtio::pop_chain;
 use crate::virtio::queue::SplitRing;
 
