@@ -11,7 +11,9 @@
 //! static neighbour entries (see `tools/bench-dataplane`).
 //!
 //! Only the reading is measured ([`Meter`]: a batch, until the TAP has no frame or the
-//! buffers are full), not the forwarding.
+//! buffers are full), not the forwarding. `--impl interleaved` has the readers take turns on
+//! one stream (see [`interleaved`]): the script's way, since separate runs of a stream
+//! differ too much to compare.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,8 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use devices::virtio::net::{tun_offload_flags, NetBackend, MAX_FRAME_LEN, VNET_HDR_LEN};
-use devices::virtio::net::NetHandler;
+use devices::virtio::net::{tun_offload_flags, NetBackend, NetHandler, MAX_FRAME_LEN, VNET_HDR_LEN};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
