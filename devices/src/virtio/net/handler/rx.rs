@@ -269,29 +269,20 @@ impl NetHandler {
                 self.stats.rx_dropped += 1;
                 Read::Skip
             }
-            Ok(n) if n <= in_place_limit => {
-                // The header, to check and complete in host memory (see "Zero copy").
-                if !self.gather_held(VNET_HDR_LEN) {
-                    self.stats.rx_dropped += 1;
-                    return Read::Skip;
-                }
-                Read::Frame(PendingFrame {
-                    len: n,
-                    charged: false,
-                    in_place: true,
-                })
-            }
             Ok(n) => {
-                // The copy path: bring back what went into the guest buffers, so that the
-                // whole frame is in rx_buf.
-                if in_place_limit > 0 && !self.gather_held(in_place_limit) {
+                let in_place = n <= in_place_limit;
+                // In place: the header, to check and complete in host memory (see "Zero
+                // copy"). The copy path: what went into the guest buffers, so that the whole
+                // frame is in rx_buf.
+                let gather = if in_place { VNET_HDR_LEN } else { in_place_limit };
+                if gather > 0 && !self.gather_held(gather) {
                     self.stats.rx_dropped += 1;
                     return Read::Skip;
                 }
                 Read::Frame(PendingFrame {
                     len: n,
                     charged: false,
-                    in_place: false,
+                    in_place,
                 })
             }
             Err(e) => match e.kind() {

@@ -130,6 +130,13 @@ impl HeldChains {
         self.chains.is_empty()
     }
 
+    /// Whether they can take `want` bytes of frames (without MRG_RXBUF, `mrg` false: a
+    /// frame goes in one chain, so one), or are a queue (of `size`) worth.
+    fn enough(&self, want: usize, mrg: bool, size: u16) -> bool {
+        let held = self.chains.len();
+        (if mrg { self.bytes >= want } else { held > 0 }) || held >= usize::from(size)
+    }
+
     /// Bytes the first `n` chains take.
     pub(super) fn capacity(&self, n: usize) -> usize {
         if n >= self.chains.len() {
@@ -246,13 +253,15 @@ impl HeldChains {
 
     /// [`Self::push`] for the common chain, one device-writable descriptor with room for a
     /// vnet header, inside the region of the buffer before: checked and held with no
-    /// iterator or error path. None (nothing held) for any other: [`Self::push`] decides.
-    fn push_single(&mut self, d: Descriptor, head: u16, avail_idx: u16) -> Option<usize> {
-        if d.flags() != VRING_DESC_F_WRITE as u16 || (d.len() as usize) < VNET_HDR_LEN {
-            return None;
-        }
+    /// iterator or error path. False (nothing held) for any other: [`Self::push`] decides.
+    fn push_single(&mut self, d: Descriptor, head: u16, avail_idx: u16) -> bool {
         let len = d.len() as usize;
-        let host = self.hint?.host(d.addr(), len)?;
+        if d.flags() != VRING_DESC_F_WRITE as u16 || len < VNET_HDR_LEN {
+            return false;
+        }
+        let Some(host) = self.hint.and_then(|h| h.host(d.addr(), len)) else {
+            return false;
+        };
         self.segs.push(seg(host, len));
         self.chains.push_back(RxChain {
             head,
@@ -261,7 +270,7 @@ impl HeldChains {
             capacity: d.len(),
         });
         self.bytes += len;
-        Some(len)
+        true
     }
 
     /// The oldest chain, no longer held.
@@ -339,13 +348,8 @@ impl NetHandler {
     /// all, and the rings are read in place ([`SplitRing`]); malformed chains are returned to
     /// the guest after the others.
     pub(super) fn hold_rx_chains(&mut self, stats: &mut ProcessStats) {
-        let mut have = self.rx_held.capacity(usize::MAX);
-        let size = self.rx.queue.size();
-        let mrg = self.mrg_rxbuf;
-        let enough = |have: usize, held: usize, want: usize| {
-            (if mrg { have >= want } else { held > 0 }) || held >= usize::from(size)
-        };
-        if enough(have, self.rx_held.len(), self.rx_expect.bytes) {
+        let (mrg, size) = (self.mrg_rxbuf, self.rx.queue.size());
+        if self.rx_held.enough(self.rx_expect.bytes, mrg, size) {
             return;
         }
         // Popping anyway: pop for the next frames too, so that one ring setup and avail-index
@@ -354,7 +358,7 @@ impl NetHandler {
         let want = self.rx_expect.bytes.saturating_mul(HOLD_AHEAD);
         let mem = &self.mem;
         let Ok(ring) = SplitRing::new(&self.rx.queue, mem) else {
-            return self.hold_rx_chains_slow(have, stats);
+            return self.hold_rx_chains_slow(want, stats);
         };
         let start = self.rx.queue.next_avail();
         // A broken queue (avail index unreadable, or more than a queue's worth ahead, as
@@ -369,17 +373,12 @@ impl NetHandler {
         // otherwise).
         let mut bad: Vec<u16> = Vec::new();
         let mut pos = start;
-        while pos != avail && !enough(have, self.rx_held.len(), want) {
+        while pos != avail && !self.rx_held.enough(want, mrg, size) {
             let Ok(mut head) = ring.avail_head(pos) else {
                 break;
             };
             // A Linux guest's mergeable buffers: one device-writable descriptor each.
-            if let Some(capacity) = ring
-                .desc(head)
-                .ok()
-                .and_then(|d| self.rx_held.push_single(d, head, pos))
-            {
-                have += capacity;
+            if ring.desc(head).is_ok_and(|d| self.rx_held.push_single(d, head, pos)) {
                 pos = pos.wrapping_add(1);
                 continue;
             }
@@ -396,13 +395,10 @@ impl NetHandler {
                     _ => break,
                 }
             }
-            match held {
-                Ok(capacity) => have += capacity,
-                Err(e) => {
-                    guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
-                    self.stats.rx_bad_chains += 1;
-                    bad.push(head);
-                }
+            if let Err(e) = held {
+                guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
+                self.stats.rx_bad_chains += 1;
+                bad.push(head);
             }
             pos = pos.wrapping_add(1);
         }
@@ -412,11 +408,8 @@ impl NetHandler {
 
     /// [`Self::hold_rx_chains`] for rings that are not each inside one memory region:
     /// through virtio-queue, one avail-ring iterator for them all.
-    fn hold_rx_chains_slow(&mut self, mut have: usize, stats: &mut ProcessStats) {
-        let size = usize::from(self.rx.queue.size());
-        let enough = |have: usize, held: usize, mrg: bool, want: usize| {
-            (if mrg { have >= want } else { held > 0 }) || held >= size
-        };
+    fn hold_rx_chains_slow(&mut self, want: usize, stats: &mut ProcessStats) {
+        let (mrg, size) = (self.mrg_rxbuf, self.rx.queue.size());
         let mut avail_idx = self.rx.queue.next_avail();
         let mut bad: Vec<u16> = Vec::new();
         // A broken queue is reported by the delivery that needs it.
@@ -424,20 +417,17 @@ impl NetHandler {
             return;
         };
         for _ in 0..size {
-            if enough(have, self.rx_held.len(), self.mrg_rxbuf, self.rx_expect.bytes) {
+            if self.rx_held.enough(want, mrg, size) {
                 break;
             }
             let Some(chain) = chains.next() else {
                 break;
             };
             let head = chain.head_index();
-            match self.rx_held.push(&self.mem, chain, head, avail_idx) {
-                Ok(capacity) => have += capacity,
-                Err(e) => {
-                    guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
-                    self.stats.rx_bad_chains += 1;
-                    bad.push(head);
-                }
+            if let Err(e) = self.rx_held.push(&self.mem, chain, head, avail_idx) {
+                guest_warn!(self.log, head, error = %e, "virtio-net: returning malformed RX chain unused");
+                self.stats.rx_bad_chains += 1;
+                bad.push(head);
             }
             avail_idx = avail_idx.wrapping_add(1);
         }
