@@ -33,13 +33,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub use ring::{RingChain, RingError, SplitRing};
 use ring::{used_elem, USED_ELEM};
 
-/// Used elements written to the ring at a time by [`DeviceQueue::add_used_batch`] (a 64 KiB
-/// frame in 4 KiB buffers returns 17).
-const USED_CHUNK: usize = 32;
-
 use super::{pop_chain, IrqKind, IrqTrigger};
 use crate::guest_log::GuestLog;
 use crate::guest_warn;
+
+/// Used elements written to the ring at a time by [`DeviceQueue::add_used_batch`] (a 64 KiB
+/// frame in 4 KiB buffers returns 17).
+const USED_CHUNK: usize = 32;
 
 /// Chains handled per queue wakeup by default.
 pub const DEFAULT_BUDGET: usize = 64;
@@ -223,9 +223,18 @@ impl DeviceQueue {
         };
         let start = Wrapping(self.queue.next_used());
         let mut next = start;
-        // Elements go to the ring a chunk at a time (one bounds check each).
+        // Elements go to the ring a chunk at a time (one bounds check each), the chunk ending
+        // at `next`.
         let mut chunk = [[0u8; USED_ELEM]; USED_CHUNK];
-        let (mut n, mut chunk_at) = (0usize, start);
+        let mut n = 0usize;
+        let name = self.name;
+        let flush = |next: Wrapping<u16>, elems: &[[u8; USED_ELEM]]| {
+            let at = next - Wrapping(elems.len() as u16);
+            ring.write_used(at.0, elems)
+                // Cannot happen (the ring was checked): the chains stay unreturned.
+                .map_err(|e| guest_warn!(log, error = %e, "{name}: cannot return chains to the used ring"))
+                .is_ok()
+        };
         for (head, len) in used {
             if head >= ring.size() {
                 guest_warn!(log, head, "{}: cannot return a chain beyond the queue", self.name);
@@ -234,24 +243,19 @@ impl DeviceQueue {
             chunk[n] = used_elem(head, len);
             n += 1;
             next += 1;
-            if n == USED_CHUNK || next - start == Wrapping(ring.size()) {
-                if let Err(e) = ring.write_used(chunk_at.0, &chunk[..n]) {
-                    // Cannot happen (the ring was checked): the chains stay unreturned.
-                    guest_warn!(log, error = %e, "{}: cannot return chains to the used ring", self.name);
+            if n == USED_CHUNK {
+                if !flush(next, &chunk) {
                     return 0;
                 }
-                (n, chunk_at) = (0, next);
-                if next - start == Wrapping(ring.size()) {
-                    // A queue's worth: the driver gave no more.
-                    break;
-                }
+                n = 0;
+            }
+            if next - start == Wrapping(ring.size()) {
+                // A queue's worth: the driver gave no more.
+                break;
             }
         }
-        if n > 0 {
-            if let Err(e) = ring.write_used(chunk_at.0, &chunk[..n]) {
-                guest_warn!(log, error = %e, "{}: cannot return chains to the used ring", self.name);
-                return 0;
-            }
+        if n > 0 && !flush(next, &chunk[..n]) {
+            return 0;
         }
         if next == start {
             return 0;

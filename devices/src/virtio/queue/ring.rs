@@ -50,6 +50,7 @@ pub const USED_ELEM: usize = 8;
 pub fn used_elem(head: u16, len: u32) -> [u8; USED_ELEM] {
     (u64::from(head) | (u64::from(len) << 32)).to_le_bytes()
 }
+
 /// Offset of `idx` in both rings.
 const IDX: usize = 2;
 

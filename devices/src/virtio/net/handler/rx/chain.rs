@@ -6,7 +6,7 @@
 //! memory region of the buffer before ([`RegionHint`]), and the common chain (one
 //! device-writable descriptor, as a Linux guest posts) is checked and held without the
 //! general path's iterator. The chains a frame filled go back in one used-ring update
-//! ([`DeviceQueue::add_used_batch`]), their segments dropped at once.
+//! ([`DeviceQueue::add_used_batch`]).
 //!
 //! [`DeviceQueue::add_used_batch`]: crate::virtio::queue::DeviceQueue::add_used_batch
 
@@ -234,14 +234,7 @@ impl HeldChains {
         let mark = self.segs.len();
         match parse_rx_chain(mem, chain, &mut self.segs, &mut self.hint) {
             Ok(capacity) => {
-                self.chains.push_back(RxChain {
-                    head,
-                    avail_idx,
-                    // See RxChain.
-                    segs: (self.segs.len() - mark) as u32,
-                    capacity: capacity as u32,
-                });
-                self.bytes += capacity;
+                self.hold(head, avail_idx, self.segs.len() - mark, capacity);
                 Ok(capacity)
             }
             Err(e) => {
@@ -263,14 +256,20 @@ impl HeldChains {
             return false;
         };
         self.segs.push(seg(host, len));
+        self.hold(head, avail_idx, 1, len);
+        true
+    }
+
+    /// Holds chain `head` after the others, its `segs` segments just pushed.
+    fn hold(&mut self, head: u16, avail_idx: u16, segs: usize, capacity: usize) {
         self.chains.push_back(RxChain {
             head,
             avail_idx,
-            segs: 1,
-            capacity: d.len(),
+            // Both fit (see RxChain).
+            segs: segs as u32,
+            capacity: capacity as u32,
         });
-        self.bytes += len;
-        true
+        self.bytes += capacity;
     }
 
     /// The oldest chain, no longer held.
@@ -487,19 +486,15 @@ impl NetHandler {
     /// `len` bytes read into them, in one used-ring update.
     pub(super) fn complete_rx_in_place(&mut self, count: usize, len: usize, stats: &mut ProcessStats) {
         let held = &mut self.rx_held;
-        let (mut left, mut segs) = (len, 0usize);
+        let mut left = len;
         let used = (0..count).map_while(|_| {
-            let chain = held.chains.pop_front()?;
-            held.bytes -= chain.capacity();
-            segs += chain.segs as usize;
+            let chain = held.pop_front()?;
             let written = chain.capacity().min(left);
             left -= written;
             // written <= capacity <= u32::MAX.
             Some((chain.head, written as u32))
         });
         stats.completed += self.rx.add_used_batch(&self.mem, &self.log, used);
-        // Their segments, at once.
-        held.drop_segs(segs);
     }
 
     /// Where a snapshot should resume the RX queue: at the oldest chain held but not used
