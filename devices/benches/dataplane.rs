@@ -23,9 +23,10 @@
 //!   and prints an outcome for each.
 //! * `net --dir rx-mem --size S --impl handler|plain|interleaved`: no TAP; the handler's
 //!   backend copies each frame from memory, plain is that copy alone (see `dataplane/mem.rs`).
-//! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain --secs S`: one
-//!   worker; the handler keeps a queue of requests in flight, plain does the same requests
-//!   one `pread`/`pwrite` at a time.
+//! * `blk --file F --op read|write --size 4096|1048576 --impl handler|plain|interleaved
+//!   --secs S`: one worker; the handler keeps a queue of requests in flight, plain does the
+//!   same requests one `pread`/`pwrite` at a time; `interleaved` has them take turns (see
+//!   `dataplane/blk.rs`).
 //!
 //! Output: one JSON object per line, per worker: `{"ops", "bytes", "cpu_s", "wall_s"}`;
 //! `cpu_s` is the worker's CPU time doing data-plane work ([`Meter`]): not its waits, not the
@@ -35,20 +36,20 @@
 //! prepared outside the process, runs for seconds against a kernel peer, and reports CPU time
 //! next to wall time.
 
-use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "dataplane/blk.rs"]
+mod blk;
 #[path = "dataplane/mem.rs"]
 mod mem;
 #[path = "dataplane/tcp.rs"]
 mod tcp;
 
 use devices::guest_log::GuestLog;
-use devices::virtio::block::{BlockHandler, Disk};
 use devices::virtio::net::handler::{RX_BUDGET, TX_BUDGET};
 use devices::virtio::net::{
     tun_offload_flags, NetBackend, NetHandler, MAX_FRAME_LEN, VIRTIO_NET_F_GUEST_CSUM,
@@ -94,12 +95,12 @@ fn main() {
         let dst = opt("--dst-mac").map_or([2, 0, 0, 0, 0, 2], |m| parse_mac(&m));
         net(&taps, &need("--src-tap"), &need("--dir"), size, &imp, secs, dst)
     } else {
-        vec![blk(&need("--file"), &need("--op"), size, &imp, secs)]
+        blk::blk(&need("--file"), &need("--op"), size, &imp, secs)
     };
     for r in results {
         println!(
-            "{{\"ops\": {}, \"bytes\": {}, \"cpu_s\": {:.6}, \"wall_s\": {:.6}}}",
-            r.ops, r.bytes, r.cpu_s, r.wall_s
+            "{{\"ops\": {}, \"bytes\": {}, \"cpu_s\": {:.6}, \"wall_s\": {:.6}, \"batches\": {}, \"meter_ns\": {:.1}}}",
+            r.ops, r.bytes, r.cpu_s, r.wall_s, r.batches, r.meter_ns
         );
     }
 }
@@ -122,6 +123,29 @@ struct Outcome {
     bytes: u64,
     cpu_s: f64,
     wall_s: f64,
+    /// Timed batches (see [`Meter`]), empty ones included.
+    batches: u64,
+    /// What the meter itself adds to each batch's CPU time ([`meter_cost_ns`]): the script
+    /// subtracts it.
+    meter_ns: f64,
+}
+
+/// The meter's own cost per batch, in ns: what one clock read adds to a measured interval
+/// (the end of the read that starts it and the start of the read that ends it make one
+/// read). Calibrated once per process, by the clock itself, over back-to-back reads. A
+/// clock read is a system call (this clock has no vDSO path): ~0.3-0.6 µs here, more than
+/// microvm's own work on a 64 KiB frame, so a batch of one or two frames would otherwise be
+/// measured with it.
+fn meter_cost_ns() -> f64 {
+    static COST: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *COST.get_or_init(|| {
+        const READS: u32 = 2000;
+        let t0 = thread_cpu();
+        for _ in 0..READS {
+            std::hint::black_box(thread_cpu());
+        }
+        (thread_cpu() - t0).as_nanos() as f64 / f64::from(READS + 1)
+    })
 }
 
 /// CPU time of the calling thread.
@@ -433,21 +457,25 @@ fn wait_readable(fd: RawFd) {
 /// Measures the data-plane work only: thread CPU time from before to after each batch of
 /// it (the handler's `process_*` call; the plain loop's syscalls for as many operations). The
 /// synthetic guest driver's part (posting buffers, reading used rings: a guest's vCPUs do
-/// that) and the waits for work are not counted. Two clock reads per batch, for both.
+/// that) and the waits for work are not counted. Two clock reads per batch, for both; their
+/// share ([`meter_cost_ns`] per batch) is reported with the batch count, and subtracted.
 struct Meter {
     start: Instant,
     busy: Duration,
+    batches: u64,
 }
 
 impl Meter {
     fn new() -> Self {
-        Meter { start: Instant::now(), busy: Duration::ZERO }
+        meter_cost_ns();
+        Meter { start: Instant::now(), busy: Duration::ZERO, batches: 0 }
     }
 
     fn time<T>(&mut self, work: impl FnOnce() -> T) -> T {
         let t = thread_cpu();
         let out = work();
         self.busy += thread_cpu() - t;
+        self.batches += 1;
         out
     }
 
@@ -457,6 +485,8 @@ impl Meter {
             bytes,
             cpu_s: self.busy.as_secs_f64(),
             wall_s: self.start.elapsed().as_secs_f64(),
+            batches: self.batches,
+            meter_ns: meter_cost_ns(),
         }
     }
 }
@@ -660,105 +690,4 @@ fn plain_tx(tap: Tap, size: usize, src: [u8; 6], dst: [u8; 6], stop: &AtomicBool
         });
     }
     m.finish(ops, ops * (frame.len() - VNET_HDR_LEN) as u64)
-}
-
-// ---------------------------------------------------------------- blk
-
-/// Requests kept in flight by the synthetic guest (3 descriptors each).
-const BLK_DEPTH: u16 = 32;
-
-fn blk(path: &str, op: &str, size: usize, imp: &str, secs: f64) -> Outcome {
-    let file = File::options().read(true).write(true).open(path).unwrap_or_else(|e| die(&format!("{path}: {e}")));
-    let len = file.metadata().unwrap().len();
-    let slots = len / size as u64;
-    if slots == 0 {
-        die("file smaller than one request");
-    }
-    let write = match op {
-        "read" => false,
-        "write" => true,
-        _ => die("bad --op"),
-    };
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    if imp == "plain" {
-        // The same memory as the guest's: BLK_DEPTH buffers used in turn.
-        let mut mapping = Pool::new(usize::from(BLK_DEPTH) * size);
-        let pool = mapping.as_mut_slice();
-        pool.fill(0xa5);
-        let mut m = Meter::new();
-        let mut ops = 0u64;
-        while Instant::now() < deadline {
-            // A batch of BLK_DEPTH requests, as many as the handler finds queued.
-            m.time(|| {
-                for _ in 0..BLK_DEPTH {
-                    let off = (ops % slots) * size as u64;
-                    let at = (ops as usize % usize::from(BLK_DEPTH)) * size;
-                    let buf = &mut pool[at..at + size];
-                    // SAFETY: `buf` is valid for `size` bytes of reads or writes during the call.
-                    let n = unsafe {
-                        if write {
-                            libc::pwrite(file.as_raw_fd(), buf.as_ptr().cast(), size, off as i64)
-                        } else {
-                            libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), size, off as i64)
-                        }
-                    };
-                    if n != size as isize {
-                        die(&format!("pread/pwrite: {n}: {}", io::Error::last_os_error()));
-                    }
-                    ops += 1;
-                }
-            });
-        }
-        return m.finish(ops, ops * size as u64);
-    }
-
-    let data = 0x10_0000u64;
-    let mem_len = data + u64::from(BLK_DEPTH) * ((size as u64 + 0xfff) & !0xfff);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_len as usize)]).unwrap();
-    let mut ring = Ring { mem: &mem, base: 0, seen: 0 };
-    let hdr = |r: u16| 0x2_0000 + u64::from(r) * 32;
-    let mut next_slot = 0u64;
-    let set_sector = |r: u16, slot: u64| {
-        mem.write_obj(u32::from(write), GuestAddress(hdr(r))).unwrap();
-        mem.write_obj(slot * size as u64 / 512, GuestAddress(hdr(r) + 8)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(hdr(r) + 16)).unwrap();
-    };
-    for r in 0..BLK_DEPTH {
-        let d = r * 3;
-        let buf = data + u64::from(r) * ((size as u64 + 0xfff) & !0xfff);
-        ring.desc(d, hdr(r), 16, F_NEXT, d + 1);
-        // Filled like the plain loop's buffers: untouched pages would all be the kernel's one
-        // shared zero page, always in cache, and make writes look faster than they are.
-        mem.write_slice(&vec![0xa5u8; size], GuestAddress(buf)).unwrap();
-        ring.desc(d + 1, buf, size as u32, F_NEXT | if write { 0 } else { F_WRITE }, d + 2);
-        ring.desc(d + 2, hdr(r) + 16, 1, F_WRITE, 0);
-        set_sector(r, next_slot % slots);
-        next_slot += 1;
-        ring.publish(d);
-    }
-    let disk = Arc::new(Disk::new(file, len, false, "bench"));
-    let mut h = BlockHandler::new(
-        mem.clone(),
-        ring.queue(),
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-        Arc::new(IrqTrigger::new().unwrap()),
-        disk,
-        None,
-        Arc::new(GuestLog::new("virtio-blk")),
-    );
-    let mut m = Meter::new();
-    let mut ops = 0u64;
-    while Instant::now() < deadline {
-        m.time(|| h.process_queue());
-        ops += ring.recycle(|head, _| {
-            let r = head / 3;
-            let status: u8 = mem.read_obj(GuestAddress(hdr(r) + 16)).unwrap();
-            if status != 0 {
-                die(&format!("request failed with status {status}"));
-            }
-            set_sector(r, next_slot % slots);
-            next_slot += 1;
-        }) as u64;
-    }
-    m.finish(ops, ops * size as u64)
 }
