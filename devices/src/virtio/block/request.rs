@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
 
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
@@ -183,6 +184,11 @@ impl From<u32> for RequestType {
     }
 }
 
+/// Descriptors of a request held inline: what Linux sends (header, one or two data buffers,
+/// status) allocates nothing; a longer chain spills to the heap. An allocation and a free per
+/// request were ~5% of the handler's time on 4 KiB reads.
+pub type Descriptors = SmallVec<[Descriptor; 4]>;
+
 /// A parsed request.
 #[derive(Debug)]
 pub struct Request {
@@ -191,7 +197,7 @@ pub struct Request {
     /// First sector (IN/OUT).
     pub sector: u64,
     /// Data descriptors, in order.
-    pub data: Vec<Descriptor>,
+    pub data: Descriptors,
     /// Total data length.
     pub data_len: u64,
 }
@@ -212,7 +218,7 @@ pub fn parse(
 ) -> Result<ParsedChain, RequestError> {
     // The chain iterator stops at QUEUE_SIZE descriptors (loops) and on bad indexes; a last
     // descriptor still flagged NEXT means the chain was cut.
-    let descs: Vec<Descriptor> = chain.collect();
+    let descs: Descriptors = chain.collect();
     let last = descs.last().ok_or(RequestError::BrokenChain)?;
     if last.has_next() {
         return Err(RequestError::BrokenChain);
@@ -272,7 +278,7 @@ fn parse_request(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<Request,
     Ok(Request {
         req_type,
         sector,
-        data: data.to_vec(),
+        data: Descriptors::from_slice(data),
         data_len,
     })
 }
