@@ -44,7 +44,7 @@ pub(super) fn blk(path: &str, op: &str, size: usize, imp: &str, secs: f64) -> Ve
     let mut round = 0u64;
     while Instant::now() < deadline {
         // Interleaved: handler first in even rounds, plain first in odd ones.
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             handler.as_mut().map(Guest::step);
             plain.as_mut().map(Plain::step);
         } else {

@@ -14,8 +14,14 @@
 //! * a broken queue (e.g. avail.idx moved more than a queue size ahead) stops processing with
 //!   one rate-limited warning.
 //!
+//! The rings are read and written in place through the queue's [`SplitRing`] (`ring.rs`): one
+//! ring setup per call instead of a region lookup per avail entry, descriptor and used
+//! element, which was ~25% of virtio-blk's own work on 4 KiB requests. A chain holding an
+//! indirect descriptor, and rings not each inside one region, go through virtio-queue
+//! instead; the device sees the same [`Chain`] either way.
+//!
 //! A device may also return many chains at once ([`DeviceQueue::add_used_batch`]: one used
-//! index update), and read the rings itself through a [`SplitRing`] (`ring.rs`).
+//! index update), and read the rings itself through a [`SplitRing`].
 
 mod ring;
 #[cfg(test)]
@@ -26,6 +32,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use tracing::error;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -43,6 +50,44 @@ const USED_CHUNK: usize = 32;
 
 /// Chains handled per queue wakeup by default.
 pub const DEFAULT_BUDGET: usize = 64;
+
+/// A chain [`DeviceQueue::process`] hands its device: the descriptors, in order, and the
+/// head to return it by. Read in place through the queue's [`SplitRing`] (the common case:
+/// no region lookup per avail entry or descriptor), or through virtio-queue where that
+/// cannot be done (an indirect table in the chain, rings not each inside one region).
+/// Either way it yields what virtio-queue's `DescriptorChain` yields (`ring.rs` tests that).
+pub enum Chain<'r, 'm> {
+    /// Read in place; checked beforehand to hold no indirect descriptor.
+    Ring {
+        /// Its head descriptor's index.
+        head: u16,
+        /// Its descriptors.
+        descs: RingChain<'r, 'm>,
+    },
+    /// Through virtio-queue.
+    Queue(DescriptorChain<&'m GuestMemoryMmap>),
+}
+
+impl Chain<'_, '_> {
+    /// The index of its head descriptor (what the used ring returns).
+    pub fn head_index(&self) -> u16 {
+        match self {
+            Chain::Ring { head, .. } => *head,
+            Chain::Queue(c) => c.head_index(),
+        }
+    }
+}
+
+impl Iterator for Chain<'_, '_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        match self {
+            Chain::Ring { descs, .. } => descs.next(),
+            Chain::Queue(c) => c.next(),
+        }
+    }
+}
 
 /// What the device did with one chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,10 +185,12 @@ impl DeviceQueue {
         mut f: F,
     ) -> Pass
     where
-        F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Step,
+        F: FnMut(Chain<'_, '_>) -> Step,
     {
         let mut completed = 0usize;
         let mut budget = self.budget;
+        // Rings across regions (or not ready): every chain through virtio-queue.
+        let ring = SplitRing::new(&self.queue, mem).ok();
         let stop = 'pass: loop {
             if let Err(e) = self.queue.disable_notification(mem) {
                 guest_warn!(log, error = %e, "{}: cannot disable notifications", self.name);
@@ -153,7 +200,7 @@ impl DeviceQueue {
                     self.kick_self();
                     break 'pass Stop::Budget;
                 }
-                let chain = match pop_chain(&mut self.queue, mem) {
+                let chain = match self.pop(ring.as_ref(), mem) {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -164,7 +211,13 @@ impl DeviceQueue {
                 budget -= 1;
                 let head = chain.head_index();
                 match f(chain) {
-                    Step::Used(len) => completed += usize::from(self.add_used(mem, log, head, len)),
+                    Step::Used(len) => {
+                        let added = match &ring {
+                            Some(ring) => self.add_used_in(ring, log, head, len),
+                            None => self.add_used(mem, log, head, len),
+                        };
+                        completed += usize::from(added);
+                    }
                     Step::PutBack => {
                         self.queue.go_to_previous_position();
                         break 'pass Stop::Blocked;
@@ -186,6 +239,64 @@ impl DeviceQueue {
             self.signal_used(mem, irq, log);
         }
         Pass { completed, stop }
+    }
+
+    /// The next available chain (see [`Chain`]): read in place through `ring` if given and
+    /// the chain has no indirect descriptor, else through virtio-queue. `Err` if the queue is
+    /// broken (avail index more than a queue's worth ahead, or unreadable), as virtio-queue
+    /// says.
+    fn pop<'r, 'm>(
+        &mut self,
+        ring: Option<&'r SplitRing<'m>>,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Option<Chain<'r, 'm>>, virtio_queue::Error> {
+        let Some(ring) = ring else {
+            return Ok(pop_chain(&mut self.queue, mem)?.map(Chain::Queue));
+        };
+        let pos = self.queue.next_avail();
+        // The same checks as virtio-queue's `iter`: one avail-index read per chain, as there.
+        let avail = ring.avail_idx().map_err(|_| virtio_queue::Error::InvalidAvailRingIndex)?;
+        if avail.wrapping_sub(pos) > ring.size() {
+            return Err(virtio_queue::Error::InvalidAvailRingIndex);
+        }
+        if avail == pos {
+            return Ok(None);
+        }
+        let head = ring.avail_head(pos).map_err(|_| virtio_queue::Error::InvalidAvailRingIndex)?;
+        // An indirect table (not offered, but virtio-queue follows one): that chain through
+        // virtio-queue. The walk reads a few descriptors the device reads again, from cache.
+        let mut walk = ring.chain(head);
+        walk.by_ref().for_each(drop);
+        if walk.indirect() {
+            return Ok(pop_chain(&mut self.queue, mem)?.map(Chain::Queue));
+        }
+        self.queue.set_next_avail(pos.wrapping_add(1));
+        Ok(Some(Chain::Ring { head, descs: ring.chain(head) }))
+    }
+
+    /// [`Self::add_used`] through the queue's [`SplitRing`]: no region lookups. False
+    /// (logged) for a head beyond the queue (virtio-queue refuses those too).
+    fn add_used_in(&mut self, ring: &SplitRing<'_>, log: &GuestLog, head: u16, len: u32) -> bool {
+        if head >= ring.size() {
+            guest_warn!(log, head, "{}: cannot return a chain beyond the queue", self.name);
+            return false;
+        }
+        let next = self.queue.next_used();
+        let written = ring
+            .write_used(next, &[used_elem(head, len)])
+            .and_then(|()| ring.publish_used(next.wrapping_add(1)));
+        match written {
+            Ok(()) => {
+                self.queue.set_next_used(next.wrapping_add(1));
+                self.num_added += 1;
+                true
+            }
+            Err(e) => {
+                // Cannot happen (the ring was checked): the chain stays unreturned.
+                guest_warn!(log, head, error = %e, "{}: cannot return a chain to the used ring", self.name);
+                false
+            }
+        }
     }
 
     /// Puts chain `head` in the used ring with `len` bytes written. False (logged) if the used

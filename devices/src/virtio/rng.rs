@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::error;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::device_base::{take_queues, DeviceBase};
@@ -149,7 +149,7 @@ impl RngHandler {
 /// with a device-readable buffer, or a buffer outside guest memory, gets nothing.
 fn fill_chain(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
     buf: &mut [u8],
 ) -> io::Result<u32> {
     let mut bufs = Vec::new();

@@ -11,7 +11,7 @@ mod tests;
 use std::sync::Arc;
 
 use tracing::debug;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,7 +20,7 @@ use super::VIRTIO_BLK_S_OK;
 use crate::guest_log::GuestLog;
 use crate::guest_warn;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::queue::{DeviceQueue, Step, Stop};
+use crate::virtio::queue::{Chain, DeviceQueue, Step, Stop};
 use crate::virtio::IrqTrigger;
 
 /// Requests handled per queue wakeup, at most; the handler kicks its own eventfd to continue
@@ -132,7 +132,7 @@ fn run_request(
     log: &GuestLog,
     limiter: &mut Option<RateLimiter>,
     throttled: &mut bool,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: Chain<'_, '_>,
 ) -> Step {
     let head = chain.head_index();
     let parsed = match request::parse(mem, chain) {

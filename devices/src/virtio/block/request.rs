@@ -15,7 +15,6 @@ use std::os::unix::io::AsRawFd;
 
 use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
@@ -214,7 +213,7 @@ pub struct ParsedChain {
 /// Parses a chain. `Err` means no status byte can be written (drop the chain).
 pub fn parse(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
 ) -> Result<ParsedChain, RequestError> {
     // The chain iterator stops at QUEUE_SIZE descriptors (loops) and on bad indexes; a last
     // descriptor still flagged NEXT means the chain was cut.

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -495,7 +496,7 @@ enum ChainError {
 /// and their total size.
 fn writable_bufs(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
     max: usize,
 ) -> Result<(Vec<(GuestAddress, usize)>, usize), ChainError> {
     let mut bufs = Vec::new();
@@ -520,7 +521,7 @@ fn writable_bufs(
 /// [`MAX_TX_CHAIN`] bytes in all.
 fn readable_bufs(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
 ) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
     let mut bufs = Vec::new();
     let mut total = 0usize;
@@ -561,7 +562,7 @@ fn write_bufs(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, usize)], data: &[u8]
 /// Reads one guest → host control message: (id, event, value).
 fn read_control(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
 ) -> Option<(u32, u16, u16)> {
     let bufs = readable_bufs(mem, chain).ok()?;
     let mut msg = [0u8; CONTROL_LEN];

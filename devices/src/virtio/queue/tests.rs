@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceQueue, SplitRing, USED_CHUNK};
+use super::{DeviceQueue, SplitRing, Step, Stop, USED_CHUNK};
 use crate::guest_log::GuestLog;
 use crate::virtio::test_utils::{guest_memory, Rng, TestQueue};
 use crate::virtio::IrqTrigger;
@@ -83,6 +83,117 @@ fn ring_chain_stops_where_descriptor_chain_does() {
         }
     }
     assert!(indirect_seen > 10, "{indirect_seen} indirect chains");
+}
+
+#[test]
+fn process_hands_over_what_virtio_queue_pops() {
+    // Random descriptor tables and published heads (heads beyond the table, loops, cut
+    // chains, an indirect table now and then): `process` hands its device the same chains,
+    // and returns them to the used ring the same way, as popping and returning them through
+    // virtio-queue does; whether it reads the rings in place (one region) or cannot (the used
+    // ring across two regions).
+    let log = GuestLog::new("test");
+    let irq = IrqTrigger::new().unwrap();
+    let memory = |split: bool| {
+        if split {
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8004), (GuestAddress(0x8004), 0xf_7ffc)])
+                .unwrap()
+        } else {
+            guest_memory(0x10_0000)
+        }
+    };
+    let mut rng = Rng(0x51f1_5eed_0bad_cafe);
+    let mut indirect_seen = 0;
+    for round in 0..1000 {
+        let split = round % 4 == 3;
+        let (mem, ref_mem) = (memory(split), memory(split));
+        let size = 1u16 << rng.below(5);
+        let (tq, ref_tq) = (TestQueue::new(&mem, 0, size), TestQueue::new(&ref_mem, 0, size));
+        for i in 0..size {
+            let flags = (rng.below(8) as u32) & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT);
+            let flags = if flags & VRING_DESC_F_INDIRECT != 0 && rng.below(4) != 0 {
+                flags & !VRING_DESC_F_INDIRECT
+            } else {
+                flags
+            };
+            let (addr, len) =
+                if flags & VRING_DESC_F_INDIRECT != 0 { (0x4_0000, 16 * 2) } else { (rng.next(), rng.below(0x2000) as u32) };
+            let next = rng.below(u64::from(size) + 2) as u16;
+            tq.raw_desc(i, addr, len, flags, next);
+            ref_tq.raw_desc(i, addr, len, flags, next);
+        }
+        for m in [&mem, &ref_mem] {
+            let table = Descriptor::new(0x5_0000, 100, VRING_DESC_F_WRITE as u16, 0);
+            m.write_obj(table, GuestAddress(0x4_0000)).unwrap();
+            m.write_obj(table, GuestAddress(0x4_0010)).unwrap();
+        }
+        for _ in 0..rng.below(u64::from(size) + 1) {
+            let head = rng.below(u64::from(size) + 1) as u16;
+            tq.publish(head);
+            ref_tq.publish(head);
+        }
+        let used_len = |head: u16| u32::from(head) * 3 + 1;
+
+        let mut theirs = Vec::new();
+        let mut reference = ref_tq.queue();
+        while let Some(chain) = reference.iter(&ref_mem).unwrap().next() {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.map(|d| key(&d)).collect();
+            indirect_seen += usize::from(descs.first().is_some_and(|d| d.0 == 0x5_0000));
+            theirs.push((head, descs));
+            // Refused (as by `process`) for a head beyond the queue.
+            let _ = reference.add_used(&ref_mem, head, used_len(head));
+        }
+
+        let mut ours = Vec::new();
+        let mut dq = device_queue(tq.queue());
+        let pass = dq.process(&mem, &irq, &log, |chain| {
+            let head = chain.head_index();
+            ours.push((head, chain.map(|d| key(&d)).collect::<Vec<_>>()));
+            Step::Used(used_len(head))
+        });
+        assert_eq!(ours, theirs, "round {round}, split {split}");
+        assert_eq!(pass.stop, Stop::Empty);
+        assert_eq!(dq.queue.next_avail(), reference.next_avail(), "round {round}");
+        assert_eq!(dq.queue.next_used(), reference.next_used(), "round {round}");
+        assert_eq!(used_idx(&tq), ref_tq.used.idx(), "round {round}");
+        for i in 0..used_idx(&tq) {
+            assert_eq!(tq.used.entry(i), ref_tq.used.entry(i), "round {round}, used entry {i}");
+        }
+    }
+    assert!(indirect_seen > 10, "{indirect_seen} indirect chains");
+}
+
+#[test]
+fn process_puts_back_and_stops_on_a_broken_queue() {
+    // A chain put back is handed over again on the next call (in place, as through
+    // virtio-queue); an avail index more than a queue's worth ahead stops the queue.
+    let mem = guest_memory(0x2_0000);
+    let (log, irq) = (GuestLog::new("test"), IrqTrigger::new().unwrap());
+    let tq = TestQueue::new(&mem, 0, 16);
+    tq.add_chain(0, &[(0x1_0000, 64, false)]);
+    tq.add_chain(1, &[(0x1_0100, 64, true), (0x1_0200, 16, true)]);
+    let mut dq = device_queue(tq.queue());
+    let mut seen = Vec::new();
+    let pass = dq.process(&mem, &irq, &log, |chain| {
+        seen.push(chain.head_index());
+        if chain.head_index() == 1 { Step::PutBack } else { Step::Used(0) }
+    });
+    assert_eq!((pass.completed, pass.stop), (1, Stop::Blocked));
+    let pass = dq.process(&mem, &irq, &log, |chain| {
+        seen.push(chain.head_index());
+        assert_eq!(chain.map(|d| d.len()).collect::<Vec<_>>(), [64, 16]);
+        Step::Used(80)
+    });
+    assert_eq!((pass.completed, pass.stop), (1, Stop::Empty));
+    assert_eq!(seen, [0, 1, 1]);
+    assert_eq!((used_idx(&tq), tq.used.entry(1)), (2, (1, 80)));
+
+    // The driver claims 17 more chains on a queue of 16.
+    let avail_idx = GuestAddress(tq.vq.avail_addr().0 + 2);
+    mem.write_obj(2u16 + 17, avail_idx).unwrap();
+    let pass = dq.process(&mem, &irq, &log, |_| panic!("no chain may be handed over"));
+    assert_eq!((pass.completed, pass.stop), (0, Stop::Broken));
 }
 
 #[test]

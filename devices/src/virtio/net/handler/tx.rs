@@ -4,7 +4,6 @@ use std::io::IoSlice;
 
 use tracing::debug;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
@@ -114,7 +113,7 @@ fn guard_bytes(guard: &PtrGuard) -> &[u8] {
 /// total length.
 fn collect_tx_chain(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl Iterator<Item = Descriptor>,
     out: &mut Vec<Descriptor>,
 ) -> Result<usize, ChainError> {
     let mut total = 0usize;
