@@ -45,8 +45,9 @@
 //! 3. The handler's `MutEventSubscriber::init` adds its fds (`EventSet::IN`) and records a
 //!    failure for [`DataPlane::take_registration_error`]; `process` drains the fired eventfd
 //!    ([`queue::DeviceQueue::drain_evt`]) and runs the queue with
-//!    [`queue::DeviceQueue::process`], whose closure says what became of each chain
-//!    ([`queue::Step`]); it signals the used ring itself. A
+//!    [`queue::DeviceQueue::process`], whose closure gets each chain as a
+//!    [`queue::Chain`] (iterate its descriptors; check each before use) and says what became
+//!    of it ([`queue::Step`]); it signals the used ring itself. A
 //!    [`crate::rate_limiter::RateLimiter`] is itself an fd to watch.
 //! 4. `reset()`: `DeviceBase::reset` ([`unregister_subscriber`]) gives the handler back: take
 //!    back what must survive.

@@ -128,7 +128,7 @@ impl<'m> SplitRing<'m> {
     }
 
     /// Writes used elements from position `pos` on (taken modulo the size; wrapping at the
-    /// ring's end), each as [`used_elem`] gives it. The driver sees them once
+    /// ring's end), each as `used_elem` gives it. The driver sees them once
     /// [`Self::publish_used`] moves the used index past them. One bounds check per contiguous
     /// run, not per element.
     pub fn write_used(&self, pos: u16, elems: &[[u8; USED_ELEM]]) -> Result<(), RingError> {
