@@ -55,7 +55,8 @@ pub const DEFAULT_BUDGET: usize = 64;
 /// head to return it by. Read in place through the queue's [`SplitRing`] (the common case:
 /// no region lookup per avail entry or descriptor), or through virtio-queue where that
 /// cannot be done (an indirect table in the chain, rings not each inside one region).
-/// Either way it yields what virtio-queue's `DescriptorChain` yields (`ring.rs` tests that).
+/// Either way it yields what virtio-queue's `DescriptorChain` yields (the queue tests check
+/// both).
 pub enum Chain<'r, 'm> {
     /// Read in place; checked beforehand to hold no indirect descriptor.
     Ring {
@@ -212,11 +213,10 @@ impl DeviceQueue {
                 let head = chain.head_index();
                 match f(chain) {
                     Step::Used(len) => {
-                        let added = match &ring {
-                            Some(ring) => self.add_used_in(ring, log, head, len),
-                            None => self.add_used(mem, log, head, len),
+                        completed += match &ring {
+                            Some(ring) => self.add_used_batch_in(ring, log, [(head, len)]),
+                            None => usize::from(self.add_used(mem, log, head, len)),
                         };
-                        completed += usize::from(added);
                     }
                     Step::PutBack => {
                         self.queue.go_to_previous_position();
@@ -274,31 +274,6 @@ impl DeviceQueue {
         Ok(Some(Chain::Ring { head, descs: ring.chain(head) }))
     }
 
-    /// [`Self::add_used`] through the queue's [`SplitRing`]: no region lookups. False
-    /// (logged) for a head beyond the queue (virtio-queue refuses those too).
-    fn add_used_in(&mut self, ring: &SplitRing<'_>, log: &GuestLog, head: u16, len: u32) -> bool {
-        if head >= ring.size() {
-            guest_warn!(log, head, "{}: cannot return a chain beyond the queue", self.name);
-            return false;
-        }
-        let next = self.queue.next_used();
-        let written = ring
-            .write_used(next, &[used_elem(head, len)])
-            .and_then(|()| ring.publish_used(next.wrapping_add(1)));
-        match written {
-            Ok(()) => {
-                self.queue.set_next_used(next.wrapping_add(1));
-                self.num_added += 1;
-                true
-            }
-            Err(e) => {
-                // Cannot happen (the ring was checked): the chain stays unreturned.
-                guest_warn!(log, head, error = %e, "{}: cannot return a chain to the used ring", self.name);
-                false
-            }
-        }
-    }
-
     /// Puts chain `head` in the used ring with `len` bytes written. False (logged) if the used
     /// ring cannot be written.
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, log: &GuestLog, head: u16, len: u32) -> bool {
@@ -322,16 +297,21 @@ impl DeviceQueue {
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
-        let ring = match SplitRing::new(&self.queue, mem) {
-            Ok(r) => r,
+        match SplitRing::new(&self.queue, mem) {
+            Ok(ring) => self.add_used_batch_in(&ring, log, used),
             // Rings across regions: one at a time, through virtio-queue.
-            Err(_) => {
-                return used
-                    .into_iter()
-                    .filter(|&(head, len)| self.add_used(mem, log, head, len))
-                    .count();
-            }
-        };
+            Err(_) => used
+                .into_iter()
+                .filter(|&(head, len)| self.add_used(mem, log, head, len))
+                .count(),
+        }
+    }
+
+    /// [`Self::add_used_batch`] through the queue's `ring`.
+    fn add_used_batch_in<I>(&mut self, ring: &SplitRing<'_>, log: &GuestLog, used: I) -> usize
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
         let start = Wrapping(self.queue.next_used());
         let mut next = start;
         // Elements go to the ring a chunk at a time (one bounds check each), the chunk ending

@@ -34,6 +34,36 @@ fn key(d: &Descriptor) -> (u64, u32, u16, u16) {
     (d.addr().0, d.len(), d.flags(), d.next())
 }
 
+/// Writes one random descriptor table into each queue (the same in all): any flags, `next`
+/// often beyond the table, lengths near u32::MAX now and then, and now and then an indirect
+/// descriptor, whose table (two writable descriptors at 0x4_0000) goes into each memory.
+fn random_table(rng: &mut Rng, queues: &[(&GuestMemoryMmap, &TestQueue)]) {
+    let size = queues[0].1.size;
+    for i in 0..size {
+        let flags = (rng.below(8) as u32) & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT);
+        // Indirect now and then only.
+        let flags = if flags & VRING_DESC_F_INDIRECT != 0 && rng.below(4) != 0 {
+            flags & !VRING_DESC_F_INDIRECT
+        } else {
+            flags
+        };
+        let len = match rng.below(4) {
+            0 => u32::MAX - rng.below(16) as u32,
+            _ => rng.below(0x2000) as u32,
+        };
+        let (addr, len) = if flags & VRING_DESC_F_INDIRECT != 0 { (0x4_0000, 16 * 2) } else { (rng.next(), len) };
+        let next = rng.below(u64::from(size) + 2) as u16;
+        for (_, tq) in queues {
+            tq.raw_desc(i, addr, len, flags, next);
+        }
+    }
+    let table = Descriptor::new(0x5_0000, 100, VRING_DESC_F_WRITE as u16, 0);
+    for (mem, _) in queues {
+        mem.write_obj(table, GuestAddress(0x4_0000)).unwrap();
+        mem.write_obj(table, GuestAddress(0x4_0010)).unwrap();
+    }
+}
+
 #[test]
 fn ring_chain_stops_where_descriptor_chain_does() {
     // Random descriptor tables (any flags, `next` often beyond the table, loops, lengths
@@ -45,25 +75,7 @@ fn ring_chain_stops_where_descriptor_chain_does() {
     for round in 0..2000 {
         let size = 1u16 << rng.below(5);
         let tq = TestQueue::new(&mem, 0, size);
-        for i in 0..size {
-            let flags = (rng.below(8) as u32) & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT);
-            // Indirect now and then only (its table: 16 writable descriptors at 0x4_0000).
-            let flags = if flags & VRING_DESC_F_INDIRECT != 0 && rng.below(4) != 0 {
-                flags & !VRING_DESC_F_INDIRECT
-            } else {
-                flags
-            };
-            let len = match rng.below(4) {
-                0 => u32::MAX - rng.below(16) as u32,
-                _ => rng.below(0x2000) as u32,
-            };
-            let (addr, len) = if flags & VRING_DESC_F_INDIRECT != 0 { (0x4_0000, 16 * 2) } else { (rng.next(), len) };
-            let next = rng.below(u64::from(size) + 2) as u16;
-            tq.raw_desc(i, addr, len, flags, next);
-        }
-        let table = Descriptor::new(0x5_0000, 100, VRING_DESC_F_WRITE as u16, 0);
-        mem.write_obj(table, GuestAddress(0x4_0000)).unwrap();
-        mem.write_obj(table, GuestAddress(0x4_0010)).unwrap();
+        random_table(&mut rng, &[(&mem, &tq)]);
         let head = rng.below(u64::from(size) + 1) as u16;
         tq.publish(head);
 
@@ -87,8 +99,8 @@ fn ring_chain_stops_where_descriptor_chain_does() {
 
 #[test]
 fn process_hands_over_what_virtio_queue_pops() {
-    // Random descriptor tables and published heads (heads beyond the table, loops, cut
-    // chains, an indirect table now and then): `process` hands its device the same chains,
+    // Random descriptor tables (`random_table`) and published heads, some beyond the table:
+    // `process` hands its device the same chains,
     // and returns them to the used ring the same way, as popping and returning them through
     // virtio-queue does; whether it reads the rings in place (one region) or cannot (the used
     // ring across two regions).
@@ -109,24 +121,7 @@ fn process_hands_over_what_virtio_queue_pops() {
         let (mem, ref_mem) = (memory(split), memory(split));
         let size = 1u16 << rng.below(5);
         let (tq, ref_tq) = (TestQueue::new(&mem, 0, size), TestQueue::new(&ref_mem, 0, size));
-        for i in 0..size {
-            let flags = (rng.below(8) as u32) & (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT);
-            let flags = if flags & VRING_DESC_F_INDIRECT != 0 && rng.below(4) != 0 {
-                flags & !VRING_DESC_F_INDIRECT
-            } else {
-                flags
-            };
-            let (addr, len) =
-                if flags & VRING_DESC_F_INDIRECT != 0 { (0x4_0000, 16 * 2) } else { (rng.next(), rng.below(0x2000) as u32) };
-            let next = rng.below(u64::from(size) + 2) as u16;
-            tq.raw_desc(i, addr, len, flags, next);
-            ref_tq.raw_desc(i, addr, len, flags, next);
-        }
-        for m in [&mem, &ref_mem] {
-            let table = Descriptor::new(0x5_0000, 100, VRING_DESC_F_WRITE as u16, 0);
-            m.write_obj(table, GuestAddress(0x4_0000)).unwrap();
-            m.write_obj(table, GuestAddress(0x4_0010)).unwrap();
-        }
+        random_table(&mut rng, &[(&mem, &tq), (&ref_mem, &ref_tq)]);
         for _ in 0..rng.below(u64::from(size) + 1) {
             let head = rng.below(u64::from(size) + 1) as u16;
             tq.publish(head);
