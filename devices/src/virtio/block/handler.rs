@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk};
@@ -149,7 +149,7 @@ fn run_request(
             return Step::PutBack;
         }
     }
-    let result = parsed.request.and_then(|req| req.execute(mem, disk));
+    let result = parsed.request.and_then(|req| req.execute(&parsed.mem, disk));
     let (status, written) = match result {
         Ok(written) => (VIRTIO_BLK_S_OK, written),
         Err(e) => {
@@ -158,7 +158,7 @@ fn run_request(
             (e.status().unwrap_or(super::VIRTIO_BLK_S_IOERR), 0)
         }
     };
-    match mem.write_obj(status, parsed.status_addr) {
+    match parsed.mem.write_slice(&[status], parsed.status_addr) {
         Ok(()) => Step::Used(written.saturating_add(1)),
         Err(e) => {
             guest_warn!(log, head, error = %e, "virtio-blk: cannot write request status");

@@ -17,10 +17,11 @@ use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
+    Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions,
     ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
+use super::near::Near;
 use super::overlay::{Overlay, OverlayError, CHUNK_SIZE};
 use super::{
     REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
@@ -203,7 +204,9 @@ pub struct Request {
 
 /// Where the status goes, and the request (or why it is invalid).
 #[derive(Debug)]
-pub struct ParsedChain {
+pub struct ParsedChain<'a> {
+    /// Guest memory as the request reaches it (see [`Near`]).
+    pub mem: Near<'a>,
     /// Address of the status byte.
     pub status_addr: GuestAddress,
     /// The request, or the error to report through the status byte.
@@ -214,11 +217,12 @@ pub struct ParsedChain {
 pub fn parse(
     mem: &GuestMemoryMmap,
     chain: impl Iterator<Item = Descriptor>,
-) -> Result<ParsedChain, RequestError> {
+) -> Result<ParsedChain<'_>, RequestError> {
     // The chain iterator stops at QUEUE_SIZE descriptors (loops) and on bad indexes; a last
     // descriptor still flagged NEXT means the chain was cut.
     let descs: Descriptors = chain.collect();
-    let last = descs.last().ok_or(RequestError::BrokenChain)?;
+    let (first, last) = descs.first().zip(descs.last()).ok_or(RequestError::BrokenChain)?;
+    let mem = Near::new(mem, first.addr());
     if last.has_next() {
         return Err(RequestError::BrokenChain);
     }
@@ -229,7 +233,7 @@ pub fn parse(
     // "status buffer" that starts in RAM and ends in another region (crossing a hole) is a
     // malformed chain, not a licence to write wherever its end lands (found by fuzzing:
     // devices/fuzz/regressions/virtio_blk/status-into-used-ring).
-    if !mem.check_range(last.addr(), last.len() as usize, Permissions::Write) {
+    if !mem.writable(last.addr(), last.len() as usize) {
         return Err(RequestError::NoStatus);
     }
     let status_addr = last
@@ -237,13 +241,14 @@ pub fn parse(
         .checked_add(u64::from(last.len()) - 1)
         .ok_or(RequestError::NoStatus)?;
     Ok(ParsedChain {
+        mem,
         status_addr,
-        request: parse_request(mem, &descs[..descs.len() - 1]),
+        request: parse_request(&mem, &descs[..descs.len() - 1]),
     })
 }
 
 /// Parses header + data descriptors (the chain without its status descriptor).
-fn parse_request(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<Request, RequestError> {
+fn parse_request(mem: &Near<'_>, descs: &[Descriptor]) -> Result<Request, RequestError> {
     let (header, data) = descs.split_first().ok_or(RequestError::MissingHeader)?;
     if header.is_write_only() {
         return Err(RequestError::HeaderWritable);
@@ -292,7 +297,7 @@ impl Request {
     }
 
     /// Runs the request; returns the number of bytes written into guest data buffers.
-    pub fn execute(&self, mem: &GuestMemoryMmap, disk: &Disk) -> Result<u32, RequestError> {
+    pub fn execute(&self, mem: &Near<'_>, disk: &Disk) -> Result<u32, RequestError> {
         match self.req_type {
             RequestType::In | RequestType::Out => {
                 self.check_range(disk)?;
@@ -305,7 +310,7 @@ impl Request {
                 let file = match &disk.backend {
                     Backend::File(file) => file,
                     Backend::Overlay(overlay) => {
-                        overlay_io(mem, overlay, offset, &self.data, self.data_len, write)?;
+                        overlay_io(mem.mem, overlay, offset, &self.data, self.data_len, write)?;
                         return Ok(if write { 0 } else { self.data_len as u32 });
                     }
                 };
@@ -464,31 +469,17 @@ impl GuestStream<'_> {
 }
 
 /// Copies `len` bytes of the image at `file.offset` into guest memory (pread, no bounce).
-fn file_to_guest(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: usize,
-    file: &mut FileAt<'_>,
-) -> Result<(), RequestError> {
-    for slice in mem.get_slices(addr, len, Permissions::Write)? {
-        file.read_exact_volatile(&mut slice?)
-            .map_err(volatile_to_request)?;
-    }
-    Ok(())
+fn file_to_guest(mem: &Near<'_>, addr: GuestAddress, len: usize, file: &mut FileAt<'_>) -> Result<(), RequestError> {
+    mem.for_each_slice(addr, len, Permissions::Write, |mut slice| {
+        file.read_exact_volatile(&mut slice).map_err(volatile_to_request)
+    })
 }
 
 /// Copies `len` bytes of guest memory into the image at `file.offset` (pwrite, no bounce).
-fn guest_to_file(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: usize,
-    file: &mut FileAt<'_>,
-) -> Result<(), RequestError> {
-    for slice in mem.get_slices(addr, len, Permissions::Read)? {
-        file.write_all_volatile(&slice?)
-            .map_err(volatile_to_request)?;
-    }
-    Ok(())
+fn guest_to_file(mem: &Near<'_>, addr: GuestAddress, len: usize, file: &mut FileAt<'_>) -> Result<(), RequestError> {
+    mem.for_each_slice(addr, len, Permissions::Read, |slice| {
+        file.write_all_volatile(&slice).map_err(volatile_to_request)
+    })
 }
 
 fn volatile_to_request(e: VolatileMemoryError) -> RequestError {

@@ -37,7 +37,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let mem = guest_memory(MEM_SIZE);
+        Self::with_memory(guest_memory(MEM_SIZE))
+    }
+
+    fn with_memory(mem: GuestMemoryMmap) -> Self {
         let tmp = TempFile::new().unwrap();
         let mut file = tmp.as_file().try_clone().unwrap();
         let pattern: Vec<u8> = (0..DISK_SECTORS * 512)
@@ -142,6 +145,43 @@ fn read_two_segments() {
         VIRTIO_MMIO_INT_VRING
     );
     assert_eq!(handler.irq.evt().read().unwrap(), 1);
+}
+
+#[test]
+fn requests_across_memory_regions() {
+    // Guest memory in two adjacent regions (the queue in the first): a data buffer across
+    // their boundary, a header in the second region with the status in the first, a GET_ID
+    // answer across the boundary. Each is served as if the memory were one region: a
+    // request's accesses outside the region of its first descriptor take the general path.
+    const EDGE: u64 = 0x1_8000;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), EDGE as usize),
+        (GuestAddress(EDGE), MEM_SIZE - EDGE as usize),
+    ])
+    .unwrap();
+    let mut h = Harness::with_memory(mem);
+    h.header(HDR, VIRTIO_BLK_T_IN, 1);
+    let (status, len, _) = run_one(&h, &[hdr(), (EDGE - 512, 1024, true), status_desc()], false);
+    assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1024 + 1));
+    let mut buf = [0u8; 1024];
+    h.mem.read_slice(&mut buf, GuestAddress(EDGE - 512)).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 2) && buf[512..].iter().all(|&b| b == 3));
+
+    let far_hdr = EDGE + 0x1000;
+    h.header(far_hdr, VIRTIO_BLK_T_OUT, 3);
+    h.mem.write_slice(&[0xcdu8; 1024], GuestAddress(EDGE - 256)).unwrap();
+    let (status, len, _) = run_one(&h, &[(far_hdr, 16, false), (EDGE - 256, 1024, false), status_desc()], false);
+    assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1));
+    let disk = h.disk_bytes();
+    assert!(disk[1536..2560].iter().all(|&b| b == 0xcd));
+    assert!(disk[..1536].iter().chain(&disk[2560..]).all(|&b| b != 0xcd));
+
+    h.header(far_hdr, VIRTIO_BLK_T_GET_ID, 0);
+    let (status, len, _) = run_one(&h, &[(far_hdr, 16, false), (EDGE - 8, 20, true), status_desc()], false);
+    assert_eq!((status, len), (VIRTIO_BLK_S_OK, 20 + 1));
+    let mut id = [0u8; 20];
+    h.mem.read_slice(&mut id, GuestAddress(EDGE - 8)).unwrap();
+    assert_eq!(&id[..], &SERIAL.as_bytes()[..20]);
 }
 
 #[test]
