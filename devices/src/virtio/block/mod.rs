@@ -27,7 +27,7 @@
 pub mod device;
 pub mod event_handler;
 pub mod handler;
-mod near;
+pub mod near;
 pub mod overlay;
 pub mod request;
 
