@@ -213,10 +213,7 @@ impl DeviceQueue {
                 let head = chain.head_index();
                 match f(chain) {
                     Step::Used(len) => {
-                        completed += match &ring {
-                            Some(ring) => self.add_used_batch_in(ring, log, [(head, len)]),
-                            None => usize::from(self.add_used(mem, log, head, len)),
-                        };
+                        completed += self.add_used_via(ring.as_ref(), mem, log, [(head, len)]);
                     }
                     Step::PutBack => {
                         self.queue.go_to_previous_position();
@@ -255,10 +252,7 @@ impl DeviceQueue {
         };
         let pos = self.queue.next_avail();
         // The same checks as virtio-queue's `iter`: one avail-index read per chain, as there.
-        let avail = ring.avail_idx().map_err(|_| virtio_queue::Error::InvalidAvailRingIndex)?;
-        if avail.wrapping_sub(pos) > ring.size() {
-            return Err(virtio_queue::Error::InvalidAvailRingIndex);
-        }
+        let avail = ring.avail_idx(pos).map_err(|_| virtio_queue::Error::InvalidAvailRingIndex)?;
         if avail == pos {
             return Ok(None);
         }
@@ -297,10 +291,25 @@ impl DeviceQueue {
     where
         I: IntoIterator<Item = (u16, u32)>,
     {
-        match SplitRing::new(&self.queue, mem) {
-            Ok(ring) => self.add_used_batch_in(&ring, log, used),
-            // Rings across regions: one at a time, through virtio-queue.
-            Err(_) => used
+        let ring = SplitRing::new(&self.queue, mem).ok();
+        self.add_used_via(ring.as_ref(), mem, log, used)
+    }
+
+    /// [`Self::add_used_batch`] through the queue's `ring`, or without one (rings across
+    /// regions) one at a time through virtio-queue.
+    fn add_used_via<I>(
+        &mut self,
+        ring: Option<&SplitRing<'_>>,
+        mem: &GuestMemoryMmap,
+        log: &GuestLog,
+        used: I,
+    ) -> usize
+    where
+        I: IntoIterator<Item = (u16, u32)>,
+    {
+        match ring {
+            Some(ring) => self.add_used_batch_in(ring, log, used),
+            None => used
                 .into_iter()
                 .filter(|&(head, len)| self.add_used(mem, log, head, len))
                 .count(),

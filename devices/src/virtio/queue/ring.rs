@@ -32,6 +32,15 @@ pub enum RingError {
         /// Its length.
         len: usize,
     },
+    /// The driver's avail index is more than a queue's worth ahead of the device's (what
+    /// virtio-queue calls an invalid avail ring index): the queue is broken.
+    #[error("avail index {avail} is more than a queue's worth ahead of {next}")]
+    AvailAhead {
+        /// The driver's avail index.
+        avail: u16,
+        /// The device's next avail position.
+        next: u16,
+    },
     /// An element could not be reached in its area (out of bounds, misaligned).
     #[error("ring access failed")]
     Access(#[from] VolatileMemoryError),
@@ -94,9 +103,14 @@ impl<'m> SplitRing<'m> {
     }
 
     /// The driver's avail index (acquire: the entries and descriptors it publishes are read
-    /// after it).
-    pub fn avail_idx(&self) -> Result<u16, RingError> {
-        Ok(u16::from_le(self.avail.load(IDX, Ordering::Acquire)?))
+    /// after it), checked against the device's next avail position `next`: more than a
+    /// queue's worth ahead is a broken queue, as virtio-queue's own iterator says.
+    pub fn avail_idx(&self, next: u16) -> Result<u16, RingError> {
+        let avail = u16::from_le(self.avail.load(IDX, Ordering::Acquire)?);
+        if avail.wrapping_sub(next) > self.size {
+            return Err(RingError::AvailAhead { avail, next });
+        }
+        Ok(avail)
     }
 
     /// The head published at avail position `pos` (taken modulo the size).

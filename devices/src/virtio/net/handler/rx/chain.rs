@@ -362,12 +362,9 @@ impl NetHandler {
         let start = self.rx.queue.next_avail();
         // A broken queue (avail index unreadable, or more than a queue's worth ahead, as
         // virtio-queue checks) is reported by the delivery that needs it.
-        let Ok(avail) = ring.avail_idx() else {
+        let Ok(avail) = ring.avail_idx(start) else {
             return;
         };
-        if avail.wrapping_sub(start) > size {
-            return;
-        }
         // Malformed chains met on the way (only a hostile guest posts them: no allocation
         // otherwise).
         let mut bad: Vec<u16> = Vec::new();
