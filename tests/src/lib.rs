@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to five
-/// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED`;
+/// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED (exit S..)`
+/// with each run's status;
 /// `again CMD ARGS...` runs a command whose output goes on (a stream, a side effect) again,
 /// up to five times, only while it dies of a signal, and keeps its status otherwise.
 /// This host's PVM sometimes starts a guest process with a broken TLS base (a segfault at
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 /// restores): so commands are retried five times, and with pipefail a crash
 /// in a pipeline is never read as its result (where the shell has pipefail: dash has not).
 pub const SH_CHECK: &str = "(set -o pipefail) 2>/dev/null && set -o pipefail; \
-     check() { local n i r; n=$1; shift; for i in 1 2 3 4 5; do if r=$(eval \"$*\" 2>/dev/null); then echo \"$n=$r\"; return; fi; done; echo \"$n=FAILED\"; }; \
+     check() { local n i r s; n=$1; shift; s=; for i in 1 2 3 4 5; do r=$(eval \"$*\" 2>/dev/null) && { echo \"$n=$r\"; return; }; s=\"$s $?\"; done; echo \"$n=FAILED (exit$s)\"; }; \
      again() { local i s; for i in 1 2 3 4 5; do \"$@\"; s=$?; [ $s -gt 128 ] || return $s; done; return $s; }; ";
 
 /// After `SH_CHECK`: the external commands the network scripts use, each wrapped in
