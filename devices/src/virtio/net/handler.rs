@@ -10,8 +10,9 @@
 //!   into guest memory.
 //! * RX ([`NetHandler::process_rx`], `rx.rs`): frames are read from the backend straight into
 //!   the guest's buffers (one chain, or several with `MRG_RXBUF`); only a frame bigger than
-//!   the buffers the guest has posted goes through an intermediate buffer (see `rx.rs`). A
-//!   frame that finds no buffers is kept ("pending") and the backend fd is no longer watched
+//!   the buffers the guest has posted goes through an intermediate buffer (see `rx.rs`).
+//!   While the guest has no buffer posted, frames stay in the backend (a frame read and too
+//!   big for what is posted is kept, "pending"), and the backend fd is not watched
 //!   ([`NetHandler::wants_backend`]) until the guest adds buffers (RX queue kick).
 //!
 //! Guest mistakes never panic: the offending chain is returned with a used length of 0 and the
@@ -94,6 +95,9 @@ pub struct NetStats {
     /// Frames read from the backend but dropped (too short, oversized, unacceptable header,
     /// no buffer big enough).
     pub rx_dropped: u64,
+    /// Frames delivered by copying from `rx_buf` (bigger than the buffers posted when they
+    /// were read, or zero-copy RX off) rather than read straight into the guest's buffers.
+    pub rx_copied: u64,
     /// RX chains returned unused because they were malformed.
     pub rx_bad_chains: u64,
     /// Times RX stopped on the rate limiter.
@@ -144,6 +148,10 @@ pub struct NetHandler {
     rx_pending: Option<PendingFrame>,
     /// RX kicks were turned off by this handler and not turned on since.
     rx_kicks_off: bool,
+    /// The last RX pass found the guest's RX queue drained (no buffer held or posted) and
+    /// left the backend's frames where they are until the guest posts buffers (its kick runs
+    /// RX again). Reading one anyway would only have kept it in `rx_buf` and copied it later.
+    rx_starved: bool,
     /// Validated RX chains popped from the queue but not used yet.
     rx_held: HeldChains,
     /// How much of the held chains an RX read offers (see `rx.rs`, "The window").
@@ -190,6 +198,7 @@ impl NetHandler {
             rx_zero_copy: true,
             rx_pending: None,
             rx_kicks_off: false,
+            rx_starved: false,
             rx_held: HeldChains::default(),
             rx_expect: RxExpect::default(),
             tx_descs: Vec::with_capacity(usize::from(super::QUEUE_SIZE)),
@@ -276,12 +285,14 @@ impl NetHandler {
     }
 
     /// Whether the backend fd should be watched: only when a frame read from it could make
-    /// progress (no frame already waiting, not throttled). Otherwise the level-triggered fd
-    /// would wake the loop for nothing; the RX kick or the limiter's timer resumes RX.
+    /// progress (no frame already waiting, guest buffers posted, not throttled). Otherwise
+    /// the level-triggered fd would wake the loop for nothing; the RX kick or the limiter's
+    /// timer resumes RX.
     pub fn wants_backend(&self) -> bool {
         self.backend.is_some()
             && !self.backend_failed
             && self.rx_pending.is_none()
+            && !self.rx_starved
             && !self.rx_throttled()
     }
 

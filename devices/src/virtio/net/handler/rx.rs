@@ -34,10 +34,12 @@
 //! frame and this frame is bigger than what it posted; or, without `MRG_RXBUF`, bigger than
 //! the one chain) is gathered whole into `rx_buf` (its first bytes copied back from the guest
 //! buffers) and delivered by copying, once enough buffers come, exactly as before zero copy
-//! (without `MRG_RXBUF`: dropped, it fits no buffer). The copy path also serves a read made
-//! while the guest has no buffer at all. A frame that the rate limiter holds back, or that
-//! waits for nothing else, stays where it was read: in the held chains (`in_place`), which
-//! nothing else touches until it is delivered.
+//! (without `MRG_RXBUF`: dropped, it fits no buffer). While the guest has no buffer at all
+//! (none held, none posted) nothing is read: the frames wait in the backend, which is not
+//! watched until the guest's RX kick (reading one would only have parked it in `rx_buf` and
+//! copied it later; with zero copy off, the benchmarks' comparison, it still is). A frame
+//! that the rate limiter holds back, or that waits for nothing else, stays where it was
+//! read: in the held chains (`in_place`), which nothing else touches until it is delivered.
 //!
 //! Guest buffers are checked (device-writable, inside guest memory) when their chain is
 //! popped and their host addresses noted then; guest memory is never unmapped while the
@@ -63,6 +65,7 @@ pub(super) use chain::HeldChains;
 #[cfg(test)]
 pub(super) use chain::HOLD_AHEAD;
 use chain::Pop;
+use crate::virtio::queue::SplitRing;
 
 /// The smallest window: a full-size Ethernet frame with a VLAN tag, and its vnet header.
 pub(super) const EXPECT_MIN: usize = VNET_HDR_LEN + 1518;
@@ -127,6 +130,8 @@ enum Read {
     Frame(PendingFrame),
     /// Something was read and dropped (or the read was interrupted): try again.
     Skip,
+    /// Nothing read: the guest has no RX buffer posted (see [`NetHandler::rx_drained`]).
+    NoBuffers,
     /// Nothing more to read now.
     Stop,
 }
@@ -150,6 +155,7 @@ impl NetHandler {
         let mut stats = ProcessStats::default();
         let mut reads = 0usize;
         let mut stuck = false;
+        self.rx_starved = false;
         loop {
             let mut frame = match self.rx_pending.take() {
                 Some(f) => f,
@@ -162,6 +168,14 @@ impl NetHandler {
                         Read::Frame(f) => f,
                         Read::Skip => continue,
                         Read::Stop => break,
+                        Read::NoBuffers => {
+                            if self.wait_for_rx_buffers() {
+                                continue;
+                            }
+                            self.rx_starved = true;
+                            stuck = true;
+                            break;
+                        }
                     }
                 }
             };
@@ -200,15 +214,8 @@ impl NetHandler {
                 }
                 Delivery::NoBuffers => {
                     self.rx_pending = Some(frame);
-                    // Ask for a kick when buffers come, then look again in case they came
-                    // before the driver could see the request.
-                    self.rx_kicks_off = false;
-                    match self.rx.queue.enable_notification(&self.mem) {
-                        Ok(true) => continue,
-                        Ok(false) => {}
-                        Err(e) => {
-                            guest_warn!(self.log, error = %e, "virtio-net: cannot enable RX notifications")
-                        }
+                    if self.wait_for_rx_buffers() {
+                        continue;
                     }
                     stuck = true;
                     break;
@@ -229,14 +236,43 @@ impl NetHandler {
         stats
     }
 
+    /// Asks the guest for a kick when it posts RX buffers, then looks again in case they
+    /// came before it could see the request: true if they did.
+    fn wait_for_rx_buffers(&mut self) -> bool {
+        self.rx_kicks_off = false;
+        match self.rx.queue.enable_notification(&self.mem) {
+            Ok(more) => more,
+            Err(e) => {
+                guest_warn!(self.log, error = %e, "virtio-net: cannot enable RX notifications");
+                false
+            }
+        }
+    }
+
+    /// Whether the guest has no RX buffer for a frame: none held and none posted (the avail
+    /// ring readable and empty). A broken ring is not drained: the delivery that needs it
+    /// reports it, as before.
+    fn rx_drained(&self) -> bool {
+        self.rx_held.is_empty()
+            && SplitRing::new(&self.rx.queue, &self.mem).is_ok_and(|ring| {
+                let next = self.rx.queue.next_avail();
+                ring.avail_idx(next).is_ok_and(|avail| avail == next)
+            })
+    }
+
     /// Reads one frame: into the held chains where they cover it, else into `rx_buf` (see
-    /// the module documentation).
+    /// the module documentation). Reads nothing while the guest has no buffer at all: the
+    /// frame would only wait in `rx_buf` and be copied later, where in the backend it waits
+    /// for free.
     fn read_backend(&mut self, stats: &mut ProcessStats) -> Read {
         if self.backend_failed || self.backend.is_none() {
             return Read::Stop;
         }
         if self.rx_zero_copy {
             self.hold_rx_chains(stats);
+            if self.rx_drained() {
+                return Read::NoBuffers;
+            }
         }
         let window = self.rx_window();
         // Without MRG_RXBUF a frame goes in one chain: offer all of it (its descriptors are
@@ -421,6 +457,7 @@ impl NetHandler {
             off += written;
             written
         });
+        self.stats.rx_copied += 1;
         Delivery::Delivered
     }
 }

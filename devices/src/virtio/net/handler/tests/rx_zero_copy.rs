@@ -86,13 +86,14 @@ fn rx_frame_bigger_than_the_posted_buffers_takes_the_copy_path() {
     s.add_rx(2, &[(BUF + 0x2000, 2048, true)]);
     assert_eq!(s.h.process_rx().completed, 3);
     assert_eq!(used_bytes(&s, 0, 3, &layout), with_num_buffers(&f, 3));
-    assert_eq!(s.h.stats().rx_frames, 1);
+    assert_eq!((s.h.stats().rx_frames, s.h.stats().rx_copied), (1, 1));
     // The next frame fits what is posted: zero copy again.
     s.add_rx(3, &[(BUF + 0x3000, 2048, true)]);
     let g = frame(0, 0, 100, 0x42);
     s.host_send(&g);
     assert_eq!(s.h.process_rx().completed, 1);
     s.assert_rx_whole(3, 3, BUF + 0x3000, &g);
+    assert_eq!((s.h.stats().rx_frames, s.h.stats().rx_copied), (2, 1));
 }
 
 #[test]
