@@ -11,19 +11,21 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to five
+/// A shell prelude for guest scripts: `check NAME CMD...` runs CMD (eval'd) up to eight
 /// times and prints `NAME=<its output>` from the first clean run, else `NAME=FAILED (exit S..)`
-/// with each run's status;
+/// with each run's status (only positive probes use it: a failure costs the retries);
 /// `again CMD ARGS...` runs a command whose output goes on (a stream, a side effect) again,
-/// up to five times, only while it dies of a signal, and keeps its status otherwise.
+/// up to eight times, only while it dies of a signal, and keeps its status otherwise.
 /// This host's PVM sometimes starts a guest process with a broken TLS base (a segfault at
 /// its first TLS access, "exe[N]: segfault at 0"), whatever it runs, in booted and restored
 /// guests alike (~30% of `$(a | b)` here; three failures in a row were seen in one of five
-/// restores): so commands are retried five times, and with pipefail a crash
-/// in a pipeline is never read as its result (where the shell has pipefail: dash has not).
+/// restores, five in a row once in CI, in a restore whose guest was busy catching its clock
+/// up): so commands are retried, after the third failure a second apart (`sleep` may crash
+/// too: harmless), and with pipefail a crash in a pipeline is never read as its result
+/// (where the shell has pipefail: dash has not).
 pub const SH_CHECK: &str = "(set -o pipefail) 2>/dev/null && set -o pipefail; \
-     check() { local n i r s; n=$1; shift; s=; for i in 1 2 3 4 5; do r=$(eval \"$*\" 2>/dev/null) && { echo \"$n=$r\"; return; }; s=\"$s $?\"; done; echo \"$n=FAILED (exit$s)\"; }; \
-     again() { local i s; for i in 1 2 3 4 5; do \"$@\"; s=$?; [ $s -gt 128 ] || return $s; done; return $s; }; ";
+     check() { local n i r s; n=$1; shift; s=; for i in 1 2 3 4 5 6 7 8; do [ $i -gt 3 ] && sleep 1; r=$(eval \"$*\" 2>/dev/null) && { echo \"$n=$r\"; return; }; s=\"$s $?\"; done; echo \"$n=FAILED (exit$s)\"; }; \
+     again() { local i s; for i in 1 2 3 4 5 6 7 8; do [ $i -gt 3 ] && sleep 1; \"$@\"; s=$?; [ $s -gt 128 ] || return $s; done; return $s; }; ";
 
 /// After `SH_CHECK`: the external commands the network scripts use, each wrapped in
 /// `again` (a function of the same name that runs `command NAME ...`), so a process the
