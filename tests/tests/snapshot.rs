@@ -12,14 +12,14 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn restore(snap: &std::path::Path, command: &[&str]) -> Run {
-    let mut args = vec!["--restore", snap.to_str().unwrap(), "--"];
-    args.extend(command);
-    run_microvm(&args, RESTORE_TIMEOUT)
+    restore_with(snap, &[], command)
 }
 
-/// [`restore`] with the guest's console written to `console` (for a failure's message).
-fn restore_logged(snap: &std::path::Path, console: &std::path::Path, command: &[&str]) -> Run {
-    let mut args = vec!["--restore", snap.to_str().unwrap(), "--console-log", console.to_str().unwrap(), "--"];
+/// [`restore`] with more microvm options before the command.
+fn restore_with(snap: &std::path::Path, options: &[&str], command: &[&str]) -> Run {
+    let mut args = vec!["--restore", snap.to_str().unwrap()];
+    args.extend(options);
+    args.push("--");
     args.extend(command);
     run_microvm(&args, RESTORE_TIMEOUT)
 }
@@ -55,9 +55,10 @@ fn snapshot_once_restore_many_times() {
             "b=; while read -r k v; do [ \"$k\" = btime ] && b=$v; done < /proc/stat; echo BOOT=$b; echo run {i}; \
              test -e /left-by-a-restore && echo SAW_EARLIER_WRITE; echo {i} > /left-by-a-restore; sync; exit {status}"
         );
+        // The guest's console, for a failure's message.
         let console = dir.join(format!("console-{i}.log"));
         let t = Instant::now();
-        let r = restore_logged(&snap, &console, &["sh", "-c", &script]);
+        let r = restore_with(&snap, &["--console-log", console.to_str().unwrap()], &["sh", "-c", &script]);
         println!("restore {i}: {:.1} s", t.elapsed().as_secs_f64());
         let r = Run { stderr: format!("{}--- guest console ---\n{}", r.stderr, std::fs::read_to_string(&console).unwrap_or_default()), ..r };
         assert_eq!(r.code(), status, "restore {i}: {r:?}");
